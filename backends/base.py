@@ -1,0 +1,66 @@
+"""The one small interface every runtime implements, and the registry that names them."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run here; `reason` says why not and how to fix it."""
+    ok: bool
+    reason: str = ""
+    devices: tuple[str, ...] = ()
+    versions: dict = field(default_factory=dict)
+    gpu: bool = False  # the best device is a GPU (used to rank backends)
+
+
+class Backend(ABC):
+    """A device runtime. Buffers are opaque handles of raw bytes; kernels are IR."""
+
+    name: str = ""
+
+    @classmethod
+    @abstractmethod
+    def probe(cls) -> Availability:
+        """Check, without side effects, whether this backend can run here."""
+
+    def __init__(self, device: str | None = None):
+        self.device = device
+
+    @abstractmethod
+    def alloc(self, nbytes: int): ...
+
+    def free(self, handle) -> None:
+        pass
+
+    @abstractmethod
+    def copy_in(self, handle, host: np.ndarray) -> None:
+        """Copy a contiguous host array into a buffer (same byte size or smaller)."""
+
+    @abstractmethod
+    def copy_out(self, handle, host: np.ndarray) -> None:
+        """Copy a buffer's bytes into a contiguous host array."""
+
+    @abstractmethod
+    def launch(self, kernel, args: list, global_size: tuple, local_size: tuple) -> None:
+        """Run an IR kernel; `args` holds buffer handles and numpy scalars, in order."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def device_info(self) -> dict:
+        return {"backend": self.name, "device": self.device}
+
+
+BACKENDS: dict[str, type[Backend]] = {}
+
+
+def register_backend(name: str):
+    def deco(cls):
+        cls.name = name
+        BACKENDS[name] = cls
+        return cls
+    return deco

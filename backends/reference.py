@@ -1,0 +1,37 @@
+"""`reference`: the numpy interpreter as a backend. Always available; the conformance oracle."""
+from __future__ import annotations
+
+import numpy as np
+
+from concordia_ir.interpreter import Interpreter
+
+from .base import Availability, Backend, register_backend
+
+
+@register_backend("reference")
+class ReferenceBackend(Backend):
+    @classmethod
+    def probe(cls) -> Availability:
+        return Availability(True, devices=("numpy interpreter",),
+                            versions={"numpy": np.__version__})
+
+    def alloc(self, nbytes: int):
+        return np.zeros(nbytes, dtype=np.uint8)
+
+    def copy_in(self, handle, host):
+        raw = np.ascontiguousarray(host).reshape(-1).view(np.uint8)
+        handle[:raw.size] = raw
+
+    def copy_out(self, handle, host):
+        raw = host.reshape(-1).view(np.uint8)
+        raw[:] = handle[:raw.size]
+
+    def launch(self, kernel, args, global_size, local_size):
+        views = []
+        for p, a in zip(kernel.params, args):
+            if hasattr(p.type, "elem"):
+                usable = a.size - a.size % p.type.elem.dtype.itemsize
+                views.append(a[:usable].view(p.type.elem.dtype))
+            else:
+                views.append(a)
+        Interpreter(kernel).run(views, global_size, local_size)

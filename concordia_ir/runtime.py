@@ -1,0 +1,238 @@
+"""`Runtime`: the user's handle on one backend: buffers, launches, configuration."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import BackendUnavailable, ConcordiaError, LaunchError
+from .ops import Kernel
+from .types import PtrType, ScalarType, scalar_for_dtype
+
+# Which backend `Runtime()` picks when nothing names one: the first available.
+PREFERENCE = ("cuda", "hip", "opencl:gpu", "tenstorrent", "opencl", "reference")
+CONFIG_FILE = "concordia.toml"
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A parsed backend string: 'opencl:0' -> name 'opencl', device '0'."""
+    name: str
+    device: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "BackendSpec":
+        name, _, device = text.strip().partition(":")
+        return cls(name.lower(), device or None)
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.device}" if self.device else self.name
+
+
+def _config_backend() -> tuple[str, str] | None:
+    if not os.path.exists(CONFIG_FILE):
+        return None
+    import tomllib
+    try:
+        with open(CONFIG_FILE, "rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConcordiaError(f"{CONFIG_FILE}: cannot read: {e}") from None
+    value = data.get("runtime", {}).get("backend")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConcordiaError(f"{CONFIG_FILE}: [runtime] backend must be a string like \"cuda:0\"")
+    return value, CONFIG_FILE
+
+
+def resolve_backend(requested: str | None = None) -> tuple[BackendSpec, str]:
+    """The backend to use and where that choice came from (argument, env, file, default)."""
+    from backends import BACKENDS, backend_status
+    for value, source in ((requested, "argument"),
+                          (os.environ.get("CONCORDIA_BACKEND"), "CONCORDIA_BACKEND"),
+                          *([_config_backend()] if _config_backend() else [])):
+        if value:
+            spec = BackendSpec.parse(value)
+            if spec.name not in BACKENDS:
+                raise BackendUnavailable(
+                    f"unknown backend {spec.name!r} (from {source}); known: "
+                    f"{', '.join(sorted(BACKENDS))}")
+            return spec, source
+    status = backend_status()
+    for pref in PREFERENCE:
+        spec = BackendSpec.parse(pref)
+        st = status.get(spec.name)
+        if st is not None and st.ok and (spec.device != "gpu" or st.gpu):
+            return BackendSpec(spec.name), "best available"
+    return BackendSpec("reference"), "best available"
+
+
+class DeviceBuffer:
+    """Device memory holding a 1-D array of one dtype."""
+
+    def __init__(self, runtime: "Runtime", handle, dtype, size: int):
+        self.runtime, self.handle = runtime, handle
+        self.dtype, self.size = np.dtype(dtype), size
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self.size,)
+
+    def numpy(self) -> np.ndarray:
+        out = np.empty(self.size, dtype=self.dtype)
+        self.runtime.backend.synchronize()
+        self.runtime.backend.copy_out(self.handle, out)
+        return out
+
+    def write(self, host: np.ndarray) -> None:
+        host = np.ascontiguousarray(host, dtype=self.dtype).reshape(-1)
+        if host.size != self.size:
+            raise LaunchError(f"write of {host.size} elements into a buffer of {self.size}")
+        self.runtime.backend.copy_in(self.handle, host)
+
+    def __repr__(self) -> str:
+        return f"<DeviceBuffer {self.size} x {self.dtype} on {self.runtime.spec}>"
+
+
+def _as_kernel(k) -> Kernel:
+    if isinstance(k, Kernel):
+        return k
+    inner = getattr(k, "kernel", None)
+    if isinstance(inner, Kernel):
+        return inner
+    raise LaunchError(f"launch needs a @kernel function or an IR Kernel, got {type(k).__name__}")
+
+
+def _dims(value, what: str) -> tuple[int, int, int]:
+    dims = (value,) if isinstance(value, (int, np.integer)) else tuple(value)
+    if not 1 <= len(dims) <= 3 or not all(isinstance(d, (int, np.integer)) for d in dims):
+        raise LaunchError(f"{what} must be an int or a tuple of 1 to 3 ints, got {value!r}")
+    if any(d <= 0 for d in dims):
+        raise LaunchError(f"{what} must be positive, got {value!r}")
+    return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+
+
+def _scalar_arg(p, a, i: int):
+    t: ScalarType = p.type
+    label = f"argument {i} ({p.name})"
+    if isinstance(a, DeviceBuffer):
+        raise LaunchError(f"{label} expects a {t} scalar, got a device buffer")
+    if isinstance(a, np.generic):
+        if a.dtype != t.dtype:
+            raise LaunchError(f"{label} expects {t} ({t.dtype}), got {a.dtype}; "
+                              f"pass np.{t.dtype}(...)")
+        return a
+    if isinstance(a, bool) and t.kind != "bool":
+        raise LaunchError(f"{label} expects {t}, got a bool")
+    if isinstance(a, int) and not isinstance(a, bool) and t.is_int:
+        if not t.min <= a <= t.max:
+            raise LaunchError(f"{label}: {a} does not fit in {t}")
+        return t.dtype.type(a)
+    if isinstance(a, (int, float)) and not isinstance(a, bool) and t.is_float:
+        return t.dtype.type(a)
+    if isinstance(a, bool) and t.kind == "bool":
+        return np.bool_(a)
+    raise LaunchError(f"{label} expects a {t} scalar, got {type(a).__name__}")
+
+
+class Runtime:
+    """One backend, chosen by argument, $CONCORDIA_BACKEND, ./concordia.toml, or the best here.
+
+    >>> rt = Runtime("reference")
+    >>> buf = rt.to_device(np.arange(4, dtype=np.float32))
+    """
+
+    def __init__(self, backend: str | None = None):
+        from backends import BACKENDS
+        self.spec, self.source = resolve_backend(backend)
+        cls = BACKENDS[self.spec.name]
+        status = cls.probe()
+        if not status.ok:
+            raise BackendUnavailable(f"backend {self.spec.name!r} is not available: {status.reason}")
+        self.backend = cls(self.spec.device)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def __repr__(self) -> str:
+        return f"Runtime({str(self.spec)!r})"
+
+    # -- memory
+    def empty(self, size: int, dtype=np.float32) -> DeviceBuffer:
+        dtype = np.dtype(dtype)
+        if scalar_for_dtype(dtype) is None:
+            raise LaunchError(f"dtype {dtype} has no Concordia type "
+                              "(use int32, uint32, int64, uint64, float32, float64 or bool)")
+        if not isinstance(size, (int, np.integer)) or size < 0:
+            raise LaunchError(f"size must be a non-negative int, got {size!r}")
+        handle = self.backend.alloc(max(1, int(size) * dtype.itemsize))
+        return DeviceBuffer(self, handle, dtype, int(size))
+
+    def zeros(self, size: int, dtype=np.float32) -> DeviceBuffer:
+        buf = self.empty(size, dtype)
+        if size:
+            buf.write(np.zeros(size, dtype))
+        return buf
+
+    def to_device(self, host) -> DeviceBuffer:
+        host = np.asarray(host)
+        if host.dtype == np.float16 or scalar_for_dtype(host.dtype) is None:
+            raise LaunchError(f"arrays of {host.dtype} cannot go to a device yet "
+                              "(use int32, uint32, int64, uint64, float32, float64 or bool)")
+        buf = self.empty(host.size, host.dtype)
+        if host.size:
+            buf.write(host)
+        return buf
+
+    def free(self, buf: DeviceBuffer) -> None:
+        self.backend.free(buf.handle)
+        buf.handle = None
+
+    def synchronize(self) -> None:
+        self.backend.synchronize()
+
+    # -- launches
+    def check_launch(self, kernel, global_size, local_size, args):
+        k = _as_kernel(kernel)
+        g, l = _dims(global_size, "global_size"), _dims(local_size, "local_size")
+        for d, (gd, ld) in enumerate(zip(g, l)):
+            if gd % ld:
+                raise LaunchError(f"global_size[{d}] = {gd} is not a multiple of "
+                                  f"local_size[{d}] = {ld}; round it up and guard with a bounds check")
+        if l[0] * l[1] * l[2] > 1024:
+            raise LaunchError(f"work-groups of {l[0] * l[1] * l[2]} work-items; at most 1024")
+        args = tuple(args)
+        if len(args) != len(k.params):
+            names = ", ".join(p.name for p in k.params)
+            raise LaunchError(f"kernel {k.name!r} takes {len(k.params)} arguments ({names}), "
+                              f"got {len(args)}")
+        out = []
+        for i, (p, a) in enumerate(zip(k.params, args)):
+            if isinstance(p.type, PtrType):
+                if not isinstance(a, DeviceBuffer):
+                    raise LaunchError(f"argument {i} ({p.name}) expects a device buffer of "
+                                      f"{p.type.elem}, got {type(a).__name__}; use rt.to_device()")
+                if a.runtime is not self:
+                    raise LaunchError(f"argument {i} ({p.name}) lives on another runtime "
+                                      f"({a.runtime.spec}); copy it with to_device(buf.numpy())")
+                if a.dtype != p.type.elem.dtype:
+                    raise LaunchError(f"argument {i} ({p.name}) expects a buffer of "
+                                      f"{p.type.elem} ({p.type.elem.dtype}), got {a.dtype}")
+                if a.handle is None:
+                    raise LaunchError(f"argument {i} ({p.name}) was freed")
+                out.append(a.handle)
+            else:
+                out.append(_scalar_arg(p, a, i))
+        return k, g, l, out
+
+    def launch(self, kernel, global_size, local_size=64, args=()):
+        """Run `kernel` over `global_size` work-items in groups of `local_size`."""
+        k, g, l, handles = self.check_launch(kernel, global_size, local_size, args)
+        self.backend.launch(k, handles, g, l)
