@@ -219,7 +219,7 @@ class _KernelVerifier:
         v = op.attr(key)
         lo, hi = (0, (1 << t.bits) - 1) if t.is_float else (t.min, t.max)
         if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-            self.fail(op, f"{key} {v!r} does not fit {t}")
+            self.fail(op, f"{key} {v!r} does not fit in {t}")
 
     def check_memory(self, op: Op, t_in: list):
         n_in = {"load": 2, "store": 3, "atomic_cas": 4}.get(op.name, 3)
