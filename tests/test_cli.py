@@ -1,0 +1,68 @@
+"""The `concordia` command as a user runs it: exit codes and one-line errors."""
+import subprocess
+import sys
+
+import pytest
+
+
+def concordia(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "concordia_ir.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def test_help_lists_subcommands():
+    r = concordia("--help")
+    assert r.returncode == 0
+    for sub in ("backends", "conformance", "compile", "demo", "log", "bench", "ir"):
+        assert sub in r.stdout
+
+
+def test_ir_check_valid_python_file(tmp_path):
+    f = tmp_path / "good.py"
+    f.write_text("from concordia_ir import kernel, Ptr, f32, global_id\n\n"
+                 "@kernel\ndef k(x: Ptr[f32]):\n    x[global_id(0)] = 1.0\n")
+    r = concordia("ir", "check", str(f))
+    assert r.returncode == 0 and "ok (1 kernel: k)" in r.stdout
+
+
+def test_ir_check_invalid_python_file_is_one_line(tmp_path):
+    f = tmp_path / "bad.py"
+    f.write_text("from concordia_ir import kernel, Ptr, f32, i32\n\n"
+                 "@kernel\ndef k(x: Ptr[f32], n: i32):\n    x[0] = x[0] + n\n")
+    r = concordia("ir", "check", str(f))
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and f"{f}:5:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ir_check_ir_text(tmp_path):
+    good = tmp_path / "good.cir"
+    good.write_text("kernel @k(%p: ptr<global i32>) {\n  return\n}\n")
+    assert concordia("ir", "check", str(good)).returncode == 0
+    bad = tmp_path / "bad.cir"
+    bad.write_text("kernel @k(%p: ptr<global i32>) {\n  %0 = const [value = 1] : i32\n}\n")
+    r = concordia("ir", "check", str(bad))
+    assert r.returncode == 1 and r.stderr.startswith(f"error: {bad}:2:") and "missing return" in r.stderr
+
+
+def test_ir_print_round_trips(tmp_path):
+    f = tmp_path / "k.py"
+    f.write_text("from concordia_ir import kernel, Ptr, f32, global_id\n\n"
+                 "@kernel\ndef k(x: Ptr[f32]):\n    x[global_id(0)] = 1.0\n")
+    r = concordia("ir", "print", str(f))
+    assert r.returncode == 0 and r.stdout.startswith("kernel @k(")
+    out = tmp_path / "k.cir"
+    out.write_text(r.stdout)
+    assert concordia("ir", "check", str(out)).returncode == 0
+
+
+@pytest.mark.parametrize("args,match", [
+    (("ir", "check", "/nonexistent.py"), "no such file"),
+])
+def test_user_errors_are_one_line(args, match):
+    r = concordia(*args)
+    assert r.returncode == 1 and match in r.stderr and "Traceback" not in r.stderr
+
+
+def test_backends_lists_reference():
+    r = concordia("backends")
+    assert r.returncode == 0 and "reference" in r.stdout
