@@ -1,0 +1,31 @@
+"""What every compiling backend shares: IR -> source -> binary, with the on-disk cache."""
+from __future__ import annotations
+
+from concordia_ir.printer import print_kernel
+from lowering import render_source
+from lowering.cache import KernelCache, cache_key
+
+
+class CompiledKernels:
+    """Per-backend memo (by kernel object) in front of the disk cache (by content)."""
+
+    def __init__(self, target: str, arch: str, toolchain: str, options: tuple[str, ...], ext: str):
+        self.target, self.arch, self.toolchain, self.options, self.ext = \
+            target, arch, toolchain, options, ext
+        self.disk = KernelCache()
+        self.memo: dict[int, tuple[object, object]] = {}
+
+    def get(self, kernel, build_binary, load):
+        """`build_binary(source) -> bytes`; `load(binary) -> handle`. Returns the handle."""
+        hit = self.memo.get(id(kernel))
+        if hit is not None and hit[0] is kernel:
+            return hit[1]
+        key = cache_key(print_kernel(kernel), self.target, self.arch, self.toolchain,
+                        " ".join(self.options))
+        binary = self.disk.get(key, self.ext)
+        if binary is None:
+            binary = build_binary(render_source(kernel, self.target))
+            self.disk.put(key, self.ext, binary)
+        handle = load(binary)
+        self.memo[id(kernel)] = (kernel, handle)
+        return handle

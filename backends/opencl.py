@@ -1,0 +1,117 @@
+"""`opencl` via pyopencl: pocl's CPU device on a machine without a GPU, any vendor's GPU else.
+
+Device strings: "opencl" (a GPU if there is one, else the first device), "opencl:N" (the
+N-th device over all platforms, as `concordia backends` lists them), "opencl:gpu", "opencl:cpu".
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from concordia_ir.errors import BackendUnavailable, ConcordiaError
+from lowering.compile import OPENCL_OPTIONS
+
+from .base import Availability, Backend, register_backend
+from .compiled import CompiledKernels
+
+
+def _devices():
+    import pyopencl as cl
+    out = []
+    for p in cl.get_platforms():
+        try:
+            out.extend(p.get_devices())
+        except cl.Error:
+            continue  # a platform with no devices (e.g. an ICD without its driver)
+    return out
+
+
+def _is_gpu(dev) -> bool:
+    import pyopencl as cl
+    return bool(dev.type & cl.device_type.GPU)
+
+
+@register_backend("opencl")
+class OpenCLBackend(Backend):
+    @classmethod
+    def probe(cls) -> Availability:
+        try:
+            import pyopencl as cl
+        except ImportError:
+            return Availability(False, "pyopencl is not installed: pip install 'pyopencl[pocl]'")
+        try:
+            devs = _devices()
+        except cl.Error as e:
+            return Availability(False, f"no OpenCL platform ({e}); install an ICD such as "
+                                       "pocl-opencl-icd, or pip install 'pyopencl[pocl]'")
+        if not devs:
+            return Availability(False, "OpenCL found no device; install pocl-opencl-icd or a GPU driver")
+        names = tuple(f"{i}: {d.platform.name.strip()} / {d.name.strip()} "
+                      f"({'GPU' if _is_gpu(d) else 'CPU'})" for i, d in enumerate(devs))
+        return Availability(True, devices=names, gpu=any(_is_gpu(d) for d in devs),
+                            versions={"pyopencl": cl.VERSION_TEXT})
+
+    def __init__(self, device: str | None = None):
+        super().__init__(device)
+        import pyopencl as cl
+        self.cl = cl
+        devs = _devices()
+        if device is None:
+            gpus = [d for d in devs if _is_gpu(d)]
+            dev = (gpus or devs)[0]
+        elif device in ("gpu", "cpu"):
+            match = [d for d in devs if _is_gpu(d) == (device == "gpu")]
+            if not match:
+                raise BackendUnavailable(f"no OpenCL {device.upper()} device here")
+            dev = match[0]
+        else:
+            try:
+                dev = devs[int(device)]
+            except (ValueError, IndexError):
+                raise BackendUnavailable(f"OpenCL device {device!r} does not exist; "
+                                         f"there are {len(devs)} (see `concordia backends`)") from None
+        self.dev = dev
+        self.ctx = cl.Context([dev])
+        self.queue = cl.CommandQueue(self.ctx)
+        toolchain = f"{dev.platform.version}|{dev.name}|{dev.driver_version}"
+        self.kernels = CompiledKernels("opencl", dev.name, toolchain, OPENCL_OPTIONS, "clbin")
+
+    def device_info(self) -> dict:
+        return {"backend": "opencl", "device": self.dev.name.strip(),
+                "platform": self.dev.platform.name.strip(), "version": self.dev.version}
+
+    def alloc(self, nbytes: int):
+        return self.cl.Buffer(self.ctx, self.cl.mem_flags.READ_WRITE, nbytes)
+
+    def free(self, handle):
+        handle.release()
+
+    def copy_in(self, handle, host):
+        self.cl.enqueue_copy(self.queue, handle, np.ascontiguousarray(host), is_blocking=True)
+
+    def copy_out(self, handle, host):
+        self.cl.enqueue_copy(self.queue, host, handle, is_blocking=True)
+
+    def _build(self, source: str) -> bytes:
+        prg = self.cl.Program(self.ctx, source)
+        try:
+            prg.build(options=list(OPENCL_OPTIONS))
+        except self.cl.RuntimeError as e:
+            raise ConcordiaError(f"OpenCL build failed on {self.dev.name.strip()}: {e}") from None
+        return prg.get_info(self.cl.program_info.BINARIES)[0]
+
+    def _load(self, binary: bytes):
+        prg = self.cl.Program(self.ctx, [self.dev], [binary])
+        prg.build(options=list(OPENCL_OPTIONS))
+        return prg
+
+    def compile(self, kernel):
+        prg = self.kernels.get(kernel, self._build, self._load)
+        return self.cl.Kernel(prg, kernel.name)
+
+    def launch(self, kernel, args, global_size, local_size):
+        knl = self.compile(kernel)
+        knl.set_args(*[np.uint8(a) if isinstance(a, np.bool_) else a for a in args])
+        self.cl.enqueue_nd_range_kernel(self.queue, knl, global_size, local_size)
+
+    def synchronize(self):
+        self.queue.finish()

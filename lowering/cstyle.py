@@ -1,0 +1,351 @@
+"""One C-family renderer for OpenCL C, CUDA C++ and HIP C++ (their differences: dialects.py).
+
+Every SSA value becomes a named C local; region results become variables assigned by
+`yield`. Integer arithmetic goes through the unsigned type so that wraparound is defined;
+division, saturating casts and float min/max go through small helpers that spell out
+docs/semantics.md. Python decides everything here; the templates only print.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import jinja2
+
+from concordia_ir.ops import BITWISE, BUILTINS, COMPARE, Block, Kernel, Op, Value
+from concordia_ir.printer import float_from_bits
+from concordia_ir.types import PtrType, ScalarType, f32, u32, u64, i32
+
+from .dialects import Dialect
+
+_ENV = jinja2.Environment(loader=jinja2.PackageLoader("lowering", "templates"),
+                          trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                          undefined=jinja2.StrictUndefined)
+
+_RESERVED = set("""auto break case char const continue default do double else enum extern float
+for goto if inline int long register restrict return short signed sizeof static struct switch
+typedef union unsigned void volatile while bool true false class template this new delete
+operator private public namespace using kernel global local constant private half uchar ushort
+uint ulong min max abs sqrt floor ceil fma fmod select barrier dot clamp mix sign exp log pow
+threadIdx blockIdx blockDim gridDim warpSize""".split())
+
+_INFIX = {"add": "+", "sub": "-", "mul": "*", "and": "&", "or": "|", "xor": "^",
+          "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+_UNSIGNED = {"i32": u32, "u32": u32, "i64": u64, "u64": u64}
+
+
+class CStyleRenderer:
+    def __init__(self, dialect: Dialect):
+        self.d = dialect
+        self.helpers_tpl = _ENV.get_template("helpers.j2").module
+
+    # -- entry
+    def render(self, kernel: Kernel) -> str:
+        self.cnames: dict[str, str] = {}
+        self.taken: set[str] = set()
+        self.helpers: dict[str, str] = {}
+        self.consts: dict[str, object] = {}
+        self.spaces: dict[str, str] = {}
+        self.lines: list[str] = []
+        self.last_line = None
+        self.uses_f64 = any(_mentions_f64(v.type) for v in kernel.params) or any(
+            _mentions_f64(v.type) for op in kernel.walk() for v in op.results + op.operands)
+        params = [self.param(p) for p in kernel.params]
+        prologue = [f"    const bool {self.cname(p)} = {self.cname(p)}_raw != 0;"
+                    for p in kernel.params if p.type == _bool()]
+        self.lines.extend(prologue)
+        self.block(kernel.body, 1, on_end=None)
+        src = kernel.loc.file if kernel.loc else None
+        return _ENV.get_template("kernel.c.j2").render(
+            name=kernel.name, source=f"{os.path.basename(src)}:{kernel.loc.line}" if src else None,
+            target=self.d.name,
+            preamble=self.d.preamble + (self.d.fp64_preamble if self.uses_f64 else ()),
+            helpers=list(self.helpers.values()), kernel_prefix=self.d.kernel_prefix,
+            params=params, body=self.lines)
+
+    # -- names and types
+    def cname(self, v: Value) -> str:
+        if v.name not in self.cnames:
+            base = f"t{v.name}" if v.name[0].isdigit() else re.sub(r"\W", "_", v.name)
+            name, k = base, 1
+            while name in self.taken or name in _RESERVED or name.startswith("cc_"):
+                name, k = f"{base}_{k}", k + 1
+            self.taken.add(name)
+            self.cnames[v.name] = name
+        return self.cnames[v.name]
+
+    def fresh(self, hint: str) -> str:
+        return self.cname(Value(f"{hint}.{len(self.cnames)}", i32))
+
+    def ctype(self, t: ScalarType) -> str:
+        return self.d.types[t.name]
+
+    def storage(self, t: ScalarType) -> str:
+        return self.d.bool_storage if t == _bool() else self.ctype(t)
+
+    def param(self, p: Value) -> str:
+        if isinstance(p.type, PtrType):
+            self.spaces[p.name] = "global"
+            return f"{self.d.global_ptr}{self.storage(p.type.elem)}* {self.cname(p)}"
+        if p.type == _bool():
+            return f"{self.d.bool_storage} {self.cname(p)}_raw"
+        return f"{self.ctype(p.type)} {self.cname(p)}"
+
+    # -- statements
+    def emit(self, indent: int, text: str, op: Op | None = None):
+        if op is not None and op.loc is not None and op.loc.line != self.last_line:
+            self.last_line = op.loc.line
+            self.lines.append("    " * indent + f"// {os.path.basename(op.loc.file)}:{op.loc.line}")
+        self.lines.append("    " * indent + text)
+
+    def define(self, indent: int, op: Op, expr: str):
+        r = op.results[0]
+        self.emit(indent, f"const {self.ctype(r.type)} {self.cname(r)} = {expr};", op)
+
+    def block(self, b: Block, indent: int, on_end):
+        """Render a block; `on_end(values, indent)` renders its yield/condition terminator."""
+        for op in b.ops:
+            if op.name in ("yield", "condition"):
+                on_end([self.cname(v) for v in op.operands], indent, op)
+                return
+            if op.name == "return":
+                self.emit(indent, "return;", op)
+                return
+            getattr(self, "op_" + op.name, self.op_value)(op, indent)
+
+    def assign_all(self, targets: list[str], values: list[str], types, indent: int, op):
+        """Parallel assignment (a yield may swap carried values): through temporaries."""
+        if len(targets) == 1:
+            if targets[0] != values[0]:
+                self.emit(indent, f"{targets[0]} = {values[0]};", op)
+            return
+        temps = []
+        for v, t in zip(values, types):
+            tmp = self.fresh("next")
+            temps.append(tmp)
+            self.emit(indent, f"const {self.ctype(t)} {tmp} = {v};", op)
+        for tgt, tmp in zip(targets, temps):
+            self.emit(indent, f"{tgt} = {tmp};", op)
+
+    def op_value(self, op: Op, indent: int):
+        self.define(indent, op, self.expr(op))
+
+    def op_store(self, op: Op, indent: int):
+        p, i, v = op.operands
+        val = self.cname(v)
+        if v.type == _bool():
+            val = f"({self.d.bool_storage})({val})"
+        self.emit(indent, f"{self.cname(p)}[{self.cname(i)}] = {val};", op)
+
+    def op_barrier(self, op: Op, indent: int):
+        self.emit(indent, self.d.barrier, op)
+
+    def op_safepoint(self, op: Op, indent: int):
+        self.emit(indent, f"/* safepoint {op.attr('id')} */", op)
+
+    def op_local_alloc(self, op: Op, indent: int):
+        r = op.results[0]
+        self.spaces[r.name] = "local"
+        self.emit(indent, self.d.local_decl.format(type=self.storage(r.type.elem),
+                                                   name=self.cname(r), size=op.attr("size")), op)
+
+    def declare_results(self, op: Op, indent: int) -> list[str]:
+        names = [self.cname(r) for r in op.results]
+        for r, n in zip(op.results, names):
+            self.emit(indent, f"{self.ctype(r.type)} {n};", op)
+        return names
+
+    def op_if(self, op: Op, indent: int):
+        results = self.declare_results(op, indent)
+        types = [r.type for r in op.results]
+
+        def end(values, ind, term):
+            self.assign_all(results, values, types, ind, term)
+        self.emit(indent, f"if ({self.cname(op.operands[0])}) {{", op)
+        self.block(op.regions[0], indent + 1, end)
+        else_ops = op.regions[1].ops
+        if not (len(else_ops) == 1 and else_ops[0].name == "yield" and not else_ops[0].operands):
+            self.emit(indent, "} else {")
+            self.block(op.regions[1], indent + 1, end)
+        self.emit(indent, "}")
+
+    def op_for(self, op: Op, indent: int):
+        lo, hi, step = (self.cname(v) for v in op.operands[:3])
+        body = op.regions[0]
+        iv, args = body.args[0], body.args[1:]
+        carried = [self.cname(a) for a in args]
+        for a, init in zip(args, op.operands[3:]):
+            self.emit(indent, f"{self.ctype(a.type)} {self.cname(a)} = {self.cname(init)};", op)
+        t, ut = self.ctype(iv.type), self.ctype(_UNSIGNED[iv.type.name])
+        i = self.cname(iv)
+        s = self.consts.get(op.operands[2].name)
+        cond = (f"{i} < {hi}" if s is not None and s > 0 else f"{i} > {hi}" if s is not None and s < 0
+                else "false" if s == 0 else f"({step} > 0 ? {i} < {hi} : ({step} < 0 && {i} > {hi}))")
+        self.emit(indent, f"for ({t} {i} = {lo}; {cond}; {i} = ({t})(({ut}){i} + ({ut}){step})) {{", op)
+
+        def end(values, ind, term):
+            self.assign_all(carried, values, [a.type for a in args], ind, term)
+        self.block(body, indent + 1, end)
+        self.emit(indent, "}")
+        for r, a in zip(op.results, carried):
+            self.emit(indent, f"const {self.ctype(r.type)} {self.cname(r)} = {a};")
+
+    def op_while(self, op: Op, indent: int):
+        before, after = op.regions
+        carried = [self.cname(a) for a in before.args]
+        for a, init in zip(before.args, op.operands):
+            self.emit(indent, f"{self.ctype(a.type)} {self.cname(a)} = {self.cname(init)};", op)
+        results = self.declare_results(op, indent)
+        self.emit(indent, "for (;;) {", op)
+
+        def on_condition(values, ind, term):
+            cond, fwd = values[0], values[1:]
+            self.emit(ind, f"if (!{cond}) {{", term)
+            self.assign_all(results, fwd, [r.type for r in op.results], ind + 1, term)
+            self.emit(ind + 1, "break;")
+            self.emit(ind, "}")
+            for a, v in zip(after.args, fwd):
+                self.emit(ind, f"const {self.ctype(a.type)} {self.cname(a)} = {v};")
+            self.block(after, ind, on_yield)
+
+        def on_yield(values, ind, term):
+            self.assign_all(carried, values, [a.type for a in before.args], ind, term)
+        self.block(before, indent + 1, on_condition)
+        self.emit(indent, "}")
+
+    # -- expressions
+    def expr(self, op: Op) -> str:
+        name, ins = op.name, [self.cname(v) for v in op.operands]
+        t = op.operands[-1].type if op.operands else op.results[0].type
+        if name == "const":
+            self.consts[op.results[0].name] = op.attr("value")
+            return self.literal(op)
+        if name in BUILTINS:
+            return self.d.ids[name][op.attr("dim")]
+        if name == "load":
+            p, idx = ins
+            elem = op.operands[0].type.elem
+            return f"({p}[{idx}] != 0)" if elem == _bool() else f"{p}[{idx}]"
+        if name.startswith("atomic_"):
+            return self.atomic(op, ins)
+        if name in COMPARE:
+            return f"({ins[0]} {_INFIX[name]} {ins[1]})"
+        if name == "select":
+            return f"({ins[0]} ? {ins[1]} : {ins[2]})"
+        if name == "cast":
+            return self.cast(op.operands[0].type, op.results[0].type, ins[0])
+        if name == "bitcast":
+            return self.bits(op.operands[0].type, op.results[0].type, ins[0])
+        if t.is_float:
+            return self.float_expr(name, t, ins)
+        return self.int_expr(name, t, ins)
+
+    def int_expr(self, name: str, t: ScalarType, ins: list[str]) -> str:
+        c = self.ctype(t)
+        if t == _bool():
+            return f"(!{ins[0]})" if name == "not" else f"({ins[0]} {_INFIX[name]} {ins[1]})"
+        u = self.ctype(_UNSIGNED[t.name])
+        if name in ("add", "sub", "mul"):
+            return f"({c})(({u}){ins[0]} {_INFIX[name]} ({u}){ins[1]})"
+        if name in BITWISE:
+            return f"({ins[0]} {_INFIX[name]} {ins[1]})"
+        if name == "shl":
+            return f"({c})(({u}){ins[0]} << ({ins[1]} & {t.bits - 1}))"
+        if name == "shr":
+            return f"({ins[0]} >> ({ins[1]} & {t.bits - 1}))"
+        if name == "neg":
+            return f"({c})(({u})0 - ({u}){ins[0]})"
+        if name == "not":
+            return f"(~{ins[0]})"
+        if name in ("min", "max"):
+            cmp = "<" if name == "min" else ">"
+            return f"({ins[0]} {cmp} {ins[1]} ? {ins[0]} : {ins[1]})"
+        kind = {"div": "int_div", "rem": "int_rem", "abs": "int_abs"}[name]
+        self.helper(kind, t, t=t.name, c=c, u=u, signed=t.is_signed, min=self.int_literal(t, t.min))
+        return f"cc_{name}_{t.name}({', '.join(ins)})"
+
+    def float_expr(self, name: str, t: ScalarType, ins: list[str]) -> str:
+        if name in ("add", "sub", "mul"):
+            return f"({ins[0]} {_INFIX[name]} {ins[1]})"
+        if name == "div":
+            return f"({ins[0]} / {ins[1]})"
+        if name == "neg":
+            return f"(-{ins[0]})"
+        if name in ("min", "max"):
+            self.helper(f"float_{name}", t, t=t.name, c=self.ctype(t))
+            return f"cc_{name}_{t.name}({ins[0]}, {ins[1]})"
+        fn = {"rem": "fmod", "abs": "fabs", "sqrt": "sqrt", "floor": "floor", "ceil": "ceil",
+              "fma": "fma"}[name]
+        return f"{self.d.math(fn, t.name)}({', '.join(ins)})"
+
+    def atomic(self, op: Op, ins: list[str]) -> str:
+        p, idx = op.operands[0], ins[1]
+        t = op.results[0].type
+        if op.name == "atomic_cas" and "cc_cas_" in self.d.atomics["atomic_cas"]:
+            self.helper("cas", t, t=t.name, c=self.ctype(t))
+        fmt = self.d.atomics[op.name]
+        space = self.spaces.get(p.name, "global")
+        return fmt.format(p=f"&{self.cname(p)}[{idx}]", v=ins[-1],
+                          cmp=ins[2] if op.name == "atomic_cas" else "",
+                          scope=self.d.atomic_scope.get(space, ""), t=t.name)
+
+    def cast(self, src: ScalarType, dst: ScalarType, x: str) -> str:
+        if dst == _bool():
+            return f"({x} != 0)"
+        if src == _bool():
+            return f"({self.ctype(dst)})({x} ? 1 : 0)"
+        if src.is_float and dst.is_int:
+            hi = float(1 << (dst.bits - (1 if dst.is_signed else 0)))
+            self.helper("float_to_int", (src, dst), src=self.ctype(src), dst=self.ctype(dst),
+                        src_t=src.name, dst_t=dst.name, hi=self.float_literal(src, hi),
+                        lo=self.float_literal(src, float(dst.min)),
+                        min=self.int_literal(dst, dst.min), max=self.int_literal(dst, dst.max))
+            return f"cc_{src.name}_to_{dst.name}({x})"
+        return f"({self.ctype(dst)}){x}"
+
+    def bits(self, src: ScalarType, dst: ScalarType, x: str) -> str:
+        self.helper("bits", (src, dst), src=self.ctype(src), dst=self.ctype(dst),
+                    src_t=src.name, dst_t=dst.name)
+        return f"cc_bits_{src.name}_{dst.name}({x})"
+
+    # -- literals
+    def literal(self, op: Op) -> str:
+        t = op.results[0].type
+        if t.is_float:
+            value = float_from_bits(op.attr("bits"), t.bits)
+            if math.isfinite(value):
+                return self.float_literal(t, value)
+            raw = _UNSIGNED["u32" if t.bits == 32 else "u64"]
+            return self.bits(raw, t, self.int_literal(raw, op.attr("bits")))
+        if t == _bool():
+            return "true" if op.attr("value") else "false"
+        return self.int_literal(t, op.attr("value"))
+
+    def int_literal(self, t: ScalarType, v: int) -> str:
+        suffix = {"i32": "", "u32": "u", "i64": self.d.int64_suffix,
+                  "u64": "U" + self.d.int64_suffix}[t.name]
+        if t.is_signed and v == t.min:
+            return f"({t.min + 1}{suffix} - 1)"
+        return f"({v}{suffix})" if v < 0 else f"{v}{suffix}"
+
+    def float_literal(self, t: ScalarType, v: float) -> str:
+        text = float.hex(v) + ("f" if t == f32 else "")
+        return f"({text})" if text.startswith("-") else text
+
+    def helper(self, kind: str, key, **fields):
+        name = f"{kind}:{key}"
+        if name not in self.helpers:
+            self.helpers[name] = getattr(self.helpers_tpl, kind)(
+                dict(prefix=self.d.helper_prefix, **fields)).strip()
+
+
+def _bool() -> ScalarType:
+    from concordia_ir.types import boolean
+    return boolean
+
+
+def _mentions_f64(t) -> bool:
+    return (t.elem if isinstance(t, PtrType) else t).name == "f64"
+
+
