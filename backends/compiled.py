@@ -1,6 +1,8 @@
 """What every compiling backend shares: IR -> source -> binary, with the on-disk cache."""
 from __future__ import annotations
 
+from typing import Callable
+
 from concordia_ir.printer import print_kernel
 from lowering import render_source
 from lowering.cache import KernelCache, cache_key
@@ -9,9 +11,11 @@ from lowering.cache import KernelCache, cache_key
 class CompiledKernels:
     """Per-backend memo (by kernel object) in front of the disk cache (by content)."""
 
-    def __init__(self, target: str, arch: str, toolchain: str, options: tuple[str, ...], ext: str):
+    def __init__(self, target: str, arch: str, toolchain: str, options: tuple[str, ...], ext: str,
+                 render: Callable | None = None):
         self.target, self.arch, self.toolchain, self.options, self.ext = \
             target, arch, toolchain, options, ext
+        self.render = render or (lambda k: render_source(k, target))
         self.disk = KernelCache()
         self.memo: dict[int, tuple[object, object]] = {}
 
@@ -24,7 +28,7 @@ class CompiledKernels:
                         " ".join(self.options))
         binary = self.disk.get(key, self.ext)
         if binary is None:
-            binary = build_binary(render_source(kernel, self.target))
+            binary = build_binary(self.render(kernel))
             self.disk.put(key, self.ext, binary)
         handle = load(binary)
         self.memo[id(kernel)] = (kernel, handle)

@@ -105,8 +105,9 @@ class OpenCLBackend(Backend):
         return prg
 
     def compile(self, kernel):
-        prg = self.kernels.get(kernel, self._build, self._load)
-        return self.cl.Kernel(prg, kernel.name)
+        """The built cl.Kernel of an IR kernel (compiled once, then cached)."""
+        return self.kernels.get(kernel, self._build,
+                                lambda binary: self.cl.Kernel(self._load(binary), kernel.name))
 
     def launch(self, kernel, args, global_size, local_size):
         knl = self.compile(kernel)

@@ -62,6 +62,84 @@ def cmd_backends(args) -> int:
     return 0
 
 
+def cmd_conformance(args) -> int:
+    from backends import BACKENDS, backend_status
+    from backends.conformance import all_cases, run_suite
+    status = backend_status()
+    names = args.backend or [n for n, st in status.items() if st.ok]
+    for n in names:
+        if n not in BACKENDS:
+            raise ConcordiaError(f"unknown backend {n!r}; known: {', '.join(BACKENDS)}")
+        if not status[n].ok:
+            raise ConcordiaError(f"backend {n!r} is not available: {status[n].reason}")
+    cases = [c for c in all_cases() if not args.k or args.k in c.name]
+    if not cases:
+        raise ConcordiaError(f"no conformance case matches -k {args.k!r}")
+
+    def progress(backend, done, total, status_):
+        if sys.stderr.isatty():
+            print(f"\r{backend}: {done}/{total}", end="", file=sys.stderr, flush=True)
+    report = run_suite(names, cases, progress)
+    failed = 0
+    for n, rep in report.items():
+        if sys.stderr.isatty():
+            print("\r", end="", file=sys.stderr)
+        print(f"{n:<14} passed {rep['passed']:>4}  failed {rep['failed']:>4}  skipped {rep['skipped']:>4}")
+        for row in rep["cases"]:
+            if row["status"] == "failed":
+                print(f"  FAIL {row['case']}: {row['detail']}")
+        failed += rep["failed"]
+    if args.json:
+        import datetime
+        with open(args.json, "w") as fh:
+            json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       "cases": len(cases), "backends": report}, fh, indent=2, default=str)
+    return 1 if failed else 0
+
+
+def cmd_compile(args) -> int:
+    from lowering import render_source
+    m = _load_module_from(args.file)
+    kernels = [k for k in m.kernels if args.kernel in (None, k.name)]
+    if not kernels:
+        raise ConcordiaError(f"{args.file}: no kernel named {args.kernel!r} "
+                             f"(it has {', '.join(k.name for k in m.kernels)})")
+    if args.emit == "source":
+        text = "\n".join(render_source(k, args.target) for k in kernels)
+        if args.output:
+            with open(args.output, "w") as fh:
+                fh.write(text)
+        else:
+            sys.stdout.write(text)
+        return 0
+    if len(kernels) > 1:
+        raise ConcordiaError(f"{args.file} has {len(kernels)} kernels; pick one with --kernel NAME")
+    k = kernels[0]
+    binary = _compile_binary(k, args.target, args.arch)
+    out = args.output or f"{k.name}.{_BINARY_EXT[args.target]}"
+    with open(out, "wb") as fh:
+        fh.write(binary)
+    print(f"wrote {out} ({len(binary)} bytes, {args.target} {args.arch or _DEFAULT_ARCH[args.target]})")
+    return 0
+
+
+_BINARY_EXT = {"cuda": "cubin", "hip": "co", "opencl": "clbin"}
+_DEFAULT_ARCH = {"cuda": "sm_90", "hip": "gfx1201", "opencl": "the default OpenCL device"}
+
+
+def _compile_binary(k, target: str, arch: str | None) -> bytes:
+    from lowering import render_source
+    from lowering.compile import compile_cuda, compile_hip
+    if target == "cuda":
+        return compile_cuda(render_source(k, "cuda"), arch or "sm_90",
+                            emit="ptx" if (arch or "").startswith("compute_") else "cubin")
+    if target == "hip":
+        return compile_hip(render_source(k, "hip"), arch or "gfx1201")
+    from concordia_ir.runtime import Runtime
+    rt = Runtime(f"opencl:{arch}" if arch else "opencl")
+    return rt.backend._build(render_source(k, "opencl"))
+
+
 def _later(issue: int, what: str):
     def run(args) -> int:
         raise ConcordiaError(f"'concordia {what}' is not built yet (tracked in issue {issue})")
@@ -86,9 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_backends)
 
-    for name, issue, text in (("conformance", 4, "run the conformance suite on backends"),
-                              ("compile", 4, "lower a kernel file to source or a binary"),
-                              ("demo", 9, "migrate a running workload across backends"),
+    cf = sub.add_parser("conformance", help="run the conformance suite: every backend must "
+                                             "equal the reference interpreter bit for bit")
+    cf.add_argument("--backend", nargs="+", metavar="NAME",
+                    help="backends to check (default: every available one)")
+    cf.add_argument("--json", metavar="FILE", help="write the per-case report here")
+    cf.add_argument("-k", metavar="TEXT", help="only cases whose name contains TEXT")
+    cf.set_defaults(func=cmd_conformance)
+
+    co = sub.add_parser("compile", help="lower the kernels of FILE to source or a binary")
+    co.add_argument("file", help="a .py file of @kernel functions or IR text")
+    co.add_argument("--target", required=True, choices=["opencl", "cuda", "hip"])
+    co.add_argument("--arch", help="sm_90 (cubin), compute_90 (PTX), gfx1201 ..., or an "
+                                   "OpenCL device index")
+    co.add_argument("--emit", choices=["source", "binary"], default="source")
+    co.add_argument("--kernel", help="only this kernel")
+    co.add_argument("-o", "--output", help="output file (binary default: KERNEL.cubin/.co/.clbin)")
+    co.set_defaults(func=cmd_compile)
+
+    for name, issue, text in (("demo", 9, "migrate a running workload across backends"),
                               ("log", 5, "inspect or verify a delta log"),
                               ("bench", 4, "run benchmarks")):
         sp = sub.add_parser(name, help=text)
@@ -100,7 +194,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and getattr(args, "func", None) not in (None,) and args.command not in (
-            "conformance", "compile", "demo", "log", "bench"):
+            "demo", "log", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         (parser if args.command != "ir" else parser._subparsers._group_actions[0]

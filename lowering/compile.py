@@ -6,6 +6,7 @@ once per target, and are part of every cache key.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -55,9 +56,11 @@ def compile_cuda(source: str, arch: str = "sm_90", emit: str = "cubin", name: st
     except ImportError:
         raise BackendUnavailable("cuda-bindings is not installed: pip install cuda-bindings "
                                  "nvidia-cuda-nvrtc") from None
-    if not arch.startswith("sm_"):
-        raise ConcordiaError(f"CUDA arch must look like sm_90, got {arch!r}")
-    target = arch if emit == "cubin" else "compute_" + arch[3:]
+    if not re.fullmatch(r"(sm|compute)_\d+a?", arch):
+        raise ConcordiaError(f"CUDA arch must look like sm_90 or compute_90, got {arch!r}")
+    if arch.startswith("compute_"):
+        emit = "ptx"
+    target = arch if emit == "cubin" else "compute_" + arch.split("_", 1)[1]
     prog, = _nvrtc_check(nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []))
     opts = [f"--gpu-architecture={target}".encode()] + [o.encode() for o in CUDA_OPTIONS + extra_options]
     try:
@@ -118,6 +121,8 @@ def compile_hip(source: str, arch: str = "gfx1201", name: str = "kernel.hip") ->
         cmd = [clang, *HIP_OPTIONS, f"--offload-arch={arch}", "-c", src, "-o", out]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
+            if "invalid target ID" in r.stderr:
+                raise ConcordiaError(f"unknown AMD GPU arch {arch!r} (e.g. gfx1201, gfx1100, gfx942)")
             raise CompileError(f"clang (HIP, {arch}) failed:\n{r.stderr.strip()}")
         with open(out, "rb") as fh:
             return fh.read()

@@ -1,0 +1,161 @@
+"""`cuda` via cuda-python (cuda.bindings): NVRTC to a cubin, the driver API to load and launch.
+
+`hip-on-cuda` is the same runtime running the *HIP* lowering through lowering/include/
+hip_on_cuda.h: it checks the HIP text's semantics on NVIDIA hardware until AMD hardware exists.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from concordia_ir.errors import BackendUnavailable, ConcordiaError
+from lowering import render_source
+from lowering.compile import CUDA_OPTIONS, compile_cuda, nvrtc_version
+
+from .base import Availability, Backend, register_backend
+from .compiled import CompiledKernels
+
+
+def _driver():
+    from cuda.bindings import driver
+    return driver
+
+
+def _check(result, what: str):
+    driver = _driver()
+    err = result[0]
+    if err != driver.CUresult.CUDA_SUCCESS:
+        _, msg = driver.cuGetErrorString(err)
+        raise ConcordiaError(f"CUDA {what} failed: {err.name}: "
+                             f"{msg.decode() if isinstance(msg, bytes) else msg}")
+    return result[1] if len(result) == 2 else result[1:]
+
+
+@register_backend("cuda")
+class CUDABackend(Backend):
+    target = "cuda"
+
+    @classmethod
+    def probe(cls) -> Availability:
+        try:
+            driver = _driver()
+        except ImportError:
+            return Availability(False, "cuda-bindings is not installed: pip install cuda-bindings "
+                                       "nvidia-cuda-nvrtc")
+        try:
+            err, = driver.cuInit(0)
+        except Exception as e:  # the bindings raise when libcuda.so itself is missing
+            return Availability(False, f"no NVIDIA driver here ({type(e).__name__}); CUDA code can "
+                                       "still be compiled: concordia compile --target cuda")
+        if err != driver.CUresult.CUDA_SUCCESS:
+            return Availability(False, f"cuInit failed: {err.name} (no usable NVIDIA GPU)")
+        _, count = driver.cuDeviceGetCount()
+        if count == 0:
+            return Availability(False, "the NVIDIA driver found no GPU")
+        names = []
+        for i in range(count):
+            _, dev = driver.cuDeviceGet(i)
+            names.append(f"{i}: {_device_name(dev)} ({_arch(dev)})")
+        _, drv = driver.cuDriverGetVersion()
+        versions = {"driver": f"{drv // 1000}.{drv % 1000 // 10}"}
+        try:
+            versions["nvrtc"] = nvrtc_version()
+        except Exception as e:
+            return Availability(False, f"NVRTC is not usable ({e}): pip install nvidia-cuda-nvrtc")
+        return Availability(True, devices=tuple(names), versions=versions, gpu=True)
+
+    def __init__(self, device: str | None = None):
+        super().__init__(device)
+        driver = _driver()
+        try:
+            ordinal = int(device or 0)
+        except ValueError:
+            raise BackendUnavailable(f"CUDA device must be a number, got {device!r}") from None
+        _check(driver.cuInit(0), "cuInit")
+        count = _check(driver.cuDeviceGetCount(), "cuDeviceGetCount")
+        if not 0 <= ordinal < count:
+            raise BackendUnavailable(f"CUDA device {ordinal} does not exist; there are {count}")
+        self.dev = _check(driver.cuDeviceGet(ordinal), "cuDeviceGet")
+        self.ctx = _check(driver.cuDevicePrimaryCtxRetain(self.dev), "cuDevicePrimaryCtxRetain")
+        _check(driver.cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")
+        self.arch = _arch(self.dev)
+        self.kernels = CompiledKernels(self.name, self.arch, nvrtc_version(), CUDA_OPTIONS, "cubin",
+                                       render=self.render)
+
+    def render(self, kernel) -> str:
+        return render_source(kernel, self.target)
+
+    def device_info(self) -> dict:
+        return {"backend": self.name, "device": _device_name(self.dev), "arch": self.arch}
+
+    def activate(self):
+        _check(_driver().cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")
+
+    def alloc(self, nbytes: int):
+        self.activate()
+        return _check(_driver().cuMemAlloc(nbytes), f"cuMemAlloc({nbytes})")
+
+    def free(self, handle):
+        self.activate()
+        _check(_driver().cuMemFree(handle), "cuMemFree")
+
+    def copy_in(self, handle, host):
+        host = np.ascontiguousarray(host)
+        self.activate()
+        _check(_driver().cuMemcpyHtoD(handle, host.ctypes.data, host.nbytes), "cuMemcpyHtoD")
+
+    def copy_out(self, handle, host):
+        self.activate()
+        _check(_driver().cuMemcpyDtoH(host.ctypes.data, handle, host.nbytes), "cuMemcpyDtoH")
+
+    def _load(self, cubin: bytes, name: str):
+        driver = _driver()
+        module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
+        return _check(driver.cuModuleGetFunction(module, name.encode()), "cuModuleGetFunction")
+
+    def compile(self, kernel):
+        """The loaded CUfunction of an IR kernel (compiled once, then cached)."""
+        self.activate()
+        return self.kernels.get(kernel, lambda src: compile_cuda(src, self.arch),
+                                lambda cubin: self._load(cubin, kernel.name))
+
+    def launch(self, kernel, args, global_size, local_size):
+        fn = self.compile(kernel)
+        holders = [np.array([int(a)], np.uint64) if not isinstance(a, np.generic)
+                   else np.array([a], np.uint8 if a.dtype == np.bool_ else a.dtype) for a in args]
+        params = np.array([h.ctypes.data for h in holders], dtype=np.uint64)
+        grid = [g // l for g, l in zip(global_size, local_size)]
+        _check(_driver().cuLaunchKernel(fn, *grid, *local_size, 0, 0, params.ctypes.data, 0),
+               f"launch of {kernel.name}")
+
+    def synchronize(self):
+        self.activate()
+        _check(_driver().cuCtxSynchronize(), "cuCtxSynchronize")
+
+
+def _device_name(dev) -> str:
+    _, name = _driver().cuDeviceGetName(128, dev)
+    return name.split(b"\0")[0].decode()
+
+
+def _arch(dev) -> str:
+    driver = _driver()
+    attr = driver.CUdevice_attribute
+    _, major = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
+    _, minor = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
+    return f"sm_{major}{minor}"
+
+
+
+
+@register_backend("hip-on-cuda")
+class HipOnCudaBackend(CUDABackend):
+    """The HIP lowering, compiled by NVRTC through a small compatibility header, on NVIDIA."""
+    target = "hip"
+
+    def render(self, kernel) -> str:
+        import lowering
+        header = os.path.join(os.path.dirname(lowering.__file__), "include", "hip_on_cuda.h")
+        with open(header) as fh:
+            return fh.read() + "\n" + render_source(kernel, "hip")
