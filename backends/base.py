@@ -51,6 +51,11 @@ class Backend(ABC):
     def synchronize(self) -> None:
         pass
 
+    def wrap_dlpack(self, tensor):
+        """(handle, dtype, size, keepalive) for a DLPack tensor on this backend's device."""
+        from concordia_ir.errors import ConcordiaError
+        raise ConcordiaError(f"backend {self.name!r} cannot wrap external memory (DLPack)")
+
     def device_info(self) -> dict:
         return {"backend": self.name, "device": self.device}
 

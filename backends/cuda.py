@@ -109,6 +109,14 @@ class CUDABackend(Backend):
         self.activate()
         _check(_driver().cuMemcpyDtoH(host.ctypes.data, handle, host.nbytes), "cuMemcpyDtoH")
 
+    def wrap_dlpack(self, tensor):
+        from .dlpack import KDL_CUDA, read_dlpack
+        view = read_dlpack(tensor)
+        if view.device_type != KDL_CUDA or view.device_id != int(self.device or 0):
+            raise ConcordiaError(f"tensor is on DLPack device {view.device_type}:{view.device_id}, "
+                                 f"not CUDA device {int(self.device or 0)}")
+        return view.pointer, view.dtype, view.size, (tensor, view.capsule)
+
     def _load(self, cubin: bytes, name: str):
         driver = _driver()
         module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")

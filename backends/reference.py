@@ -26,6 +26,16 @@ class ReferenceBackend(Backend):
         raw = host.reshape(-1).view(np.uint8)
         raw[:] = handle[:raw.size]
 
+    def wrap_dlpack(self, tensor):
+        from concordia_ir.errors import ConcordiaError
+        try:
+            arr = np.from_dlpack(tensor)
+        except (BufferError, RuntimeError, TypeError) as e:
+            raise ConcordiaError(f"the reference backend wraps CPU tensors only: {e}") from None
+        if not arr.flags.c_contiguous:
+            raise ConcordiaError("only contiguous tensors can be wrapped")
+        return arr.reshape(-1).view(np.uint8), arr.dtype, arr.size, tensor
+
     def launch(self, kernel, args, global_size, local_size):
         views = []
         for p, a in zip(kernel.params, args):

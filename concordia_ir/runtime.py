@@ -72,9 +72,20 @@ def resolve_backend(requested: str | None = None) -> tuple[BackendSpec, str]:
 class DeviceBuffer:
     """Device memory holding a 1-D array of one dtype."""
 
-    def __init__(self, runtime: "Runtime", handle, dtype, size: int):
+    def __init__(self, runtime: "Runtime", handle, dtype, size: int, owned: bool = True,
+                 keepalive=None):
         self.runtime, self.handle = runtime, handle
         self.dtype, self.size = np.dtype(dtype), size
+        self.owned = owned          # views and wrapped (DLPack) memory are not ours to free
+        self._keepalive = keepalive
+
+    def view(self, dtype) -> "DeviceBuffer":
+        """The same bytes seen as another dtype (no copy)."""
+        dtype = np.dtype(dtype)
+        if self.nbytes % dtype.itemsize:
+            raise LaunchError(f"{self.nbytes} bytes cannot be viewed as {dtype}")
+        return DeviceBuffer(self.runtime, self.handle, dtype, self.nbytes // dtype.itemsize,
+                            owned=False, keepalive=self)
 
     @property
     def nbytes(self) -> int:
@@ -89,6 +100,22 @@ class DeviceBuffer:
         self.runtime.backend.synchronize()
         self.runtime.backend.copy_out(self.handle, out)
         return out
+
+    def read(self, count: int) -> np.ndarray:
+        """The first `count` elements (a partial copy to the host)."""
+        out = np.empty(min(count, self.size), dtype=self.dtype)
+        if out.size:
+            self.runtime.backend.synchronize()
+            self.runtime.backend.copy_out(self.handle, out)
+        return out
+
+    def write_prefix(self, host: np.ndarray) -> None:
+        """Overwrite the first len(host) elements."""
+        host = np.ascontiguousarray(host, dtype=self.dtype).reshape(-1)
+        if host.size > self.size:
+            raise LaunchError(f"write of {host.size} elements into a buffer of {self.size}")
+        if host.size:
+            self.runtime.backend.copy_in(self.handle, host)
 
     def write(self, host: np.ndarray) -> None:
         host = np.ascontiguousarray(host, dtype=self.dtype).reshape(-1)
@@ -191,8 +218,16 @@ class Runtime:
             buf.write(host)
         return buf
 
+    def from_dlpack(self, tensor) -> DeviceBuffer:
+        """Wrap a DLPack tensor (torch, CuPy, numpy) on this runtime's device, without a copy."""
+        handle, dtype, size, keep = self.backend.wrap_dlpack(tensor)
+        if scalar_for_dtype(dtype) is None:
+            raise LaunchError(f"tensors of {dtype} cannot be wrapped yet")
+        return DeviceBuffer(self, handle, dtype, size, owned=False, keepalive=keep)
+
     def free(self, buf: DeviceBuffer) -> None:
-        self.backend.free(buf.handle)
+        if buf.owned and buf.handle is not None:
+            self.backend.free(buf.handle)
         buf.handle = None
 
     def synchronize(self) -> None:

@@ -1,0 +1,145 @@
+"""The checkpoint and recovery handlers, written in the IR so that every backend runs them.
+
+Each factory returns kernels specialised (JIT) for one page size and region size: those are
+compile-time constants in the IR, so the lowered loops have fixed trip counts. Regions are
+seen as 32-bit words; one work-group handles one page.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from concordia_ir import (Ptr, atomic_add, atomic_max, barrier, global_id, group_id, i32, i64,
+                          kernel, local_array, local_id, local_size, u32)
+
+GROUP = 256  # work-items per page
+
+
+@lru_cache(maxsize=None)
+def page_scanner(words_per_page: int, n_words: int):
+    """DirtyPageScanner, shadow form: flag pages that differ from the shadow copy and append
+    their indices to a compact list (one atomic per dirty page)."""
+    WPP, NW = words_per_page, n_words
+
+    @kernel
+    def scan_pages(cur: Ptr[u32], shadow: Ptr[u32], dirty: Ptr[i32], count: Ptr[i32]):
+        flag = local_array(i32, 1)
+        lid = local_id(0)
+        page = group_id(0)
+        if lid == 0:
+            flag[0] = 0
+        barrier()
+        base = i64(page) * WPP
+        diff = 0
+        for w in range(lid, WPP, local_size(0)):
+            at = base + i64(w)
+            if at < NW:
+                if cur[at] != shadow[at]:
+                    diff = 1
+        if diff != 0:
+            atomic_max(flag, 0, 1)
+        barrier()
+        if lid == 0:
+            if flag[0] != 0:
+                dirty[atomic_add(count, 0, 1)] = page
+    return scan_pages
+
+
+@lru_cache(maxsize=None)
+def page_hasher(words_per_page: int, n_words: int):
+    """DirtyPageScanner, hash form: a 64-bit hash per page (two order-independent 32-bit sums of
+    mixed words), compared with the stored one; changed pages are listed and re-hashed."""
+    WPP, NW = words_per_page, n_words
+
+    @kernel
+    def hash_pages(cur: Ptr[u32], hashes: Ptr[u32], dirty: Ptr[i32], count: Ptr[i32]):
+        acc = local_array(u32, 2)
+        lid = local_id(0)
+        page = group_id(0)
+        if lid == 0:
+            acc[0] = u32(0)
+            acc[1] = u32(0)
+        barrier()
+        base = i64(page) * WPP
+        h1 = u32(0)
+        h2 = u32(0)
+        for w in range(lid, WPP, local_size(0)):
+            at = base + i64(w)
+            if at < NW:
+                x = cur[at] ^ (u32(w) * u32(0x9E3779B9))
+                x = (x ^ (x >> u32(16))) * u32(0x85EBCA6B)
+                x = (x ^ (x >> u32(13))) * u32(0xC2B2AE35)
+                h1 += x ^ (x >> u32(16))
+                y = cur[at] + u32(w) * u32(0x27D4EB2F)
+                y = (y ^ (y >> u32(15))) * u32(0x2C1B3C6D)
+                y = (y ^ (y >> u32(12))) * u32(0x297A2D39)
+                h2 += y ^ (y >> u32(15))
+        atomic_add(acc, 0, h1)
+        atomic_add(acc, 1, h2)
+        barrier()
+        if lid == 0:
+            if acc[0] != hashes[2 * page] or acc[1] != hashes[2 * page + 1]:
+                hashes[2 * page] = acc[0]
+                hashes[2 * page + 1] = acc[1]
+                dirty[atomic_add(count, 0, 1)] = page
+    return hash_pages
+
+
+@lru_cache(maxsize=None)
+def flag_collector():
+    """Store tracking's checkpoint: list the pages whose dirty flag an instrumented store set."""
+    @kernel
+    def collect_flags(flags: Ptr[i32], dirty: Ptr[i32], count: Ptr[i32], n_pages: i32):
+        p = global_id(0)
+        if p < n_pages:
+            if flags[p] != 0:
+                dirty[atomic_add(count, 0, 1)] = p
+    return collect_flags
+
+
+@lru_cache(maxsize=None)
+def flag_clearer():
+    @kernel
+    def clear_flags(flags: Ptr[i32], pages: Ptr[i32], n: i32):
+        k = global_id(0)
+        if k < n:
+            flags[pages[k]] = 0
+    return clear_flags
+
+
+@lru_cache(maxsize=None)
+def page_gatherer(words_per_page: int, n_words: int):
+    """Copy listed pages into a staging buffer (slot k <- page pages[first + k]); in shadow mode
+    the shadow is brought up to date in the same pass."""
+    WPP, NW = words_per_page, n_words
+
+    @kernel
+    def gather_pages(cur: Ptr[u32], shadow: Ptr[u32], pages: Ptr[i32], staging: Ptr[u32],
+                     first: i32, update_shadow: i32):
+        slot = group_id(0)
+        base = i64(pages[first + slot]) * WPP
+        out = i64(slot) * WPP
+        for w in range(local_id(0), WPP, local_size(0)):
+            at = base + i64(w)
+            if at < NW:
+                v = cur[at]
+                staging[out + i64(w)] = v
+                if update_shadow != 0:
+                    shadow[at] = v
+    return gather_pages
+
+
+@lru_cache(maxsize=None)
+def page_scatterer(words_per_page: int, n_words: int):
+    """DeltaApplier: scatter staged pages back into a region (recovery, migration)."""
+    WPP, NW = words_per_page, n_words
+
+    @kernel
+    def scatter_pages(region: Ptr[u32], pages: Ptr[i32], staging: Ptr[u32], first: i32):
+        slot = group_id(0)
+        base = i64(pages[first + slot]) * WPP
+        src = i64(slot) * WPP
+        for w in range(local_id(0), WPP, local_size(0)):
+            at = base + i64(w)
+            if at < NW:
+                region[at] = staging[src + i64(w)]
+    return scatter_pages

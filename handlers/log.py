@@ -1,0 +1,326 @@
+"""DeltaLog: the append-only checkpoint log. Its format is defined here, in one place.
+
+File  = Header, then Records.
+Header (64 bytes, little-endian):
+    magic     8s   b"CCDLOG\\r\\n"   (\\r\\n catches text-mode mangling)
+    version   u16  FORMAT_VERSION; a newer file is refused, never guessed at
+    reserved  u16
+    hsize     u32  64
+    salt      u64  random per file: records of another log never chain into this one
+    created   f64  unix time
+    reserved  28s  zeros
+    crc       u32  CRC32C of the 60 bytes before it
+Record (32-byte head + payload):
+    kind      u16  LAYOUT=1, PAGE=2, COMMIT=3
+    reserved  u16
+    length    u32  payload bytes
+    seq       u64  previous record's seq + 1 (first record: 1)
+    region    u32  region id (PAGE), else 0
+    crc       u32  CRC32C over (previous record's crc or the salt) + head without crc + payload
+    page      u64  page index (PAGE), checkpoint id (COMMIT), else 0
+Payloads: LAYOUT = JSON of the regions; PAGE = the page's bytes; COMMIT = JSON with the
+checkpoint's per-region SHA-256 and record count.
+
+Rules (SQLite WAL / etcd WAL): a record counts only if its CRC chain holds; a checkpoint
+counts only once its COMMIT does; reading stops at the first record that fails, and what
+follows the last COMMIT is discarded (and truncated before appending again).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+import crc32c
+
+from concordia_ir.errors import ConcordiaError
+
+MAGIC = b"CCDLOG\r\n"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<8sHHIQd28s")      # + u32 crc
+HEADER_SIZE = HEADER.size + 4              # 64
+RECORD = struct.Struct("<HHIQI")           # kind, reserved, length, seq, region (+ crc u32, page u64)
+RECORD_SIZE = RECORD.size + 4 + 8          # 32
+LAYOUT, PAGE, COMMIT = 1, 2, 3
+KIND_NAMES = {LAYOUT: "layout", PAGE: "page", COMMIT: "commit"}
+FSYNC_POLICIES = ("always", "everysec", "no")
+MAX_PAYLOAD = 1 << 30
+
+
+class LogError(ConcordiaError):
+    """A log that cannot be used: foreign, newer, corrupt. Carries the byte offset."""
+
+    def __init__(self, path: str, offset: int, reason: str):
+        super().__init__(f"{path}: at byte {offset}: {reason}")
+        self.path, self.offset, self.reason = path, offset, reason
+
+
+@dataclass
+class Record:
+    kind: int
+    seq: int
+    region: int
+    page: int
+    payload: bytes
+    offset: int
+    crc: int
+
+
+@dataclass
+class Scan:
+    """What a read of the log found: sound records, commits, and where (and why) it stopped."""
+    path: str
+    salt: int
+    created: float
+    records: list[Record] = field(default_factory=list)
+    commit_ends: list[int] = field(default_factory=list)   # index in records after each COMMIT
+    end: int = HEADER_SIZE           # byte offset just after the last sound record
+    committed_end: int = HEADER_SIZE  # byte offset just after the last COMMIT
+    problem: str | None = None       # why reading stopped before the end of the file
+    problem_offset: int | None = None
+    file_size: int = 0
+
+    @property
+    def last_crc(self) -> int:
+        return self.records[-1].crc if self.records else self.salt & 0xFFFFFFFF
+
+
+def _record_crc(prev: int, head: bytes, page: int, payload: bytes) -> int:
+    c = crc32c.crc32c(struct.pack("<I", prev))
+    c = crc32c.crc32c(head, c)
+    c = crc32c.crc32c(struct.pack("<Q", page), c)
+    return crc32c.crc32c(payload, c)
+
+
+def encode_record(prev_crc: int, kind: int, seq: int, region: int, page: int,
+                  payload: bytes) -> tuple[bytes, int]:
+    head = RECORD.pack(kind, 0, len(payload), seq, region)
+    crc = _record_crc(prev_crc, head, page, payload)
+    return head + struct.pack("<IQ", crc, page) + payload, crc
+
+
+def encode_header(salt: int, created: float) -> bytes:
+    body = HEADER.pack(MAGIC, FORMAT_VERSION, 0, HEADER_SIZE, salt, created, b"\0" * 28)
+    return body + struct.pack("<I", crc32c.crc32c(body))
+
+
+def read_header(path: str, data: bytes) -> tuple[int, float]:
+    if len(data) < len(MAGIC) or data[:len(MAGIC)] != MAGIC:
+        raise LogError(path, 0, "not a Concordia delta log (bad magic)")
+    if len(data) < HEADER_SIZE:
+        raise LogError(path, len(data), "header is truncated")
+    magic, version, _, hsize, salt, created, _ = HEADER.unpack_from(data)
+    (crc,) = struct.unpack_from("<I", data, HEADER.size)
+    if version > FORMAT_VERSION:
+        raise LogError(path, 8, f"written by a newer Concordia (format v{version}; this one "
+                                f"reads up to v{FORMAT_VERSION}); upgrade to read it")
+    if crc != crc32c.crc32c(data[:HEADER.size]) or hsize != HEADER_SIZE:
+        raise LogError(path, HEADER.size, "header checksum mismatch (corrupt header)")
+    return salt, created
+
+
+def scan_log(path: str) -> Scan:
+    """Read a whole log; never raises for damage after the header (see Scan.problem)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise ConcordiaError(f"{path}: no such log") from None
+    except OSError as e:
+        raise ConcordiaError(f"{path}: cannot read: {e.strerror}") from None
+    salt, created = read_header(path, data)
+    scan = Scan(path, salt, created, file_size=len(data))
+    pos, prev, seq = HEADER_SIZE, salt & 0xFFFFFFFF, 0
+    while pos < len(data):
+        if len(data) - pos < RECORD_SIZE:
+            scan.problem = f"torn tail: {len(data) - pos} bytes of an incomplete record header"
+            break
+        kind, _, length, rseq, region = RECORD.unpack_from(data, pos)
+        crc, page = struct.unpack_from("<IQ", data, pos + RECORD.size)
+        if kind not in KIND_NAMES or length > MAX_PAYLOAD:
+            scan.problem = f"bad record header (kind {kind}, length {length})"
+            break
+        end = pos + RECORD_SIZE + length
+        if end > len(data):
+            scan.problem = f"torn tail: record of {length} payload bytes is cut short"
+            break
+        payload = data[pos + RECORD_SIZE:end]
+        if _record_crc(prev, data[pos:pos + RECORD.size], page, payload) != crc:
+            scan.problem = "checksum mismatch (corrupt, reordered or foreign record)"
+            break
+        if rseq != seq + 1:
+            scan.problem = f"sequence {rseq} follows {seq} (duplicated or missing record)"
+            break
+        scan.records.append(Record(kind, rseq, region, page, payload, pos, crc))
+        if kind == COMMIT:
+            scan.commit_ends.append(len(scan.records))
+            scan.committed_end = end
+        pos, prev, seq = end, crc, rseq
+        scan.end = end
+    if scan.problem is not None:
+        scan.problem_offset = pos
+    return scan
+
+
+class DeltaLog:
+    """Appends records; `commit()` makes a checkpoint durable according to the fsync policy:
+    always (fsync at every commit: nothing committed is lost), everysec (a background fsync
+    each second: up to ~1 s of commits can be lost), no (the OS decides)."""
+
+    def __init__(self, path: str, fsync: str = "always"):
+        if fsync not in FSYNC_POLICIES:
+            raise ConcordiaError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
+        self.path, self.fsync = path, fsync
+        self._lock = threading.Lock()
+        self._dirty = False
+        if os.path.exists(path) and os.path.getsize(path) > 0:
+            scan = scan_log(path)
+            self.salt = scan.salt
+            keep = scan.commit_ends[-1] if scan.commit_ends else 0
+            self.seq = scan.records[keep - 1].seq if keep else 0
+            self.prev_crc = scan.records[keep - 1].crc if keep else scan.salt & 0xFFFFFFFF
+            self.fh = open(path, "r+b")
+            if scan.committed_end < scan.file_size:   # drop the uncommitted / torn tail
+                self.fh.truncate(scan.committed_end)
+                os.fsync(self.fh.fileno())
+            self.fh.seek(scan.committed_end)
+            self.layout = _layout_of(scan, keep)
+            self.last_checkpoint = max((r.page for r in scan.records[:keep] if r.kind == COMMIT),
+                                       default=0)
+        else:
+            self.salt = int.from_bytes(os.urandom(8), "little")
+            self.seq, self.prev_crc = 0, self.salt & 0xFFFFFFFF
+            self.fh = open(path, "wb")
+            self.fh.write(encode_header(self.salt, time.time()))
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            _fsync_dir(path)
+            self.layout = None
+            self.last_checkpoint = 0
+        self._stop = threading.Event()
+        self._syncer = None
+        if fsync == "everysec":
+            self._syncer = threading.Thread(target=self._sync_loop, daemon=True)
+            self._syncer.start()
+
+    def append(self, kind: int, payload: bytes, region: int = 0, page: int = 0) -> None:
+        with self._lock:
+            rec, crc = encode_record(self.prev_crc, kind, self.seq + 1, region, page, payload)
+            self.fh.write(rec)
+            self.seq += 1
+            self.prev_crc = crc
+            self._dirty = True
+
+    def write_layout(self, layout: dict) -> None:
+        self.append(LAYOUT, json.dumps(layout, sort_keys=True).encode())
+        self.layout = layout
+
+    def commit(self, checkpoint_id: int, info: dict) -> None:
+        self.append(COMMIT, json.dumps(info, sort_keys=True).encode(), page=checkpoint_id)
+        with self._lock:
+            self.fh.flush()
+            if self.fsync == "always":
+                os.fsync(self.fh.fileno())
+                self._dirty = False
+
+    def _sync_loop(self):
+        while not self._stop.wait(1.0):
+            with self._lock:
+                if self._dirty and not self.fh.closed:
+                    self.fh.flush()
+                    os.fsync(self.fh.fileno())
+                    self._dirty = False
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            if not self.fh.closed:
+                self.fh.flush()
+                if self.fsync != "no":
+                    os.fsync(self.fh.fileno())
+                self.fh.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _layout_of(scan: Scan, upto: int) -> dict | None:
+    layout = None
+    for r in scan.records[:upto]:
+        if r.kind == LAYOUT:
+            layout = json.loads(r.payload)
+    return layout
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class CommittedImage:
+    """The regions' bytes as of the last commit of a log."""
+    layout: dict
+    pages: dict[int, dict[int, bytes]]   # region id -> page index -> bytes
+    checkpoint_id: int
+    info: dict
+
+
+def committed_image(scan: Scan) -> CommittedImage:
+    """Fold the log up to its last COMMIT into one image (later pages win)."""
+    if not scan.commit_ends:
+        raise LogError(scan.path, HEADER_SIZE, "the log holds no committed checkpoint")
+    layout, pages, info, ckpt = None, {}, {}, 0
+    for r in scan.records[:scan.commit_ends[-1]]:
+        if r.kind == LAYOUT:
+            layout = json.loads(r.payload)
+            pages = {}
+        elif r.kind == PAGE:
+            pages.setdefault(r.region, {})[r.page] = r.payload
+        elif r.kind == COMMIT:
+            info, ckpt = json.loads(r.payload), r.page
+    if layout is None:
+        raise LogError(scan.path, HEADER_SIZE, "no layout record before the first commit")
+    return CommittedImage(layout, pages, ckpt, info)
+
+
+def compact(path: str, fsync: bool = True) -> int:
+    """Rewrite the log as one base image (layout + every page + commit). The new file is
+    written beside the old, fsynced, then renamed over it: a crash leaves one or the other.
+    Returns the new size in bytes."""
+    scan = scan_log(path)
+    image = committed_image(scan)
+    tmp = path + ".compact"
+    salt = int.from_bytes(os.urandom(8), "little")
+    with open(tmp, "wb") as fh:
+        fh.write(encode_header(salt, time.time()))
+        prev, seq = salt & 0xFFFFFFFF, 0
+        items = [(LAYOUT, 0, 0, json.dumps(image.layout, sort_keys=True).encode())]
+        for rid in sorted(image.pages):
+            for pg in sorted(image.pages[rid]):
+                items.append((PAGE, rid, pg, image.pages[rid][pg]))
+        items.append((COMMIT, 0, image.checkpoint_id,
+                      json.dumps({**image.info, "compacted": True}, sort_keys=True).encode()))
+        for kind, rid, pg, payload in items:
+            seq += 1
+            rec, prev = encode_record(prev, kind, seq, rid, pg, payload)
+            fh.write(rec)
+        fh.flush()
+        if fsync:
+            os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    if fsync:
+        _fsync_dir(path)
+    return os.path.getsize(path)
