@@ -1,0 +1,247 @@
+"""Delta checkpoints: every mode on every backend present, restore across backends, the log's
+damage handling (each kind made on purpose), compaction, store tracking, DLPack regions."""
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from backends import backend_status
+from concordia_ir import ConcordiaError, Ptr, Runtime, f32, global_id, i32, kernel
+from handlers import Checkpointer, DeltaLog, LogError, compact, instrument_stores, scan_log
+from handlers.log import HEADER_SIZE, RECORD_SIZE
+
+BACKENDS = [n for n in ("reference", "opencl", "cuda") if backend_status()[n].ok]
+
+
+@kernel
+def bump(x: Ptr[f32], stride: i32, n: i32):
+    i = global_id(0) * stride
+    if i < n:
+        x[i] = x[i] + 1.0
+
+
+def make_log(path, backend="reference", mode="shadow", n=1 << 14, steps=3):
+    rt = Runtime(backend)
+    kv = rt.to_device(np.arange(n, dtype=np.float32))
+    ck = Checkpointer(rt, {"kv": kv}, str(path), page_size=4096, mode=mode)
+    states, stats = [], []
+    for s in range(steps):
+        if s:
+            rt.launch(bump, global_size=64, local_size=64, args=(kv, 1024 * (s + 1), n))
+        stats.append(ck.checkpoint())
+        states.append(kv.numpy())
+    ck.close()
+    return states, stats
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["shadow", "hash", "tracked"])
+def test_checkpoint_mutate_restore_on_every_backend(tmp_path, backend, mode):
+    rt = Runtime(backend)
+    kv = rt.to_device(np.zeros(1 << 20, np.float32))           # 4 MiB: 1024 pages
+    adapter = rt.to_device(np.arange(3000, dtype=np.int32))    # a partial last page
+    path = str(tmp_path / "state.clog")
+    ck = Checkpointer(rt, {"kv": kv, "adapter": adapter}, path, page_size=4096, mode=mode)
+    first = ck.checkpoint()
+    assert first.full and first.pages == 1024 + 3 and first.bytes == 4 * (1 << 20) + 12000
+    ck.launch(bump, global_size=64, local_size=64, args=(kv, 3 * 1024, 1 << 20))
+    second = ck.checkpoint()
+    assert (second.pages, second.bytes, second.full) == (64, 64 * 4096, False)
+    assert ck.checkpoint().pages == 0
+    want = {"kv": kv.numpy(), "adapter": adapter.numpy()}
+    ck.close()
+    for target in BACKENDS:
+        got = Checkpointer.restore(path, Runtime(target))
+        for name in want:
+            assert np.array_equal(got[name].numpy(), want[name]), (target, name)
+
+
+def test_content_hash_is_committed_and_checked(tmp_path):
+    rt = Runtime("reference")
+    kv = rt.to_device(np.arange(4096, dtype=np.float32))
+    path = str(tmp_path / "h.clog")
+    with Checkpointer(rt, {"kv": kv}, path) as ck:
+        ck.checkpoint(content_hash=True)
+    restored = Checkpointer.restore(path, Runtime("reference"))
+    assert np.array_equal(restored["kv"].numpy(), kv.numpy())
+
+
+def test_reopening_a_log_continues_it(tmp_path):
+    path = tmp_path / "c.clog"
+    states, _ = make_log(path, steps=2)
+    rt = Runtime("reference")
+    kv = rt.to_device(states[-1])
+    with Checkpointer(rt, {"kv": kv}, str(path)) as ck:
+        assert ck.checkpoint().checkpoint_id == 3        # continues the numbering, full base
+        rt.launch(bump, global_size=1, local_size=1, args=(kv, 1, 1 << 14))
+        assert ck.checkpoint().pages == 1
+        want = kv.numpy()
+    assert np.array_equal(Checkpointer.restore(str(path), Runtime("reference"))["kv"].numpy(), want)
+
+
+def test_log_of_another_layout_is_refused(tmp_path):
+    path = tmp_path / "l.clog"
+    make_log(path, n=1 << 14, steps=1)
+    rt = Runtime("reference")
+    with pytest.raises(ConcordiaError, match="written for other regions"):
+        Checkpointer(rt, {"kv": rt.to_device(np.zeros(1 << 15, np.float32))}, str(path))
+
+
+# ---- damage, made on purpose ------------------------------------------------------------------
+
+def verify(path):
+    r = subprocess.run([sys.executable, "-m", "concordia_ir.cli", "log", "verify", str(path)],
+                       capture_output=True, text=True)
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_good_log_verifies(tmp_path):
+    make_log(tmp_path / "g.clog")
+    code, out = verify(tmp_path / "g.clog")
+    assert code == 0 and "sound" in out and "3 commits" in out
+
+
+def test_truncation_at_every_point_recovers_the_last_commit_before_it(tmp_path):
+    path = tmp_path / "t.clog"
+    states, _ = make_log(path, n=1 << 12, steps=3)
+    data = path.read_bytes()
+    scan = scan_log(str(path))
+    commit_ends = [scan.records[i - 1].offset + RECORD_SIZE + len(scan.records[i - 1].payload)
+                   for i in scan.commit_ends]
+    rng = np.random.default_rng(0)
+    cuts = sorted(set(rng.integers(HEADER_SIZE, len(data), 40).tolist()) | set(commit_ends))
+    for cut in cuts:
+        path.write_bytes(data[:cut])
+        done = sum(1 for e in commit_ends if e <= cut)
+        if done == 0:
+            with pytest.raises(LogError, match="no committed checkpoint"):
+                Checkpointer.restore(str(path), Runtime("reference"))
+            continue
+        got = Checkpointer.restore(str(path), Runtime("reference"))["kv"].numpy()
+        assert np.array_equal(got, states[done - 1]), cut
+        code, out = verify(path)
+        assert (code == 0) == (cut in commit_ends), (cut, out)
+        if code:
+            assert f"at byte " in out and ("torn tail" in out or "incomplete" in out)
+
+
+def test_flipped_byte_is_found_at_its_record(tmp_path):
+    path = tmp_path / "f.clog"
+    states, _ = make_log(path, n=1 << 12, steps=3)
+    scan = scan_log(str(path))
+    victim = scan.records[scan.commit_ends[1] + 1]          # a page of the third checkpoint
+    data = bytearray(path.read_bytes())
+    data[victim.offset + RECORD_SIZE + 100] ^= 0x40
+    path.write_bytes(bytes(data))
+    code, out = verify(path)
+    assert code == 1 and f"at byte {victim.offset}: checksum mismatch" in out
+    got = Checkpointer.restore(str(path), Runtime("reference"))["kv"].numpy()
+    assert np.array_equal(got, states[1])                    # the last commit before the damage
+
+
+def test_duplicated_record_is_refused(tmp_path):
+    path = tmp_path / "d.clog"
+    make_log(path, n=1 << 12, steps=2)
+    scan = scan_log(str(path))
+    r = scan.records[3]
+    raw = path.read_bytes()
+    rec = raw[r.offset:r.offset + RECORD_SIZE + len(r.payload)]
+    end = r.offset + len(rec)
+    path.write_bytes(raw[:end] + rec + raw[end:])
+    code, out = verify(path)
+    assert code == 1 and f"at byte {end}" in out
+
+
+def test_record_from_another_log_does_not_chain(tmp_path):
+    a, b = tmp_path / "a.clog", tmp_path / "b.clog"
+    make_log(a, n=1 << 12, steps=2)
+    make_log(b, n=1 << 12, steps=2)
+    ra, rb = scan_log(str(a)), scan_log(str(b))
+    x = rb.records[-1]
+    tail = b.read_bytes()[x.offset:]
+    a.write_bytes(a.read_bytes() + tail)
+    code, out = verify(a)
+    assert code == 1 and "checksum mismatch" in out
+
+
+def test_foreign_and_newer_files_are_refused(tmp_path):
+    foreign = tmp_path / "foreign.clog"
+    foreign.write_bytes(b"SQLite format 3\0" + bytes(100))
+    code, out = verify(foreign)
+    assert code == 1 and "not a Concordia delta log" in out and out.count("\n") == 1
+    path = tmp_path / "n.clog"
+    make_log(path, steps=1)
+    data = bytearray(path.read_bytes())
+    data[8:10] = struct.pack("<H", 9)
+    path.write_bytes(bytes(data))
+    code, out = verify(path)
+    assert code == 1 and "newer Concordia (format v9" in out
+    data[8:10] = struct.pack("<H", 1)
+    data[30] ^= 1                                             # inside the header
+    path.write_bytes(bytes(data))
+    assert "header checksum mismatch" in verify(path)[1]
+
+
+def test_reopen_truncates_torn_tail_and_appends_soundly(tmp_path):
+    path = tmp_path / "r.clog"
+    states, _ = make_log(path, n=1 << 12, steps=2)
+    data = path.read_bytes()
+    path.write_bytes(data + data[HEADER_SIZE:HEADER_SIZE + 40])   # a torn, foreign-looking tail
+    log = DeltaLog(str(path))
+    assert os.path.getsize(path) == len(data)
+    log.commit(99, {"note": "after repair"})
+    log.close()
+    assert verify(path)[0] == 0
+
+
+def test_compaction_keeps_the_image_and_shrinks_the_log(tmp_path):
+    path = tmp_path / "k.clog"
+    states, _ = make_log(path, n=1 << 14, steps=6)
+    before = os.path.getsize(path)
+    after = compact(str(path))
+    assert after < before
+    assert np.array_equal(Checkpointer.restore(str(path), Runtime("reference"))["kv"].numpy(), states[-1])
+    # a crash during compaction leaves only a stray temporary file; the log is untouched
+    (tmp_path / "k.clog.compact").write_bytes(b"partial")
+    assert np.array_equal(Checkpointer.restore(str(path), Runtime("reference"))["kv"].numpy(), states[-1])
+
+
+def test_bad_arguments_are_clear(tmp_path):
+    rt = Runtime("reference")
+    kv = rt.to_device(np.zeros(1024, np.float32))
+    with pytest.raises(ConcordiaError, match="fsync must be one of"):
+        Checkpointer(rt, {"kv": kv}, str(tmp_path / "x.clog"), fsync="sometimes")
+    with pytest.raises(ConcordiaError, match="page_size must be a power of two"):
+        Checkpointer(rt, {"kv": kv}, str(tmp_path / "y.clog"), page_size=3000)
+    with pytest.raises(ConcordiaError, match="must be a device buffer"):
+        Checkpointer(rt, {"kv": np.zeros(4)}, str(tmp_path / "z.clog"))
+    with pytest.raises(ConcordiaError, match="mode must be one of"):
+        Checkpointer(rt, {"kv": kv}, str(tmp_path / "w.clog"), mode="magic")
+    with pytest.raises(ConcordiaError, match="no such log"):
+        Checkpointer.restore(str(tmp_path / "missing.clog"), rt)
+
+
+# ---- store tracking and DLPack ----------------------------------------------------------------
+
+def test_store_tracking_pass_marks_pages():
+    k = instrument_stores(bump.kernel, {"x": 1024})
+    text = str(k.kernel if hasattr(k, "kernel") else k)
+    assert k.params[-1].name == "x.dirty" and "shr" in text
+    rt = Runtime("reference")
+    x, flags = rt.zeros(8192, np.float32), rt.zeros(8, np.int32)
+    rt.launch(k, global_size=3, local_size=1, args=(x, 3000, 8192, flags))
+    assert flags.numpy().tolist() == [1, 0, 1, 0, 0, 1, 0, 0]    # elements 0, 3000, 6000
+
+
+def test_dlpack_region_is_checkpointed_without_copy(tmp_path):
+    host = np.zeros(4096, np.float32)
+    rt = Runtime("reference")
+    kv = rt.from_dlpack(host)
+    with Checkpointer(rt, {"kv": kv}, str(tmp_path / "dl.clog")) as ck:
+        ck.checkpoint()
+        host[2000] = 5.0                                          # the owner writes in place
+        assert ck.checkpoint().pages == 1
+    assert Checkpointer.restore(str(tmp_path / "dl.clog"), rt)["kv"].numpy()[2000] == 5.0
