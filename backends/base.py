@@ -48,6 +48,12 @@ class Backend(ABC):
     def launch(self, kernel, args: list, global_size: tuple, local_size: tuple) -> None:
         """Run an IR kernel; `args` holds buffer handles and numpy scalars, in order."""
 
+    def copy_device(self, dst, src, nbytes: int) -> None:
+        """Device-to-device copy of nbytes (used by benchmarks and migration)."""
+        host = np.empty(nbytes, np.uint8)
+        self.copy_out(src, host)
+        self.copy_in(dst, host)
+
     def synchronize(self) -> None:
         pass
 

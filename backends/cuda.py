@@ -109,6 +109,10 @@ class CUDABackend(Backend):
         self.activate()
         _check(_driver().cuMemcpyDtoH(host.ctypes.data, handle, host.nbytes), "cuMemcpyDtoH")
 
+    def copy_device(self, dst, src, nbytes):
+        self.activate()
+        _check(_driver().cuMemcpyDtoD(dst, src, nbytes), "cuMemcpyDtoD")
+
     def wrap_dlpack(self, tensor):
         from .dlpack import KDL_CUDA, read_dlpack
         view = read_dlpack(tensor)

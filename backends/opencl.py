@@ -91,6 +91,9 @@ class OpenCLBackend(Backend):
     def copy_out(self, handle, host):
         self.cl.enqueue_copy(self.queue, host, handle, is_blocking=True)
 
+    def copy_device(self, dst, src, nbytes):
+        self.cl.enqueue_copy(self.queue, dst, src, byte_count=nbytes)
+
     def _build(self, source: str) -> bytes:
         prg = self.cl.Program(self.ctx, source)
         try:

@@ -26,6 +26,9 @@ class ReferenceBackend(Backend):
         raw = host.reshape(-1).view(np.uint8)
         raw[:] = handle[:raw.size]
 
+    def copy_device(self, dst, src, nbytes):
+        dst[:nbytes] = src[:nbytes]
+
     def wrap_dlpack(self, tensor):
         from concordia_ir.errors import ConcordiaError
         try:

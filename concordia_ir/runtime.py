@@ -123,6 +123,12 @@ class DeviceBuffer:
             raise LaunchError(f"write of {host.size} elements into a buffer of {self.size}")
         self.runtime.backend.copy_in(self.handle, host)
 
+    def copy_from(self, other: "DeviceBuffer") -> None:
+        """Device-to-device copy of another buffer's bytes (same runtime, same size)."""
+        if other.runtime is not self.runtime or other.nbytes != self.nbytes:
+            raise LaunchError("copy_from needs a buffer of the same size on the same runtime")
+        self.runtime.backend.copy_device(self.handle, other.handle, self.nbytes)
+
     def __repr__(self) -> str:
         return f"<DeviceBuffer {self.size} x {self.dtype} on {self.runtime.spec}>"
 

@@ -193,11 +193,16 @@ class DeltaLog:
         else:
             self.salt = int.from_bytes(os.urandom(8), "little")
             self.seq, self.prev_crc = 0, self.salt & 0xFFFFFFFF
-            self.fh = open(path, "wb")
-            self.fh.write(encode_header(self.salt, time.time()))
-            self.fh.flush()
-            os.fsync(self.fh.fileno())
+            # Created whole or not at all: a crash here must not leave a headerless log.
+            tmp = f"{path}.new"
+            with open(tmp, "wb") as fh:
+                fh.write(encode_header(self.salt, time.time()))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
             _fsync_dir(path)
+            self.fh = open(path, "r+b")
+            self.fh.seek(0, os.SEEK_END)
             self.layout = None
             self.last_checkpoint = 0
         self._stop = threading.Event()
