@@ -245,3 +245,26 @@ def test_dlpack_region_is_checkpointed_without_copy(tmp_path):
         host[2000] = 5.0                                          # the owner writes in place
         assert ck.checkpoint().pages == 1
     assert Checkpointer.restore(str(tmp_path / "dl.clog"), rt)["kv"].numpy()[2000] == 5.0
+
+
+def _torch_cuda():
+    try:
+        import torch
+        return torch if torch.cuda.is_available() and backend_status()["cuda"].ok else None
+    except ImportError:
+        return None
+
+
+@pytest.mark.skipif(_torch_cuda() is None, reason="needs torch with a CUDA GPU and the cuda backend")
+def test_torch_cuda_tensor_as_region_restores_on_reference(tmp_path):
+    torch = _torch_cuda()
+    kv = torch.zeros(1 << 20, dtype=torch.float32, device="cuda")
+    rt = Runtime("cuda")
+    region = rt.from_dlpack(kv)
+    with Checkpointer(rt, {"kv": region}, str(tmp_path / "t.clog")) as ck:
+        ck.checkpoint()
+        kv[5000:5010] = 3.0                     # the engine writes its own tensor
+        torch.cuda.synchronize()
+        assert ck.checkpoint().pages == 1
+    got = Checkpointer.restore(str(tmp_path / "t.clog"), Runtime("reference"))["kv"].numpy()
+    assert np.array_equal(got, kv.cpu().numpy())
