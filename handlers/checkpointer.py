@@ -52,6 +52,7 @@ class _RegionState:
         self.shadow = rt.empty(region.n_words, np.uint32) if mode == "shadow" else rt.empty(1, np.uint32)
         self.hashes = rt.zeros(2 * n, np.uint32) if mode == "hash" else None
         self.flags = rt.zeros(n, np.int32) if mode == "tracked" else None
+        self.listed: np.ndarray | None = None   # the page list the device holds right now
 
     def find_dirty(self) -> np.ndarray:
         r, rt = self.region, self.rt
@@ -67,13 +68,15 @@ class _RegionState:
             rt.launch(hk.flag_collector(), global_size=-(-n // 256) * 256, local_size=256,
                       args=(self.flags, self.dirty, self.count, n))
         k = int(self.count.numpy()[0])
-        return np.sort(self.dirty.read(k)) if k else np.zeros(0, np.int32)
+        found = self.dirty.read(k)
+        self.listed = found
+        return np.sort(found)
 
     def gather(self, pages: np.ndarray):
         """Yield (page index, bytes) for the listed pages, a staging buffer at a time."""
         r, rt = self.region, self.rt
         gather = hk.page_gatherer(r.words_per_page, r.n_words)
-        self.dirty.write_prefix(pages.astype(np.int32))   # the list, now sorted
+        self.upload(pages)
         update = 1 if self.mode == "shadow" else 0
         for first in range(0, len(pages), self.batch):
             n = min(self.batch, len(pages) - first)
@@ -85,9 +88,15 @@ class _RegionState:
                 end = min(r.page_size, r.nbytes - p * r.page_size)
                 yield p, raw[k * r.page_size:k * r.page_size + end].tobytes()
 
+    def upload(self, pages: np.ndarray):
+        """Put the (sorted) page list on the device, unless it is there already."""
+        if self.listed is None or not np.array_equal(self.listed, pages):
+            self.dirty.write_prefix(pages.astype(np.int32))
+            self.listed = pages
+
     def after_commit(self, pages: np.ndarray):
         if self.mode == "tracked" and len(pages):
-            self.dirty.write_prefix(pages.astype(np.int32))
+            self.upload(pages)
             self.rt.launch(hk.flag_clearer(), global_size=-(-len(pages) // 256) * 256,
                            local_size=256, args=(self.flags, self.dirty, len(pages)))
 

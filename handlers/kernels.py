@@ -9,16 +9,17 @@ from __future__ import annotations
 from functools import lru_cache
 
 from concordia_ir import (Ptr, atomic_add, atomic_max, barrier, global_id, group_id, i32, i64,
-                          kernel, local_array, local_id, local_size, u32)
+                          kernel, local_array, local_id, u32)
 
-GROUP = 256  # work-items per page
+GROUP = 256  # work-items per page; every handler is launched with groups of this size
 
 
 @lru_cache(maxsize=None)
 def page_scanner(words_per_page: int, n_words: int):
     """DirtyPageScanner, shadow form: flag pages that differ from the shadow copy and append
     their indices to a compact list (one atomic per dirty page)."""
-    WPP, NW = words_per_page, n_words
+    WPP, NW, STEP = words_per_page, n_words, GROUP
+    WHOLE = n_words % words_per_page == 0   # every page full: no bounds check to compile
 
     @kernel
     def scan_pages(cur: Ptr[u32], shadow: Ptr[u32], dirty: Ptr[i32], count: Ptr[i32]):
@@ -30,9 +31,9 @@ def page_scanner(words_per_page: int, n_words: int):
         barrier()
         base = i64(page) * WPP
         diff = 0
-        for w in range(lid, WPP, local_size(0)):
+        for w in range(lid, WPP, STEP):
             at = base + i64(w)
-            if at < NW:
+            if WHOLE or at < NW:
                 if cur[at] != shadow[at]:
                     diff = 1
         if diff != 0:
@@ -48,7 +49,8 @@ def page_scanner(words_per_page: int, n_words: int):
 def page_hasher(words_per_page: int, n_words: int):
     """DirtyPageScanner, hash form: a 64-bit hash per page (two order-independent 32-bit sums of
     mixed words), compared with the stored one; changed pages are listed and re-hashed."""
-    WPP, NW = words_per_page, n_words
+    WPP, NW, STEP = words_per_page, n_words, GROUP
+    WHOLE = n_words % words_per_page == 0
 
     @kernel
     def hash_pages(cur: Ptr[u32], hashes: Ptr[u32], dirty: Ptr[i32], count: Ptr[i32]):
@@ -62,9 +64,9 @@ def page_hasher(words_per_page: int, n_words: int):
         base = i64(page) * WPP
         h1 = u32(0)
         h2 = u32(0)
-        for w in range(lid, WPP, local_size(0)):
+        for w in range(lid, WPP, STEP):
             at = base + i64(w)
-            if at < NW:
+            if WHOLE or at < NW:
                 x = cur[at] ^ (u32(w) * u32(0x9E3779B9))
                 x = (x ^ (x >> u32(16))) * u32(0x85EBCA6B)
                 x = (x ^ (x >> u32(13))) * u32(0xC2B2AE35)
@@ -110,7 +112,8 @@ def flag_clearer():
 def page_gatherer(words_per_page: int, n_words: int):
     """Copy listed pages into a staging buffer (slot k <- page pages[first + k]); in shadow mode
     the shadow is brought up to date in the same pass."""
-    WPP, NW = words_per_page, n_words
+    WPP, NW, STEP = words_per_page, n_words, GROUP
+    WHOLE = n_words % words_per_page == 0
 
     @kernel
     def gather_pages(cur: Ptr[u32], shadow: Ptr[u32], pages: Ptr[i32], staging: Ptr[u32],
@@ -118,9 +121,9 @@ def page_gatherer(words_per_page: int, n_words: int):
         slot = group_id(0)
         base = i64(pages[first + slot]) * WPP
         out = i64(slot) * WPP
-        for w in range(local_id(0), WPP, local_size(0)):
+        for w in range(local_id(0), WPP, STEP):
             at = base + i64(w)
-            if at < NW:
+            if WHOLE or at < NW:
                 v = cur[at]
                 staging[out + i64(w)] = v
                 if update_shadow != 0:
@@ -131,15 +134,16 @@ def page_gatherer(words_per_page: int, n_words: int):
 @lru_cache(maxsize=None)
 def page_scatterer(words_per_page: int, n_words: int):
     """DeltaApplier: scatter staged pages back into a region (recovery, migration)."""
-    WPP, NW = words_per_page, n_words
+    WPP, NW, STEP = words_per_page, n_words, GROUP
+    WHOLE = n_words % words_per_page == 0
 
     @kernel
     def scatter_pages(region: Ptr[u32], pages: Ptr[i32], staging: Ptr[u32], first: i32):
         slot = group_id(0)
         base = i64(pages[first + slot]) * WPP
         src = i64(slot) * WPP
-        for w in range(local_id(0), WPP, local_size(0)):
+        for w in range(local_id(0), WPP, STEP):
             at = base + i64(w)
-            if at < NW:
+            if WHOLE or at < NW:
                 region[at] = staging[src + i64(w)]
     return scatter_pages
