@@ -62,6 +62,7 @@ class DeviceClock:
 
     def __init__(self, rt: Runtime):
         self.rt, self.total, self.ops = rt, 0.0, 0
+        self.trace: list[tuple[str, float]] = []
         self.cupy = None
         if rt.name in ("cuda", "hip-on-cuda"):
             try:
@@ -72,10 +73,11 @@ class DeviceClock:
                 pass
         be = rt.backend
         for name in ("launch", "copy_in", "copy_out", "copy_device"):
-            setattr(be, name, self._timed(getattr(be, name)))
+            setattr(be, name, self._timed(name, getattr(be, name)))
 
-    def _timed(self, fn):
+    def _timed(self, name, fn):
         def run(*a, **k):
+            before = self.total
             if self.cupy is None:
                 t0 = time.perf_counter()
                 out = fn(*a, **k)
@@ -90,11 +92,13 @@ class DeviceClock:
                 e.synchronize()
                 self.total += self.cupy.cuda.get_elapsed_time(s, e) / 1e3
             self.ops += 1
+            what = a[0].name if name == "launch" else f"{name}({getattr(a[-1], 'nbytes', a[-1])})"
+            self.trace.append((what, round((self.total - before) * 1e6, 2)))
             return out
         return run
 
     def reset(self):
-        self.total, self.ops = 0.0, 0
+        self.total, self.ops, self.trace = 0.0, 0, []
 
 
 def median(xs):
@@ -147,8 +151,10 @@ def one_page_save(rt: Runtime, clock: DeviceClock, nbytes: int, repeats: int) ->
             rt.synchronize()
             wall.append(time.perf_counter() - t0)
             dev.append(clock.total)
+            trace = list(clock.trace)
             assert len(saved) == 1 and len(saved[0][1]) == 4096
         row[f"{label}_device_us"] = round(median(dev) * 1e6, 2)
+        row[f"{label}_ops_us"] = trace
         row[f"{label}_wall_ms"] = round(median(wall) * 1e3, 3)
         for b in (st.dirty, st.count, st.staging, st.shadow) + ((st.flags,) if st.flags else ()):
             rt.free(b)
@@ -237,6 +243,9 @@ def main(argv=None):
             "store_tracking_device_us", "store_tracking_wall_ms", "tracking_speedup_vs_cpu",
             "scan_GB_s", "copy_GB_s", "scan_vs_copy"]
     print(table(rows, cols))
+    for r in rows:
+        print(f"{r['region_MiB']} MiB, device time per op: scan {r['device_scan_ops_us']}; "
+              f"tracking {r['store_tracking_ops_us']}")
     over = tracking_overhead(rt, clock, (1 << 26) if gpu else (1 << 20))
     print(f"store tracking overhead on vector_add: {over}")
     logs = log_append()
