@@ -111,23 +111,41 @@ class CUDABackend(Backend):
             self._pin = np.ctypeslib.as_array((ctypes.c_uint8 * self.PINNED_BYTES).from_address(int(ptr)))
         return self._pin
 
-    def copy_in(self, handle, host):
+    def copy_in_async(self, handle, host) -> None:
+        """Stage `host` in the pinned buffer and enqueue the copy (complete before reusing it)."""
         host = np.ascontiguousarray(host)
         self.activate()
+        pin = self._pinned()
+        pin[:host.nbytes] = host.reshape(-1).view(np.uint8)
+        _check(_driver().cuMemcpyHtoDAsync(handle, pin.ctypes.data, host.nbytes, 0), "cuMemcpyHtoDAsync")
+
+    def copy_out_async(self, handle, host):
+        """Enqueue a copy into the pinned buffer; the returned callable, run after the stream
+        is synchronised, moves the bytes into `host`."""
+        self.activate()
+        pin = self._pinned()
+        _check(_driver().cuMemcpyDtoHAsync(pin.ctypes.data, handle, host.nbytes, 0), "cuMemcpyDtoHAsync")
+
+        def finish():
+            host.reshape(-1).view(np.uint8)[:] = pin[:host.nbytes]
+        return finish
+
+    def copy_in(self, handle, host):
+        host = np.ascontiguousarray(host)
         if host.nbytes <= self.PINNED_BYTES:
-            pin = self._pinned()
-            pin[:host.nbytes] = host.reshape(-1).view(np.uint8)
-            _check(_driver().cuMemcpyHtoD(handle, pin.ctypes.data, host.nbytes), "cuMemcpyHtoD")
+            self.copy_in_async(handle, host)
+            self.synchronize()
         else:
+            self.activate()
             _check(_driver().cuMemcpyHtoD(handle, host.ctypes.data, host.nbytes), "cuMemcpyHtoD")
 
     def copy_out(self, handle, host):
-        self.activate()
         if host.nbytes <= self.PINNED_BYTES:
-            pin = self._pinned()
-            _check(_driver().cuMemcpyDtoH(pin.ctypes.data, handle, host.nbytes), "cuMemcpyDtoH")
-            host.reshape(-1).view(np.uint8)[:] = pin[:host.nbytes]
+            finish = self.copy_out_async(handle, host)
+            self.synchronize()
+            finish()
         else:
+            self.activate()
             _check(_driver().cuMemcpyDtoH(host.ctypes.data, handle, host.nbytes), "cuMemcpyDtoH")
 
     def copy_device(self, dst, src, nbytes):
