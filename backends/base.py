@@ -48,6 +48,21 @@ class Backend(ABC):
     def launch(self, kernel, args: list, global_size: tuple, local_size: tuple) -> None:
         """Run an IR kernel; `args` holds buffer handles and numpy scalars, in order."""
 
+    def launch_async(self, kernel, args: list, global_size: tuple, local_size: tuple) -> None:
+        """Start a kernel and return at once (device backends are asynchronous already)."""
+        self.launch(kernel, args, global_size, local_size)
+
+    def alloc_control(self, nbytes: int):
+        """Memory for a flag that the host writes while kernels run (see write_control)."""
+        return self.alloc(nbytes)
+
+    def write_control(self, handle, host: np.ndarray) -> None:
+        """Write a few bytes that a running kernel polls (a pause flag) without waiting for it."""
+        self.copy_in(handle, host)
+
+    def prepare(self, kernel) -> None:
+        """Compile a kernel ahead of its launch (no-op for interpreters)."""
+
     def copy_device(self, dst, src, nbytes: int) -> None:
         """Device-to-device copy of nbytes (used by benchmarks and migration)."""
         host = np.empty(nbytes, np.uint8)

@@ -148,6 +148,24 @@ class CUDABackend(Backend):
             self.activate()
             _check(_driver().cuMemcpyDtoH(host.ctypes.data, handle, host.nbytes), "cuMemcpyDtoH")
 
+    def write_control(self, handle, host):
+        """Through a non-blocking stream: the legacy stream would wait for the running kernel."""
+        driver = _driver()
+        self.activate()
+        if getattr(self, "control_stream", None) is None:
+            self.control_stream = _check(driver.cuStreamCreate(driver.CUstream_flags.CU_STREAM_NON_BLOCKING),
+                                         "cuStreamCreate")
+            self._control_pin = _check(driver.cuMemHostAlloc(64, 0), "cuMemHostAlloc")
+        host = np.ascontiguousarray(host)
+        import ctypes
+        ctypes.memmove(int(self._control_pin), host.ctypes.data, host.nbytes)
+        _check(driver.cuMemcpyHtoDAsync(handle, self._control_pin, host.nbytes, self.control_stream),
+               "cuMemcpyHtoDAsync (control)")
+        _check(driver.cuStreamSynchronize(self.control_stream), "cuStreamSynchronize (control)")
+
+    def prepare(self, kernel):
+        self.compile(kernel)
+
     def copy_device(self, dst, src, nbytes):
         self.activate()
         _check(_driver().cuMemcpyDtoD(dst, src, nbytes), "cuMemcpyDtoD")

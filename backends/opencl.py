@@ -91,6 +91,32 @@ class OpenCLBackend(Backend):
     def copy_out(self, handle, host):
         self.cl.enqueue_copy(self.queue, host, handle, is_blocking=True)
 
+    def alloc_control(self, nbytes: int):
+        """On a CPU device, a buffer over host memory: the kernel polls the very bytes the host
+        writes (pocl does not run a copy beside a running kernel). On a GPU, device memory
+        written through a second queue."""
+        if _is_gpu(self.dev):
+            return self.alloc(nbytes)
+        host = np.zeros(max(nbytes, 64), np.uint8)
+        buf = self.cl.Buffer(self.ctx, self.cl.mem_flags.READ_WRITE | self.cl.mem_flags.USE_HOST_PTR,
+                             hostbuf=host)
+        self._host_backed = getattr(self, "_host_backed", {})
+        self._host_backed[buf.int_ptr] = host
+        return buf
+
+    def write_control(self, handle, host):
+        backing = getattr(self, "_host_backed", {}).get(handle.int_ptr)
+        if backing is not None:
+            raw = np.ascontiguousarray(host).reshape(-1).view(np.uint8)
+            backing[:raw.size] = raw
+            return
+        if getattr(self, "control_queue", None) is None:
+            self.control_queue = self.cl.CommandQueue(self.ctx)   # not behind running kernels
+        self.cl.enqueue_copy(self.control_queue, handle, np.ascontiguousarray(host), is_blocking=True)
+
+    def prepare(self, kernel):
+        self.compile(kernel)
+
     def copy_device(self, dst, src, nbytes):
         self.cl.enqueue_copy(self.queue, dst, src, byte_count=nbytes)
 

@@ -39,7 +39,37 @@ class ReferenceBackend(Backend):
             raise ConcordiaError("only contiguous tensors can be wrapped")
         return arr.reshape(-1).view(np.uint8), arr.dtype, arr.size, tensor
 
+    def launch_async(self, kernel, args, global_size, local_size):
+        """Interpret in a thread, so that the host can pause the kernel while it runs."""
+        import threading
+        self.synchronize()
+
+        def run():
+            try:
+                self._interpret(kernel, args, global_size, local_size)
+            except BaseException as e:  # re-raised by synchronize() in the caller's thread
+                self._error = e
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def write_control(self, handle, host):
+        self.copy_in(handle, host)   # numpy memory: the interpreter sees it at its next poll
+
+    def synchronize(self):
+        t = getattr(self, "_thread", None)
+        if t is not None:
+            t.join()
+            self._thread = None
+        err = getattr(self, "_error", None)
+        if err is not None:
+            self._error = None
+            raise err
+
     def launch(self, kernel, args, global_size, local_size):
+        self.synchronize()
+        self._interpret(kernel, args, global_size, local_size)
+
+    def _interpret(self, kernel, args, global_size, local_size):
         views = []
         for p, a in zip(kernel.params, args):
             if hasattr(p.type, "elem"):

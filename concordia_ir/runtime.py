@@ -273,7 +273,22 @@ class Runtime:
                 out.append(_scalar_arg(p, a, i))
         return k, g, l, out
 
-    def launch(self, kernel, global_size, local_size=64, args=()):
-        """Run `kernel` over `global_size` work-items in groups of `local_size`."""
+    def launch(self, kernel, global_size, local_size=64, args=(), pausable: bool = False):
+        """Run `kernel` over `global_size` work-items in groups of `local_size`.
+
+        With pausable=True the kernel starts asynchronously and a KernelContext is returned:
+        it can be paused at the kernel's safepoints, resumed, exported or migrated."""
+        if pausable:
+            from handlers.migration import KernelContext
+            return KernelContext(self, kernel, global_size, local_size, args).start()
         k, g, l, handles = self.check_launch(kernel, global_size, local_size, args)
         self.backend.launch(k, handles, g, l)
+
+    def import_(self, path: str):
+        """A paused KernelContext on this runtime from a snapshot file (ctx.export(path))."""
+        from handlers.migration import import_snapshot
+        return import_snapshot(path, self)
+
+    def migrate(self, ctx, target):
+        """Move a KernelContext to `target` (a backend string or Runtime); see KernelContext.migrate."""
+        return ctx.migrate(target)

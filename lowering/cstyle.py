@@ -68,8 +68,10 @@ class CStyleRenderer:
     def cname(self, v: Value) -> str:
         if v.name not in self.cnames:
             base = f"t{v.name}" if v.name[0].isdigit() else re.sub(r"\W", "_", v.name)
+            if base in _RESERVED or base.startswith("cc_"):   # cc_ is the helpers' prefix
+                base = "v_" + base
             name, k = base, 1
-            while name in self.taken or name in _RESERVED or name.startswith("cc_"):
+            while name in self.taken:
                 name, k = f"{base}_{k}", k + 1
             self.taken.add(name)
             self.cnames[v.name] = name
@@ -226,6 +228,9 @@ class CStyleRenderer:
         if name == "load":
             p, idx = ins
             elem = op.operands[0].type.elem
+            if op.attr("volatile"):   # a poll of memory the host writes while the kernel runs
+                space = self.d.global_ptr if self.spaces.get(op.operands[0].name) == "global" else ""
+                p = f"((volatile {space}{self.storage(elem)}*){p})"
             return f"({p}[{idx}] != 0)" if elem == _bool() else f"{p}[{idx}]"
         if name.startswith("atomic_"):
             return self.atomic(op, ins)

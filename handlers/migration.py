@@ -1,0 +1,371 @@
+"""KernelContext: a running, pausable kernel, and its migration to another backend.
+
+    ctx = rt.launch(kernel, global_size, local_size, args, pausable=True)
+    ctx.pause(); ctx.resume()
+    ctx2 = ctx.migrate("reference")          # quiesce, snapshot, re-lower, restore, verify, resume
+    ctx.export("run.ccsnap"); ctx3 = Runtime("opencl").import_("run.ccsnap")
+
+Snapshot format (self-describing, versioned, checksummed):
+    magic b"CCSNAP\\r\\n" | u16 version | u16 0 | u32 header length | header (JSON) |
+    blobs (regions' bytes, then the context buffer) | u32 CRC32C of everything before it.
+The header holds the IR text, launch geometry, scalar arguments (as bits), each region's
+dtype/size/SHA-256 and the context layout. Pointers travel as regions, never as addresses.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass
+
+import crc32c
+import numpy as np
+
+from concordia_ir.errors import ConcordiaError
+from concordia_ir.ops import Kernel, Module
+from concordia_ir.parser import parse_module
+from concordia_ir.printer import print_module
+from concordia_ir.runtime import DeviceBuffer, _as_kernel
+from concordia_ir.types import PtrType, SCALARS
+
+from . import kernels as hk
+from .checkpointer import apply_pages
+from .regions import Region
+from .safepoints import DONE, PAUSED, PausableKernel, make_pausable
+
+SNAP_MAGIC = b"CCSNAP\r\n"
+SNAP_VERSION = 1
+PAGE = 4096
+_PAUSABLE: dict[int, tuple[Kernel, PausableKernel]] = {}
+
+
+class SnapshotError(ConcordiaError):
+    """A snapshot that cannot be used (foreign, newer, corrupt, or not matching its kernel)."""
+
+
+def pausable(kernel: Kernel) -> PausableKernel:
+    hit = _PAUSABLE.get(id(kernel))
+    if hit is None or hit[0] is not kernel:
+        hit = (kernel, make_pausable(kernel))
+        _PAUSABLE[id(kernel)] = hit
+    return hit[1]
+
+
+@dataclass
+class Hop:
+    """One migration's timeline, in seconds, and the bytes it moved."""
+    source: str
+    target: str
+    bytes: int = 0
+    pause_s: float = 0.0
+    snapshot_s: float = 0.0
+    transfer_s: float = 0.0
+    compile_s: float = 0.0
+    restore_s: float = 0.0
+    resume_s: float = 0.0
+    progress: float = 0.0
+    verified: bool = False
+
+    def as_json(self) -> dict:
+        return {"from": self.source, "to": self.target, "bytes": self.bytes,
+                "pause_s": round(self.pause_s, 6), "snapshot_s": round(self.snapshot_s, 6),
+                "transfer_s": round(self.transfer_s, 6), "compile_s": round(self.compile_s, 6),
+                "restore_s": round(self.restore_s, 6), "resume_s": round(self.resume_s, 6),
+                "progress_at_pause": round(self.progress, 4), "verified": self.verified}
+
+
+class KernelContext:
+    """Everything needed to continue a kernel elsewhere: IR, geometry, arguments, the regions
+    it touches (its pointer arguments) and the context buffer of its paused work-items."""
+
+    def __init__(self, runtime, kernel, global_size, local_size, args):
+        self.runtime = runtime
+        self.kernel: Kernel = _as_kernel(kernel)
+        self.pk = pausable(self.kernel)
+        k, self.global_size, self.local_size, _ = runtime.check_launch(
+            self.kernel, global_size, local_size, args)
+        self.args = tuple(args)
+        g, l = self.global_size, self.local_size
+        self.n_items = g[0] * g[1] * g[2]
+        self.n_groups = (g[0] // l[0]) * (g[1] // l[1]) * (g[2] // l[2])
+        self.ctx_buf = runtime.zeros(self.pk.context_words(self.n_items, self.n_groups), np.uint32)
+        self.pause_buf = DeviceBuffer(runtime, runtime.backend.alloc_control(4), np.int32, 1)
+        self.pause_buf.write(np.zeros(1, np.int32))
+        self.state = "new"
+        self.history: list[Hop] = []
+
+    # -- the regions: pointer arguments, by parameter name
+    @property
+    def buffers(self) -> dict[str, DeviceBuffer]:
+        return {p.name: a for p, a in zip(self.kernel.params, self.args)
+                if isinstance(p.type, PtrType)}
+
+    def _handles(self):
+        _, _, _, handles = self.runtime.check_launch(self.kernel, self.global_size,
+                                                     self.local_size, self.args)
+        return handles + [self.pause_buf.handle, self.ctx_buf.handle]
+
+    # -- lifecycle
+    def start(self) -> "KernelContext":
+        self.runtime.backend.launch_async(self.pk.entry, self._handles(), self.global_size,
+                                          self.local_size)
+        self.state = "running"
+        return self
+
+    def pause(self) -> "KernelContext":
+        """Ask every work-item to stop at its next safepoint, and wait until all have."""
+        if self.state != "running":
+            return self
+        self.runtime.backend.write_control(self.pause_buf.handle, np.ones(1, np.int32))
+        self.runtime.synchronize()
+        self._settle()
+        return self
+
+    def wait(self) -> "KernelContext":
+        """Wait for the kernel to stop (finished, or paused if a pause was requested)."""
+        self.runtime.synchronize()
+        self._settle()
+        return self
+
+    def _settle(self):
+        st = self.statuses()
+        self.state = "paused" if (st == PAUSED).any() else "finished"
+
+    def resume(self) -> "KernelContext":
+        if self.state == "running":
+            raise ConcordiaError("the kernel is running; pause() it first")
+        if self.state == "finished":
+            return self
+        self.runtime.backend.write_control(self.pause_buf.handle, np.zeros(1, np.int32))
+        rec = self.records()
+        for sp in sorted(set(rec[rec[:, 0] == PAUSED, 1].tolist())):
+            self.runtime.backend.launch_async(self.pk.resumes[sp], self._handles(),
+                                              self.global_size, self.local_size)
+        self.state = "running"
+        return self
+
+    def records(self) -> np.ndarray:
+        """(n_items, record_words) view of the work-items' records."""
+        return self.ctx_buf.read(self.n_items * self.pk.record_words).reshape(
+            self.n_items, self.pk.record_words)
+
+    def statuses(self) -> np.ndarray:
+        return self.records()[:, 0]
+
+    def progress(self) -> float:
+        """Fraction of the loop iterations done, over all work-items (finished ones count 1)."""
+        rec = self.records()
+        done = (rec[:, 0] == DONE).sum()
+        paused = rec[:, 0] == PAUSED
+        if not paused.any():
+            return float(done / self.n_items) if self.state != "new" else 0.0
+        frac = _loop_fraction(self, rec[paused])
+        return float((done + frac.sum()) / self.n_items)
+
+    # -- snapshots
+    def snapshot(self) -> bytes:
+        """Self-describing bytes of a paused (or finished) context. Regions are read with the
+        page gatherer, the same handler a checkpoint uses."""
+        if self.state == "running":
+            raise ConcordiaError("snapshot() needs a paused context: call pause() first")
+        self.runtime.synchronize()
+        header = {"format": "concordia-snapshot", "version": SNAP_VERSION,
+                  "created": time.time(), "source": str(self.runtime.spec),
+                  "ir": print_module(Module((self.kernel,))), "kernel": self.kernel.name,
+                  "global_size": list(self.global_size), "local_size": list(self.local_size),
+                  "state": self.state, "layout": self.pk.describe(), "args": []}
+        blobs, offset = [], 0
+        for p, a in zip(self.kernel.params, self.args):
+            if isinstance(p.type, PtrType):
+                data = read_region(self.runtime, a)
+                header["args"].append({"param": p.name, "kind": "region", "dtype": a.dtype.str,
+                                       "size": a.size, "offset": offset, "nbytes": len(data),
+                                       "sha256": hashlib.sha256(data).hexdigest()})
+            else:
+                v = np.asarray(a if isinstance(a, np.generic) else p.type.dtype.type(a),
+                               dtype=p.type.dtype)
+                header["args"].append({"param": p.name, "kind": "scalar", "type": p.type.name,
+                                       "bits": v.tobytes().hex()})
+                continue
+            blobs.append(data)
+            offset += len(data)
+        ctx = self.ctx_buf.numpy().tobytes()
+        header["context"] = {"offset": offset, "nbytes": len(ctx),
+                             "sha256": hashlib.sha256(ctx).hexdigest()}
+        blobs.append(ctx)
+        head = json.dumps(header, sort_keys=True).encode()
+        body = SNAP_MAGIC + struct.pack("<HHI", SNAP_VERSION, 0, len(head)) + head + b"".join(blobs)
+        return body + struct.pack("<I", crc32c.crc32c(body))
+
+    def export(self, path: str) -> int:
+        """Write the snapshot to a file (write new, fsync, rename). Returns its size."""
+        data = self.snapshot()
+        tmp = f"{path}.partial"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return len(data)
+
+    # -- migration
+    def migrate(self, target, via: str | None = None) -> "KernelContext":
+        """Quiesce here, move everything to `target` (a backend string or Runtime), verify it
+        there by content hash, release this context, and resume there. If anything fails
+        before the verification, this context is left paused and resumable."""
+        from concordia_ir.runtime import Runtime
+        hop = Hop(str(self.runtime.spec), "")
+        t = time.perf_counter()
+        self.pause()
+        hop.pause_s = time.perf_counter() - t
+        hop.progress = self.progress()
+        t = time.perf_counter()
+        snap = self.snapshot()
+        hop.snapshot_s = time.perf_counter() - t
+        hop.bytes = len(snap)
+        t = time.perf_counter()
+        if via:   # through a file, as between processes or machines
+            path = os.path.join(via, f"{self.kernel.name}-{len(self.history)}.ccsnap")
+            with open(path, "wb") as fh:
+                fh.write(snap)
+            with open(path, "rb") as fh:
+                snap = fh.read()
+            os.remove(path)
+        hop.transfer_s = time.perf_counter() - t
+        rt = target if isinstance(target, Runtime) else Runtime(target)
+        hop.target = str(rt.spec)
+        new = restore_snapshot(snap, rt, hop)
+        hop.verified = True
+        t = time.perf_counter()
+        new.resume()
+        hop.resume_s = time.perf_counter() - t
+        new.history = self.history + [hop]
+        self.release()
+        return new
+
+    def release(self) -> None:
+        """Free this context's own buffers (the caller's regions stay theirs)."""
+        for b in (self.ctx_buf, self.pause_buf):
+            self.runtime.free(b)
+        self.state = "released"
+
+
+def _loop_fraction(ctx: KernelContext, rec: np.ndarray) -> np.ndarray:
+    """For paused work-items of a counted loop: (iv - start) / trip count, else 0.5."""
+    out = np.full(len(rec), 0.5)
+    for sp, slots in ctx.pk.slots.items():
+        loop = next((op for op in ctx.kernel.body.ops if op.name == "for"
+                     and op.regions[0].ops and op.regions[0].ops[0].attr("id") == sp), None)
+        if loop is None:
+            continue
+        hi = _scalar_value(ctx, loop.operands[1])
+        if hi is None or hi <= 0:
+            continue
+        sel = rec[:, 1] == sp
+        iv = rec[sel, slots[0].word].view(np.int32) if slots[0].type.bits == 32 else rec[sel, slots[0].word]
+        out[sel] = np.clip(iv / hi, 0, 1)
+    return out
+
+
+def _scalar_value(ctx: KernelContext, v):
+    for p, a in zip(ctx.kernel.params, ctx.args):
+        if p.name == v.name and not isinstance(p.type, PtrType):
+            return float(a)
+    return None
+
+
+def read_region(runtime, buf: DeviceBuffer) -> bytes:
+    """A buffer's bytes through the page gatherer (whole pages, the tail trimmed)."""
+    if buf.nbytes % 4:
+        return buf.numpy().tobytes()
+    region = Region(0, "r", buf, PAGE)
+    n = region.n_pages
+    pages = runtime.empty(n, np.int32)
+    pages.write(np.arange(n, dtype=np.int32))
+    batch = max(1, min(n, (4 << 20) // PAGE))
+    staging = runtime.empty(batch * PAGE // 4, np.uint32)
+    gather = hk.page_gatherer(PAGE // 4, region.n_words)
+    parts = []
+    for first in range(0, n, batch):
+        k = min(batch, n - first)
+        # update_shadow = 0: the shadow argument is never written, the staging buffer stands in
+        runtime.launch(gather, global_size=k * hk.GROUP, local_size=hk.GROUP,
+                       args=(region.words(), staging, pages, staging, first, 0))
+        parts.append(staging.read(k * PAGE // 4).tobytes())
+    runtime.free(pages)
+    runtime.free(staging)
+    return b"".join(parts)[:buf.nbytes]
+
+
+def parse_snapshot(data: bytes) -> tuple[dict, bytes]:
+    if data[:len(SNAP_MAGIC)] != SNAP_MAGIC:
+        raise SnapshotError("not a Concordia snapshot (bad magic)")
+    if len(data) < len(SNAP_MAGIC) + 12:
+        raise SnapshotError("snapshot is truncated")
+    version, _, hlen = struct.unpack_from("<HHI", data, len(SNAP_MAGIC))
+    if version > SNAP_VERSION:
+        raise SnapshotError(f"snapshot format v{version} is newer than this Concordia (v{SNAP_VERSION})")
+    (crc,) = struct.unpack_from("<I", data, len(data) - 4)
+    if crc != crc32c.crc32c(data[:-4]):
+        raise SnapshotError("snapshot checksum mismatch (corrupt or truncated)")
+    start = len(SNAP_MAGIC) + 8
+    header = json.loads(data[start:start + hlen])
+    return header, data[start + hlen:-4]
+
+
+def restore_snapshot(data: bytes, runtime, hop: Hop | None = None) -> KernelContext:
+    """A paused KernelContext on `runtime` from snapshot bytes, verified by content hash."""
+    hop = hop or Hop("", str(runtime.spec))
+    header, blobs = parse_snapshot(data)
+    t = time.perf_counter()
+    kernel = parse_module(header["ir"], "<snapshot>").kernel(header["kernel"])
+    pk = pausable(kernel)
+    if json.loads(json.dumps(pk.describe())) != header["layout"]:
+        raise SnapshotError("the snapshot's context layout does not match its kernel's")
+    for k in [pk.entry, *pk.resumes.values()]:
+        runtime.backend.prepare(k)
+    hop.compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    args = []
+    for a in header["args"]:
+        if a["kind"] == "scalar":
+            t_ = SCALARS[a["type"]]
+            args.append(np.frombuffer(bytes.fromhex(a["bits"]), dtype=t_.dtype)[0])
+            continue
+        raw = blobs[a["offset"]:a["offset"] + a["nbytes"]]
+        buf = runtime.empty(a["size"], np.dtype(a["dtype"]))
+        if len(raw) % 4 == 0 and raw:
+            region = Region(0, a["param"], buf, PAGE)
+            apply_pages(runtime, region, {p: raw[p * PAGE:(p + 1) * PAGE] for p in range(region.n_pages)})
+        elif raw:
+            buf.write(np.frombuffer(raw, dtype=buf.dtype))
+        got = hashlib.sha256(buf.numpy().tobytes()).hexdigest()
+        if got != a["sha256"]:
+            raise SnapshotError(f"region {a['param']!r} restored on {runtime.spec} does not match "
+                                "its hash in the snapshot")
+        args.append(buf)
+    ctx = KernelContext(runtime, kernel, tuple(header["global_size"]), tuple(header["local_size"]),
+                        tuple(args))
+    c = header["context"]
+    raw = blobs[c["offset"]:c["offset"] + c["nbytes"]]
+    ctx.ctx_buf.write(np.frombuffer(raw, dtype=np.uint32))
+    if hashlib.sha256(ctx.ctx_buf.numpy().tobytes()).hexdigest() != c["sha256"]:
+        raise SnapshotError("context buffer restored does not match its hash in the snapshot")
+    ctx.state = header["state"]
+    hop.restore_s = time.perf_counter() - t
+    return ctx
+
+
+def import_snapshot(path: str, runtime) -> KernelContext:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as e:
+        raise SnapshotError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        return restore_snapshot(data, runtime)
+    except SnapshotError as e:
+        raise SnapshotError(f"{path}: {e}") from None
+
