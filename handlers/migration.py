@@ -108,7 +108,10 @@ class KernelContext:
         return handles + [self.pause_buf.handle, self.ctx_buf.handle]
 
     # -- lifecycle
-    def start(self) -> "KernelContext":
+    def start(self, paused: bool = False) -> "KernelContext":
+        """Launch the entry kernel; with paused=True every work-item stops at its first safepoint."""
+        if paused:
+            self.runtime.backend.write_control(self.pause_buf.handle, np.ones(1, np.int32))
         self.runtime.backend.launch_async(self.pk.entry, self._handles(), self.global_size,
                                           self.local_size)
         self.state = "running"
@@ -133,12 +136,21 @@ class KernelContext:
         st = self.statuses()
         self.state = "paused" if (st == PAUSED).any() else "finished"
 
+    def step(self) -> "KernelContext":
+        """Run every paused work-item to its next safepoint (one loop iteration) and pause."""
+        self._resume(keep_paused=True)
+        return self.wait()
+
     def resume(self) -> "KernelContext":
+        return self._resume(keep_paused=False)
+
+    def _resume(self, keep_paused: bool) -> "KernelContext":
         if self.state == "running":
             raise ConcordiaError("the kernel is running; pause() it first")
-        if self.state == "finished":
+        if self.state in ("finished", "released"):
             return self
-        self.runtime.backend.write_control(self.pause_buf.handle, np.zeros(1, np.int32))
+        self.runtime.backend.write_control(self.pause_buf.handle,
+                                           np.full(1, int(keep_paused), np.int32))
         rec = self.records()
         for sp in sorted(set(rec[rec[:, 0] == PAUSED, 1].tolist())):
             self.runtime.backend.launch_async(self.pk.resumes[sp], self._handles(),

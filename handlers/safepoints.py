@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from concordia_ir.errors import ConcordiaError, where
 from concordia_ir.ops import Block, Kernel, Op, Value, walk
 from concordia_ir.types import PtrType, ScalarType, boolean, i32, i64, u32, u64
+from concordia_ir.uniformity import nonuniform_values
 from concordia_ir.verifier import verify_kernel
 
 RUNNING, DONE, PAUSED = 0, 1, 2
+FRESH = 0xFFFFFFFF   # word 1 of a just-resumed work-item (see poll_and_save)
 HEADER_WORDS = 2
 
 
@@ -119,8 +121,11 @@ class _Builder:
         else:
             self.store_word(ctx, base, slot.word, v if t == u32 else self.op("bitcast", (v,), u32))
 
+    broadcast = None   # set while restoring group-uniform values in kernels with barriers
+
     def load_word(self, ctx: Value, base: Value, word: int) -> Value:
-        return self.op("load", (ctx, self.ctx_index(base, word)), u32, hint="w")
+        w = self.op("load", (ctx, self.ctx_index(base, word)), u32, hint="w")
+        return self.broadcast(w) if self.broadcast else w
 
     def restore(self, ctx: Value, base: Value, slot: Slot, name: str):
         """Defines a value called `name` (the original's name) from the context."""
@@ -265,6 +270,23 @@ def make_pausable(kernel: Kernel) -> PausableKernel:
         if barriers:
             f = group_uniform(b, f, loop.loc)
         c = b.op("ne", (f, b.const(0, i32)), boolean)
+        # A resumed work-item runs at least one iteration before it pauses again: its resume
+        # entry marks word 1 FRESH, and the first poll that sees the flag clears the mark.
+        check = _Builder(names, loop.loc)
+        fresh = check.op("eq", (check.load_word(ctx, base, 1), check.const(FRESH, u32)), boolean)
+        clear = _Builder(names, loop.loc)
+        clear.store_word(ctx, base, 1, clear.const(0, u32))
+        clear.ops.append(Op("yield", loc=loop.loc))
+        check.ops.append(Op("if", (fresh,), (), (), (Block((), tuple(clear.ops)),
+                                                      Block((), (Op("yield", loc=loop.loc),))), loop.loc))
+        check.ops.append(Op("yield", (check.op("not", (fresh,), boolean),), loc=loop.loc))
+        no = _Builder(names, loop.loc)
+        no.ops.append(Op("yield", (no.op("const", (), boolean, (("value", 0),)),), loc=loop.loc))
+        c = names.fresh("pause_now", boolean)
+        b.ops.append(Op("if", (b.ops[-1].results[0],), (c,), (), (Block((), tuple(check.ops)),
+                                                                  Block((), tuple(no.ops))), loop.loc))
+        if barriers:
+            c = b.op("ne", (group_uniform(b, b.op("cast", (c,), i32), loop.loc), b.const(0, i32)), boolean)
         save = _Builder(names, loop.loc)
         state = loop.regions[0].args if loop.name == "for" else loop.regions[1].args
         values = {v.name: v for v in state}
@@ -299,7 +321,8 @@ def make_pausable(kernel: Kernel) -> PausableKernel:
     def instrument_loop(loop: Op, sp: int, base, gbase) -> Op:
         body_index = 0 if loop.name == "for" else 1
         body = loop.regions[body_index]
-        new_body = Block(body.args, (body.ops[0], *poll_and_save(sp, loop, base, gbase), *body.ops[1:]))
+        new_body = Block(body.args, (body.ops[0], *poll_and_save(sp, loop, base, gbase),
+                                     *body.ops[1:]))
         regions = list(loop.regions)
         regions[body_index] = new_body
         return Op(loop.name, loop.operands, loop.results, loop.attrs, tuple(regions), loop.loc)
@@ -341,15 +364,23 @@ def make_pausable(kernel: Kernel) -> PausableKernel:
         rb.ops.append(Op("if", (other,), (), (), (Block((), (Op("return", loc=loc),)),
                                                   Block((), (Op("yield", loc=loc),))), loc))
         rb.store_word(ctx, rbase, 0, rb.const(RUNNING, u32))
+        rb.store_word(ctx, rbase, 1, rb.const(FRESH, u32))
         if areas:
             local_copy(rb, rgbase, to_ctx=False)
             rb.op("barrier")
         loop_pos = kept.index(top[idx])
-        loop = top_after_prologue[loop_pos]
-        state = loop.regions[0].args if loop.name == "for" else loop.regions[1].args
+        state = top[idx].regions[0].args if top[idx].name == "for" else top[idx].regions[1].args
+        varying = nonuniform_values(kernel) if barriers else set()
         for slot in slots[sp]:
+            if barriers and slot.name not in varying:
+                # the whole group holds this value: take work-item 0's, so that the verifier
+                # (and the hardware) see loop bounds that are the same across the group
+                rb.broadcast = lambda w: rb.op("bitcast", (group_uniform(
+                    rb, rb.op("bitcast", (w,), i32), loc),), u32)
             rb.restore(ctx, rbase, slot, _restored_name(slot.name, state))
+            rb.broadcast = None
         restored = {s.name: Value(_restored_name(s.name, state), s.type) for s in slots[sp]}
+        loop = instrument_loop(top[idx], sp, rbase, rgbase)
         if loop.name == "for":
             lo, hi, step = loop.operands[:3]
             ops_in = (restored[state[0].name], hi, step) + tuple(restored[a.name] for a in state[1:])
