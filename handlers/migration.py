@@ -31,7 +31,7 @@ from concordia_ir.runtime import DeviceBuffer, _as_kernel
 from concordia_ir.types import PtrType, SCALARS
 
 from . import kernels as hk
-from .checkpointer import apply_pages
+from .checkpointer import apply_image, device_digest
 from .regions import Region
 from .safepoints import DONE, PAUSED, PausableKernel, make_pausable
 
@@ -194,7 +194,7 @@ class KernelContext:
                 data = read_region(self.runtime, a)
                 header["args"].append({"param": p.name, "kind": "region", "dtype": a.dtype.str,
                                        "size": a.size, "offset": offset, "nbytes": len(data),
-                                       "sha256": hashlib.sha256(data).hexdigest()})
+                                       "digest": device_digest(self.runtime, a)})
             else:
                 v = np.asarray(a if isinstance(a, np.generic) else p.type.dtype.type(a),
                                dtype=p.type.dtype)
@@ -349,12 +349,10 @@ def restore_snapshot(data: bytes, runtime, hop: Hop | None = None) -> KernelCont
         raw = blobs[a["offset"]:a["offset"] + a["nbytes"]]
         buf = runtime.empty(a["size"], np.dtype(a["dtype"]))
         if len(raw) % 4 == 0 and raw:
-            region = Region(0, a["param"], buf, PAGE)
-            apply_pages(runtime, region, {p: raw[p * PAGE:(p + 1) * PAGE] for p in range(region.n_pages)})
+            apply_image(runtime, Region(0, a["param"], buf, PAGE), raw)
         elif raw:
             buf.write(np.frombuffer(raw, dtype=buf.dtype))
-        got = hashlib.sha256(buf.numpy().tobytes()).hexdigest()
-        if got != a["sha256"]:
+        if device_digest(runtime, buf) != a["digest"]:
             raise SnapshotError(f"region {a['param']!r} restored on {runtime.spec} does not match "
                                 "its hash in the snapshot")
         args.append(buf)

@@ -159,7 +159,7 @@ def test_failure_during_migration_leaves_source_resumable(monkeypatch):
 
     def broken(*a, **kw):
         raise ConcordiaError("the target died mid-restore")
-    monkeypatch.setattr(m, "apply_pages", broken)
+    monkeypatch.setattr(m, "apply_image", broken)
     with pytest.raises(ConcordiaError, match="died mid-restore"):
         ctx.migrate("reference")
     monkeypatch.undo()
