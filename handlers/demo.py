@@ -52,7 +52,7 @@ def default_size(path: list[str]) -> tuple[int, int]:
         return 1 << 14, 4000
     if any(p.startswith("opencl") for p in path) and not any(p in path for p in ("cuda", "hip")):
         return 1 << 14, 40000
-    return 1 << 20, 400000
+    return 1 << 20, 2_000_000
 
 
 def _inputs(rt, n: int):

@@ -33,23 +33,24 @@ from concordia_ir.types import PtrType, SCALARS
 from . import kernels as hk
 from .checkpointer import apply_image, device_digest
 from .regions import Region
-from .safepoints import DONE, PAUSED, PausableKernel, make_pausable
+from .safepoints import DONE, PAUSED, POLL_EVERY_DEFAULT, PausableKernel, make_pausable
 
 SNAP_MAGIC = b"CCSNAP\r\n"
 SNAP_VERSION = 1
 PAGE = 4096
-_PAUSABLE: dict[int, tuple[Kernel, PausableKernel]] = {}
+_PAUSABLE: dict[tuple[int, int], tuple[Kernel, PausableKernel]] = {}
 
 
 class SnapshotError(ConcordiaError):
     """A snapshot that cannot be used (foreign, newer, corrupt, or not matching its kernel)."""
 
 
-def pausable(kernel: Kernel) -> PausableKernel:
-    hit = _PAUSABLE.get(id(kernel))
+def pausable(kernel: Kernel, poll_every: int = POLL_EVERY_DEFAULT) -> PausableKernel:
+    key = (id(kernel), poll_every)
+    hit = _PAUSABLE.get(key)
     if hit is None or hit[0] is not kernel:
-        hit = (kernel, make_pausable(kernel))
-        _PAUSABLE[id(kernel)] = hit
+        hit = (kernel, make_pausable(kernel, poll_every))
+        _PAUSABLE[key] = hit
     return hit[1]
 
 
@@ -80,10 +81,11 @@ class KernelContext:
     """Everything needed to continue a kernel elsewhere: IR, geometry, arguments, the regions
     it touches (its pointer arguments) and the context buffer of its paused work-items."""
 
-    def __init__(self, runtime, kernel, global_size, local_size, args):
+    def __init__(self, runtime, kernel, global_size, local_size, args,
+                 poll_every: int = POLL_EVERY_DEFAULT):
         self.runtime = runtime
         self.kernel: Kernel = _as_kernel(kernel)
-        self.pk = pausable(self.kernel)
+        self.pk = pausable(self.kernel, poll_every)
         k, self.global_size, self.local_size, _ = runtime.check_launch(
             self.kernel, global_size, local_size, args)
         self.args = tuple(args)
@@ -333,7 +335,7 @@ def restore_snapshot(data: bytes, runtime, hop: Hop | None = None) -> KernelCont
     header, blobs = parse_snapshot(data)
     t = time.perf_counter()
     kernel = parse_module(header["ir"], "<snapshot>").kernel(header["kernel"])
-    pk = pausable(kernel)
+    pk = pausable(kernel, header["layout"]["poll_every"])
     if json.loads(json.dumps(pk.describe())) != header["layout"]:
         raise SnapshotError("the snapshot's context layout does not match its kernel's")
     for k in [pk.entry, *pk.resumes.values()]:
@@ -357,7 +359,7 @@ def restore_snapshot(data: bytes, runtime, hop: Hop | None = None) -> KernelCont
                                 "its hash in the snapshot")
         args.append(buf)
     ctx = KernelContext(runtime, kernel, tuple(header["global_size"]), tuple(header["local_size"]),
-                        tuple(args))
+                        tuple(args), pk.poll_every)
     c = header["context"]
     raw = blobs[c["offset"]:c["offset"] + c["nbytes"]]
     ctx.ctx_buf.write(np.frombuffer(raw, dtype=np.uint32))

@@ -24,6 +24,7 @@ from concordia_ir.types import PtrType, ScalarType, boolean, i32, i64, u32, u64
 from concordia_ir.uniformity import nonuniform_values
 from concordia_ir.verifier import verify_kernel
 
+POLL_EVERY_DEFAULT = 256
 RUNNING, DONE, PAUSED = 0, 1, 2
 FRESH = 0xFFFFFFFF   # word 1 of a just-resumed work-item (see poll_and_save)
 HEADER_WORDS = 2
@@ -57,12 +58,14 @@ class PausableKernel:
     record_words: int
     locals: tuple      # LocalArea
     group_words: int
+    poll_every: int = POLL_EVERY_DEFAULT
 
     def context_words(self, n_items: int, n_groups: int) -> int:
         return n_items * self.record_words + n_groups * self.group_words
 
     def describe(self) -> dict:
         return {"record_words": self.record_words, "group_words": self.group_words,
+                "poll_every": self.poll_every,
                 "slots": {str(k): [(s.name, s.type.name, s.word) for s in v]
                           for k, v in self.slots.items()},
                 "locals": [(a.name, a.type.name, a.size, a.word) for a in self.locals]}
@@ -146,8 +149,12 @@ class _Builder:
             self.ops.append(Op("bitcast", (self.load_word(ctx, base, slot.word),), (out,), loc=self.loc))
 
 
-def make_pausable(kernel: Kernel) -> PausableKernel:
-    """The pass. Raises ConcordiaError (with file:line) for safepoints it cannot support."""
+def make_pausable(kernel: Kernel, poll_every: int = POLL_EVERY_DEFAULT) -> PausableKernel:
+    """The pass. Raises ConcordiaError (with file:line) for safepoints it cannot support.
+    Counted loops poll the pause flag every `poll_every` iterations (a power of two), while
+    loops every iteration."""
+    if poll_every < 1 or poll_every & (poll_every - 1):
+        raise ConcordiaError(f"poll_every must be a power of two, got {poll_every}")
     names = _Names(kernel)
     top = list(kernel.body.ops)
     loops = {}   # safepoint id -> index of its top-level loop
@@ -193,7 +200,7 @@ def make_pausable(kernel: Kernel) -> PausableKernel:
     for sp, idx in loops.items():
         loop = top[idx]
         # the loop's start and initial carried values are replaced by the saved loop state
-        kept_operands = loop.operands[1:3] if loop.name == "for" else ()
+        kept_operands = loop.operands[0:3] if loop.name == "for" else ()   # lo: the poll stride
         used = {v.name for v in kept_operands} | set().union(*[_uses(r) for r in loop.regions])
         for later in top[idx + 1:]:
             used |= {v.name for v in later.operands} | set().union(*[_uses(r) for r in later.regions])
@@ -265,6 +272,7 @@ def make_pausable(kernel: Kernel) -> PausableKernel:
         return out
 
     def poll_and_save(sp: int, loop: Op, base: Value, gbase: Value | None) -> list[Op]:
+        out = _Builder(names, loop.loc)
         b = _Builder(names, loop.loc)
         f = b.op("load", (pause, b.const(0, i32)), i32, (("volatile", 1),))
         if barriers:
@@ -287,6 +295,22 @@ def make_pausable(kernel: Kernel) -> PausableKernel:
                                                                   Block((), tuple(no.ops))), loop.loc))
         if barriers:
             c = b.op("ne", (group_uniform(b, b.op("cast", (c,), i32), loop.loc), b.const(0, i32)), boolean)
+        if loop.name == "for" and poll_every > 1:
+            # The flag lives where the host can write it while the kernel runs: reading it costs
+            # a trip to L2 or further. Counted loops read it every `poll_every` iterations.
+            iv, lo = loop.regions[0].args[0], loop.operands[0]
+            t = iv.type
+            k = out.op("and", (out.op("sub", (iv, lo), t), out.op("const", (), t, (("value", poll_every - 1),))), t)
+            due = out.op("eq", (k, out.op("const", (), t, (("value", 0),))), boolean)
+            b.ops.append(Op("yield", (c,), loc=loop.loc))
+            no = _Builder(names, loop.loc)
+            no.ops.append(Op("yield", (no.op("const", (), boolean, (("value", 0),)),), loc=loop.loc))
+            c = names.fresh("poll", boolean)
+            out.ops.append(Op("if", (due,), (c,), (), (Block((), tuple(b.ops)), Block((), tuple(no.ops))),
+                              loop.loc))
+        else:
+            out.ops.extend(b.ops)
+        b = out
         save = _Builder(names, loop.loc)
         state = loop.regions[0].args if loop.name == "for" else loop.regions[1].args
         values = {v.name: v for v in state}
@@ -391,7 +415,7 @@ def make_pausable(kernel: Kernel) -> PausableKernel:
         rbody = Block((), tuple(locals_first + rb.ops + [resumed_loop] + rest))
         rbody = _rename_prologue(rbody, base, rbase, gbase, rgbase)
         resumes[sp] = _verify(Kernel(f"{kernel.name}_resume{sp}", params, rbody, kernel.loc), kernel)
-    return PausableKernel(kernel, entry, resumes, slots, record, tuple(areas), gw)
+    return PausableKernel(kernel, entry, resumes, slots, record, tuple(areas), gw, poll_every)
 
 
 def _restored_name(name: str, loop_state) -> str:

@@ -119,7 +119,7 @@ def test_pause_at_every_safepoint_then_finish_equals_uninterrupted(backend, name
     ctx = rt.launch(k, global_size=g, local_size=l, args=launch_args(rt, make()), pausable=True)
     ctx.pause()
     # restart from the top, paused at the first safepoint, then single-step through all of them
-    ctx = type(ctx)(rt, k, g, l, launch_args(rt, make())).start(paused=True).wait()
+    ctx = type(ctx)(rt, k, g, l, launch_args(rt, make()), poll_every=1).start(paused=True).wait()
     stops = 0
     while ctx.state == "paused":
         ctx.step()
@@ -136,7 +136,7 @@ def test_pause_at_every_safepoint_then_finish_equals_uninterrupted(backend, name
 def test_migration_between_every_pair(src, dst, name):
     k, g, l, make = case(name)
     rt = Runtime(src)
-    ctx = type_ctx()(rt, k, g, l, launch_args(rt, make())).start(paused=True).wait()
+    ctx = type_ctx()(rt, k, g, l, launch_args(rt, make()), poll_every=1).start(paused=True).wait()
     ctx.step()
     moved = ctx.migrate(dst)
     assert moved.history[-1].verified and ctx.state == "released"
@@ -154,7 +154,7 @@ def test_failure_during_migration_leaves_source_resumable(monkeypatch):
     import handlers.migration as m
     k, g, l, make = case("nested")
     rt = Runtime("reference")
-    ctx = type_ctx()(rt, k, g, l, launch_args(rt, make())).start(paused=True).wait()
+    ctx = type_ctx()(rt, k, g, l, launch_args(rt, make()), poll_every=1).start(paused=True).wait()
     ctx.step()
 
     def broken(*a, **kw):
@@ -172,7 +172,7 @@ def test_failure_during_migration_leaves_source_resumable(monkeypatch):
 def paused_snapshot():
     k, g, l, make = case("collatz")
     rt = Runtime("reference")
-    ctx = type_ctx()(rt, k, g, l, launch_args(rt, make())).start(paused=True).wait()
+    ctx = type_ctx()(rt, k, g, l, launch_args(rt, make()), poll_every=1).start(paused=True).wait()
     ctx.step()
     return ctx.snapshot()
 
@@ -197,7 +197,7 @@ from tests.test_migration import case, launch_args, type_ctx
 from concordia_ir import Runtime
 k, g, l, make = case("divergent")
 rt = Runtime("reference")
-ctx = type_ctx()(rt, k, g, l, launch_args(rt, make())).start(paused=True).wait()
+ctx = type_ctx()(rt, k, g, l, launch_args(rt, make()), poll_every=1).start(paused=True).wait()
 ctx.step(); ctx.step()
 ctx.export({str(path)!r})
 """
@@ -208,6 +208,19 @@ ctx.export({str(path)!r})
     ctx.resume().wait()
     for got, want in zip(results(ctx), reference_result("divergent")):
         assert np.array_equal(got, want)
+
+
+def test_counted_loops_poll_every_n_iterations():
+    """With the default stride, a single step runs up to 256 iterations: this kernel's loops are
+    shorter, so one step after the first pause finishes every work-item."""
+    k, g, l, make = case("nested")
+    rt = Runtime("reference")
+    ctx = type_ctx()(rt, k, g, l, launch_args(rt, make())).start(paused=True).wait()
+    assert ctx.state == "paused"
+    ctx.step()
+    assert ctx.state == "finished"
+    with pytest.raises(ConcordiaError, match="power of two"):
+        make_pausable(k.kernel, poll_every=3)
 
 
 def test_unsupported_safepoints_are_refused_at_their_line():
@@ -231,6 +244,7 @@ def test_unsupported_safepoints_are_refused_at_their_line():
 def test_context_layout_is_described_and_vendor_neutral():
     pk = make_pausable(divergent.kernel)
     desc = pk.describe()
+    assert desc["poll_every"] == 256 and "and" in str(pk.entry.body)
     slots = desc["slots"]["0"]
     assert slots[0][0] == "t" and slots[0][2] == 2          # the loop counter first, after the header
     assert {s[1] for s in slots} <= {"i32", "i64"} and desc["record_words"] >= 2 + 1 + 2
