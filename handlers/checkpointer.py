@@ -258,7 +258,7 @@ def apply_pages(runtime, region: Region, pages: dict[int, bytes]) -> None:
 def apply_image(runtime, region: Region, raw: bytes) -> None:
     """DeltaApplier for a whole image: contiguous staging batches, identity page list."""
     n = region.n_pages
-    batch = max(1, min(n, STAGING_BYTES // region.page_size))
+    batch = max(1, min(n, (64 << 20) // region.page_size))   # whole images: large batches
     staging = runtime.empty(batch * region.words_per_page, np.uint32)
     plist = runtime.empty(n, np.int32)
     plist.write(np.arange(n, dtype=np.int32))

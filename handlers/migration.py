@@ -38,6 +38,7 @@ from .safepoints import DONE, PAUSED, POLL_EVERY_DEFAULT, PausableKernel, make_p
 SNAP_MAGIC = b"CCSNAP\r\n"
 SNAP_VERSION = 1
 PAGE = 4096
+SNAPSHOT_STAGING = 64 << 20   # bytes gathered per round trip when snapshotting a region
 _PAUSABLE: dict[tuple[int, int], tuple[Kernel, PausableKernel]] = {}
 
 
@@ -207,7 +208,7 @@ class KernelContext:
             offset += len(data)
         ctx = self.ctx_buf.numpy().tobytes()
         header["context"] = {"offset": offset, "nbytes": len(ctx),
-                             "sha256": hashlib.sha256(ctx).hexdigest()}
+                             "digest": device_digest(self.runtime, self.ctx_buf)}
         blobs.append(ctx)
         head = json.dumps(header, sort_keys=True).encode()
         body = SNAP_MAGIC + struct.pack("<HHI", SNAP_VERSION, 0, len(head)) + head + b"".join(blobs)
@@ -298,19 +299,19 @@ def read_region(runtime, buf: DeviceBuffer) -> bytes:
     n = region.n_pages
     pages = runtime.empty(n, np.int32)
     pages.write(np.arange(n, dtype=np.int32))
-    batch = max(1, min(n, (4 << 20) // PAGE))
+    batch = max(1, min(n, SNAPSHOT_STAGING // PAGE))
     staging = runtime.empty(batch * PAGE // 4, np.uint32)
     gather = hk.page_gatherer(PAGE // 4, region.n_words)
-    parts = []
+    out = np.empty(n * PAGE // 4, np.uint32)
     for first in range(0, n, batch):
         k = min(batch, n - first)
         # update_shadow = 0: the shadow argument is never written, the staging buffer stands in
         runtime.launch(gather, global_size=k * hk.GROUP, local_size=hk.GROUP,
                        args=(region.words(), staging, pages, staging, first, 0))
-        parts.append(staging.read(k * PAGE // 4).tobytes())
+        out[first * PAGE // 4:(first + k) * PAGE // 4] = staging.read(k * PAGE // 4)
     runtime.free(pages)
     runtime.free(staging)
-    return b"".join(parts)[:buf.nbytes]
+    return out.view(np.uint8)[:buf.nbytes].tobytes()
 
 
 def parse_snapshot(data: bytes) -> tuple[dict, bytes]:
@@ -363,7 +364,7 @@ def restore_snapshot(data: bytes, runtime, hop: Hop | None = None) -> KernelCont
     c = header["context"]
     raw = blobs[c["offset"]:c["offset"] + c["nbytes"]]
     ctx.ctx_buf.write(np.frombuffer(raw, dtype=np.uint32))
-    if hashlib.sha256(ctx.ctx_buf.numpy().tobytes()).hexdigest() != c["sha256"]:
+    if device_digest(runtime, ctx.ctx_buf) != c["digest"]:
         raise SnapshotError("context buffer restored does not match its hash in the snapshot")
     ctx.state = header["state"]
     hop.restore_s = time.perf_counter() - t
