@@ -2,7 +2,7 @@
 template (templates/kernel.c.j2) are shared; a new C-like target is a new table here."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ CUDA = Dialect(
 
 # HIP as clang compiles it for AMDGPU: the hardware builtins, so that the source needs no
 # ROCm headers (-nogpuinc). With ROCm's headers present they are included instead.
-HIP = Dialect(
+HIP = replace(
+    CUDA,   # the same C++ shape; what differs is below
     name="hip",
     file_ext="hip",
     preamble=(
@@ -101,13 +102,7 @@ HIP = Dialect(
         "#endif",
         "#pragma clang fp contract(off)",
     ),
-    kernel_prefix='extern "C" __global__ void',
     helper_prefix="static __device__ inline",
-    global_ptr="",
-    local_decl="__shared__ {type} {name}[{size}];",
-    types=_CXX_TYPES,
-    bool_storage="unsigned char",
-    int64_suffix="LL",
     ids={"local_id": tuple(f"(int)__builtin_amdgcn_workitem_id_{d}()" for d in _DIMS),
          "group_id": tuple(f"(int)__builtin_amdgcn_workgroup_id_{d}()" for d in _DIMS),
          "local_size": tuple(f"(int)__builtin_amdgcn_workgroup_size_{d}()" for d in _DIMS),
