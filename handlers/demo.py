@@ -41,8 +41,8 @@ def default_path() -> list[str]:
     from backends import backend_status
     status = backend_status()
     path = [n for n in DEVICE_ORDER if n in status and status[n].ok]
-    if len(path) < 2:
-        path.insert(1 if path else 0, "reference")
+    while len(path) < 2:   # with no device backend at all: reference -> reference, via a snapshot
+        path.append("reference")
     return path
 
 
