@@ -149,12 +149,56 @@ class _Builder:
             self.ops.append(Op("bitcast", (self.load_word(ctx, base, slot.word),), (out,), loc=self.loc))
 
 
+def strip_mine(kernel: Kernel, chunk: int) -> Kernel:
+    """Split each top-level counted loop that has a safepoint and a positive constant step into
+    an outer loop over chunks of `chunk` iterations (safepoint at its head) and an inner loop
+    without one: the pause flag is then read once per chunk and the inner loop stays tight."""
+    consts = {op.results[0].name: op.attr("value") for op in kernel.body.ops
+              if op.name == "const" and op.results and not op.results[0].type.is_float}
+    n = [0]
+
+    def fresh(hint, t):
+        n[0] += 1
+        return Value(f"cc.{hint}.s{n[0]}", t)
+    out = []
+    for op in kernel.body.ops:
+        body = op.regions[0] if op.name == "for" else None
+        step = consts.get(op.operands[2].name) if body is not None else None
+        if not (body is not None and body.ops and body.ops[0].name == "safepoint"
+                and isinstance(step, int) and step > 0 and chunk > 1):
+            out.append(op)
+            continue
+        lo, hi, st = op.operands[:3]
+        t = lo.type
+        big = fresh("chunk", t)
+        out.append(Op("const", (), (big,), (("value", step * chunk),), loc=op.loc))
+        t0 = fresh("t0", t)
+        outer_args = (t0,) + tuple(fresh(a.name.replace(".", "_"), a.type) for a in body.args[1:])
+        lim, fwd, ok, ub = fresh("lim", t), fresh("fwd", boolean), fresh("in", boolean), fresh("ub", t)
+        inner_res = tuple(fresh("r", a.type) for a in body.args[1:])
+        inner = Op("for", (t0, ub, st) + outer_args[1:], inner_res, (),
+                   (Block(body.args, body.ops[1:]),), op.loc)
+        outer_body = (body.ops[0],
+                      Op("add", (t0, big), (lim,), loc=op.loc),
+                      Op("gt", (lim, t0), (fwd,), loc=op.loc),      # no wrap past the type's end
+                      Op("lt", (lim, hi), (ok,), loc=op.loc),
+                      Op("and", (fwd, ok), (fresh("both", boolean),), loc=op.loc))
+        both = outer_body[-1].results[0]
+        outer_body += (Op("select", (both, lim, hi), (ub,), loc=op.loc), inner,
+                       Op("yield", inner_res, loc=op.loc))
+        out.append(Op("for", (lo, hi, big) + op.operands[3:], op.results, (("chunk", chunk),),
+                      (Block(outer_args, outer_body),), op.loc))
+    return verify_kernel(Kernel(kernel.name, kernel.params, Block((), tuple(out)), kernel.loc))
+
+
 def make_pausable(kernel: Kernel, poll_every: int = POLL_EVERY_DEFAULT) -> PausableKernel:
     """The pass. Raises ConcordiaError (with file:line) for safepoints it cannot support.
     Counted loops poll the pause flag every `poll_every` iterations (a power of two), while
     loops every iteration."""
     if poll_every < 1 or poll_every & (poll_every - 1):
         raise ConcordiaError(f"poll_every must be a power of two, got {poll_every}")
+    original = kernel
+    kernel = strip_mine(kernel, poll_every)
     names = _Names(kernel)
     top = list(kernel.body.ops)
     loops = {}   # safepoint id -> index of its top-level loop
@@ -295,7 +339,7 @@ def make_pausable(kernel: Kernel, poll_every: int = POLL_EVERY_DEFAULT) -> Pausa
                                                                   Block((), tuple(no.ops))), loop.loc))
         if barriers:
             c = b.op("ne", (group_uniform(b, b.op("cast", (c,), i32), loop.loc), b.const(0, i32)), boolean)
-        if loop.name == "for" and poll_every > 1:
+        if loop.name == "for" and poll_every > 1 and not loop.attr("chunk"):
             # The flag lives where the host can write it while the kernel runs: reading it costs
             # a trip to L2 or further. Counted loops read it every `poll_every` iterations.
             iv, lo = loop.regions[0].args[0], loop.operands[0]
@@ -415,7 +459,7 @@ def make_pausable(kernel: Kernel, poll_every: int = POLL_EVERY_DEFAULT) -> Pausa
         rbody = Block((), tuple(locals_first + rb.ops + [resumed_loop] + rest))
         rbody = _rename_prologue(rbody, base, rbase, gbase, rgbase)
         resumes[sp] = _verify(Kernel(f"{kernel.name}_resume{sp}", params, rbody, kernel.loc), kernel)
-    return PausableKernel(kernel, entry, resumes, slots, record, tuple(areas), gw, poll_every)
+    return PausableKernel(original, entry, resumes, slots, record, tuple(areas), gw, poll_every)
 
 
 def _restored_name(name: str, loop_state) -> str:

@@ -246,6 +246,7 @@ def test_context_layout_is_described_and_vendor_neutral():
     desc = pk.describe()
     assert desc["poll_every"] == 256 and "and" in str(pk.entry.body)
     slots = desc["slots"]["0"]
-    assert slots[0][0] == "t" and slots[0][2] == 2          # the loop counter first, after the header
+    assert slots[0][1] == "i32" and slots[0][2] == 2        # the loop counter first, after the header
+    assert any(op.attr("chunk") == 256 for op in pk.entry.body.ops)   # strip-mined: one poll a chunk
     assert {s[1] for s in slots} <= {"i32", "i64"} and desc["record_words"] >= 2 + 1 + 2
     assert all(not p.name.startswith("cc.") for p in pk.entry.params[:-2])
