@@ -263,9 +263,12 @@ def apply_image(runtime, region: Region, raw: bytes) -> None:
     plist = runtime.empty(n, np.int32)
     plist.write(np.arange(n, dtype=np.int32))
     scatter = hk.page_scatterer(region.words_per_page, region.n_words)
-    padded = np.zeros(n * region.page_size, np.uint8)
-    padded[:len(raw)] = np.frombuffer(raw, np.uint8)
-    words = padded.view(np.uint32)
+    if len(raw) == n * region.page_size:   # whole pages: use the bytes where they lie
+        words = np.frombuffer(raw, np.uint32)
+    else:
+        padded = np.zeros(n * region.page_size, np.uint8)
+        padded[:len(raw)] = np.frombuffer(raw, np.uint8)
+        words = padded.view(np.uint32)
     for first in range(0, n, batch):
         k = min(batch, n - first)
         staging.write_prefix(words[first * region.words_per_page:(first + k) * region.words_per_page])

@@ -206,13 +206,16 @@ class KernelContext:
                 continue
             blobs.append(data)
             offset += len(data)
-        ctx = self.ctx_buf.numpy().tobytes()
+        ctx = memoryview(self.ctx_buf.numpy()).cast("B")
         header["context"] = {"offset": offset, "nbytes": len(ctx),
                              "digest": device_digest(self.runtime, self.ctx_buf)}
         blobs.append(ctx)
         head = json.dumps(header, sort_keys=True).encode()
-        body = SNAP_MAGIC + struct.pack("<HHI", SNAP_VERSION, 0, len(head)) + head + b"".join(blobs)
-        return body + struct.pack("<I", crc32c.crc32c(body))
+        parts = [SNAP_MAGIC + struct.pack("<HHI", SNAP_VERSION, 0, len(head)) + head, *blobs]
+        crc = 0
+        for part in parts:     # the checksum chains over the parts: no copy is made for it
+            crc = crc32c.crc32c(part, crc)
+        return b"".join(parts + [struct.pack("<I", crc)])
 
     def export(self, path: str) -> int:
         """Write the snapshot to a file (write new, fsync, rename). Returns its size."""
@@ -291,10 +294,10 @@ def _scalar_value(ctx: KernelContext, v):
     return None
 
 
-def read_region(runtime, buf: DeviceBuffer) -> bytes:
+def read_region(runtime, buf: DeviceBuffer) -> memoryview:
     """A buffer's bytes through the page gatherer (whole pages, the tail trimmed)."""
     if buf.nbytes % 4:
-        return buf.numpy().tobytes()
+        return memoryview(buf.numpy()).cast("B")
     region = Region(0, "r", buf, PAGE)
     n = region.n_pages
     pages = runtime.empty(n, np.int32)
@@ -311,7 +314,7 @@ def read_region(runtime, buf: DeviceBuffer) -> bytes:
         out[first * PAGE // 4:(first + k) * PAGE // 4] = staging.read(k * PAGE // 4)
     runtime.free(pages)
     runtime.free(staging)
-    return out.view(np.uint8)[:buf.nbytes].tobytes()
+    return memoryview(out.view(np.uint8)[:buf.nbytes])
 
 
 def parse_snapshot(data: bytes) -> tuple[dict, bytes]:
@@ -323,10 +326,11 @@ def parse_snapshot(data: bytes) -> tuple[dict, bytes]:
     if version > SNAP_VERSION:
         raise SnapshotError(f"snapshot format v{version} is newer than this Concordia (v{SNAP_VERSION})")
     (crc,) = struct.unpack_from("<I", data, len(data) - 4)
+    data = memoryview(data)
     if crc != crc32c.crc32c(data[:-4]):
         raise SnapshotError("snapshot checksum mismatch (corrupt or truncated)")
     start = len(SNAP_MAGIC) + 8
-    header = json.loads(data[start:start + hlen])
+    header = json.loads(bytes(data[start:start + hlen]))
     return header, data[start + hlen:-4]
 
 
