@@ -147,3 +147,29 @@ def page_scatterer(words_per_page: int, n_words: int):
             if WHOLE or at < NW:
                 region[at] = staging[src + i64(w)]
     return scatter_pages
+
+
+@lru_cache(maxsize=None)
+def state_counter(record_words: int, slots: int):
+    """How many work-items of a paused context are running / done / paused, and paused at each
+    safepoint: counts[0..2] by status, counts[3 + id] by safepoint. Per-group sums in local
+    memory, then one atomic per group and slot, so the host reads a few words, not every record."""
+    R, K = record_words, slots
+
+    @kernel
+    def count_states(ctx: Ptr[u32], counts: Ptr[i32], n: i32):
+        c = local_array(i32, 64)
+        lid = local_id(0)
+        if lid < K:
+            c[lid] = 0
+        barrier()
+        i = global_id(0)
+        if i < n:
+            st = ctx[i64(i) * R]
+            atomic_add(c, i32(st), 1)
+            if st == u32(2):
+                atomic_add(c, 3 + i32(ctx[i64(i) * R + 1]), 1)
+        barrier()
+        if lid < K:
+            atomic_add(counts, lid, c[lid])
+    return count_states

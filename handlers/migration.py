@@ -135,9 +135,21 @@ class KernelContext:
         self._settle()
         return self
 
+    def counts(self) -> np.ndarray:
+        """[running, done, paused, paused at safepoint 0, 1, ...], counted on the device."""
+        slots = 3 + max(self.pk.resumes) + 1
+        if slots > 64:
+            raise ConcordiaError("more than 61 safepoints in one kernel")
+        out = self.runtime.zeros(slots, np.int32)
+        self.runtime.launch(hk.state_counter(self.pk.record_words, slots),
+                            global_size=-(-self.n_items // 256) * 256, local_size=256,
+                            args=(self.ctx_buf, out, self.n_items))
+        counts = out.numpy()
+        self.runtime.free(out)
+        return counts
+
     def _settle(self):
-        st = self.statuses()
-        self.state = "paused" if (st == PAUSED).any() else "finished"
+        self.state = "paused" if self.counts()[PAUSED] > 0 else "finished"
 
     def step(self) -> "KernelContext":
         """Run every paused work-item to its next safepoint (one loop iteration) and pause."""
@@ -154,8 +166,8 @@ class KernelContext:
             return self
         self.runtime.backend.write_control(self.pause_buf.handle,
                                            np.full(1, int(keep_paused), np.int32))
-        rec = self.records()
-        for sp in sorted(set(rec[rec[:, 0] == PAUSED, 1].tolist())):
+        counts = self.counts()
+        for sp in [sp for sp in sorted(self.pk.resumes) if counts[3 + sp] > 0]:
             self.runtime.backend.launch_async(self.pk.resumes[sp], self._handles(),
                                               self.global_size, self.local_size)
         self.state = "running"
