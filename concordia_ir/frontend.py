@@ -13,7 +13,6 @@ import inspect
 import textwrap
 from dataclasses import dataclass
 
-from . import builtins as B
 from .errors import ConcordiaError, KernelSyntaxError
 from .ops import ARITH, Block, Kernel, Loc, Module, Op, Value
 from .printer import float_to_bits, print_module
@@ -295,7 +294,7 @@ class _Builder:
         return new
 
     # -- control flow
-    def region(self, body_fn, args=()) -> tuple[list[Op], bool]:
+    def region(self, body_fn) -> tuple[list[Op], bool]:
         self.blocks.append([])
         returned = body_fn()
         return self.blocks.pop(), returned

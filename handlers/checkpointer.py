@@ -12,6 +12,7 @@ Modes (how dirty pages are found; all run as IR handlers on the region's own dev
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -233,36 +234,24 @@ class Checkpointer:
 
 
 def apply_pages(runtime, region: Region, pages: dict[int, bytes]) -> None:
-    """DeltaApplier: stage pages on the device and scatter them into the region there."""
+    """DeltaApplier for logged pages (any subset of the region's pages)."""
     order = np.array(sorted(pages), dtype=np.int32)
-    wpp = region.words_per_page
-    batch = max(1, min(len(order), STAGING_BYTES // region.page_size))
+    apply_image(runtime, region, b"".join(pages[int(p)] for p in order), order)
+
+
+def apply_image(runtime, region: Region, raw, order: np.ndarray | None = None) -> None:
+    """DeltaApplier: `raw` holds the pages listed in `order` (default: every page) back to back,
+    only the region's last page may be short. They are staged on the device in large batches
+    and scattered into the region there."""
+    order = np.arange(region.n_pages, dtype=np.int32) if order is None else order
+    n, wpp = len(order), region.words_per_page
+    if n == 0:
+        return
+    batch = max(1, min(n, (64 << 20) // region.page_size))
     staging = runtime.empty(batch * wpp, np.uint32)
-    plist = runtime.empty(max(1, len(order)), np.int32)
-    plist.write_prefix(order)
-    scatter = hk.page_scatterer(wpp, region.n_words)
-    for first in range(0, len(order), batch):
-        n = min(batch, len(order) - first)
-        host = np.zeros(batch * region.page_size, np.uint8)
-        for k in range(n):
-            data = pages[int(order[first + k])]
-            host[k * region.page_size:k * region.page_size + len(data)] = np.frombuffer(data, np.uint8)
-        staging.write(host.view(np.uint32))
-        runtime.launch(scatter, global_size=n * hk.GROUP, local_size=hk.GROUP,
-                       args=(region.words(), plist, staging, first))
-    runtime.synchronize()
-    runtime.free(staging)
-    runtime.free(plist)
-
-
-def apply_image(runtime, region: Region, raw: bytes) -> None:
-    """DeltaApplier for a whole image: contiguous staging batches, identity page list."""
-    n = region.n_pages
-    batch = max(1, min(n, (64 << 20) // region.page_size))   # whole images: large batches
-    staging = runtime.empty(batch * region.words_per_page, np.uint32)
     plist = runtime.empty(n, np.int32)
-    plist.write(np.arange(n, dtype=np.int32))
-    scatter = hk.page_scatterer(region.words_per_page, region.n_words)
+    plist.write(order)
+    scatter = hk.page_scatterer(wpp, region.n_words)
     if len(raw) == n * region.page_size:   # whole pages: use the bytes where they lie
         words = np.frombuffer(raw, np.uint32)
     else:
@@ -271,7 +260,7 @@ def apply_image(runtime, region: Region, raw: bytes) -> None:
         words = padded.view(np.uint32)
     for first in range(0, n, batch):
         k = min(batch, n - first)
-        staging.write_prefix(words[first * region.words_per_page:(first + k) * region.words_per_page])
+        staging.write_prefix(words[first * wpp:(first + k) * wpp])
         runtime.launch(scatter, global_size=k * hk.GROUP, local_size=hk.GROUP,
                        args=(region.words(), plist, staging, first))
     runtime.synchronize()
@@ -283,7 +272,6 @@ def device_digest(runtime, buf: DeviceBuffer, page_size: int = 4096) -> str:
     """A content digest computed where the data is: the page hasher (an IR handler, bit-exact
     on every backend) hashes every page on the device at memory bandwidth; the host hashes only
     those per-page hashes. Guards against corruption in transit, not against an adversary."""
-    import hashlib
     if buf.nbytes % 4:
         return "sha256:" + hashlib.sha256(buf.numpy().tobytes()).hexdigest()
     region = Region(0, "d", buf, page_size)

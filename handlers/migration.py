@@ -13,7 +13,6 @@ dtype/size/SHA-256 and the context layout. Pointers travel as regions, never as 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct

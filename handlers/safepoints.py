@@ -72,7 +72,7 @@ class PausableKernel:
 
 
 class _Names:
-    def __init__(self, kernel: Kernel):
+    def __init__(self):
         self.n = 0
 
     def fresh(self, hint: str, t) -> Value:
@@ -199,7 +199,7 @@ def make_pausable(kernel: Kernel, poll_every: int = POLL_EVERY_DEFAULT) -> Pausa
         raise ConcordiaError(f"poll_every must be a power of two, got {poll_every}")
     original = kernel
     kernel = strip_mine(kernel, poll_every)
-    names = _Names(kernel)
+    names = _Names()
     top = list(kernel.body.ops)
     loops = {}   # safepoint id -> index of its top-level loop
     for idx, op in enumerate(top):

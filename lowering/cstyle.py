@@ -15,7 +15,7 @@ import jinja2
 
 from concordia_ir.ops import BITWISE, BUILTINS, COMPARE, Block, Kernel, Op, Value
 from concordia_ir.printer import float_from_bits
-from concordia_ir.types import PtrType, ScalarType, f32, u32, u64, i32
+from concordia_ir.types import PtrType, ScalarType, boolean, f32, i32, u32, u64
 
 from .dialects import Dialect
 
@@ -53,7 +53,7 @@ class CStyleRenderer:
             _mentions_f64(v.type) for op in kernel.walk() for v in op.results + op.operands)
         params = [self.param(p) for p in kernel.params]
         prologue = [f"    const bool {self.cname(p)} = {self.cname(p)}_raw != 0;"
-                    for p in kernel.params if p.type == _bool()]
+                    for p in kernel.params if p.type == boolean]
         self.lines.extend(prologue)
         self.block(kernel.body, 1, on_end=None)
         src = kernel.loc.file if kernel.loc else None
@@ -84,13 +84,13 @@ class CStyleRenderer:
         return self.d.types[t.name]
 
     def storage(self, t: ScalarType) -> str:
-        return self.d.bool_storage if t == _bool() else self.ctype(t)
+        return self.d.bool_storage if t == boolean else self.ctype(t)
 
     def param(self, p: Value) -> str:
         if isinstance(p.type, PtrType):
             self.spaces[p.name] = "global"
             return f"{self.d.global_ptr}{self.storage(p.type.elem)}* {self.cname(p)}"
-        if p.type == _bool():
+        if p.type == boolean:
             return f"{self.d.bool_storage} {self.cname(p)}_raw"
         return f"{self.ctype(p.type)} {self.cname(p)}"
 
@@ -136,7 +136,7 @@ class CStyleRenderer:
     def op_store(self, op: Op, indent: int):
         p, i, v = op.operands
         val = self.cname(v)
-        if v.type == _bool():
+        if v.type == boolean:
             val = f"({self.d.bool_storage})({val})"
         self.emit(indent, f"{self.cname(p)}[{self.cname(i)}] = {val};", op)
 
@@ -231,7 +231,7 @@ class CStyleRenderer:
             if op.attr("volatile"):   # a poll of memory the host writes while the kernel runs
                 space = self.d.global_ptr if self.spaces.get(op.operands[0].name) == "global" else ""
                 p = f"((volatile {space}{self.storage(elem)}*){p})"
-            return f"({p}[{idx}] != 0)" if elem == _bool() else f"{p}[{idx}]"
+            return f"({p}[{idx}] != 0)" if elem == boolean else f"{p}[{idx}]"
         if name.startswith("atomic_"):
             return self.atomic(op, ins)
         if name in COMPARE:
@@ -248,7 +248,7 @@ class CStyleRenderer:
 
     def int_expr(self, name: str, t: ScalarType, ins: list[str]) -> str:
         c = self.ctype(t)
-        if t == _bool():
+        if t == boolean:
             return f"(!{ins[0]})" if name == "not" else f"({ins[0]} {_INFIX[name]} {ins[1]})"
         u = self.ctype(_UNSIGNED[t.name])
         if name in ("add", "sub", "mul"):
@@ -296,9 +296,9 @@ class CStyleRenderer:
                           scope=self.d.atomic_scope.get(space, ""), t=t.name)
 
     def cast(self, src: ScalarType, dst: ScalarType, x: str) -> str:
-        if dst == _bool():
+        if dst == boolean:
             return f"({x} != 0)"
-        if src == _bool():
+        if src == boolean:
             return f"({self.ctype(dst)})({x} ? 1 : 0)"
         if src.is_float and dst.is_int:
             hi = float(1 << (dst.bits - (1 if dst.is_signed else 0)))
@@ -323,7 +323,7 @@ class CStyleRenderer:
                 return self.float_literal(t, value)
             raw = _UNSIGNED["u32" if t.bits == 32 else "u64"]
             return self.bits(raw, t, self.int_literal(raw, op.attr("bits")))
-        if t == _bool():
+        if t == boolean:
             return "true" if op.attr("value") else "false"
         return self.int_literal(t, op.attr("value"))
 
@@ -344,10 +344,6 @@ class CStyleRenderer:
             self.helpers[name] = getattr(self.helpers_tpl, kind)(
                 dict(prefix=self.d.helper_prefix, **fields)).strip()
 
-
-def _bool() -> ScalarType:
-    from concordia_ir.types import boolean
-    return boolean
 
 
 def _mentions_f64(t) -> bool:
