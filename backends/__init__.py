@@ -5,7 +5,7 @@ Importing this package never fails because a vendor library is missing: each bac
 `probe()` says whether it can run and why not.
 """
 from .base import BACKENDS, Availability, Backend, register_backend
-from . import cuda, hip, opencl, reference  # noqa: F401  (each registers itself)
+from . import cuda, hip, opencl, reference, tenstorrent  # noqa: F401  (each registers itself)
 
 __all__ = ["BACKENDS", "Availability", "Backend", "register_backend", "backend_status"]
 

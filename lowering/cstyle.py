@@ -42,6 +42,16 @@ class CStyleRenderer:
 
     # -- entry
     def render(self, kernel: Kernel) -> str:
+        self.reset(kernel)
+        params = [self.param(p) for p in kernel.params]
+        prologue = [f"    const bool {self.cname(p)} = {self.cname(p)}_raw != 0;"
+                    for p in kernel.params if p.type == boolean]
+        self.lines.extend(prologue)
+        self.block(kernel.body, 1, on_end=None)
+        return self.finish(kernel, "kernel.c.j2", kernel_prefix=self.d.kernel_prefix,
+                           params=params)
+
+    def reset(self, kernel: Kernel):
         self.cnames: dict[str, str] = {}
         self.taken: set[str] = set()
         self.helpers: dict[str, str] = {}
@@ -51,18 +61,14 @@ class CStyleRenderer:
         self.last_line = None
         self.uses_f64 = any(_mentions_f64(v.type) for v in kernel.params) or any(
             _mentions_f64(v.type) for op in kernel.walk() for v in op.results + op.operands)
-        params = [self.param(p) for p in kernel.params]
-        prologue = [f"    const bool {self.cname(p)} = {self.cname(p)}_raw != 0;"
-                    for p in kernel.params if p.type == boolean]
-        self.lines.extend(prologue)
-        self.block(kernel.body, 1, on_end=None)
+
+    def finish(self, kernel: Kernel, template: str, **fields) -> str:
         src = kernel.loc.file if kernel.loc else None
-        return _ENV.get_template("kernel.c.j2").render(
+        return _ENV.get_template(template).render(
             name=kernel.name, source=f"{os.path.basename(src)}:{kernel.loc.line}" if src else None,
             target=self.d.name,
             preamble=self.d.preamble + (self.d.fp64_preamble if self.uses_f64 else ()),
-            helpers=list(self.helpers.values()), kernel_prefix=self.d.kernel_prefix,
-            params=params, body=self.lines)
+            helpers=list(self.helpers.values()), body=self.lines, **fields)
 
     # -- names and types
     def cname(self, v: Value) -> str:
@@ -103,7 +109,12 @@ class CStyleRenderer:
 
     def define(self, indent: int, op: Op, expr: str):
         r = op.results[0]
-        self.emit(indent, f"const {self.ctype(r.type)} {self.cname(r)} = {expr};", op)
+        self.emit(indent, self.declare(r, expr, const=True), op)
+
+    def declare(self, v: Value, init: str | None = None, const: bool = False) -> str:
+        """A C declaration of an SSA value (a subclass may keep values elsewhere)."""
+        head = f"{'const ' if const else ''}{self.ctype(v.type)} {self.cname(v)}"
+        return f"{head} = {init};" if init is not None else f"{head};"
 
     def block(self, b: Block, indent: int, on_end):
         """Render a block; `on_end(values, indent)` renders its yield/condition terminator."""
@@ -112,9 +123,12 @@ class CStyleRenderer:
                 on_end([self.cname(v) for v in op.operands], indent, op)
                 return
             if op.name == "return":
-                self.emit(indent, "return;", op)
+                self.emit(indent, self.return_stmt(), op)
                 return
             getattr(self, "op_" + op.name, self.op_value)(op, indent)
+
+    def return_stmt(self) -> str:
+        return "return;"
 
     def assign_all(self, targets: list[str], values: list[str], types, indent: int, op):
         """Parallel assignment (a yield may swap carried values): through temporaries."""
@@ -154,8 +168,8 @@ class CStyleRenderer:
 
     def declare_results(self, op: Op, indent: int) -> list[str]:
         names = [self.cname(r) for r in op.results]
-        for r, n in zip(op.results, names):
-            self.emit(indent, f"{self.ctype(r.type)} {n};", op)
+        for r in op.results:
+            self.emit(indent, self.declare(r), op)
         return names
 
     def op_if(self, op: Op, indent: int):
@@ -178,26 +192,27 @@ class CStyleRenderer:
         iv, args = body.args[0], body.args[1:]
         carried = [self.cname(a) for a in args]
         for a, init in zip(args, op.operands[3:]):
-            self.emit(indent, f"{self.ctype(a.type)} {self.cname(a)} = {self.cname(init)};", op)
+            self.emit(indent, self.declare(a, self.cname(init)), op)
         t, ut = self.ctype(iv.type), self.ctype(_UNSIGNED[iv.type.name])
         i = self.cname(iv)
         s = self.consts.get(op.operands[2].name)
         cond = (f"{i} < {hi}" if s is not None and s > 0 else f"{i} > {hi}" if s is not None and s < 0
                 else "false" if s == 0 else f"({step} > 0 ? {i} < {hi} : ({step} < 0 && {i} > {hi}))")
-        self.emit(indent, f"for ({t} {i} = {lo}; {cond}; {i} = ({t})(({ut}){i} + ({ut}){step})) {{", op)
+        init = self.declare(iv, lo)[:-1]
+        self.emit(indent, f"for ({init}; {cond}; {i} = ({t})(({ut}){i} + ({ut}){step})) {{", op)
 
         def end(values, ind, term):
             self.assign_all(carried, values, [a.type for a in args], ind, term)
         self.block(body, indent + 1, end)
         self.emit(indent, "}")
         for r, a in zip(op.results, carried):
-            self.emit(indent, f"const {self.ctype(r.type)} {self.cname(r)} = {a};")
+            self.emit(indent, self.declare(r, a, const=True))
 
     def op_while(self, op: Op, indent: int):
         before, after = op.regions
         carried = [self.cname(a) for a in before.args]
         for a, init in zip(before.args, op.operands):
-            self.emit(indent, f"{self.ctype(a.type)} {self.cname(a)} = {self.cname(init)};", op)
+            self.emit(indent, self.declare(a, self.cname(init)), op)
         results = self.declare_results(op, indent)
         self.emit(indent, "for (;;) {", op)
 
@@ -208,7 +223,7 @@ class CStyleRenderer:
             self.emit(ind + 1, "break;")
             self.emit(ind, "}")
             for a, v in zip(after.args, fwd):
-                self.emit(ind, f"const {self.ctype(a.type)} {self.cname(a)} = {v};")
+                self.emit(ind, self.declare(a, v, const=True))
             self.block(after, ind, on_yield)
 
         def on_yield(values, ind, term):
