@@ -161,3 +161,220 @@ class TenstorrentScalarHostBackend(_HostMemoryBackend):
 
     def device_info(self):
         return {"backend": self.name, "device": "host CPU (TT-Metalium scalar tier, validation)"}
+
+
+# ---- the tile tier ---------------------------------------------------------------------------
+
+def _sim_probe() -> Availability:
+    try:
+        import importlib.metadata as md
+        from ttl.sim import ttl  # noqa: F401
+        return Availability(True, devices=("sim: tt-lang-sim (CPU functional simulator)",),
+                            versions={"tt-lang-sim": md.version("tt-lang-sim")})
+    except ImportError as e:
+        return Availability(False, f"tt-lang-sim is not installed ({e}): pip install tt-lang-sim "
+                                   "(it needs the CPU build of torch)")
+
+
+def _hardware_probe() -> Availability:
+    try:
+        import ttnn
+    except ImportError:
+        return Availability(False, "no Tenstorrent device: ttnn (tt-metal) is not installed")
+    n = ttnn.GetNumAvailableDevices()
+    if not n:
+        return Availability(False, "ttnn is installed but finds no Tenstorrent device")
+    return Availability(True, devices=tuple(f"{i}: Tenstorrent device" for i in range(n)),
+                        gpu=True, versions={"ttnn": getattr(ttnn, "__version__", "?")})
+
+
+def _sim_carry(block):
+    """tt-lang-sim 1.1.6 appends a result's source blocks to every value computed from it, with
+    no de-duplication, so a value carried around a loop doubles that list per iteration (40
+    iterations of a Fibonacci-like update never finish). Keep each source once."""
+    sources = getattr(block, "_source_blocks", None)
+    if sources:
+        block._source_blocks = list({id(b): b for b in sources}.values())
+    return block
+
+
+class TileTier:
+    """Runs TileProgram's on tt-lang-sim, or through ttnn + tt-lang on a device."""
+
+    MAX_GRID = (4, 4)
+
+    def __init__(self, device: str | None):
+        self.hardware = device not in (None, "sim")
+        if self.hardware:
+            import ttl
+            import ttnn
+            self.ttl, self.ttnn = ttl, ttnn
+            self.dev = ttnn.open_device(device_id=int(device))
+        else:
+            from ttl.sim import ttl, ttnn
+            self.ttl, self.ttnn, self.dev = ttl, ttnn, None
+        self.plans: dict[int, tuple] = {}
+        self.modules: dict[str, object] = {}
+
+    def plan(self, kernel):
+        """(TileProgram, None) or (None, refusal reason); decided once per kernel."""
+        from lowering.tt_lang import TileRefusal, plan_tiles
+        hit = self.plans.get(id(kernel))
+        if hit is None or hit[0] is not kernel:
+            try:
+                hit = (kernel, plan_tiles(kernel), None)
+            except TileRefusal as e:
+                hit = (kernel, None, str(e))
+            self.plans[id(kernel)] = hit
+        return hit[1], hit[2]
+
+    def module(self, program):
+        """The generated TT-Lang source as an importable file: the simulator reads its source."""
+        import hashlib
+        import importlib.util
+        import tempfile
+        from lowering.cache import cache_dir
+        key = hashlib.sha256(program.source.encode()).hexdigest()[:24]
+        if key not in self.modules:
+            d = os.path.join(cache_dir(), "tt-lang")
+            os.makedirs(d, exist_ok=True)
+            path = os.path.join(d, f"tt_{key}.py")
+            if not os.path.exists(path):
+                fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".py")
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(program.source)
+                os.replace(tmp, path)
+            spec = importlib.util.spec_from_file_location(f"concordia_tt_{key}", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            self.modules[key] = mod
+        return self.modules[key]
+
+    def to_tensor(self, array: np.ndarray):
+        import torch
+        t = torch.from_numpy(np.ascontiguousarray(array).reshape(-1, 32))
+        if self.hardware:
+            return self.ttnn.from_torch(t, layout=self.ttnn.TILE_LAYOUT, device=self.dev)
+        return self.ttnn.from_torch(t, layout=self.ttnn.TILE_LAYOUT)
+
+    def run(self, program, args, global_size):
+        from lowering.tt_lang import TILE
+        kernel = program.kernel
+        n = global_size[0]
+        ntiles = max(1, -(-n // TILE))
+        padded = ntiles * TILE
+        scalars = {p.name: a for p, a in zip(kernel.params, args) if not isinstance(p.type, PtrType)}
+        tensors = []
+        for inp in program.inputs:
+            dt = np.dtype(inp.dtype)
+            if inp.kind == "gid":
+                tensors.append(self.to_tensor(np.arange(padded, dtype=np.int32)))
+            elif inp.kind in ("const", "scalar"):
+                v = inp.value if inp.kind == "const" else args[inp.param]
+                raw = np.asarray(v, kernel.params[inp.param].type.dtype) if inp.kind == "scalar" \
+                    else np.asarray(v)
+                tile = np.full(TILE, raw.view(np.int32) if raw.dtype == np.uint32 else raw, dt)
+                tensors.append(self.to_tensor(tile))
+            else:
+                tensors.append(self.to_tensor(self._tile_values(kernel, inp.param, args, dt, padded)))
+        outs = [self.to_tensor(np.zeros(padded, np.dtype(o[2]))) for o in program.outputs]
+        grid = (min(ntiles, self.MAX_GRID[0]),
+                min(-(-ntiles // self.MAX_GRID[0]), self.MAX_GRID[1]))
+        op = self.module(program).make_operation(self.ttl, scalars, n, grid,
+                                                 *(() if self.hardware else (_sim_carry,)))
+        op(*tensors, *outs)
+        for (pidx, _, dtype), t in zip(program.outputs, outs):
+            got = self.ttnn.to_torch(t).numpy().reshape(-1)[:n]
+            self._store_back(kernel, pidx, args, got)
+
+    @staticmethod
+    def _tile_values(kernel, pidx, args, dt, padded) -> np.ndarray:
+        elem = kernel.params[pidx].type.elem
+        usable = args[pidx].size - args[pidx].size % elem.dtype.itemsize
+        host = args[pidx][:usable].view(elem.dtype)[:padded]
+        if elem.name == "u32":
+            host = host.view(np.int32)
+        out = np.zeros(padded, dt)
+        out[:host.size] = host.astype(dt)
+        return out
+
+    @staticmethod
+    def _store_back(kernel, pidx, args, values):
+        elem = kernel.params[pidx].type.elem
+        usable = args[pidx].size - args[pidx].size % elem.dtype.itemsize
+        host = args[pidx][:usable].view(elem.dtype)
+        k = min(host.size, values.size)
+        if elem.name == "bool":
+            host[:k] = values[:k] != 0
+        elif elem.name == "u32":
+            host[:k] = values[:k].astype(np.int32).view(np.uint32)
+        else:
+            host[:k] = values[:k].astype(elem.dtype)
+
+
+@register_backend("tenstorrent")
+class TenstorrentBackend(_HostMemoryBackend):
+    """Tile tier where the lowering accepts a kernel, scalar tier for the rest.
+
+    "tenstorrent" / "tenstorrent:sim": tt-lang-sim + the scalar tier built for this host.
+    "tenstorrent:N": device N through ttnn/tt-lang (tile tier only, until the scalar tier's
+    TT-Metalium programs are wired to tt-metal's program API).
+    """
+
+    @classmethod
+    def probe(cls) -> Availability:
+        hw = _hardware_probe()
+        if hw.ok:
+            return hw
+        sim = _sim_probe()
+        if not sim.ok:
+            return Availability(False, f"{sim.reason}; {hw.reason}")
+        scalar = _scalar_probe()
+        if not scalar.ok:
+            return Availability(False, f"scalar tier: {scalar.reason}")
+        return Availability(True, devices=sim.devices + scalar.devices,
+                            versions={**sim.versions, **scalar.versions})
+
+    def __init__(self, device: str | None = None):
+        super().__init__(device)
+        hardware = device not in (None, "sim")
+        probe = _hardware_probe() if hardware else _sim_probe()
+        if not probe.ok:
+            raise BackendUnavailable(probe.reason)
+        self.tiles = TileTier(device)
+        self.scalar = None if hardware else ScalarTierHost()
+        self.last_tier, self.last_refusal = None, None
+
+    def tier_for(self, kernel, global_size) -> tuple[str, str | None]:
+        """Which tier runs this launch, and why not the tile tier when it is not."""
+        program, refusal = self.tiles.plan(kernel)
+        if program is not None and tuple(global_size[1:]) != (1, 1):
+            return "scalar", f"kernel {kernel.name}: a {len(global_size)}-D launch; tiles are 1-D"
+        return ("tile", None) if program is not None else ("scalar", refusal)
+
+    def prepare(self, kernel):
+        program, _ = self.tiles.plan(kernel)
+        if program is None and self.scalar is not None:
+            self.scalar.prepare(kernel)
+
+    def _run(self, kernel, args, global_size, local_size):
+        tier, why = self.tier_for(kernel, global_size)
+        self.last_tier, self.last_refusal = tier, why
+        if tier == "tile":
+            program, _ = self.tiles.plan(kernel)
+            try:
+                self.tiles.run(program, args, global_size)
+            except ConcordiaError:
+                raise
+            except Exception as e:   # a simulator failure is a lowering bug: say which kernel
+                raise KernelRuntimeError(f"kernel '{kernel.name}' failed on the tile tier "
+                                         f"({type(e).__name__}: {e})") from e
+            return
+        if self.scalar is None:
+            raise BackendUnavailable(f"{why}; the scalar tier on a Tenstorrent device needs "
+                                     "tt-metal's program API, which Concordia does not drive yet")
+        self.scalar.run(kernel, args, global_size, local_size)
+
+    def device_info(self):
+        return {"backend": self.name, "device": "tt-lang-sim + scalar tier on host"
+                if self.scalar is not None else f"Tenstorrent device {self.device}"}
