@@ -88,6 +88,7 @@ def cmd_conformance(args) -> int:
         for row in rep["cases"]:
             if row["status"] == "failed":
                 print(f"  FAIL {row['case']}: {row['detail']}")
+        _print_tiers(rep["cases"])
         failed += rep["failed"]
     if args.json:
         import datetime
@@ -97,6 +98,21 @@ def cmd_conformance(args) -> int:
     return 1 if failed else 0
 
 
+def _print_tiers(rows: list[dict]) -> None:
+    """For a backend with tiers (tenstorrent): which tier ran each case, and why not tiles."""
+    tiered = [r for r in rows if r.get("tier")]
+    if not tiered:
+        return
+    tile = [r for r in tiered if r["tier"] == "tile"]
+    secs = sorted(r["seconds"] for r in tile)
+    median = f", median {secs[len(secs) // 2] * 1000:.0f} ms per case" if secs else ""
+    print(f"  tile tier: {len(tile)} of {len(tiered)} cases{median}")
+    print(f"  scalar tier: {len(tiered) - len(tile)} cases, refused by the tile tier because:")
+    for r in tiered:
+        if r["tier"] != "tile":
+            print(f"    {r['case']}: {r['refusal']}")
+
+
 def cmd_compile(args) -> int:
     from lowering import render_source
     m = _load_module_from(args.file)
@@ -104,6 +120,10 @@ def cmd_compile(args) -> int:
     if not kernels:
         raise ConcordiaError(f"{args.file}: no kernel named {args.kernel!r} "
                              f"(it has {', '.join(k.name for k in m.kernels)})")
+    if args.target == "tt":
+        return _compile_tt(args, kernels)
+    if args.emit in ("tt-lang", "metalium"):
+        raise ConcordiaError(f"--emit {args.emit} needs --target tt")
     if args.emit == "source":
         text = "\n".join(render_source(k, args.target) for k in kernels)
         if args.output:
@@ -120,6 +140,42 @@ def cmd_compile(args) -> int:
     with open(out, "wb") as fh:
         fh.write(binary)
     print(f"wrote {out} ({len(binary)} bytes, {args.target} {args.arch or _DEFAULT_ARCH[args.target]})")
+    return 0
+
+
+def _compile_tt(args, kernels) -> int:
+    """Tenstorrent: the tile tier's TT-Lang program, the scalar tier's TT-Metalium C++, or
+    (binary) that C++ built for the baby cores' rv32im ISA."""
+    from lowering.tt_lang import TileRefusal, plan_tiles
+    from lowering.tt_metalium import compile_riscv, render_metalium
+    if args.emit == "binary":
+        if len(kernels) > 1:
+            raise ConcordiaError(f"{args.file} has {len(kernels)} kernels; pick one with --kernel NAME")
+        k = kernels[0]
+        binary = compile_riscv(render_metalium(k))
+        out = args.output or f"{k.name}.rv32im.o"
+        with open(out, "wb") as fh:
+            fh.write(binary)
+        print(f"wrote {out} ({len(binary)} bytes, TT-Metalium scalar tier, rv32im object)")
+        return 0
+    texts = []
+    for k in kernels:
+        if args.emit == "metalium":
+            texts.append(render_metalium(k))
+            continue
+        try:
+            texts.append(plan_tiles(k).source)
+        except TileRefusal as e:
+            if args.emit == "tt-lang":
+                raise
+            print(f"note: {e}; emitting the scalar tier (TT-Metalium C++)", file=sys.stderr)
+            texts.append(render_metalium(k))
+    text = "\n".join(texts)
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -243,10 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     co = sub.add_parser("compile", help="lower the kernels of FILE to source or a binary")
     co.add_argument("file", help="a .py file of @kernel functions or IR text")
-    co.add_argument("--target", required=True, choices=["opencl", "cuda", "hip"])
+    co.add_argument("--target", required=True, choices=["opencl", "cuda", "hip", "tt"])
     co.add_argument("--arch", help="sm_90 (cubin), compute_90 (PTX), gfx1201 ..., or an "
                                    "OpenCL device index")
-    co.add_argument("--emit", choices=["source", "binary"], default="source")
+    co.add_argument("--emit", choices=["source", "binary", "tt-lang", "metalium"], default="source",
+                    help="tt: source = the tile tier's TT-Lang where it accepts the kernel, else "
+                         "TT-Metalium C++; tt-lang / metalium force a tier; binary = rv32im object")
     co.add_argument("--kernel", help="only this kernel")
     co.add_argument("-o", "--output", help="output file (binary default: KERNEL.cubin/.co/.clbin)")
     co.set_defaults(func=cmd_compile)

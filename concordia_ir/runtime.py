@@ -10,8 +10,9 @@ from .errors import BackendUnavailable, ConcordiaError, LaunchError
 from .ops import Kernel
 from .types import PtrType, ScalarType, scalar_for_dtype
 
-# Which backend `Runtime()` picks when nothing names one: the first available.
-PREFERENCE = ("cuda", "hip", "opencl:gpu", "tenstorrent", "opencl", "reference")
+# Which backend `Runtime()` picks when nothing names one: the first available. ":gpu" asks for
+# an accelerator: an OpenCL GPU, a Tenstorrent device (its simulator is not picked by default).
+PREFERENCE = ("cuda", "hip", "opencl:gpu", "tenstorrent:gpu", "opencl", "reference")
 CONFIG_FILE = "concordia.toml"
 
 

@@ -93,10 +93,10 @@ class TileLowering:
 
     # -- errors and names
     def refuse(self, op: Op | None, why: str):
-        loc = op.where if op is not None else self.k.loc
-        at = f" at line {loc.line}" if loc is not None else ""
-        what = f"{op.name}{at}" if op is not None else "kernel"
-        raise TileRefusal(f"kernel {self.k.name}: {what}: {why}; not expressible on tiles")
+        if op is None:
+            raise TileRefusal(f"kernel {self.k.name}: {why}; not expressible on tiles")
+        at = f" at line {op.where.line}" if op.where is not None else ""
+        raise TileRefusal(f"kernel {self.k.name}: {op.name}{at}: {why}; not expressible on tiles")
 
     def var(self, hint: str) -> str:
         self.n += 1
@@ -338,8 +338,9 @@ class TileLowering:
             self.value(op, indent, f"ttl.block.where({c}, {a.expr}, {b.expr})", a, (a, b),)
             self.lines[-1][3].add(c)
         else:
-            self.refuse(op, {"rem": "tiles have no C-style fmod",
-                             "div": "tile division of u32 is not exact"}.get(op.name, "no tile form"))
+            why = ("tiles have no C-style fmod" if t.is_float else
+                   f"tile {op.name} of u32 needs unsigned division, which tiles lack")
+            self.refuse(op, why)
 
     op_add = op_sub = op_mul = op_div = op_rem = op_min = op_max = _binary
 

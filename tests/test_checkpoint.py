@@ -13,7 +13,7 @@ from concordia_ir import ConcordiaError, Ptr, Runtime, f32, global_id, i32, kern
 from handlers import Checkpointer, DeltaLog, LogError, compact, instrument_stores, scan_log
 from handlers.log import HEADER_SIZE, RECORD_SIZE
 
-BACKENDS = [n for n in ("reference", "opencl", "cuda") if backend_status()[n].ok]
+BACKENDS = [n for n in ("reference", "opencl", "cuda", "tenstorrent") if backend_status()[n].ok]
 
 
 @kernel

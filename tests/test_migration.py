@@ -14,7 +14,7 @@ from concordia_ir import (ConcordiaError, Ptr, Runtime, barrier, f32, global_id,
 from handlers.migration import SnapshotError, restore_snapshot
 from handlers.safepoints import DONE, make_pausable
 
-BACKENDS = [n for n in ("reference", "opencl", "cuda", "hip-on-cuda") if backend_status()[n].ok]
+BACKENDS = [n for n in ("reference", "opencl", "cuda", "hip-on-cuda", "tenstorrent") if backend_status()[n].ok]
 
 
 @kernel

@@ -84,8 +84,13 @@ def run_suite(backends: list[str], cases: list[Case] | None = None,
             except ConcordiaError as e:
                 status, detail = "failed", f"error: {e}"
             counts[status] += 1
-            rows.append({"case": case.name, "status": status, "detail": detail,
-                         "seconds": round(time.perf_counter() - t0, 4)})
+            row = {"case": case.name, "status": status, "detail": detail,
+                   "seconds": round(time.perf_counter() - t0, 4)}
+            if getattr(rt.backend, "last_tier", None):   # backends with tiers say which ran it
+                row["tier"] = rt.backend.last_tier
+                row["refusal"] = rt.backend.last_refusal
+                rt.backend.last_tier = None
+            rows.append(row)
             if progress:
                 progress(name, k + 1, len(cases), status)
         report[name] = {"available": True, "device": rt.backend.device_info(), **counts,
