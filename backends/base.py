@@ -90,3 +90,15 @@ def register_backend(name: str):
         BACKENDS[name] = cls
         return cls
     return deco
+
+
+def wrap_host_dlpack(backend: str, tensor):
+    """wrap_dlpack for backends whose device memory is host memory (numpy byte arrays)."""
+    from concordia_ir.errors import ConcordiaError
+    try:
+        arr = np.from_dlpack(tensor)
+    except (BufferError, RuntimeError, TypeError) as e:
+        raise ConcordiaError(f"the {backend} backend wraps CPU tensors only: {e}") from None
+    if not arr.flags.c_contiguous:
+        raise ConcordiaError("only contiguous tensors can be wrapped")
+    return arr.reshape(-1).view(np.uint8), arr.dtype, arr.size, tensor

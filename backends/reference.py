@@ -5,7 +5,7 @@ import numpy as np
 
 from concordia_ir.interpreter import Interpreter
 
-from .base import Availability, Backend, register_backend
+from .base import Availability, Backend, register_backend, wrap_host_dlpack
 
 
 @register_backend("reference")
@@ -30,14 +30,7 @@ class ReferenceBackend(Backend):
         dst[:nbytes] = src[:nbytes]
 
     def wrap_dlpack(self, tensor):
-        from concordia_ir.errors import ConcordiaError
-        try:
-            arr = np.from_dlpack(tensor)
-        except (BufferError, RuntimeError, TypeError) as e:
-            raise ConcordiaError(f"the reference backend wraps CPU tensors only: {e}") from None
-        if not arr.flags.c_contiguous:
-            raise ConcordiaError("only contiguous tensors can be wrapped")
-        return arr.reshape(-1).view(np.uint8), arr.dtype, arr.size, tensor
+        return wrap_host_dlpack(self.name, tensor)
 
     def launch_async(self, kernel, args, global_size, local_size):
         """Interpret in a thread, so that the host can pause the kernel while it runs."""

@@ -22,7 +22,7 @@ from concordia_ir.errors import BackendUnavailable, ConcordiaError, KernelRuntim
 from concordia_ir.types import PtrType
 from lowering import tt_metalium
 
-from .base import Availability, Backend, register_backend
+from .base import Availability, Backend, register_backend, wrap_host_dlpack
 from .compiled import CompiledKernels
 
 
@@ -42,6 +42,9 @@ class _HostMemoryBackend(Backend):
 
     def copy_device(self, dst, src, nbytes):
         dst[:nbytes] = src[:nbytes]
+
+    def wrap_dlpack(self, tensor):
+        return wrap_host_dlpack(self.name, tensor)   # simulated DRAM is host memory
 
     def launch(self, kernel, args, global_size, local_size):
         self.synchronize()
@@ -165,10 +168,21 @@ class TenstorrentScalarHostBackend(_HostMemoryBackend):
 
 # ---- the tile tier ---------------------------------------------------------------------------
 
+def _import_sim():
+    """tt-lang-sim, imported so that it leaves torch alone: on import it rebinds torch.bfloat16
+    and torch.float16 to torch.float32 process-wide (its "float32 promotion"), which would turn
+    the caller's own bf16 models into f32 ones. Tile programs use only f32/i32, so switching
+    the promotion off (which restores torch's attributes) changes nothing they compute."""
+    from ttl.sim import ttl, ttnn
+    from ttl.sim import ttnnsim
+    ttnnsim.set_disable_float32_promotion(True)
+    return ttl, ttnn
+
+
 def _sim_probe() -> Availability:
     try:
         import importlib.metadata as md
-        from ttl.sim import ttl  # noqa: F401
+        _import_sim()
         return Availability(True, devices=("sim: tt-lang-sim (CPU functional simulator)",),
                             versions={"tt-lang-sim": md.version("tt-lang-sim")})
     except ImportError as e:
@@ -211,8 +225,8 @@ class TileTier:
             self.ttl, self.ttnn = ttl, ttnn
             self.dev = ttnn.open_device(device_id=int(device))
         else:
-            from ttl.sim import ttl, ttnn
-            self.ttl, self.ttnn, self.dev = ttl, ttnn, None
+            self.ttl, self.ttnn = _import_sim()
+            self.dev = None
         self.plans: dict[int, tuple] = {}
         self.modules: dict[str, object] = {}
 

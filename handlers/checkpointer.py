@@ -41,10 +41,16 @@ class CheckpointStats:
 
 
 class _RegionState:
-    """Device-side bookkeeping of one region: shadow / hashes / flags, the dirty list, staging."""
+    """Device-side bookkeeping of one region: shadow / hashes / flags, the dirty list, staging.
+    A region with a host scanner (scanners.KVBlockScanner) takes its dirty pages from it."""
 
-    def __init__(self, rt, region: Region, mode: str):
-        self.rt, self.region, self.mode = rt, region, mode
+    def __init__(self, rt, region: Region, mode: str, scanner=None):
+        device_scan = getattr(scanner, "device_scan", None)
+        if device_scan is not None:   # a scanner that names a device scan (AdapterPageScanner)
+            mode, scanner = device_scan, None
+        elif scanner is not None:
+            mode = "host"
+        self.rt, self.region, self.mode, self.scanner = rt, region, mode, scanner
         n = region.n_pages
         self.dirty = rt.empty(n, np.int32)
         self.count = rt.zeros(1, np.int32)
@@ -64,10 +70,12 @@ class _RegionState:
         elif self.mode == "hash":
             rt.launch(hk.page_hasher(r.words_per_page, r.n_words), global_size=r.n_pages * hk.GROUP,
                       local_size=hk.GROUP, args=(r.words(), self.hashes, self.dirty, self.count))
-        else:
+        elif self.mode == "tracked":
             n = r.n_pages
             rt.launch(hk.flag_collector(), global_size=-(-n // 256) * 256, local_size=256,
                       args=(self.flags, self.dirty, self.count, n))
+        else:
+            return np.asarray(self.scanner.dirty_pages(), dtype=np.int32)
         k = int(self.count.numpy()[0])
         found = self.dirty.read(k)
         self.listed = found
@@ -96,6 +104,8 @@ class _RegionState:
             self.listed = pages
 
     def after_commit(self, pages: np.ndarray):
+        if self.scanner is not None:
+            self.scanner.committed()
         if self.mode == "tracked" and len(pages):
             self.upload(pages)
             self.rt.launch(hk.flag_clearer(), global_size=-(-len(pages) // 256) * 256,
@@ -112,7 +122,7 @@ class Checkpointer:
     """
 
     def __init__(self, runtime, regions: dict, path: str, page_size: int = 4096,
-                 mode: str = "shadow", fsync: str = "always"):
+                 mode: str = "shadow", fsync: str = "always", scanners: dict | None = None):
         if mode not in MODES:
             raise ConcordiaError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not regions:
@@ -130,7 +140,11 @@ class Checkpointer:
             raise ConcordiaError(f"{path}: the log was written for other regions "
                                  f"({_layout_text(self.log.layout)}), not {_layout_text(self.layout)}")
         self.checkpoint_id = self.log.last_checkpoint
-        self.states = [_RegionState(runtime, r, mode) for r in self.regions]
+        scanners = scanners or {}
+        unknown = set(scanners) - {r.name for r in self.regions}
+        if unknown:
+            raise ConcordiaError(f"scanners for unknown regions: {', '.join(sorted(unknown))}")
+        self.states = [_RegionState(runtime, r, mode, scanners.get(r.name)) for r in self.regions]
         self.need_full = True
         self._tracked: dict = {}
 
@@ -211,13 +225,22 @@ class Checkpointer:
 
     # -- recovery
     @staticmethod
-    def restore(path: str, runtime, verify: bool = True) -> dict[str, DeviceBuffer]:
-        """The regions as of the log's last commit, rebuilt on `runtime` by the DeltaApplier."""
+    def restore(path: str, runtime, verify: bool = True,
+                into: dict[str, DeviceBuffer] | None = None) -> dict[str, DeviceBuffer]:
+        """The regions as of the log's last commit, rebuilt on `runtime` by the DeltaApplier:
+        into new buffers, or into `into`'s buffers (e.g. a new process's own tensors, wrapped
+        with rt.from_dlpack) where a region is named there."""
         scan = scan_log(path)
         image = committed_image(scan)
         out = {}
         for desc in image.layout["regions"]:
-            buf = runtime.empty(desc["size"], np.dtype(desc["dtype"]))
+            buf = (into or {}).get(desc["name"])
+            if buf is None:
+                buf = runtime.empty(desc["size"], np.dtype(desc["dtype"]))
+            elif (buf.dtype.str, buf.size) != (desc["dtype"], desc["size"]):
+                raise ConcordiaError(f"{path}: region {desc['name']!r} was {desc['size']} x "
+                                     f"{desc['dtype']}; the buffer to restore into is "
+                                     f"{buf.size} x {buf.dtype.str}")
             region = Region(desc["id"], desc["name"], buf, image.layout["page_size"])
             pages = image.pages.get(region.id, {})
             if len(pages) != region.n_pages:

@@ -190,3 +190,15 @@ def test_conformance_cli_lists_refused_cases_with_reasons():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "tile tier: 0 of" in r.stdout
     assert "add_u64: kernel add_u64: buffer %in0 holds u64" in r.stdout
+
+
+@needs_sim
+def test_the_simulator_leaves_torch_dtypes_alone():
+    """tt-lang-sim rebinds torch.bfloat16 to float32 on import; the backend undoes that."""
+    torch = pytest.importorskip("torch")
+    from concordia_ir.runtime import Runtime
+    rt = Runtime("tenstorrent")
+    assert torch.bfloat16 is not torch.float32 and torch.zeros(1, dtype=torch.bfloat16).element_size() == 2
+    c = next(c for c in all_cases() if c.name == "add_f32")
+    assert compare_outputs(c, run_case(c, rt), expected_outputs(c)) is None
+    assert torch.bfloat16 is not torch.float32

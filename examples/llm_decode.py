@@ -1,0 +1,388 @@
+"""A Qwen3-architecture decode loop whose KV cache and LoRA adapter are checkpointed by Concordia.
+
+The model is built from its configuration with random weights (no download): Qwen3's
+layout — RMSNorm, grouped-query attention with per-head q/k RMSNorm and RoPE (theta 1e6),
+SwiGLU MLP, tied embeddings — at full Qwen3-0.6B size on a GPU or a tiny size for CPU tests.
+Compute and memory traffic are what matter here, not the text.
+
+State that a serving engine would lose in a crash lives in three tensors, each a Concordia
+region wrapped through DLPack (no copy):
+- `kv`: the paged KV cache (layers, K/V, blocks, block_size, kv_heads, head_dim); its dirty
+  pages come from the decode loop's own writes (KVBlockScanner);
+- `adapter`: the LoRA factors of q_proj and v_proj, changed every `--adapter-every` steps;
+  its dirty pages are found on the device (AdapterPageScanner: shadow compare);
+- `sched`: the scheduler's state (tokens, lengths, block table, free-block counter).
+
+    python examples/llm_decode.py --config tiny --tokens 48 --log run.clog --every 4
+    python examples/llm_decode.py --config tiny --tokens 48 --log run.clog --every 4 \\
+        --crash-after 30          # SIGKILLs itself mid-generation
+    python examples/llm_decode.py --config tiny --tokens 48 --log run.clog --resume \\
+        --restore-backend reference   # a new process restores and continues
+
+Greedy decoding: the resumed run's tokens equal an uninterrupted run's (the test checks it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+@dataclass(frozen=True)
+class Qwen3Config:
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rope_theta: float = 1e6
+    eps: float = 1e-6
+    lora_rank: int = 16
+
+
+CONFIGS = {
+    # Qwen3-0.6B (config.json of Qwen/Qwen3-0.6B): 28 layers, 16 q heads, 8 kv heads of 128
+    "qwen3-0.6b": Qwen3Config(vocab=151936, hidden=1024, intermediate=3072, layers=28, heads=16,
+                              kv_heads=8, head_dim=128),
+    "tiny": Qwen3Config(vocab=512, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
+                        head_dim=16, lora_rank=4),
+}
+
+
+def rms_norm(x, w, eps):
+    var = x.float().pow(2).mean(-1, keepdim=True)
+    return (x.float() * torch.rsqrt(var + eps)).to(x.dtype) * w
+
+
+class Qwen3Decoder:
+    """Weights as plain tensors; `step` decodes one token per sequence against the paged cache."""
+
+    def __init__(self, cfg: Qwen3Config, device, dtype, seed: int, block_size: int,
+                 num_blocks: int, batch: int, max_len: int):
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        g = torch.Generator(device="cpu").manual_seed(seed)
+
+        def w(*shape, scale=None):
+            t = torch.randn(*shape, generator=g) * (scale or 1.0 / math.sqrt(shape[-1]))
+            return t.to(device=device, dtype=dtype)
+        c = cfg
+        self.embed = w(c.vocab, c.hidden, scale=0.02)   # as initialised for training: the
+        # residual stream is then led by the layers, so a token depends on its whole context
+        self.layers = []
+        for _ in range(c.layers):
+            self.layers.append(dict(
+                ln1=torch.ones(c.hidden, device=device, dtype=dtype),
+                ln2=torch.ones(c.hidden, device=device, dtype=dtype),
+                q=w(c.heads * c.head_dim, c.hidden), k=w(c.kv_heads * c.head_dim, c.hidden),
+                v=w(c.kv_heads * c.head_dim, c.hidden), o=w(c.hidden, c.heads * c.head_dim),
+                qn=torch.ones(c.head_dim, device=device, dtype=dtype),
+                kn=torch.ones(c.head_dim, device=device, dtype=dtype),
+                gate=w(c.intermediate, c.hidden), up=w(c.intermediate, c.hidden),
+                down=w(c.hidden, c.intermediate)))
+        self.norm = torch.ones(c.hidden, device=device, dtype=dtype)
+        inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
+        ang = torch.arange(max_len, dtype=torch.float64)[:, None] * inv[None, :]
+        self.cos = torch.cos(ang).to(device=device, dtype=torch.float32)
+        self.sin = torch.sin(ang).to(device=device, dtype=torch.float32)
+        # --- the state Concordia protects
+        r = c.lora_rank
+        per_layer = r * c.hidden * 2 + c.heads * c.head_dim * r + c.kv_heads * c.head_dim * r
+        self.adapter = torch.zeros(c.layers * per_layer, device=device, dtype=dtype)
+        self.lora = []
+        off = 0
+        for _ in range(c.layers):
+            views = {}
+            for name, shape in (("qa", (r, c.hidden)), ("qb", (c.heads * c.head_dim, r)),
+                                ("va", (r, c.hidden)), ("vb", (c.kv_heads * c.head_dim, r))):
+                n = shape[0] * shape[1]
+                views[name] = self.adapter[off:off + n].view(shape)
+                off += n
+            self.lora.append(views)
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.kv = torch.zeros(c.layers, 2, num_blocks, block_size, c.kv_heads, c.head_dim,
+                              device=device, dtype=dtype)
+
+    def adapter_update(self, step: int):
+        """An online adapter change at `step`: a few rows of one layer's factors, from the step
+        number alone (a resumed run makes the same change at the same step)."""
+        c = self.cfg
+        g = torch.Generator(device="cpu").manual_seed(10_000 + step)
+        layer = self.lora[step % c.layers]
+        for name in ("qa", "vb"):
+            t = layer[name]
+            rows = torch.randint(0, t.shape[0], (2,), generator=g)
+            t[rows] = (torch.randn(2, t.shape[1], generator=g) * 0.02).to(t.device, t.dtype)
+
+    def rope(self, x, pos):
+        c, s = self.cos[pos], self.sin[pos]
+        x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+        out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+        return out.to(x.dtype)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, pos: int, block_table: torch.Tensor) -> torch.Tensor:
+        """Logits for the next token of each sequence; writes K/V of position `pos`."""
+        c, B = self.cfg, tokens.shape[0]
+        h = self.embed[tokens]                                   # (B, hidden)
+        blk = block_table[:, pos // self.block_size]
+        slot = pos % self.block_size
+        nblk = pos // self.block_size + 1
+        table = block_table[:, :nblk]
+        for li, L in enumerate(self.layers):
+            lo = self.lora[li]
+            x = rms_norm(h, L["ln1"], c.eps)
+            q = x @ L["q"].T + (x @ lo["qa"].T) @ lo["qb"].T
+            k = x @ L["k"].T
+            v = x @ L["v"].T + (x @ lo["va"].T) @ lo["vb"].T
+            q = rms_norm(q.view(B, c.heads, c.head_dim), L["qn"], c.eps)
+            k = rms_norm(k.view(B, c.kv_heads, c.head_dim), L["kn"], c.eps)
+            q, k = self.rope(q, pos), self.rope(k, pos)
+            self.kv[li, 0, blk, slot] = k
+            self.kv[li, 1, blk, slot] = v.view(B, c.kv_heads, c.head_dim)
+            keys = self.kv[li, 0][table].reshape(B, -1, c.kv_heads, c.head_dim)[:, :pos + 1]
+            vals = self.kv[li, 1][table].reshape(B, -1, c.kv_heads, c.head_dim)[:, :pos + 1]
+            rep = c.heads // c.kv_heads
+            keys = keys.transpose(1, 2).repeat_interleave(rep, dim=1)   # (B, heads, T, hd)
+            vals = vals.transpose(1, 2).repeat_interleave(rep, dim=1)
+            att = F.scaled_dot_product_attention(q[:, :, None, :], keys, vals)
+            h = h + att.reshape(B, c.heads * c.head_dim) @ L["o"].T
+            x = rms_norm(h, L["ln2"], c.eps)
+            h = h + (F.silu(x @ L["gate"].T) * (x @ L["up"].T)) @ L["down"].T
+        h = rms_norm(h, self.norm, c.eps)
+        return h @ self.embed.T
+
+
+class Scheduler:
+    """Sequences, their lengths, the block table and the free-block counter, kept in one int32
+    tensor so that the same commit that logs KV pages logs the state that explains them."""
+
+    def __init__(self, batch: int, max_len: int, block_size: int, device):
+        self.batch, self.max_len, self.block_size = batch, max_len, block_size
+        self.max_blocks = -(-max_len // block_size)
+        self.HEAD = 4   # kv_len, length, next free block, batch
+        n = self.HEAD + batch * self.max_blocks + batch * max_len
+        self.state = torch.zeros(n, dtype=torch.int32, device=device)
+        self.host = np.zeros(n, np.int32)
+
+    def table(self):
+        return self.host[self.HEAD:self.HEAD + self.batch * self.max_blocks].reshape(
+            self.batch, self.max_blocks)
+
+    def tokens(self):
+        return self.host[self.HEAD + self.batch * self.max_blocks:].reshape(self.batch, self.max_len)
+
+    def start(self, prompts: np.ndarray):
+        self.host[:] = 0
+        self.host[3] = self.batch
+        self.table()[:] = -1
+        self.tokens()[:, :prompts.shape[1]] = prompts
+        self.host[1] = prompts.shape[1]
+
+    def ensure_block(self, pos: int) -> bool:
+        """Give every sequence a block for position `pos` (interleaved: the table matters)."""
+        if pos % self.block_size or self.table()[0, pos // self.block_size] >= 0:
+            return False
+        for b in range(self.batch):
+            self.table()[b, pos // self.block_size] = self.host[2]
+            self.host[2] += 1
+        return True
+
+    def publish(self):
+        """Host bookkeeping -> the device tensor (what gets checkpointed)."""
+        self.state.copy_(torch.from_numpy(self.host))
+
+    def load(self):
+        self.host[:] = self.state.cpu().numpy()
+
+
+def make_prompts(cfg, batch: int, prompt_len: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, cfg.vocab, (batch, prompt_len)).astype(np.int32)
+
+
+class DecodeRun:
+    """One decode job: model + scheduler + (optionally) a Checkpointer over the three regions."""
+
+    def __init__(self, args):
+        self.args = args
+        self.cfg = CONFIGS[args.config]
+        self.device = torch.device(args.device)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.max_len = args.prompt + args.tokens
+        blocks = args.batch * (-(-self.max_len // args.block_size))
+        self.model = Qwen3Decoder(self.cfg, self.device, dtype, args.seed, args.block_size,
+                                  blocks, args.batch, self.max_len)
+        self.sched = Scheduler(args.batch, self.max_len, args.block_size, self.device)
+        self.ckpt = None
+        self.scanner = None
+        self.stats: list[dict] = []
+
+    def regions(self, rt):
+        """The three tensors as Concordia regions (DLPack: no copy). bf16 has no IR type, so
+        the KV cache and adapter are seen as int32 words: a region is bytes to Concordia."""
+        def words(t):
+            return rt.from_dlpack(t.view(torch.int32) if t.dtype == torch.bfloat16 else t)
+        return {"kv": words(self.model.kv), "adapter": words(self.model.adapter),
+                "sched": rt.from_dlpack(self.sched.state)}
+
+    def open_checkpointer(self):
+        from concordia_ir import Runtime
+        from handlers import Checkpointer
+        from handlers.scanners import AdapterPageScanner, KVBlockScanner
+        rt = Runtime(self.args.backend)
+        self.scanner = KVBlockScanner(tuple(self.model.kv.shape), self.model.kv.element_size())
+        self.ckpt = Checkpointer(rt, self.regions(rt), self.args.log, fsync=self.args.fsync,
+                                 scanners={"kv": self.scanner, "adapter": AdapterPageScanner()})
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def checkpoint(self, pos: int):
+        t0 = time.perf_counter()
+        self.sched.publish()
+        self.sync()
+        st = self.ckpt.checkpoint()
+        self.stats.append({"pos": pos, "seconds": time.perf_counter() - t0, "pages": st.pages,
+                           "bytes": st.bytes, "full": st.full})
+
+    def generate(self, start_pos: int | None = None, crash_after: int | None = None,
+                 on_token=None):
+        """Decode until every sequence holds prompt + tokens; returns the token array."""
+        s, a = self.sched, self.args
+        if start_pos is None:
+            s.start(make_prompts(self.cfg, a.batch, a.prompt, a.seed))
+            pos = 0
+            if self.ckpt is not None:
+                s.ensure_block(0)
+                self.checkpoint(0)   # the base image
+        else:
+            pos = start_pos
+        table = torch.from_numpy(s.table()).to(self.device)
+        generated = 0
+        while pos < self.max_len - 1:
+            if s.ensure_block(pos):
+                table = torch.from_numpy(s.table().copy()).to(self.device)
+            if a.adapter_every and pos % a.adapter_every == 0 and pos > 0:
+                self.model.adapter_update(pos)
+            toks = torch.from_numpy(s.tokens()[:, pos].copy()).to(self.device)
+            logits = self.model.step(toks, pos, table)
+            if self.scanner is not None:
+                self.scanner.mark(s.table()[:, pos // a.block_size], np.full(a.batch, pos % a.block_size))
+            pos += 1
+            s.host[0] = pos
+            if pos >= s.host[1]:            # past the prompt: greedy next token
+                nxt = torch.argmax(logits.float(), dim=-1).to(torch.int32).cpu().numpy()
+                s.tokens()[:, pos] = nxt
+                s.host[1] = pos + 1
+                generated += 1
+                if on_token:
+                    on_token(pos)
+            if self.ckpt is not None and a.every and pos % a.every == 0:
+                self.checkpoint(pos)
+            if crash_after is not None and generated >= crash_after:
+                os.kill(os.getpid(), signal.SIGKILL)   # a crash: nothing is flushed or closed
+        self.sync()
+        return s.tokens().copy()
+
+    def resume(self, restore_backend: str) -> dict:
+        """Restore kv/adapter/sched from the log into this process's tensors; phases timed."""
+        from concordia_ir import Runtime
+        from handlers import Checkpointer
+        from handlers.log import committed_image, scan_log
+        t0 = time.perf_counter()
+        scan = scan_log(self.args.log)                  # detect: the log's last commit
+        t1 = time.perf_counter()
+        committed_image(scan)                           # load: the committed page image
+        t2 = time.perf_counter()
+        rt = Runtime(restore_backend)
+        Checkpointer.restore(self.args.log, rt, into=self.regions(rt))   # apply
+        self.sync()
+        self.sched.load()
+        t3 = time.perf_counter()
+        return {"detect_s": t1 - t0, "load_log_s": t2 - t1, "apply_s": t3 - t2,
+                "restored_pos": int(self.sched.host[0])}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--prompt", type=int, default=8, help="prompt tokens per sequence")
+    p.add_argument("--tokens", type=int, default=32, help="tokens to generate per sequence")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--adapter-every", type=int, default=8, help="adapter change every N steps")
+    p.add_argument("--log", help="delta log path: checkpoint while decoding")
+    p.add_argument("--every", type=int, default=1, help="checkpoint every N decode steps")
+    p.add_argument("--backend", default=None, help="Concordia backend of the checkpoints")
+    p.add_argument("--fsync", default="always", choices=["always", "everysec", "never"])
+    p.add_argument("--crash-after", type=int, help="SIGKILL this process after N new tokens")
+    p.add_argument("--resume", action="store_true", help="restore from --log and continue")
+    p.add_argument("--restore-backend", default=None, help="backend that applies the log")
+    p.add_argument("--out", help="write the final tokens (.npy) here")
+    p.add_argument("--json", help="write timings here")
+    a = p.parse_args(argv)
+    if a.resume and not a.log:
+        p.error("--resume needs --log")
+    if min(a.batch, a.prompt, a.tokens, a.block_size) < 1:
+        p.error("--batch, --prompt, --tokens and --block-size must be >= 1")
+    return a
+
+
+def main(argv=None) -> int:
+    from concordia_ir.errors import ConcordiaError
+    a = parse(argv)
+    try:
+        run = DecodeRun(a)
+        report = {"config": asdict(run.cfg), "batch": a.batch, "device": str(run.device)}
+        if a.resume:
+            rec = run.resume(a.restore_backend or a.backend)
+            t = time.perf_counter()
+            first = []
+            tokens = run.generate(start_pos=rec["restored_pos"],
+                                  on_token=lambda pos: first.append(time.perf_counter() - t))
+            rec["resume_s"] = first[0] if first else 0.0
+            report["recovery"] = rec
+            print(f"resumed at position {rec['restored_pos']} "
+                  f"(detect {rec['detect_s'] * 1e3:.1f} ms, load {rec['load_log_s'] * 1e3:.1f} ms, "
+                  f"apply {rec['apply_s'] * 1e3:.1f} ms, first token {rec['resume_s'] * 1e3:.1f} ms)")
+        else:
+            if a.log:
+                if os.path.exists(a.log):
+                    os.remove(a.log)   # a fresh run starts a fresh log
+                run.open_checkpointer()
+            t = time.perf_counter()
+            tokens = run.generate(crash_after=a.crash_after)
+            report["seconds"] = time.perf_counter() - t
+            report["checkpoints"] = run.stats
+        if run.ckpt is not None:
+            run.ckpt.close()
+        if a.out:
+            np.save(a.out, tokens)
+        if a.json:
+            with open(a.json, "w") as fh:
+                json.dump(report, fh, indent=2)
+        print(f"generated {a.tokens} tokens x {a.batch} sequences; last: {tokens[:, -4:].tolist()}")
+        return 0
+    except ConcordiaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

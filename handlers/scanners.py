@@ -1,0 +1,57 @@
+"""Region scanners that know their data: which pages changed, without reading the region.
+
+A Checkpointer takes one per region (`scanners={"kv": KVBlockScanner(...)}`); a region with
+none is scanned on the device by the Checkpointer's mode (shadow / hash / tracked).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class KVBlockScanner:
+    """Dirty pages of a paged KV cache, from the decode loop's own writes.
+
+    The cache is one tensor of shape (layers, 2, blocks, block_size, kv_heads, head_dim): a
+    decode step writes one slot (block, position in block) per sequence, in every layer, for K
+    and V. `mark(blocks, slots)` records those slots (the block table gives the block);
+    `dirty_pages()` turns them into the pages that hold them — O(tokens written since the last
+    checkpoint), no pass over the cache, however long the contexts are.
+    """
+
+    def __init__(self, shape: tuple, itemsize: int, page_size: int = 4096):
+        self.layers, self.two, self.blocks, self.block_size = shape[:4]
+        self.slot_bytes = int(np.prod(shape[4:])) * itemsize
+        self.page_size = page_size
+        self.pending: list[np.ndarray] = []
+
+    def mark(self, blocks, slots) -> None:
+        """Slots written by one step: arrays of block ids and in-block positions (one per
+        sequence); every layer and both K and V are written there."""
+        b = np.asarray(blocks, np.int64).reshape(-1)
+        s = np.asarray(slots, np.int64).reshape(-1)
+        lk = np.arange(self.layers * self.two, dtype=np.int64)[:, None]
+        slot_index = (lk * self.blocks + b[None, :]) * self.block_size + s[None, :]
+        self.pending.append(slot_index.reshape(-1))
+
+    def dirty_pages(self) -> np.ndarray:
+        if not self.pending:
+            return np.zeros(0, np.int32)
+        start = np.concatenate(self.pending) * self.slot_bytes
+        first = start // self.page_size
+        last = (start + self.slot_bytes - 1) // self.page_size
+        span = int((last - first).max()) + 1
+        pages = (first[:, None] + np.arange(span)[None, :])
+        pages = pages[pages <= last[:, None]]
+        return np.unique(pages).astype(np.int32)
+
+    def committed(self) -> None:
+        self.pending.clear()
+
+
+class AdapterPageScanner:
+    """Adapter weights (LoRA factors) change rarely, and through any code path (a hot-swap, an
+    optimiser step), so no host record of writes is trustworthy: their pages are compared with
+    a device shadow copy by the shadow DirtyPageScanner, one work-group per page, where they
+    live. A region scanned this way costs a shadow copy of its size on the device."""
+
+    device_scan = "shadow"
