@@ -260,8 +260,9 @@ class DecodeRun:
                            "bytes": st.bytes, "full": st.full})
 
     def generate(self, start_pos: int | None = None, crash_after: int | None = None,
-                 on_token=None):
-        """Decode until every sequence holds prompt + tokens; returns the token array."""
+                 on_token=None, stop_after: int | None = None):
+        """Decode until every sequence holds prompt + tokens (or `stop_after` new tokens);
+        returns the token array."""
         s, a = self.sched, self.args
         if start_pos is None:
             s.start(make_prompts(self.cfg, a.batch, a.prompt, a.seed))
@@ -295,6 +296,8 @@ class DecodeRun:
                 self.checkpoint(pos)
             if crash_after is not None and generated >= crash_after:
                 os.kill(os.getpid(), signal.SIGKILL)   # a crash: nothing is flushed or closed
+            if stop_after is not None and generated >= stop_after:
+                break
         self.sync()
         return s.tokens().copy()
 
