@@ -72,6 +72,26 @@ class Backend(ABC):
     def synchronize(self) -> None:
         pass
 
+    # -- for persistent kernels (handlers/persistent.py)
+    def resident_groups(self) -> int | None:
+        """How many work-groups are sure to make progress side by side (a persistent kernel
+        spins in each); None when the backend cannot say."""
+        return None
+    def alloc_mapped(self, nbytes: int):
+        """(handle, host view): memory that the host and a running kernel both access directly,
+        without copies (a task ring). Raises where the device offers no coherent mapping."""
+        from concordia_ir.errors import ConcordiaError
+        raise ConcordiaError(f"backend {self.name!r} has no host-mapped memory for a task ring")
+
+    def free_mapped(self, handle) -> None:
+        self.free(handle)
+
+    def launch_detached(self, kernel, args: list, global_size: tuple, local_size: tuple):
+        """Start a kernel that runs beside later work (a persistent kernel); returns an object
+        with done() -> bool (raises the kernel's error) and wait()."""
+        self.launch_async(kernel, args, global_size, local_size)
+        return ThreadedRun(self)
+
     def wrap_dlpack(self, tensor):
         """(handle, dtype, size, keepalive) for a DLPack tensor on this backend's device."""
         from concordia_ir.errors import ConcordiaError
@@ -79,6 +99,24 @@ class Backend(ABC):
 
     def device_info(self) -> dict:
         return {"backend": self.name, "device": self.device}
+
+
+class ThreadedRun:
+    """A detached launch of a backend that runs kernels in a host thread (launch_async)."""
+
+    def __init__(self, backend):
+        self.backend, self.thread = backend, getattr(backend, "_thread", None)
+
+    def done(self) -> bool:
+        if self.thread is not None and self.thread.is_alive():
+            return False
+        self.backend.synchronize()   # re-raises the kernel's error
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self.thread is not None:
+            self.thread.join(timeout)
+        return self.done()
 
 
 BACKENDS: dict[str, type[Backend]] = {}

@@ -163,6 +163,72 @@ class CUDABackend(Backend):
                "cuMemcpyHtoDAsync (control)")
         _check(driver.cuStreamSynchronize(self.control_stream), "cuStreamSynchronize (control)")
 
+    def alloc_mapped(self, nbytes):
+        """Pinned host memory mapped into the device's address space (zero-copy): the host
+        writes task records, the kernel reads them over PCIe; the kernel writes completions."""
+        import ctypes
+        driver = _driver()
+        self.activate()
+        flags = driver.CU_MEMHOSTALLOC_DEVICEMAP | driver.CU_MEMHOSTALLOC_PORTABLE
+        host = _check(driver.cuMemHostAlloc(nbytes, flags), "cuMemHostAlloc(DEVICEMAP)")
+        dptr = _check(driver.cuMemHostGetDevicePointer(host, 0), "cuMemHostGetDevicePointer")
+        view = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(int(host)))
+        view[:] = 0
+        self._mapped = getattr(self, "_mapped", {})
+        self._mapped[int(dptr)] = host
+        return dptr, view
+
+    def free_mapped(self, handle):
+        host = getattr(self, "_mapped", {}).pop(int(handle), None)
+        if host is not None:
+            self.activate()
+            _check(_driver().cuMemFreeHost(host), "cuMemFreeHost")
+
+    def resident_groups(self):
+        driver = _driver()
+        attr = driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+        return int(_check(driver.cuDeviceGetAttribute(attr, self.dev), "cuDeviceGetAttribute"))
+
+    def launch_detached(self, kernel, args, global_size, local_size):
+        """On a stream of its own that does not synchronise with the legacy stream, so that
+        copies and other kernels run beside the persistent kernel."""
+        driver = _driver()
+        fn = self.compile(kernel)
+        if getattr(self, "detached_stream", None) is None:
+            self.detached_stream = _check(driver.cuStreamCreate(
+                driver.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
+        holders = [np.array([int(a)], np.uint64) if not isinstance(a, np.generic)
+                   else np.array([a], np.uint8 if a.dtype == np.bool_ else a.dtype) for a in args]
+        params = np.array([h.ctypes.data for h in holders], dtype=np.uint64)
+        grid = [g // l for g, l in zip(global_size, local_size)]
+        _check(driver.cuLaunchKernel(fn, *grid, *local_size, 0, self.detached_stream,
+                                     params.ctypes.data, 0), f"launch of {kernel.name}")
+        event = _check(driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING),
+                       "cuEventCreate")
+        _check(driver.cuEventRecord(event, self.detached_stream), "cuEventRecord")
+        backend = self
+
+        class Run:
+            keep = (holders, params)
+
+            def done(self) -> bool:
+                backend.activate()
+                err = driver.cuEventQuery(event)[0]
+                if err == driver.CUresult.CUDA_ERROR_NOT_READY:
+                    return False
+                _check((err,), f"persistent kernel {kernel.name}")
+                return True
+
+            def wait(self, timeout=None) -> bool:
+                import time
+                end = None if timeout is None else time.monotonic() + timeout
+                while not self.done():
+                    if end is not None and time.monotonic() > end:
+                        return False
+                    time.sleep(50e-6)
+                return True
+        return Run()
+
     def prepare(self, kernel):
         self.compile(kernel)
 

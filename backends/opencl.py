@@ -104,6 +104,40 @@ class OpenCLBackend(Backend):
         self._host_backed[buf.int_ptr] = host
         return buf
 
+    def alloc_mapped(self, nbytes):
+        """CPU devices only: a buffer over host memory that the kernel and host share. OpenCL
+        1.2 promises no coherence with a running kernel on a GPU (that needs fine-grained SVM)."""
+        if _is_gpu(self.dev):
+            raise ConcordiaError(f"OpenCL on {self.dev.name.strip()} (a GPU) has no coherent "
+                                 "host-mapped memory here; run the task ring on cuda, or on an "
+                                 "OpenCL CPU device")
+        buf = self.alloc_control(nbytes)
+        return buf, self._host_backed[buf.int_ptr]
+
+    def resident_groups(self):
+        return int(self.dev.max_compute_units)
+
+    def launch_detached(self, kernel, args, global_size, local_size):
+        knl = self.compile(kernel)
+        knl.set_args(*[np.uint8(a) if isinstance(a, np.bool_) else a for a in args])
+        if getattr(self, "detached_queue", None) is None:
+            self.detached_queue = self.cl.CommandQueue(self.ctx)   # beside the main queue
+        event = self.cl.enqueue_nd_range_kernel(self.detached_queue, knl, global_size, local_size)
+        self.detached_queue.flush()
+        cl = self.cl
+
+        class Run:
+            def done(self) -> bool:
+                status = event.command_execution_status
+                if status < 0:
+                    raise ConcordiaError(f"OpenCL kernel {kernel.name} failed (status {status})")
+                return status == cl.command_execution_status.COMPLETE
+
+            def wait(self, timeout=None) -> bool:
+                event.wait()
+                return self.done()
+        return Run()
+
     def write_control(self, handle, host):
         backing = getattr(self, "_host_backed", {}).get(handle.int_ptr)
         if backing is not None:

@@ -32,6 +32,13 @@ class ReferenceBackend(Backend):
     def wrap_dlpack(self, tensor):
         return wrap_host_dlpack(self.name, tensor)
 
+    def resident_groups(self):
+        return 1   # the interpreter runs groups in lock-step: one spinning group stalls the rest
+
+    def alloc_mapped(self, nbytes):
+        handle = self.alloc(nbytes)
+        return handle, handle
+
     def launch_async(self, kernel, args, global_size, local_size):
         """Interpret in a thread, so that the host can pause the kernel while it runs."""
         import threading

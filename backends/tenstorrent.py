@@ -46,6 +46,13 @@ class _HostMemoryBackend(Backend):
     def wrap_dlpack(self, tensor):
         return wrap_host_dlpack(self.name, tensor)   # simulated DRAM is host memory
 
+    def resident_groups(self):
+        return 1   # the scalar tier runs a core's groups one after another
+
+    def alloc_mapped(self, nbytes):
+        handle = self.alloc(nbytes)
+        return handle, handle
+
     def launch(self, kernel, args, global_size, local_size):
         self.synchronize()
         self._run(kernel, args, global_size, local_size)

@@ -1,5 +1,5 @@
 """Concordia IR: a small typed SIMT kernel IR, its Python front-end and its reference oracle."""
-from .builtins import (atomic_add, atomic_cas, atomic_max, atomic_min, atomic_xchg, barrier,
+from .builtins import (atomic_add, atomic_cas, atomic_max, atomic_min, atomic_xchg, barrier, fence,
                        bitcast, ceil, floor, fma, global_id, global_size, group_id, local_array,
                        local_id, local_size, num_groups, safepoint, select, sqrt)
 from .errors import (BackendUnavailable, ConcordiaError, IRParseError, IRVerifyError,

@@ -20,6 +20,8 @@ global_size = _builtin("global_size", "global_size(dim): work-items in the grid 
 local_size = _builtin("local_size", "local_size(dim): work-items in a group (i32).")
 num_groups = _builtin("num_groups", "num_groups(dim): work-groups in the grid (i32).")
 barrier = _builtin("barrier", "barrier(): every work-item of the group waits; local memory is synced.")
+fence = _builtin("fence", "fence(): this work-item's earlier memory accesses are seen by every "
+                          "observer (other groups, the host) before its later ones.")
 safepoint = _builtin("safepoint", "safepoint(): first statement of a loop body; a point "
                                   "where the kernel may be paused and migrated.")
 local_array = _builtin("local_array", "local_array(T, n): n elements of work-group local memory.")
@@ -37,5 +39,5 @@ select = _builtin("select", "select(c, a, b): a where c else b, both evaluated."
 bitcast = _builtin("bitcast", "bitcast(x, T): reinterpret the bits of x as type T.")
 
 __all__ = ["global_id", "local_id", "group_id", "global_size", "local_size", "num_groups",
-           "barrier", "safepoint", "local_array", "atomic_add", "atomic_min", "atomic_max",
+           "barrier", "fence", "safepoint", "local_array", "atomic_add", "atomic_min", "atomic_max",
            "atomic_xchg", "atomic_cas", "sqrt", "floor", "ceil", "fma", "select", "bitcast"]

@@ -670,7 +670,7 @@ class _Builder:
             if not isinstance(d, _Lit) or d.value not in (0, 1, 2) or isinstance(d.value, bool):
                 self.fail(e, f"{name}(dim): dim must be the constant 0, 1 or 2")
             return self.emit1(e, name, (), i32, (("dim", d.value),))
-        if name in ("barrier", "safepoint"):
+        if name in ("barrier", "safepoint", "fence"):
             if e.args:
                 self.fail(e, f"{name}() takes no arguments")
             if not statement:

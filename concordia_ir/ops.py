@@ -103,6 +103,6 @@ ATOMICS = ("atomic_add", "atomic_min", "atomic_max", "atomic_xchg", "atomic_cas"
 CONTROL = ("if", "for", "while")
 TERMINATORS = ("yield", "condition", "return")
 OTHER = ("const", "select", "cast", "bitcast", "fma", "load", "store", "barrier",
-         "safepoint", "local_alloc")
+         "safepoint", "local_alloc", "fence")
 ALL_OPS = frozenset(ARITH + BITWISE + SHIFT + UNARY + COMPARE + BUILTINS + ATOMICS
                     + CONTROL + TERMINATORS + OTHER)

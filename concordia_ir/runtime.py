@@ -232,6 +232,20 @@ class Runtime:
             raise LaunchError(f"tensors of {dtype} cannot be wrapped yet")
         return DeviceBuffer(self, handle, dtype, size, owned=False, keepalive=keep)
 
+    def mapped(self, count: int, dtype) -> DeviceBuffer:
+        """Memory the host and a running kernel share without copies (a task ring): a
+        DeviceBuffer whose `.host` is a numpy view of the same bytes. Free with free_mapped."""
+        dtype = np.dtype(dtype)
+        handle, view = self.backend.alloc_mapped(count * dtype.itemsize)
+        buf = DeviceBuffer(self, handle, dtype, count, owned=False)
+        buf.host = view[:count * dtype.itemsize].view(dtype)
+        return buf
+
+    def free_mapped(self, buf: DeviceBuffer) -> None:
+        if buf.handle is not None:
+            self.backend.free_mapped(buf.handle)
+        buf.handle = None
+
     def free(self, buf: DeviceBuffer) -> None:
         if buf.owned and buf.handle is not None:
             self.backend.free(buf.handle)

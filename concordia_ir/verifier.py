@@ -156,6 +156,8 @@ class _KernelVerifier:
                               "condition differs between work-items of a group)")
             if self.returned_divergently:
                 self.fail(op, "barrier after some work-items of the group may have returned")
+        elif name == "fence":
+            arity(0, 0)   # orders this work-item's memory accesses for every observer (host too)
         elif name == "safepoint":
             arity(0, 0)
             if not isinstance(op.attr("id"), int):

@@ -157,6 +157,9 @@ class CStyleRenderer:
     def op_barrier(self, op: Op, indent: int):
         self.emit(indent, self.d.barrier, op)
 
+    def op_fence(self, op: Op, indent: int):
+        self.emit(indent, self.d.fence, op)
+
     def op_safepoint(self, op: Op, indent: int):
         self.emit(indent, f"/* safepoint {op.attr('id')} */", op)
 

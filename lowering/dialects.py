@@ -19,6 +19,7 @@ class Dialect:
     int64_suffix: str                     # literal suffix of i64 ('L' or 'LL')
     ids: dict[str, tuple[str, str, str]]  # builtin -> expression per dim
     barrier: str
+    fence: str                            # system-scope memory fence (host-visible ordering)
     atomics: dict[str, str]               # op -> format of {p} (address), {v}, {cmp}, {scope}
     atomic_scope: dict[str, str] = field(default_factory=dict)  # address space -> {scope}
     float_fn_suffix: str = "f"            # sqrtf vs sqrt for f32
@@ -50,6 +51,7 @@ OPENCL = Dialect(
         ("global_size", "get_global_size"), ("local_size", "get_local_size"),
         ("num_groups", "get_num_groups"))},
     barrier="barrier(CLK_LOCAL_MEM_FENCE | CLK_GLOBAL_MEM_FENCE);",
+    fence="mem_fence(CLK_GLOBAL_MEM_FENCE);",
     atomics={"atomic_add": "atomic_add({p}, {v})", "atomic_min": "atomic_min({p}, {v})",
              "atomic_max": "atomic_max({p}, {v})", "atomic_xchg": "atomic_xchg({p}, {v})",
              "atomic_cas": "atomic_cmpxchg({p}, {cmp}, {v})"},
@@ -74,6 +76,7 @@ CUDA = Dialect(
          "local_size": tuple(f"(int)blockDim.{d}" for d in _DIMS),
          "num_groups": tuple(f"(int)gridDim.{d}" for d in _DIMS)},
     barrier="__syncthreads();",
+    fence="__threadfence_system();",
     atomics={"atomic_add": "atomicAdd({p}, {v})", "atomic_min": "atomicMin({p}, {v})",
              "atomic_max": "atomicMax({p}, {v})", "atomic_xchg": "atomicExch({p}, {v})",
              "atomic_cas": "atomicCAS({p}, {cmp}, {v})"},
@@ -94,6 +97,7 @@ HIP = replace(
         "#define __global__ __attribute__((global))",
         "#define __device__ __attribute__((device))",
         "#define __shared__ __attribute__((shared))",
+        '__device__ inline void __threadfence_system() { __builtin_amdgcn_fence(__ATOMIC_SEQ_CST, ""); }',
         *(f"__device__ inline {t} {fn}{s}({', '.join([t + ' x', t + ' y', t + ' z'][:n])}) "
           f"{{ return __builtin_{fn}{s}({', '.join('xyz'[:n])}); }}"
           for t, s in (("float", "f"), ("double", ""))
@@ -114,6 +118,7 @@ HIP = replace(
                             f"__builtin_amdgcn_workitem_id_{d}())" for d in _DIMS)},
     barrier=('__builtin_amdgcn_fence(__ATOMIC_RELEASE, "workgroup"); '
              '__builtin_amdgcn_s_barrier(); __builtin_amdgcn_fence(__ATOMIC_ACQUIRE, "workgroup");'),
+    fence="__threadfence_system();",
     atomics={"atomic_add": "__hip_atomic_fetch_add({p}, {v}, __ATOMIC_RELAXED, {scope})",
              "atomic_min": "__hip_atomic_fetch_min({p}, {v}, __ATOMIC_RELAXED, {scope})",
              "atomic_max": "__hip_atomic_fetch_max({p}, {v}, __ATOMIC_RELAXED, {scope})",

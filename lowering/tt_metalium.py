@@ -51,6 +51,7 @@ METALIUM = _MetaliumDialect(**{**CUDA.__dict__, **dict(
          "local_size": tuple(f"cc_lsz[{d}]" for d in range(3)),
          "num_groups": tuple(f"cc_ngr[{d}]" for d in range(3))},
     barrier="/* barrier: the group's lane loop ends here */",
+    fence='__asm__ __volatile__("" ::: "memory");',   # one core, in order: a compiler fence
     atomics={},
 )})
 

@@ -1,0 +1,470 @@
+"""A persistent kernel that consumes a task ring: dispatch without a launch per task.
+
+One kernel, generated from IR, stays resident: each work-group claims the next task from a
+ring in host-mapped memory, runs the registered handler the task names (an IR kernel, inlined
+into the dispatcher's op table and lowered by the same templates as every kernel), and marks
+the task done. Registering or replacing a handler builds a new op table and hot-swaps the
+kernel between two tasks. docs/persistent.md gives the memory-ordering argument.
+
+Ring record (i32 words, RECORD_WORDS per slot): op id, first group, group count, total groups
+of the task, then the handler's scalar arguments (64-bit ones as two words, low first).
+ctrl (mapped): [0] head = tasks published, [1] stop. done (mapped): per slot, seq + 1 of the
+task that last completed there. claim (device): the next task index to take.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from concordia_ir.errors import ConcordiaError, where
+from concordia_ir.ops import Block, Kernel, Op, Value, walk
+from concordia_ir.runtime import DeviceBuffer, _as_kernel
+from concordia_ir.types import PtrType, boolean, i32, u32, u64
+from concordia_ir.verifier import verify_kernel
+
+from .safepoints import _Builder, _Names
+
+RECORD_WORDS = 16
+HEADER_WORDS = 4
+ARG_WORDS = RECORD_WORDS - HEADER_WORDS
+_IDS = {"global_id", "group_id", "num_groups", "global_size", "local_id", "local_size"}
+
+
+class TaskError(ConcordiaError):
+    """A task faulted or hung; `pending` holds every task not known to be complete."""
+
+    def __init__(self, message: str, pending: list):
+        super().__init__(message)
+        self.pending = pending
+
+
+@dataclass(frozen=True)
+class Handler:
+    name: str
+    kernel: Kernel
+    buffers: tuple            # a DeviceBuffer per pointer parameter, in parameter order
+    arg_words: int
+
+    @property
+    def scalars(self) -> list[Value]:
+        return [p for p in self.kernel.params if not isinstance(p.type, PtrType)]
+
+
+@dataclass
+class Task:
+    seq: int
+    op: str
+    args: tuple
+    groups: tuple             # (first group, group count, total groups)
+
+
+@dataclass
+class SwapStats:
+    compile_s: float
+    drain_s: float = 0.0
+    switch_s: float = 0.0
+    tasks_before: int = 0
+
+    @property
+    def pause_s(self) -> float:
+        """How long no task could run: draining the ring and switching kernels."""
+        return self.drain_s + self.switch_s
+
+
+def make_handler(name: str, kernel, buffers) -> Handler:
+    """Check that an IR kernel can join an op table and bind its buffers."""
+    k = _as_kernel(kernel)
+    ptrs = [p for p in k.params if isinstance(p.type, PtrType)]
+    if len(buffers) != len(ptrs):
+        raise ConcordiaError(f"handler {name!r}: kernel {k.name} has {len(ptrs)} buffer "
+                             f"parameters ({', '.join(p.name for p in ptrs)}), got {len(buffers)} buffers")
+    for p, b in zip(ptrs, buffers):
+        if not isinstance(b, DeviceBuffer) or np.dtype(b.dtype) != p.type.elem.dtype:
+            raise ConcordiaError(f"handler {name!r}: %{p.name} needs a device buffer of "
+                                 f"{p.type.elem}, got {getattr(b, 'dtype', type(b).__name__)}")
+    body = k.body.ops
+    for op in walk(k.body):
+        if op.name == "return" and op is not body[-1]:
+            raise ConcordiaError(f"{where(op.where)}handler {name!r}: an early return; an op-table "
+                                 "handler runs to its end (guard the work with an if instead)")
+        if op.name in _IDS and op.name not in ("local_id", "local_size") and op.attr("dim") != 0:
+            raise ConcordiaError(f"{where(op.where)}handler {name!r}: tasks are 1-D; "
+                                 f"{op.name}({op.attr('dim')}) has no meaning in a task")
+    words = sum(2 if p.type.bits == 64 else 1 for p in k.params if not isinstance(p.type, PtrType))
+    if words > ARG_WORDS:
+        raise ConcordiaError(f"handler {name!r}: {words} words of scalar arguments; a task "
+                             f"record holds {ARG_WORDS}")
+    return Handler(name, k, tuple(buffers), words)
+
+
+# ---- the dispatcher, in IR -------------------------------------------------------------------
+
+def build_dispatcher(handlers: list[Handler], ring_slots: int) -> Kernel:
+    names = _Names()
+    loc = None
+    ring, ctrl, done, claim = (Value(n, PtrType(i32)) for n in ("ring", "ctrl", "done", "claim"))
+    params = [ring, ctrl, done, claim]
+    for k, h in enumerate(handlers):
+        params += [Value(f"h{k}.{p.name}", p.type) for p in h.kernel.params
+                   if isinstance(p.type, PtrType)]
+    b = _Builder(names, loc)
+    c = lambda v, t=i32: b.const(v, t)   # noqa: E731
+    lid = b.op("local_id", (), i32, (("dim", 0),))
+    shared = b.op("local_alloc", (), PtrType(i32, "local"), (("size", 2),))
+    zero, one = c(0), c(1)
+    is0 = b.op("eq", (lid, zero), boolean)
+
+    # work-item 0 claims a task index and waits until it is published, or stop is asked
+    w = _Builder(names, loc)
+    t = w.op("atomic_add", (claim, w.const(0, i32), w.const(1, i32)), i32, hint="task")
+    spin = _Builder(names, loc)
+    head = spin.op("load", (ctrl, spin.const(0, i32)), i32, (("volatile", 1),), hint="head")
+    stop = spin.op("load", (ctrl, spin.const(1, i32)), i32, (("volatile", 1),), hint="stop")
+    waiting = spin.op("and", (spin.op("le", (head, t), boolean),
+                              spin.op("eq", (stop, spin.const(0, i32)), boolean)), boolean)
+    spin.ops.append(Op("condition", (waiting,)))
+    w.ops.append(Op("while", (), (), (), (Block((), tuple(spin.ops)), Block((), (Op("yield"),)))))
+    w.op("fence")   # acquire: the record is read after the head that published it
+    head2 = w.op("load", (ctrl, w.const(0, i32)), i32, (("volatile", 1),), hint="head")
+    quit_ = w.op("select", (w.op("le", (head2, t), boolean), w.const(1, i32), w.const(0, i32)), i32)
+    w.op("store", (shared, w.const(0, i32), t))
+    w.op("store", (shared, w.const(1, i32), quit_))
+    w.ops.append(Op("yield"))
+
+    loop = _Builder(names, loc)
+    loop.ops.append(Op("if", (is0,), (), (), (Block((), tuple(w.ops)), Block((), (Op("yield"),)))))
+    loop.op("barrier")
+    task = loop.op("load", (shared, loop.const(0, i32)), i32, hint="task")
+    q = loop.op("load", (shared, loop.const(1, i32)), i32, hint="quit")
+
+    run = _Builder(names, loc)
+    slot = run.op("rem", (task, run.const(ring_slots, i32)), i32, hint="slot")
+    base = run.op("mul", (slot, run.const(RECORD_WORDS, i32)), i32, hint="base")
+    field_ = lambda bld, n: bld.op("load", (ring, bld.op("add", (base, bld.const(n, i32)), i32)),  # noqa: E731
+                                   i32, (("volatile", 1),))
+    op_id = field_(run, 0)
+    first, count, total = field_(run, 1), field_(run, 2), field_(run, 3)
+    end = run.op("add", (first, count), i32)
+    run.ops.extend(_dispatch_chain(handlers, 0, op_id, first, end, total, base, ring, names))
+    run.op("barrier")
+    fin = _Builder(names, loc)
+    fin.op("fence")   # release: the task's results before its completion mark
+    fin.op("store", (done, slot, fin.op("add", (task, fin.const(1, i32)), i32)))
+    fin.ops.append(Op("yield"))
+    run.ops.append(Op("if", (is0,), (), (), (Block((), tuple(fin.ops)), Block((), (Op("yield"),)))))
+    run.ops.append(Op("yield"))
+    go = loop.op("eq", (q, loop.const(0, i32)), boolean)
+    loop.ops.append(Op("if", (go,), (), (), (Block((), tuple(run.ops)), Block((), (Op("yield"),)))))
+    loop.ops.append(Op("yield", (q,)))
+
+    qa = names.fresh("quit", i32)
+    before = Block((qa,), (Op("eq", (qa, zero), (cont := names.fresh("go", boolean),)),
+                           Op("condition", (cont,))))
+    b.ops.append(Op("while", (zero,), (), (), (before, Block((), tuple(loop.ops)))))
+    b.ops.append(Op("return"))
+    kernel = Kernel("persistent_dispatch", tuple(params), Block((), tuple(b.ops)))
+    verify_kernel(kernel)
+    return kernel
+
+
+def _dispatch_chain(handlers, k, op_id, first, end, total, base, ring, names) -> list[Op]:
+    """if op == k: handler k over its groups; else the rest of the chain."""
+    if k == len(handlers):
+        return []
+    b = _Builder(names, None)
+    is_k = b.op("eq", (op_id, b.const(k, i32)), boolean)
+    then = _Builder(names, None)
+    h = handlers[k]
+    word = HEADER_WORDS
+    for p in h.scalars:
+        at = lambda n: then.op("add", (base, then.const(n, i32)), i32)   # noqa: E731
+        lo = then.op("load", (ring, at(word)), i32, (("volatile", 1),))
+        dst = Value(f"h{k}.{p.name}", p.type)
+        if p.type.bits == 64:
+            hi = then.op("load", (ring, at(word + 1)), i32, (("volatile", 1),))
+            lo64 = then.op("cast", (then.op("bitcast", (lo,), u32),), u64)
+            hi64 = then.op("cast", (then.op("bitcast", (hi,), u32),), u64)
+            bits = then.op("or", (lo64, then.op("shl", (hi64, then.const(32, u64)), u64)), u64)
+            then.ops.append(Op("bitcast" if p.type != u64 else "add",
+                               (bits,) if p.type != u64 else (bits, then.const(0, u64)), (dst,)))
+            word += 2
+        else:
+            if p.type == i32:
+                then.ops.append(Op("add", (lo, then.const(0, i32)), (dst,)))
+            elif p.type == boolean:
+                then.ops.append(Op("ne", (lo, then.const(0, i32)), (dst,)))
+            else:
+                then.ops.append(Op("bitcast", (lo,), (dst,)))
+            word += 1
+    g = Value(f"h{k}.cc.group", i32)
+    body = _inline(h.kernel, f"h{k}.", g, total, names)
+    then.ops.append(Op("for", (first, end, then.const(1, i32)), (), (),
+                       (Block((g,), tuple(body) + (Op("yield"),)),)))
+    then.ops.append(Op("yield"))
+    rest = _dispatch_chain(handlers, k + 1, op_id, first, end, total, base, ring, names)
+    b.ops.append(Op("if", (is_k,), (), (), (Block((), tuple(then.ops)),
+                                             Block((), tuple(rest) + (Op("yield"),)))))
+    return b.ops
+
+
+def _inline(kernel: Kernel, prefix: str, g: Value, total: Value, names) -> list[Op]:
+    """The handler's body for virtual group g: values renamed, ids rebuilt from g."""
+    def rv(v: Value) -> Value:
+        return Value(prefix + v.name, v.type)
+
+    def block(blk: Block) -> Block:
+        out = []
+        for op in blk.ops:
+            out.extend(rewrite(op))
+        return Block(tuple(rv(a) for a in blk.args), tuple(out))
+
+    def rewrite(op: Op) -> list[Op]:
+        if op.name in _IDS:
+            r, d = rv(op.result), op.attr("dim")
+            b = _Builder(names, op.loc)
+            if op.name == "local_id" or op.name == "local_size":
+                return [Op(op.name, (), (r,), op.attrs, loc=op.loc)]
+            if d != 0:
+                return [Op("const", (), (r,), (("value", 1 if "size" in op.name or
+                                                 op.name == "num_groups" else 0),), loc=op.loc)]
+            if op.name == "group_id":
+                b.ops.append(Op("add", (g, b.const(0, i32)), (r,), loc=op.loc))
+            elif op.name == "num_groups":
+                b.ops.append(Op("add", (total, b.const(0, i32)), (r,), loc=op.loc))
+            else:
+                size = b.op("local_size", (), i32, (("dim", 0),))
+                if op.name == "global_size":
+                    b.ops.append(Op("mul", (total, size), (r,), loc=op.loc))
+                else:
+                    lid = b.op("local_id", (), i32, (("dim", 0),))
+                    b.ops.append(Op("add", (b.op("mul", (g, size), i32), lid), (r,), loc=op.loc))
+            return b.ops
+        return [Op(op.name, tuple(rv(v) for v in op.operands), tuple(rv(v) for v in op.results),
+                   op.attrs, tuple(block(r) for r in op.regions), op.loc)]
+    ops = block(kernel.body).ops
+    return list(ops[:-1] if ops and ops[-1].name == "return" else ops)
+
+
+# ---- the host side ---------------------------------------------------------------------------
+
+@dataclass
+class _Running:
+    kernel: Kernel
+    run: object
+    handlers: list = field(default_factory=list)
+
+
+class PersistentRuntime:
+    """A resident dispatcher on one Runtime, fed through a task ring.
+
+    >>> pr = PersistentRuntime(rt, blocks=8)
+    >>> pr.register("scale", scale_kernel, [x])        # compile the op table
+    >>> pr.start()
+    >>> task = pr.submit("scale", groups=4, args=(2.0,))
+    >>> pr.wait([task]); pr.shutdown()
+    """
+
+    def __init__(self, runtime, blocks: int = 8, block_size: int = 256, ring_slots: int = 1024,
+                 watchdog_s: float = 10.0):
+        if ring_slots < 1 or blocks < 1:
+            raise ConcordiaError("ring_slots and blocks must be >= 1")
+        resident = runtime.backend.resident_groups()
+        if resident is not None:   # more would deadlock: a spinning group waits on one that never runs
+            blocks = min(blocks, resident)
+        self.rt, self.blocks, self.block_size = runtime, blocks, block_size
+        self.slots, self.watchdog_s = ring_slots, watchdog_s
+        self.ring = runtime.mapped(ring_slots * RECORD_WORDS, np.int32)
+        self.ctrl = runtime.mapped(16, np.int32)
+        self.done = runtime.mapped(ring_slots, np.int32)
+        self.claim = runtime.zeros(1, np.int32)
+        self.handlers: list[Handler] = []
+        self.kernel: Kernel | None = None
+        self.running = None
+        self.head = 0                         # tasks published
+        self.tasks: dict[int, Task] = {}      # published, not yet seen complete
+        self.failed: TaskError | None = None
+        self.swaps: list[SwapStats] = []
+
+    # -- the op table
+    def register(self, name: str, kernel, buffers) -> SwapStats:
+        """Add or replace a handler. While running, the kernel is hot-swapped between tasks:
+        the new op table is compiled first, then the ring drains and the kernels switch."""
+        h = make_handler(name, kernel, buffers)
+        handlers = [x for x in self.handlers if x.name != name]
+        at = next((i for i, x in enumerate(self.handlers) if x.name == name), len(handlers))
+        handlers.insert(at, h)
+        t0 = time.perf_counter()
+        new = build_dispatcher(handlers, self.slots)
+        self.rt.backend.prepare(new)
+        stats = SwapStats(time.perf_counter() - t0, tasks_before=self.head)
+        if self.running is not None:
+            t1 = time.perf_counter()
+            self.wait()
+            t2 = time.perf_counter()
+            self._stop_kernel()
+            self.handlers, self.kernel = handlers, new
+            self._launch()
+            stats.drain_s, stats.switch_s = t2 - t1, time.perf_counter() - t2
+            self.swaps.append(stats)
+        else:
+            self.handlers, self.kernel = handlers, new
+        return stats
+
+    def op_id(self, name: str) -> int:
+        for i, h in enumerate(self.handlers):
+            if h.name == name:
+                return i
+        raise ConcordiaError(f"no handler {name!r}; registered: "
+                             f"{', '.join(h.name for h in self.handlers) or 'none'}")
+
+    # -- lifecycle
+    def start(self):
+        if self.kernel is None:
+            raise ConcordiaError("register at least one handler before start()")
+        if self.running is None:
+            self._launch()
+        return self
+
+    def _launch(self):
+        self.ctrl.host[1] = 0
+        self.claim.write(np.array([self.head], np.int32))   # claims continue from the head
+        self.ctrl.host[0] = self.head
+        args = [self.ring, self.ctrl, self.done, self.claim] + \
+            [b for h in self.handlers for b in h.buffers]
+        k, g, l, handles = self.rt.check_launch(self.kernel, self.blocks * self.block_size,
+                                                self.block_size, args)
+        self.running = _Running(k, self.rt.backend.launch_detached(k, handles, g, l))
+
+    def _stop_kernel(self, timeout: float | None = None) -> bool:
+        self.ctrl.host[1] = 1
+        ok = self.running.run.wait(timeout if timeout is not None else self.watchdog_s)
+        if ok:
+            self.running = None
+        return ok
+
+    def shutdown(self) -> list[Task]:
+        """Stop after the published tasks (a clean shutdown); returns tasks not completed
+        (empty unless a task failed or hung: then the caller gets them back)."""
+        if self.running is not None and self.failed is None:
+            try:
+                self.wait()
+            except TaskError:
+                pass
+        pending = self.pending()
+        if self.running is not None:
+            self._stop_kernel(timeout=0 if self.failed is not None else None)
+        return pending
+
+    def pending(self) -> list[Task]:
+        self._collect()
+        return [self.tasks[s] for s in sorted(self.tasks)]
+
+    # -- tasks
+    def submit(self, name: str, groups: int, args=(), split: int | None = None) -> list[Task]:
+        """Publish one task of `groups` work-groups (split into records of at most `split`
+        groups each, which different work-groups of the dispatcher take in parallel)."""
+        return self.submit_many(name, [args], groups, split)
+
+    def submit_many(self, name: str, arg_rows, groups: int, split: int | None = None) -> list[Task]:
+        if self.failed is not None:
+            raise ConcordiaError(f"the persistent runtime has failed: {self.failed}")
+        op = self.op_id(name)
+        h = self.handlers[op]
+        if groups < 1:
+            raise ConcordiaError("a task needs at least one group")
+        split = max(1, min(split or groups, groups))
+        parts = [(f, min(split, groups - f)) for f in range(0, groups, split)]
+        words = [self._encode(h, row) for row in arg_rows]
+        out, start = [], self.head
+        for w in words:
+            for first, count in parts:
+                seq = start + len(out)
+                self._wait_slot(seq)
+                rec = self.ring.host[(seq % self.slots) * RECORD_WORDS:][:RECORD_WORDS]
+                rec[:HEADER_WORDS] = (op, first, count, groups)
+                rec[HEADER_WORDS:HEADER_WORDS + len(w)] = w
+                task = Task(seq, name, tuple(w), (first, count, groups))
+                self.tasks[seq] = task
+                out.append(task)
+                if len(out) % 64 == 0:
+                    self._publish(seq + 1)
+        self._publish(start + len(out))
+        return out
+
+    def _publish(self, head: int):
+        # x86 and the PCIe bus keep the record stores before this one (docs/persistent.md)
+        self.head = max(self.head, head)
+        self.ctrl.host[0] = self.head
+
+    def _encode(self, h: Handler, row) -> np.ndarray:
+        row = tuple(row)
+        if len(row) != len(h.scalars):
+            raise ConcordiaError(f"handler {h.name!r} takes {len(h.scalars)} scalar arguments "
+                                 f"({', '.join(p.name for p in h.scalars)}), got {len(row)}")
+        words = []
+        for p, v in zip(h.scalars, row):
+            raw = np.asarray(v, dtype=p.type.dtype).reshape(1)
+            words.extend(np.pad(raw.view(np.uint8), (0, (-raw.nbytes) % 4)).view(np.int32).tolist())
+        return np.array(words, np.int32)
+
+    def _wait_slot(self, seq: int):
+        if seq < self.slots:
+            return
+        want = seq - self.slots + 1
+        slot = seq % self.slots
+        t0 = time.monotonic()
+        while self.done.host[slot] < want:
+            self._check_alive(t0)
+
+    def _collect(self):
+        if not self.tasks:
+            return
+        seqs = np.fromiter(self.tasks.keys(), np.int64)
+        fin = self.done.host[seqs % self.slots] >= seqs + 1
+        for s in seqs[fin]:
+            del self.tasks[int(s)]
+
+    def _check_alive(self, since: float):
+        run = self.running
+        try:
+            ended = run is not None and run.run.done()
+        except ConcordiaError as e:
+            self.failed = TaskError(f"the persistent kernel faulted: {e}", self.pending())
+            raise self.failed from None
+        if ended and self.tasks:
+            self._collect()
+            if self.tasks:
+                self.failed = TaskError("the persistent kernel stopped with tasks pending",
+                                        self.pending())
+                raise self.failed
+        if time.monotonic() - since > self.watchdog_s:
+            self._collect()
+            oldest = self.tasks[min(self.tasks)] if self.tasks else None
+            what = (f"task {oldest.seq} ({oldest.op}, groups {oldest.groups[0]}+{oldest.groups[1]})"
+                    if oldest else "a ring slot")
+            self.failed = TaskError(f"watchdog: {what} did not complete within "
+                                    f"{self.watchdog_s:g} s; the kernel is being stopped",
+                                    self.pending())
+            self.ctrl.host[1] = 1
+            raise self.failed
+        time.sleep(0)
+
+    def wait(self, tasks: list[Task] | None = None, timeout: float | None = None) -> None:
+        """Until the given tasks (default: all published) are complete; TaskError on a fault
+        or when one takes longer than the watchdog."""
+        if self.failed is not None:
+            raise self.failed
+        want = list(self.tasks) if tasks is None else [t.seq for t in tasks]
+        t0 = time.monotonic()
+        saved = self.watchdog_s
+        if timeout is not None:
+            self.watchdog_s = timeout
+        try:
+            for s in sorted(want):
+                while self.done.host[s % self.slots] < s + 1:
+                    self._check_alive(t0)
+                self.tasks.pop(s, None)
+        finally:
+            self.watchdog_s = saved
