@@ -262,12 +262,36 @@ def cmd_demo(args) -> int:
     return 0 if result["verified"] else 1
 
 
+BENCHES = {
+    "interpreter": "reference interpreter throughput",
+    "kernels": "lowered vs hand-written CUDA, compile, launch",
+    "checkpoint": "Figure 1: one dirty page, scan vs copy, log",
+    "migration": "safepoint overhead, pause latency, migration time",
+    "dispatch": "persistent ring vs cuLaunchKernel vs CUDA graph: latency heatmap, small tasks",
+    "llm": "Qwen3 decode with per-step checkpoints: tokens/s, checkpoint ms, recovery",
+}
+
+
 def cmd_bench(args) -> int:
-    print("Benchmarks are scripts run from a checkout; each prints a table and writes JSON to "
-          "bench/results/:\n  python3 bench/interpreter.py   reference interpreter throughput\n"
-          "  python3 bench/kernels.py       lowered vs hand-written CUDA, compile, launch\n"
-          "  python3 bench/checkpoint.py    Figure 1: one dirty page, scan vs copy, log\n"
-          "  python3 bench/migration.py     safepoint overhead, pause latency, migration time")
+    """`concordia bench NAME [ARGS...]` runs bench/NAME.py from the source checkout."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    if not args.name:
+        print("Benchmarks (each prints a table and writes JSON, and a PNG where it plots, to "
+              "bench/results/):")
+        for name, what in BENCHES.items():
+            print(f"  concordia bench {name:<12} {what}")
+        return 0
+    if args.name not in BENCHES:
+        raise ConcordiaError(f"no benchmark {args.name!r}; there are: {', '.join(BENCHES)}")
+    script = os.path.join(root, f"{args.name}.py")
+    if not os.path.exists(script):
+        raise ConcordiaError(f"{script} not found: benchmarks run from a source checkout "
+                             "(pip install -e .)")
+    sys.argv = [f"concordia bench {args.name}", *args.rest]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
     return 0
 
 
@@ -327,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--json", metavar="FILE", help="write the timeline and hashes here")
     dm.set_defaults(func=cmd_demo)
 
-    bn = sub.add_parser("bench", help="where the benchmarks are (scripts in bench/)")
+    bn = sub.add_parser("bench", help="run a benchmark (bench/NAME.py); no NAME lists them")
+    bn.add_argument("name", nargs="?", help=", ".join(BENCHES))
+    bn.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark, e.g. --json FILE")
     bn.set_defaults(func=cmd_bench)
     return p
 

@@ -67,23 +67,34 @@ def rms_norm(x, w, eps):
     return (x.float() * torch.rsqrt(var + eps)).to(x.dtype) * w
 
 
+_WEIGHTS: dict = {}   # (config, device, dtype, seed) -> weights: runs in one process share them
+
+
 class Qwen3Decoder:
     """Weights as plain tensors; `step` decodes one token per sequence against the paged cache."""
 
     def __init__(self, cfg: Qwen3Config, device, dtype, seed: int, block_size: int,
                  num_blocks: int, batch: int, max_len: int):
         self.cfg, self.device, self.dtype = cfg, device, dtype
+        key = (cfg, str(device), dtype, seed)
+        if key not in _WEIGHTS:
+            _WEIGHTS[key] = self._weights(cfg, device, dtype, seed)
+        self.embed, self.layers, self.norm = _WEIGHTS[key]
+        self._state(cfg, device, dtype, block_size, num_blocks, max_len)
+
+    @staticmethod
+    def _weights(cfg, device, dtype, seed):
         g = torch.Generator(device="cpu").manual_seed(seed)
 
         def w(*shape, scale=None):
             t = torch.randn(*shape, generator=g) * (scale or 1.0 / math.sqrt(shape[-1]))
             return t.to(device=device, dtype=dtype)
         c = cfg
-        self.embed = w(c.vocab, c.hidden, scale=0.02)   # as initialised for training: the
-        # residual stream is then led by the layers, so a token depends on its whole context
-        self.layers = []
+        embed = w(c.vocab, c.hidden, scale=0.02)   # as initialised for training: the residual
+        # stream is then led by the layers, so a token depends on its whole context
+        layers = []
         for _ in range(c.layers):
-            self.layers.append(dict(
+            layers.append(dict(
                 ln1=torch.ones(c.hidden, device=device, dtype=dtype),
                 ln2=torch.ones(c.hidden, device=device, dtype=dtype),
                 q=w(c.heads * c.head_dim, c.hidden), k=w(c.kv_heads * c.head_dim, c.hidden),
@@ -92,7 +103,9 @@ class Qwen3Decoder:
                 kn=torch.ones(c.head_dim, device=device, dtype=dtype),
                 gate=w(c.intermediate, c.hidden), up=w(c.intermediate, c.hidden),
                 down=w(c.hidden, c.intermediate)))
-        self.norm = torch.ones(c.hidden, device=device, dtype=dtype)
+        return embed, layers, torch.ones(c.hidden, device=device, dtype=dtype)
+
+    def _state(self, c, device, dtype, block_size, num_blocks, max_len):
         inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
         ang = torch.arange(max_len, dtype=torch.float64)[:, None] * inv[None, :]
         self.cos = torch.cos(ang).to(device=device, dtype=torch.float32)

@@ -112,7 +112,8 @@ def build_dispatcher(handlers: list[Handler], ring_slots: int) -> Kernel:
     b = _Builder(names, loc)
     c = lambda v, t=i32: b.const(v, t)   # noqa: E731
     lid = b.op("local_id", (), i32, (("dim", 0),))
-    shared = b.op("local_alloc", (), PtrType(i32, "local"), (("size", 2),))
+    # [0] task, [1] quit, [2...] the task's record: read once over the bus, kept in local memory
+    shared = b.op("local_alloc", (), PtrType(i32, "local"), (("size", 2 + RECORD_WORDS),))
     zero, one = c(0), c(1)
     is0 = b.op("eq", (lid, zero), boolean)
 
@@ -142,12 +143,19 @@ def build_dispatcher(handlers: list[Handler], ring_slots: int) -> Kernel:
     run = _Builder(names, loc)
     slot = run.op("rem", (task, run.const(ring_slots, i32)), i32, hint="slot")
     base = run.op("mul", (slot, run.const(RECORD_WORDS, i32)), i32, hint="base")
-    field_ = lambda bld, n: bld.op("load", (ring, bld.op("add", (base, bld.const(n, i32)), i32)),  # noqa: E731
-                                   i32, (("volatile", 1),))
+    # the first RECORD_WORDS work-items read one word each: one bus transaction for the record
+    copy = _Builder(names, loc)
+    word = copy.op("load", (ring, copy.op("add", (base, lid), i32)), i32, (("volatile", 1),))
+    copy.op("store", (shared, copy.op("add", (lid, copy.const(2, i32)), i32), word))
+    copy.ops.append(Op("yield"))
+    reader = run.op("lt", (lid, run.const(RECORD_WORDS, i32)), boolean)
+    run.ops.append(Op("if", (reader,), (), (), (Block((), tuple(copy.ops)), Block((), (Op("yield"),)))))
+    run.op("barrier")
+    field_ = lambda bld, n: bld.op("load", (shared, bld.const(2 + n, i32)), i32)  # noqa: E731
     op_id = field_(run, 0)
     first, count, total = field_(run, 1), field_(run, 2), field_(run, 3)
     end = run.op("add", (first, count), i32)
-    run.ops.extend(_dispatch_chain(handlers, 0, op_id, first, end, total, base, ring, names))
+    run.ops.extend(_dispatch_chain(handlers, 0, op_id, first, end, total, shared, names))
     run.op("barrier")
     fin = _Builder(names, loc)
     fin.op("fence")   # release: the task's results before its completion mark
@@ -169,7 +177,7 @@ def build_dispatcher(handlers: list[Handler], ring_slots: int) -> Kernel:
     return kernel
 
 
-def _dispatch_chain(handlers, k, op_id, first, end, total, base, ring, names) -> list[Op]:
+def _dispatch_chain(handlers, k, op_id, first, end, total, record, names) -> list[Op]:
     """if op == k: handler k over its groups; else the rest of the chain."""
     if k == len(handlers):
         return []
@@ -179,11 +187,11 @@ def _dispatch_chain(handlers, k, op_id, first, end, total, base, ring, names) ->
     h = handlers[k]
     word = HEADER_WORDS
     for p in h.scalars:
-        at = lambda n: then.op("add", (base, then.const(n, i32)), i32)   # noqa: E731
-        lo = then.op("load", (ring, at(word)), i32, (("volatile", 1),))
+        at = lambda n: then.const(2 + n, i32)   # noqa: E731
+        lo = then.op("load", (record, at(word)), i32)
         dst = Value(f"h{k}.{p.name}", p.type)
         if p.type.bits == 64:
-            hi = then.op("load", (ring, at(word + 1)), i32, (("volatile", 1),))
+            hi = then.op("load", (record, at(word + 1)), i32)
             lo64 = then.op("cast", (then.op("bitcast", (lo,), u32),), u64)
             hi64 = then.op("cast", (then.op("bitcast", (hi,), u32),), u64)
             bits = then.op("or", (lo64, then.op("shl", (hi64, then.const(32, u64)), u64)), u64)
@@ -203,7 +211,7 @@ def _dispatch_chain(handlers, k, op_id, first, end, total, base, ring, names) ->
     then.ops.append(Op("for", (first, end, then.const(1, i32)), (), (),
                        (Block((g,), tuple(body) + (Op("yield"),)),)))
     then.ops.append(Op("yield"))
-    rest = _dispatch_chain(handlers, k + 1, op_id, first, end, total, base, ring, names)
+    rest = _dispatch_chain(handlers, k + 1, op_id, first, end, total, record, names)
     b.ops.append(Op("if", (is_k,), (), (), (Block((), tuple(then.ops)),
                                              Block((), tuple(rest) + (Op("yield"),)))))
     return b.ops
@@ -270,6 +278,9 @@ class PersistentRuntime:
                  watchdog_s: float = 10.0):
         if ring_slots < 1 or blocks < 1:
             raise ConcordiaError("ring_slots and blocks must be >= 1")
+        if block_size < RECORD_WORDS:
+            raise ConcordiaError(f"block_size must be >= {RECORD_WORDS} (a record is read by that "
+                                 "many work-items)")
         resident = runtime.backend.resident_groups()
         if resident is not None:   # more would deadlock: a spinning group waits on one that never runs
             blocks = min(blocks, resident)
@@ -393,6 +404,53 @@ class PersistentRuntime:
         self._publish(start + len(out))
         return out
 
+    def encode_tasks(self, name: str, arg_rows, groups: int, split: int | None = None) -> np.ndarray:
+        """Records for tasks, built once and published many times with publish() (what a
+        serving loop that repeats the same tasks does; also what the dispatch benchmark
+        times: the bus and the kernel, not Python's argument encoding)."""
+        op = self.op_id(name)
+        h = self.handlers[op]
+        split = max(1, min(split or groups, groups))
+        recs = []
+        for row in arg_rows:
+            w = self._encode(h, row)
+            for first in range(0, groups, split):
+                rec = np.zeros(RECORD_WORDS, np.int32)
+                rec[:HEADER_WORDS] = (op, first, min(split, groups - first), groups)
+                rec[HEADER_WORDS:HEADER_WORDS + len(w)] = w
+                recs.append(rec)
+        return np.array(recs, np.int32)
+
+    def publish(self, records: np.ndarray) -> tuple[int, int]:
+        """Publish encoded records; returns the task range [first, end) for wait_range()."""
+        if self.failed is not None:
+            raise ConcordiaError(f"the persistent runtime has failed: {self.failed}")
+        first, n = self.head, len(records)
+        if n > self.slots:
+            raise ConcordiaError(f"{n} records at once; the ring holds {self.slots}")
+        self._wait_slot(first + n - 1)
+        s0 = first % self.slots
+        if s0 + n <= self.slots:
+            self.ring.host[s0 * RECORD_WORDS:(s0 + n) * RECORD_WORDS] = records.reshape(-1)
+        else:
+            for k in range(n):
+                s = (first + k) % self.slots
+                self.ring.host[s * RECORD_WORDS:(s + 1) * RECORD_WORDS] = records[k]
+        self._publish(first + n)
+        return first, first + n
+
+    def wait_range(self, first: int, end: int) -> None:
+        """Until tasks [first, end) from publish() are complete (spins; watchdog applies)."""
+        done, t0 = self.done.host, time.monotonic()
+        for s in range(first, end):
+            slot, target = s % self.slots, s + 1
+            while done[slot] < target:
+                for _ in range(2000):
+                    if done[slot] >= target:
+                        break
+                else:
+                    self._check_alive(t0)
+
     def _publish(self, head: int):
         # x86 and the PCIe bus keep the record stores before this one (docs/persistent.md)
         self.head = max(self.head, head)
@@ -462,9 +520,15 @@ class PersistentRuntime:
         if timeout is not None:
             self.watchdog_s = timeout
         try:
+            done = self.done.host
             for s in sorted(want):
-                while self.done.host[s % self.slots] < s + 1:
-                    self._check_alive(t0)
+                slot, target = s % self.slots, s + 1
+                while done[slot] < target:
+                    for _ in range(2000):          # a short spin first: latency is the point
+                        if done[slot] >= target:
+                            break
+                    else:
+                        self._check_alive(t0)
                 self.tasks.pop(s, None)
         finally:
             self.watchdog_s = saved

@@ -1,0 +1,228 @@
+"""Dispatch latency: a task through the persistent kernel's ring vs cuLaunchKernel vs a CUDA
+graph launch, per op x payload size; and the throughput of small tasks.
+
+    concordia bench dispatch [--json FILE] [--backend cuda]     (or python3 bench/dispatch.py)
+
+Latency is host-observed: from the call that submits (publishes a ring record / launches /
+launches the graph) to the host seeing the task complete (the completion word in mapped
+memory / cuStreamSynchronize). Every variant runs the same IR kernel. On a machine without
+CUDA it compares the ring with plain launches on the backend given (no graphs there).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench.common import environment, table, write_result  # noqa: E402
+from concordia_ir import Ptr, Runtime, f32, global_id, i32, kernel, u32  # noqa: E402
+from handlers.persistent import PersistentRuntime  # noqa: E402
+
+BLOCK = 256
+PAYLOADS = (256, 4096, 65536, 1 << 20)          # bytes a task touches
+
+
+@kernel
+def scale(x: Ptr[f32], out: Ptr[f32], a: f32, n: i32):
+    i = global_id(0)
+    if i < n:
+        out[i] = a * x[i]
+
+
+@kernel
+def page_copy(src: Ptr[u32], dst: Ptr[u32], n: i32):
+    i = global_id(0)
+    if i < n:
+        dst[i] = src[i]
+
+
+@kernel
+def bump(counter: Ptr[i32], n: i32):
+    i = global_id(0)
+    if i < n:
+        counter[i] = counter[i] + 1
+
+
+OPS = {"scale (compute)": scale, "page_copy (checkpoint)": page_copy, "bump (read-modify-write)": bump}
+
+
+def buffers(rt, name, n):
+    if name.startswith("scale"):
+        return [rt.to_device(np.ones(n, np.float32)), rt.zeros(n, np.float32)], lambda: (np.float32(1.5), np.int32(n))
+    if name.startswith("page_copy"):
+        return [rt.to_device(np.arange(n, dtype=np.uint32)), rt.zeros(n, np.uint32)], lambda: (np.int32(n),)
+    return [rt.zeros(n, np.int32)], lambda: (np.int32(n),)
+
+
+class DirectLaunch:
+    """cuLaunchKernel / CUDA graph of one kernel on a stream of its own (cuda), or the
+    backend's own launch + synchronize elsewhere."""
+
+    def __init__(self, rt, k, bufs, scalars, groups):
+        self.rt = rt
+        kk, g, l, handles = rt.check_launch(k, groups * BLOCK, BLOCK, [*bufs, *scalars])
+        self.args = (kk, handles, g, l)
+        self.cuda = rt.backend.name in ("cuda", "hip-on-cuda")
+        if self.cuda:
+            from cuda.bindings import driver
+            self.drv = driver
+            be = rt.backend
+            self.fn = be.compile(kk)
+            self.holders = [np.array([int(a)], np.uint64) if not isinstance(a, np.generic)
+                            else np.array([a], a.dtype) for a in handles]
+            self.params = np.array([h.ctypes.data for h in self.holders], dtype=np.uint64)
+            self.grid = [gg // ll for gg, ll in zip(g, l)]
+            self.block = l
+            self.stream = driver.cuStreamCreate(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)[1]
+            self.graph = None
+
+    def launch(self):
+        if not self.cuda:
+            self.rt.backend.launch(*self.args)
+            self.rt.backend.synchronize()
+            return
+        d = self.drv
+        d.cuLaunchKernel(self.fn, *self.grid, *self.block, 0, self.stream, self.params.ctypes.data, 0)
+        d.cuStreamSynchronize(self.stream)
+
+    def make_graph(self):
+        d = self.drv
+        d.cuStreamBeginCapture(self.stream, d.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL)
+        d.cuLaunchKernel(self.fn, *self.grid, *self.block, 0, self.stream, self.params.ctypes.data, 0)
+        graph = d.cuStreamEndCapture(self.stream)[1]
+        self.graph = d.cuGraphInstantiate(graph, 0)[1]
+
+    def graph_launch(self):
+        d = self.drv
+        d.cuGraphLaunch(self.graph, self.stream)
+        d.cuStreamSynchronize(self.stream)
+
+
+def median_us(fn, reps):
+    for _ in range(max(3, reps // 10)):
+        fn()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return float(np.median(out)) * 1e6, float(np.percentile(out, 99)) * 1e6
+
+
+def run(backend: str | None, reps: int, blocks: int, small_tasks: int) -> dict:
+    rt = Runtime(backend)
+    name = rt.backend.name
+    cells, setups = [], []
+    pr = PersistentRuntime(rt, blocks=blocks, block_size=BLOCK, ring_slots=4096, watchdog_s=30)
+    for op, k in OPS.items():
+        for size in PAYLOADS:
+            n = size // 4
+            groups = -(-n // BLOCK)
+            bufs, scalars = buffers(rt, op, n)
+            key = f"{op}|{size}"
+            pr.register(key, k, bufs)
+            setups.append((op, size, k, bufs, scalars, groups, key))
+    pr.start()
+    for op, size, k, bufs, scalars, groups, key in setups:
+        split = -(-groups // pr.blocks)
+        records = pr.encode_tasks(key, [tuple(scalars())], groups, split)
+
+        def persistent():
+            pr.wait_range(*pr.publish(records))
+        p50, p99 = median_us(persistent, reps)
+        cells.append({"op": op, "payload_bytes": size, "groups": groups,
+                      "persistent_us": round(p50, 2), "persistent_p99_us": round(p99, 2)})
+    # small-task throughput through the ring: one-group tasks, published in bursts
+    tiny = next(s for s in setups if s[1] == PAYLOADS[0] and s[0].startswith("bump"))
+    t0 = time.perf_counter()
+    pr.submit_many(tiny[6], [tuple(tiny[4]())] * small_tasks, groups=1)
+    pr.wait()
+    ring_tps = small_tasks / (time.perf_counter() - t0)
+    assert pr.shutdown() == []
+    launches = {}
+    for cell, (op, size, k, bufs, scalars, groups, key) in zip(cells, setups):
+        dl = DirectLaunch(rt, k, bufs, scalars(), groups)
+        l50, l99 = median_us(dl.launch, reps)
+        cell.update(launch_us=round(l50, 2), launch_p99_us=round(l99, 2))
+        if dl.cuda:
+            dl.make_graph()
+            g50, g99 = median_us(dl.graph_launch, reps)
+            cell.update(graph_us=round(g50, 2), graph_p99_us=round(g99, 2))
+        cell["persistent_vs_launch"] = round(cell["persistent_us"] / cell["launch_us"], 3)
+        launches[(op, size)] = dl
+    dl = launches[(tiny[0], tiny[1])]
+    n_launch = min(small_tasks, 20000)
+    t0 = time.perf_counter()
+    if dl.cuda:
+        for _ in range(n_launch):
+            dl.drv.cuLaunchKernel(dl.fn, *dl.grid, *dl.block, 0, dl.stream, dl.params.ctypes.data, 0)
+        dl.drv.cuStreamSynchronize(dl.stream)
+    else:
+        for _ in range(n_launch):
+            rt.backend.launch(*dl.args)
+        rt.backend.synchronize()
+    launch_tps = n_launch / (time.perf_counter() - t0)
+    ratios = [c["persistent_vs_launch"] for c in cells]
+    return {"backend": name, "device": rt.backend.device_info(), "blocks": pr.blocks,
+            "block_size": BLOCK, "reps": reps, "cells": cells,
+            "median_ratio_persistent_vs_launch": round(float(np.median(ratios)), 3),
+            "target": "median persistent dispatch <= 0.5 x cuLaunchKernel",
+            "small_tasks": {"tasks": small_tasks, "ring_tasks_per_s": round(ring_tps),
+                            "launches": n_launch, "launches_per_s": round(launch_tps)},
+            "swap": [vars(s) for s in pr.swaps]}
+
+
+def heatmap(result: dict, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ops = list(dict.fromkeys(c["op"] for c in result["cells"]))
+    sizes = list(dict.fromkeys(c["payload_bytes"] for c in result["cells"]))
+    grid = np.array([[next(c["persistent_vs_launch"] for c in result["cells"]
+                           if c["op"] == o and c["payload_bytes"] == s) for s in sizes] for o in ops])
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    im = ax.imshow(grid, cmap="RdYlGn_r", vmin=0, vmax=max(1.5, float(grid.max())))
+    ax.set_xticks(range(len(sizes)), [f"{s // 1024} KiB" if s >= 1024 else f"{s} B" for s in sizes])
+    ax.set_yticks(range(len(ops)), ops)
+    for i, o in enumerate(ops):
+        for j, s in enumerate(sizes):
+            c = next(c for c in result["cells"] if c["op"] == o and c["payload_bytes"] == s)
+            text = f"{c['persistent_vs_launch']:.2f}x\n{c['persistent_us']:.0f}/{c['launch_us']:.0f}"
+            if "graph_us" in c:
+                text += f"/{c['graph_us']:.0f} us"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="persistent / cuLaunchKernel latency")
+    ax.set_title(f"dispatch latency, {result['device'].get('device')}: ring / launch"
+                 + (" / graph" if "graph_us" in result["cells"][0] else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="concordia bench dispatch", description=__doc__.split("\n")[0])
+    p.add_argument("--json", metavar="FILE", help="result file (default bench/results/dispatch-<backend>.json)")
+    p.add_argument("--backend", default=None)
+    p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--blocks", type=int, default=64)
+    p.add_argument("--small-tasks", type=int, default=100000)
+    a = p.parse_args(argv)
+    result = run(a.backend, a.reps, a.blocks, a.small_tasks)
+    result["env"] = environment(str(result["device"].get("device")))
+    path = write_result(f"dispatch-{result['backend']}", result, a.json)
+    heatmap(result, os.path.splitext(path)[0] + ".png")
+    print(table(result["cells"], ["op", "payload_bytes", "persistent_us", "launch_us",
+                                  *(["graph_us"] if "graph_us" in result["cells"][0] else []),
+                                  "persistent_vs_launch"]))
+    print(f"median persistent / launch: {result['median_ratio_persistent_vs_launch']} "
+          f"(target <= 0.5); small tasks: ring {result['small_tasks']['ring_tasks_per_s']}/s, "
+          f"launches {result['small_tasks']['launches_per_s']}/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
