@@ -63,6 +63,11 @@ class Backend(ABC):
     def prepare(self, kernel) -> None:
         """Compile a kernel ahead of its launch (no-op for interpreters)."""
 
+    def prebuild(self, kernel) -> None:
+        """Compile a kernel to its binary without loading it: safe while a persistent kernel
+        runs (loading a module may wait for the running kernels)."""
+        self.prepare(kernel)
+
     def copy_device(self, dst, src, nbytes: int) -> None:
         """Device-to-device copy of nbytes (used by benchmarks and migration)."""
         host = np.empty(nbytes, np.uint8)

@@ -19,6 +19,16 @@ class CompiledKernels:
         self.disk = KernelCache()
         self.memo: dict[int, tuple[object, object]] = {}
 
+    def build(self, kernel, build_binary) -> bytes:
+        """The binary (compiled now or found on disk), without loading it."""
+        key = cache_key(print_kernel(kernel), self.target, self.arch, self.toolchain,
+                        " ".join(self.options))
+        binary = self.disk.get(key, self.ext)
+        if binary is None:
+            binary = build_binary(self.render(kernel))
+            self.disk.put(key, self.ext, binary)
+        return binary
+
     def get(self, kernel, build_binary, load):
         """`build_binary(source) -> bytes`; `load(binary) -> handle`. Returns the handle."""
         hit = self.memo.get(id(kernel))

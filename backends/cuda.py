@@ -232,6 +232,9 @@ class CUDABackend(Backend):
     def prepare(self, kernel):
         self.compile(kernel)
 
+    def prebuild(self, kernel):
+        self.kernels.build(kernel, lambda src: compile_cuda(src, self.arch))
+
     def copy_device(self, dst, src, nbytes):
         self.activate()
         _check(_driver().cuMemcpyDtoD(dst, src, nbytes), "cuMemcpyDtoD")

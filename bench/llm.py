@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--fsync", default="always")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each kind per batch size")
     p.add_argument("--name", default=None, help="result name (default llm-<config>)")
     a = p.parse_args(argv)
     import torch
@@ -108,12 +109,18 @@ def main(argv=None) -> int:
         run_one(L, [*base[:-4], "--tokens", "8", "--fsync", a.fsync], 1, log, 1, a.backend)  # warm-up
         rows = []
         for batch in (int(x) for x in a.batches.split(",")):
-            _, _, plain = run_one(L, base, batch, None, 0, None)
-            # stops 8 tokens short, as a crash would: recovery then has tokens left to make
-            run, _, ckpt = run_one(L, base, batch, log, 1, a.backend, stop_after=a.tokens - 8)
+            # alternate the two kinds of run (clocks and caches warm up as a process goes on);
+            # the checkpointed ones stop 8 tokens short, as a crash would, so that recovery has
+            # tokens left to make
+            plains, ckpts = [], []
+            for _ in range(a.repeats):
+                run, _, rate = run_one(L, base, batch, log, 1, a.backend, stop_after=a.tokens - 8)
+                ckpts.append(rate)
+                plains.append(run_one(L, base, batch, None, 0, None)[2])
+            plain, ckpt = float(np.median(plains)), float(np.median(ckpts))
             steps = [s for s in run.stats if not s["full"]]
             ms = np.array([s["seconds"] for s in steps]) * 1e3
-            rec = recovery(L, base, batch, log, a.restore_backend or a.backend)
+            rec = recovery(L, base, batch, log, a.restore_backend or a.backend)   # the last log
             rows.append({
                 "batch": batch, "tok_s_plain": round(plain, 1), "tok_s_ckpt": round(ckpt, 1),
                 "overhead_pct": round(100 * (plain - ckpt) / plain, 2) if plain else None,

@@ -322,10 +322,10 @@ class DecodeRun:
         t0 = time.perf_counter()
         scan = scan_log(self.args.log)                  # detect: the log's last commit
         t1 = time.perf_counter()
-        committed_image(scan)                           # load: the committed page image
+        image = committed_image(scan)                   # load: the committed page image
         t2 = time.perf_counter()
         rt = Runtime(restore_backend)
-        Checkpointer.restore(self.args.log, rt, into=self.regions(rt))   # apply
+        Checkpointer.restore(self.args.log, rt, into=self.regions(rt), image=image)   # apply
         self.sync()
         self.sched.load()
         t3 = time.perf_counter()

@@ -226,12 +226,12 @@ class Checkpointer:
     # -- recovery
     @staticmethod
     def restore(path: str, runtime, verify: bool = True,
-                into: dict[str, DeviceBuffer] | None = None) -> dict[str, DeviceBuffer]:
+                into: dict[str, DeviceBuffer] | None = None, image=None) -> dict[str, DeviceBuffer]:
         """The regions as of the log's last commit, rebuilt on `runtime` by the DeltaApplier:
         into new buffers, or into `into`'s buffers (e.g. a new process's own tensors, wrapped
-        with rt.from_dlpack) where a region is named there."""
-        scan = scan_log(path)
-        image = committed_image(scan)
+        with rt.from_dlpack) where a region is named there. `image`: the log's committed
+        image when the caller has read it already (committed_image(scan_log(path)))."""
+        image = image if image is not None else committed_image(scan_log(path))
         out = {}
         for desc in image.layout["regions"]:
             buf = (into or {}).get(desc["name"])

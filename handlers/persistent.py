@@ -9,7 +9,8 @@ kernel between two tasks. docs/persistent.md gives the memory-ordering argument.
 Ring record (i32 words, RECORD_WORDS per slot): op id, first group, group count, total groups
 of the task, then the handler's scalar arguments (64-bit ones as two words, low first).
 ctrl (mapped): [0] head = tasks published, [1] stop. done (mapped): per slot, seq + 1 of the
-task that last completed there. claim (device): the next task index to take.
+task that last completed there. claim (device): [0] the next task index to take, [1] and [2]
+the head and stop as last seen by the group that polls the host.
 """
 from __future__ import annotations
 
@@ -117,19 +118,31 @@ def build_dispatcher(handlers: list[Handler], ring_slots: int) -> Kernel:
     zero, one = c(0), c(1)
     is0 = b.op("eq", (lid, zero), boolean)
 
-    # work-item 0 claims a task index and waits until it is published, or stop is asked
+    # Work-item 0 claims a task index and waits until it is published or stop is asked. Only
+    # the group holding the next unpublished index (the leader) polls the host's head over
+    # the bus; it mirrors head and stop into device memory (claim[1], claim[2]), where the
+    # other groups wait. Every group polling the bus at once makes every read slow.
     w = _Builder(names, loc)
     t = w.op("atomic_add", (claim, w.const(0, i32), w.const(1, i32)), i32, hint="task")
     spin = _Builder(names, loc)
-    head = spin.op("load", (ctrl, spin.const(0, i32)), i32, (("volatile", 1),), hint="head")
-    stop = spin.op("load", (ctrl, spin.const(1, i32)), i32, (("volatile", 1),), hint="stop")
-    waiting = spin.op("and", (spin.op("le", (head, t), boolean),
-                              spin.op("eq", (stop, spin.const(0, i32)), boolean)), boolean)
+    seen = spin.op("load", (claim, spin.const(1, i32)), i32, (("volatile", 1),), hint="seen")
+    lead = _Builder(names, loc)
+    head = lead.op("load", (ctrl, lead.const(0, i32)), i32, (("volatile", 1),), hint="head")
+    stop = lead.op("load", (ctrl, lead.const(1, i32)), i32, (("volatile", 1),), hint="stop")
+    lead.op("fence")
+    lead.op("atomic_max", (claim, lead.const(1, i32), head), i32)
+    lead.op("atomic_max", (claim, lead.const(2, i32), stop), i32)
+    lead.ops.append(Op("yield"))
+    spin.ops.append(Op("if", (spin.op("eq", (seen, t), boolean),), (), (),
+                       (Block((), tuple(lead.ops)), Block((), (Op("yield"),)))))
+    stopped = spin.op("load", (claim, spin.const(2, i32)), i32, (("volatile", 1),), hint="stopped")
+    waiting = spin.op("and", (spin.op("le", (seen, t), boolean),
+                              spin.op("eq", (stopped, spin.const(0, i32)), boolean)), boolean)
     spin.ops.append(Op("condition", (waiting,)))
     w.ops.append(Op("while", (), (), (), (Block((), tuple(spin.ops)), Block((), (Op("yield"),)))))
     w.op("fence")   # acquire: the record is read after the head that published it
-    head2 = w.op("load", (ctrl, w.const(0, i32)), i32, (("volatile", 1),), hint="head")
-    quit_ = w.op("select", (w.op("le", (head2, t), boolean), w.const(1, i32), w.const(0, i32)), i32)
+    seen2 = w.op("load", (claim, w.const(1, i32)), i32, (("volatile", 1),), hint="seen")
+    quit_ = w.op("select", (w.op("le", (seen2, t), boolean), w.const(1, i32), w.const(0, i32)), i32)
     w.op("store", (shared, w.const(0, i32), t))
     w.op("store", (shared, w.const(1, i32), quit_))
     w.ops.append(Op("yield"))
@@ -289,7 +302,7 @@ class PersistentRuntime:
         self.ring = runtime.mapped(ring_slots * RECORD_WORDS, np.int32)
         self.ctrl = runtime.mapped(16, np.int32)
         self.done = runtime.mapped(ring_slots, np.int32)
-        self.claim = runtime.zeros(1, np.int32)
+        self.claim = runtime.zeros(3, np.int32)   # next index, head seen, stop seen
         self.handlers: list[Handler] = []
         self.kernel: Kernel | None = None
         self.running = None
@@ -308,7 +321,7 @@ class PersistentRuntime:
         handlers.insert(at, h)
         t0 = time.perf_counter()
         new = build_dispatcher(handlers, self.slots)
-        self.rt.backend.prepare(new)
+        self.rt.backend.prebuild(new)   # compile now; loading waits until the old kernel stops
         stats = SwapStats(time.perf_counter() - t0, tasks_before=self.head)
         if self.running is not None:
             t1 = time.perf_counter()
@@ -340,7 +353,7 @@ class PersistentRuntime:
 
     def _launch(self):
         self.ctrl.host[1] = 0
-        self.claim.write(np.array([self.head], np.int32))   # claims continue from the head
+        self.claim.write(np.array([self.head, self.head, 0], np.int32))   # claims go on from head
         self.ctrl.host[0] = self.head
         args = [self.ring, self.ctrl, self.done, self.claim] + \
             [b for h in self.handlers for b in h.buffers]
