@@ -8,9 +8,10 @@ kernel between two tasks. docs/persistent.md gives the memory-ordering argument.
 
 Ring record (i32 words, RECORD_WORDS per slot): op id, first group, group count, total groups
 of the task, then the handler's scalar arguments (64-bit ones as two words, low first).
-ctrl (mapped): [0] head = tasks published, [1] stop. done (mapped): per slot, seq + 1 of the
-task that last completed there. claim (device): [0] the next task index to take, [1] and [2]
-the head and stop as last seen by the group that polls the host.
+ctrl (mapped): [0] head = tasks published. done (mapped): per slot, seq + 1 of the task that
+last completed there. claim (device): [0] the next task index to take, [1] the head as last
+seen by the group that polls the host. halt (device, written beside the running kernel): no
+group starts a task once it is set, so a task is either complete or was never started.
 """
 from __future__ import annotations
 
@@ -105,8 +106,9 @@ def make_handler(name: str, kernel, buffers) -> Handler:
 def build_dispatcher(handlers: list[Handler], ring_slots: int) -> Kernel:
     names = _Names()
     loc = None
-    ring, ctrl, done, claim = (Value(n, PtrType(i32)) for n in ("ring", "ctrl", "done", "claim"))
-    params = [ring, ctrl, done, claim]
+    ring, ctrl, done, claim, halt = (Value(n, PtrType(i32)) for n in
+                                     ("ring", "ctrl", "done", "claim", "halt"))
+    params = [ring, ctrl, done, claim, halt]
     for k, h in enumerate(handlers):
         params += [Value(f"h{k}.{p.name}", p.type) for p in h.kernel.params
                    if isinstance(p.type, PtrType)]
@@ -118,31 +120,32 @@ def build_dispatcher(handlers: list[Handler], ring_slots: int) -> Kernel:
     zero, one = c(0), c(1)
     is0 = b.op("eq", (lid, zero), boolean)
 
-    # Work-item 0 claims a task index and waits until it is published or stop is asked. Only
+    # Work-item 0 claims a task index and waits until it is published or halt is set. Only
     # the group holding the next unpublished index (the leader) polls the host's head over
-    # the bus; it mirrors head and stop into device memory (claim[1], claim[2]), where the
-    # other groups wait. Every group polling the bus at once makes every read slow.
+    # the bus; it mirrors it into device memory (claim[1]), where the other groups wait.
+    # Every group polling the bus at once makes every read slow.
     w = _Builder(names, loc)
     t = w.op("atomic_add", (claim, w.const(0, i32), w.const(1, i32)), i32, hint="task")
     spin = _Builder(names, loc)
     seen = spin.op("load", (claim, spin.const(1, i32)), i32, (("volatile", 1),), hint="seen")
     lead = _Builder(names, loc)
     head = lead.op("load", (ctrl, lead.const(0, i32)), i32, (("volatile", 1),), hint="head")
-    stop = lead.op("load", (ctrl, lead.const(1, i32)), i32, (("volatile", 1),), hint="stop")
     lead.op("fence")
     lead.op("atomic_max", (claim, lead.const(1, i32), head), i32)
-    lead.op("atomic_max", (claim, lead.const(2, i32), stop), i32)
     lead.ops.append(Op("yield"))
     spin.ops.append(Op("if", (spin.op("eq", (seen, t), boolean),), (), (),
                        (Block((), tuple(lead.ops)), Block((), (Op("yield"),)))))
-    stopped = spin.op("load", (claim, spin.const(2, i32)), i32, (("volatile", 1),), hint="stopped")
+    stopped = spin.op("load", (halt, spin.const(0, i32)), i32, (("volatile", 1),), hint="halt")
     waiting = spin.op("and", (spin.op("le", (seen, t), boolean),
                               spin.op("eq", (stopped, spin.const(0, i32)), boolean)), boolean)
     spin.ops.append(Op("condition", (waiting,)))
     w.ops.append(Op("while", (), (), (), (Block((), tuple(spin.ops)), Block((), (Op("yield"),)))))
     w.op("fence")   # acquire: the record is read after the head that published it
     seen2 = w.op("load", (claim, w.const(1, i32)), i32, (("volatile", 1),), hint="seen")
-    quit_ = w.op("select", (w.op("le", (seen2, t), boolean), w.const(1, i32), w.const(0, i32)), i32)
+    halted = w.op("load", (halt, w.const(0, i32)), i32, (("volatile", 1),), hint="halt")
+    nothing = w.op("le", (seen2, t), boolean)
+    quit_ = w.op("select", (w.op("or", (nothing, w.op("ne", (halted, w.const(0, i32)), boolean)),
+                                 boolean), w.const(1, i32), w.const(0, i32)), i32)
     w.op("store", (shared, w.const(0, i32), t))
     w.op("store", (shared, w.const(1, i32), quit_))
     w.ops.append(Op("yield"))
@@ -302,7 +305,8 @@ class PersistentRuntime:
         self.ring = runtime.mapped(ring_slots * RECORD_WORDS, np.int32)
         self.ctrl = runtime.mapped(16, np.int32)
         self.done = runtime.mapped(ring_slots, np.int32)
-        self.claim = runtime.zeros(3, np.int32)   # next index, head seen, stop seen
+        self.claim = runtime.zeros(2, np.int32)   # next index, head seen
+        self.halt = DeviceBuffer(runtime, runtime.backend.alloc_control(4), np.int32, 1)
         self.handlers: list[Handler] = []
         self.kernel: Kernel | None = None
         self.running = None
@@ -352,34 +356,38 @@ class PersistentRuntime:
         return self
 
     def _launch(self):
-        self.ctrl.host[1] = 0
-        self.claim.write(np.array([self.head, self.head, 0], np.int32))   # claims go on from head
+        self.halt.write(np.zeros(1, np.int32))
+        self.claim.write(np.array([self.head, self.head], np.int32))   # claims go on from head
         self.ctrl.host[0] = self.head
-        args = [self.ring, self.ctrl, self.done, self.claim] + \
+        args = [self.ring, self.ctrl, self.done, self.claim, self.halt] + \
             [b for h in self.handlers for b in h.buffers]
         k, g, l, handles = self.rt.check_launch(self.kernel, self.blocks * self.block_size,
                                                 self.block_size, args)
         self.running = _Running(k, self.rt.backend.launch_detached(k, handles, g, l))
 
+    def _set_halt(self):
+        self.rt.backend.write_control(self.halt.handle, np.ones(1, np.int32))
+
     def _stop_kernel(self, timeout: float | None = None) -> bool:
-        self.ctrl.host[1] = 1
+        self._set_halt()
         ok = self.running.run.wait(timeout if timeout is not None else self.watchdog_s)
         if ok:
             self.running = None
         return ok
 
     def shutdown(self) -> list[Task]:
-        """Stop after the published tasks (a clean shutdown); returns tasks not completed
-        (empty unless a task failed or hung: then the caller gets them back)."""
+        """Stop after the published tasks (a clean shutdown); returns the tasks not completed
+        (none unless a task failed or hung). After a failure no group starts another task, so
+        each returned task either never ran or is the one that faulted or hung (if that one
+        is still running when the watchdog gives up, the kernel stays resident until it ends)."""
         if self.running is not None and self.failed is None:
             try:
                 self.wait()
             except TaskError:
                 pass
-        pending = self.pending()
         if self.running is not None:
-            self._stop_kernel(timeout=0 if self.failed is not None else None)
-        return pending
+            self._stop_kernel()
+        return self.pending()
 
     def pending(self) -> list[Task]:
         self._collect()
@@ -503,6 +511,7 @@ class PersistentRuntime:
             ended = run is not None and run.run.done()
         except ConcordiaError as e:
             self.failed = TaskError(f"the persistent kernel faulted: {e}", self.pending())
+            self.running = None
             raise self.failed from None
         if ended and self.tasks:
             self._collect()
@@ -518,7 +527,7 @@ class PersistentRuntime:
             self.failed = TaskError(f"watchdog: {what} did not complete within "
                                     f"{self.watchdog_s:g} s; the kernel is being stopped",
                                     self.pending())
-            self.ctrl.host[1] = 1
+            self._set_halt()
             raise self.failed
         time.sleep(0)
 
