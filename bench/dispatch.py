@@ -25,7 +25,6 @@ from handlers.persistent import PersistentRuntime  # noqa: E402
 
 BLOCK = 256
 PAYLOADS = (256, 4096, 65536, 1 << 20)          # bytes a task touches
-PARTS = 8   # ring records per task at most: each costs a bus read and a completion write
 
 
 @kernel
@@ -130,7 +129,7 @@ def run(backend: str | None, reps: int, blocks: int, small_tasks: int) -> dict:
             setups.append((op, size, k, bufs, scalars, groups, key))
     pr.start()
     for op, size, k, bufs, scalars, groups, key in setups:
-        split = -(-groups // min(pr.blocks, PARTS))
+        split = -(-groups // pr.blocks)
         records = pr.encode_tasks(key, [tuple(scalars())], groups, split)
 
         def persistent():
