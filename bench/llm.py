@@ -112,11 +112,14 @@ def main(argv=None) -> int:
             # alternate the two kinds of run (clocks and caches warm up as a process goes on);
             # the checkpointed ones stop 8 tokens short, as a crash would, so that recovery has
             # tokens left to make
-            plains, ckpts = [], []
+            plains, ckpts, step_ms = [], [], {"plain": [], "ckpt": []}
             for _ in range(a.repeats):
                 run, _, rate = run_one(L, base, batch, log, 1, a.backend, stop_after=a.tokens - 8)
                 ckpts.append(rate)
-                plains.append(run_one(L, base, batch, None, 0, None)[2])
+                step_ms["ckpt"] += run.step_seconds
+                prun, _, prate = run_one(L, base, batch, None, 0, None)
+                plains.append(prate)
+                step_ms["plain"] += prun.step_seconds
             plain, ckpt = float(np.median(plains)), float(np.median(ckpts))
             steps = [s for s in run.stats if not s["full"]]
             ms = np.array([s["seconds"] for s in steps]) * 1e3
@@ -124,6 +127,8 @@ def main(argv=None) -> int:
             rows.append({
                 "batch": batch, "tok_s_plain": round(plain, 1), "tok_s_ckpt": round(ckpt, 1),
                 "overhead_pct": round(100 * (plain - ckpt) / plain, 2) if plain else None,
+                "decode_step_ms_plain": round(float(np.median(step_ms["plain"])) * 1e3, 2),
+                "decode_step_ms_ckpt_run": round(float(np.median(step_ms["ckpt"])) * 1e3, 2),
                 "ckpt_ms_median": round(float(np.median(ms)), 3),
                 "ckpt_ms_p99": round(float(np.percentile(ms, 99)), 3),
                 "bytes_per_ckpt": int(np.median([s["bytes"] for s in steps])),

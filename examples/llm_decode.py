@@ -287,11 +287,13 @@ class DecodeRun:
             pos = start_pos
         table = torch.from_numpy(s.table()).to(self.device)
         generated = 0
+        self.step_seconds = []   # per decode step: the model's step and the greedy pick
         while pos < self.max_len - 1:
             if s.ensure_block(pos):
                 table = torch.from_numpy(s.table().copy()).to(self.device)
             if a.adapter_every and pos % a.adapter_every == 0 and pos > 0:
                 self.model.adapter_update(pos)
+            t_step = time.perf_counter()
             toks = torch.from_numpy(s.tokens()[:, pos].copy()).to(self.device)
             logits = self.model.step(toks, pos, table)
             if self.scanner is not None:
@@ -300,6 +302,7 @@ class DecodeRun:
             s.host[0] = pos
             if pos >= s.host[1]:            # past the prompt: greedy next token
                 nxt = torch.argmax(logits.float(), dim=-1).to(torch.int32).cpu().numpy()
+                self.step_seconds.append(time.perf_counter() - t_step)
                 s.tokens()[:, pos] = nxt
                 s.host[1] = pos + 1
                 generated += 1
