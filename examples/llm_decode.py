@@ -349,7 +349,7 @@ def parse(argv=None):
     p.add_argument("--log", help="delta log path: checkpoint while decoding")
     p.add_argument("--every", type=int, default=1, help="checkpoint every N decode steps")
     p.add_argument("--backend", default=None, help="Concordia backend of the checkpoints")
-    p.add_argument("--fsync", default="always", choices=["always", "everysec", "never"])
+    p.add_argument("--fsync", default="always", choices=["always", "everysec", "no"])
     p.add_argument("--crash-after", type=int, help="SIGKILL this process after N new tokens")
     p.add_argument("--resume", action="store_true", help="restore from --log and continue")
     p.add_argument("--restore-backend", default=None, help="backend that applies the log")
