@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 
 import numpy as np
 
@@ -22,62 +21,9 @@ from concordia_ir.errors import BackendUnavailable, ConcordiaError, KernelRuntim
 from concordia_ir.types import PtrType
 from lowering import tt_metalium
 
-from .base import Availability, Backend, register_backend, wrap_host_dlpack
+from .base import Availability, register_backend
 from .compiled import CompiledKernels
-
-
-class _HostMemoryBackend(Backend):
-    """Buffers are numpy byte arrays; launches may run in a thread so that a pause can land."""
-
-    def alloc(self, nbytes: int):
-        return np.zeros(max(nbytes, 1), dtype=np.uint8)
-
-    def copy_in(self, handle, host):
-        raw = np.ascontiguousarray(host).reshape(-1).view(np.uint8)
-        handle[:raw.size] = raw
-
-    def copy_out(self, handle, host):
-        raw = host.reshape(-1).view(np.uint8)
-        raw[:] = handle[:raw.size]
-
-    def copy_device(self, dst, src, nbytes):
-        dst[:nbytes] = src[:nbytes]
-
-    def wrap_dlpack(self, tensor):
-        return wrap_host_dlpack(self.name, tensor)   # simulated DRAM is host memory
-
-    def resident_groups(self):
-        return 1   # the scalar tier runs a core's groups one after another
-
-    def alloc_mapped(self, nbytes):
-        handle = self.alloc(nbytes)
-        return handle, handle
-
-    def launch(self, kernel, args, global_size, local_size):
-        self.synchronize()
-        self._run(kernel, args, global_size, local_size)
-
-    def launch_async(self, kernel, args, global_size, local_size):
-        self.synchronize()
-        self.prepare(kernel)   # compile in the caller's thread: errors surface at the launch
-
-        def run():
-            try:
-                self._run(kernel, args, global_size, local_size)
-            except BaseException as e:   # re-raised by synchronize() in the caller's thread
-                self._error = e
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def synchronize(self):
-        t = getattr(self, "_thread", None)
-        if t is not None:
-            t.join()
-            self._thread = None
-        err = getattr(self, "_error", None)
-        if err is not None:
-            self._error = None
-            raise err
+from .hostmem import HostMemoryBackend
 
 
 class ScalarTierHost:
@@ -150,7 +96,7 @@ def _scalar_probe() -> Availability:
 
 
 @register_backend("tenstorrent-scalar-host")
-class TenstorrentScalarHostBackend(_HostMemoryBackend):
+class TenstorrentScalarHostBackend(HostMemoryBackend):
     """Every kernel through the scalar tier, compiled for this host: checks that lowering."""
 
     @classmethod
@@ -334,7 +280,7 @@ class TileTier:
 
 
 @register_backend("tenstorrent")
-class TenstorrentBackend(_HostMemoryBackend):
+class TenstorrentBackend(HostMemoryBackend):
     """Tile tier where the lowering accepts a kernel, scalar tier for the rest.
 
     "tenstorrent" / "tenstorrent:sim": tt-lang-sim + the scalar tier built for this host.

@@ -16,7 +16,7 @@ group starts a task once it is set, so a task is either complete or was never st
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -117,7 +117,7 @@ def build_dispatcher(handlers: list[Handler], ring_slots: int) -> Kernel:
     lid = b.op("local_id", (), i32, (("dim", 0),))
     # [0] task, [1] quit, [2...] the task's record: read once over the bus, kept in local memory
     shared = b.op("local_alloc", (), PtrType(i32, "local"), (("size", 2 + RECORD_WORDS),))
-    zero, one = c(0), c(1)
+    zero = c(0)
     is0 = b.op("eq", (lid, zero), boolean)
 
     # Work-item 0 claims a task index and waits until it is published or halt is set. Only
@@ -276,8 +276,7 @@ def _inline(kernel: Kernel, prefix: str, g: Value, total: Value, names) -> list[
 @dataclass
 class _Running:
     kernel: Kernel
-    run: object
-    handlers: list = field(default_factory=list)
+    run: object               # the backend's detached launch: done(), wait(timeout)
 
 
 class PersistentRuntime:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import jinja2
 
 from concordia_ir.errors import ConcordiaError
-from concordia_ir.ops import Block, Kernel, Op, Value
+from concordia_ir.ops import Block, Kernel, Op, Value, walk
 from concordia_ir.printer import float_from_bits
 from concordia_ir.types import PtrType, ScalarType
 
@@ -61,10 +61,6 @@ class TileProgram:
     inputs: list[TileInput]
     outputs: list[tuple[int, str, str]]          # (param index, program argument, dtype)
     buffer_dtypes: dict[int, str] = field(default_factory=dict)
-
-    @property
-    def tensor_args(self) -> list[str]:
-        return [i.name for i in self.inputs] + [o[1] for o in self.outputs]
 
 
 @dataclass
@@ -471,7 +467,7 @@ class TileLowering:
             name = self.define(indent, t.expr, "k", uses=(t.expr,))
             carried.append(_Tile(name, t.dtype, t.unsigned, t.bool_))
         lo, hi, step = bounds
-        uses_iv = any(iv in o.operands for o in _walk_ops(body))
+        uses_iv = any(iv in o.operands for o in walk(body))
         iv_tile = None
         if uses_iv:
             ivt = self.tile(op, op.operands[0])
@@ -531,11 +527,6 @@ class TileLowering:
         out = {name: True for name in needed}
         out["__lines__"] = keep
         return out
-
-
-def _walk_ops(b: Block):
-    from concordia_ir.ops import walk
-    return walk(b)
 
 
 def plan_tiles(kernel: Kernel) -> TileProgram:
