@@ -77,6 +77,11 @@ class Backend(ABC):
     def synchronize(self) -> None:
         pass
 
+    def page_ops(self, page_size: int):
+        """A native form of the checkpoint page handlers (scan / gather / scatter) for regions
+        paged this way, or None: the Checkpointer then runs the IR handlers."""
+        return None
+
     # -- for persistent kernels (handlers/persistent.py)
     def resident_groups(self) -> int | None:
         """How many work-groups are sure to make progress side by side (a persistent kernel

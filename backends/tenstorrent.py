@@ -279,6 +279,58 @@ class TileTier:
             host[:k] = values[:k].astype(elem.dtype)
 
 
+class TilePageOps:
+    """The checkpoint handlers in tile form (handlers/tt_pages.py): a 4 KiB page is one tile of
+    32-bit words. On the simulator a region is staged into a tile tensor for each call (its
+    "DRAM" is host memory); on a device the region would be a device tensor already."""
+
+    PAGE = 4096
+
+    def __init__(self, tiles: "TileTier"):
+        self.tiles = tiles
+
+    def _pages(self, nbytes: int) -> int:
+        return -(-nbytes // self.PAGE)
+
+    def _tensor(self, handle, nbytes: int):
+        words = np.zeros(self._pages(nbytes) * self.PAGE // 4, np.int32)
+        words.view(np.uint8)[:nbytes] = handle[:nbytes]
+        return self.tiles.to_tensor(words)
+
+    def _back(self, tensor, handle, nbytes: int):
+        handle[:nbytes] = self.tiles.ttnn.to_torch(tensor).numpy().reshape(-1).view(np.uint8)[:nbytes]
+
+    def scan(self, region, shadow, nbytes: int) -> np.ndarray:
+        from handlers.tt_pages import page_compare
+        n = self._pages(nbytes)
+        flags = self.tiles.to_tensor(np.zeros(n * 1024, np.int32))
+        page_compare(self.tiles.ttl, n)(self._tensor(region, nbytes), self._tensor(shadow, nbytes), flags)
+        f = self.tiles.ttnn.to_torch(flags).numpy().reshape(n, 32, 32)[:, 0, 0]
+        return np.nonzero(f)[0].astype(np.int32)
+
+    def gather(self, region, shadow, nbytes: int, pages: np.ndarray, update_shadow: bool) -> np.ndarray:
+        """The listed pages back to back (whole pages); the shadow takes them too if asked."""
+        from handlers.tt_pages import page_copy
+        pages = [int(p) for p in pages]
+        staging = self.tiles.to_tensor(np.zeros(len(pages) * 1024, np.int32))
+        cur = self._tensor(region, nbytes)
+        page_copy(self.tiles.ttl, pages, list(range(len(pages))))(cur, staging)
+        if update_shadow:
+            sh = self._tensor(shadow, nbytes)
+            page_copy(self.tiles.ttl, pages, pages)(cur, sh)
+            self._back(sh, shadow, nbytes)
+        return self.tiles.ttnn.to_torch(staging).numpy().reshape(-1).view(np.uint8)
+
+    def scatter(self, region, nbytes: int, pages: np.ndarray, raw: np.ndarray) -> None:
+        from handlers.tt_pages import page_copy
+        pages = [int(p) for p in pages]
+        staging = np.zeros(len(pages) * 1024, np.int32)
+        staging.view(np.uint8)[:raw.size] = raw
+        cur = self._tensor(region, nbytes)
+        page_copy(self.tiles.ttl, list(range(len(pages))), pages)(self.tiles.to_tensor(staging), cur)
+        self._back(cur, region, nbytes)
+
+
 @register_backend("tenstorrent")
 class TenstorrentBackend(HostMemoryBackend):
     """Tile tier where the lowering accepts a kernel, scalar tier for the rest.
@@ -311,6 +363,9 @@ class TenstorrentBackend(HostMemoryBackend):
         self.tiles = TileTier(device)
         self.scalar = None if hardware else ScalarTierHost()
         self.last_tier, self.last_refusal = None, None
+
+    def page_ops(self, page_size: int):
+        return TilePageOps(self.tiles) if page_size == TilePageOps.PAGE else None
 
     def tier_for(self, kernel, global_size) -> tuple[str, str | None]:
         """Which tier runs this launch, and why not the tile tier when it is not."""

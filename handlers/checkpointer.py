@@ -51,6 +51,7 @@ class _RegionState:
         elif scanner is not None:
             mode = "host"
         self.rt, self.region, self.mode, self.scanner = rt, region, mode, scanner
+        self.native = rt.backend.page_ops(region.page_size) if mode == "shadow" else None
         n = region.n_pages
         self.dirty = rt.empty(n, np.int32)
         self.count = rt.zeros(1, np.int32)
@@ -63,6 +64,9 @@ class _RegionState:
 
     def find_dirty(self) -> np.ndarray:
         r, rt = self.region, self.rt
+        if self.native is not None:   # the backend's own form of the shadow scan (tiles)
+            self.listed = self.native.scan(r.words().handle, self.shadow.handle, r.nbytes)
+            return self.listed
         self.count.write(np.zeros(1, np.int32))
         if self.mode == "shadow":
             rt.launch(hk.page_scanner(r.words_per_page, r.n_words), global_size=r.n_pages * hk.GROUP,
@@ -84,18 +88,28 @@ class _RegionState:
     def gather(self, pages: np.ndarray):
         """Yield (page index, bytes) for the listed pages, a staging buffer at a time."""
         r, rt = self.region, self.rt
+        update = 1 if self.mode == "shadow" else 0
+        if self.native is not None:
+            for first in range(0, len(pages), self.batch):
+                part = pages[first:first + self.batch]
+                raw = self.native.gather(r.words().handle, self.shadow.handle, r.nbytes, part,
+                                         bool(update))
+                yield from self._split(part, raw)
+            return
         gather = hk.page_gatherer(r.words_per_page, r.n_words)
         self.upload(pages)
-        update = 1 if self.mode == "shadow" else 0
         for first in range(0, len(pages), self.batch):
             n = min(self.batch, len(pages) - first)
             rt.launch(gather, global_size=n * hk.GROUP, local_size=hk.GROUP,
                       args=(r.words(), self.shadow, self.dirty, self.staging, first, update))
             raw = self.staging.read(n * r.words_per_page).view(np.uint8)
-            for k in range(n):
-                p = int(pages[first + k])
-                end = min(r.page_size, r.nbytes - p * r.page_size)
-                yield p, raw[k * r.page_size:k * r.page_size + end].tobytes()
+            yield from self._split(pages[first:first + n], raw)
+
+    def _split(self, pages, raw):
+        r = self.region
+        for k, p in enumerate(int(x) for x in pages):
+            end = min(r.page_size, r.nbytes - p * r.page_size)
+            yield p, raw[k * r.page_size:k * r.page_size + end].tobytes()
 
     def upload(self, pages: np.ndarray):
         """Put the (sorted) page list on the device, unless it is there already."""
@@ -269,6 +283,10 @@ def apply_image(runtime, region: Region, raw, order: np.ndarray | None = None) -
     order = np.arange(region.n_pages, dtype=np.int32) if order is None else order
     n, wpp = len(order), region.words_per_page
     if n == 0:
+        return
+    native = runtime.backend.page_ops(region.page_size)
+    if native is not None:   # the backend's own scatter (tile copies on Tenstorrent)
+        native.scatter(region.words().handle, region.nbytes, order, np.frombuffer(raw, np.uint8))
         return
     batch = max(1, min(n, (64 << 20) // region.page_size))
     staging = runtime.empty(batch * wpp, np.uint32)
