@@ -109,17 +109,21 @@ def main(argv=None) -> int:
         run_one(L, [*base[:-4], "--tokens", "8", "--fsync", a.fsync], 1, log, 1, a.backend)  # warm-up
         rows = []
         for batch in (int(x) for x in a.batches.split(",")):
-            # alternate the two kinds of run (clocks and caches warm up as a process goes on);
-            # the checkpointed ones stop 8 tokens short, as a crash would, so that recovery has
-            # tokens left to make
+            # alternate the two kinds of run, first one then the other (clocks and caches warm
+            # up as a process goes on); the checkpointed runs stop 8 tokens short, as a crash
+            # would, so that recovery has tokens left to make (it uses the last log)
             plains, ckpts, step_ms = [], [], {"plain": [], "ckpt": []}
-            for _ in range(a.repeats):
-                run, _, rate = run_one(L, base, batch, log, 1, a.backend, stop_after=a.tokens - 8)
-                ckpts.append(rate)
-                step_ms["ckpt"] += run.step_seconds
-                prun, _, prate = run_one(L, base, batch, None, 0, None)
-                plains.append(prate)
-                step_ms["plain"] += prun.step_seconds
+            for rep in range(a.repeats):
+                for kind in (("ckpt", "plain") if rep % 2 == 0 else ("plain", "ckpt")):
+                    if kind == "ckpt":
+                        run, _, rate = run_one(L, base, batch, log, 1, a.backend,
+                                               stop_after=a.tokens - 8)
+                        ckpts.append(rate)
+                        step_ms["ckpt"] += run.step_seconds
+                    else:
+                        prun, _, prate = run_one(L, base, batch, None, 0, None)
+                        plains.append(prate)
+                        step_ms["plain"] += prun.step_seconds
             plain, ckpt = float(np.median(plains)), float(np.median(ckpts))
             steps = [s for s in run.stats if not s["full"]]
             ms = np.array([s["seconds"] for s in steps]) * 1e3
