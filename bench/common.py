@@ -23,8 +23,14 @@ def environment(device: str | None = None) -> dict:
         "device": device or "cpu",
     }
     try:
+        here = os.path.dirname(__file__)
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                        text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+                                        text=True, cwd=here).stdout.strip()
+        # a copied working tree (the lent GPU machine) can sit on an older .git: say so
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=here).stdout.strip()
+        if dirty:
+            info["commit"] += "+uncommitted"
     except OSError:
         pass
     return info

@@ -183,10 +183,14 @@ class Checkpointer:
                 pages = st.find_dirty()
             scan_s += time.perf_counter() - ts
             dirty_lists.append(pages)
-            for p, data in st.gather(pages):
-                self.log.append(PAGE, data, region=r.id, page=p)
-                pages_logged += 1
-                bytes_logged += len(data)
+            sizes = []
+
+            def logged(st=st, pages=pages, sizes=sizes):
+                for p, data in st.gather(pages):
+                    sizes.append(len(data))
+                    yield p, data
+            pages_logged += self.log.append_many(PAGE, r.id, logged())
+            bytes_logged += sum(sizes)
         self.checkpoint_id += 1
         info = {"checkpoint": self.checkpoint_id, "pages": pages_logged, "bytes": bytes_logged,
                 "full": full, "time": time.time(), "backend": str(self.rt.spec)}

@@ -165,6 +165,9 @@ def scan_log(path: str) -> Scan:
     return scan
 
 
+WRITE_BUFFER = 4 << 20   # a checkpoint's records reach the file in a few large writes
+
+
 class DeltaLog:
     """Appends records; `commit()` makes a checkpoint durable according to the fsync policy:
     always (fsync at every commit: nothing committed is lost), everysec (a background fsync
@@ -182,7 +185,7 @@ class DeltaLog:
             keep = scan.commit_ends[-1] if scan.commit_ends else 0
             self.seq = scan.records[keep - 1].seq if keep else 0
             self.prev_crc = scan.records[keep - 1].crc if keep else scan.salt & 0xFFFFFFFF
-            self.fh = open(path, "r+b")
+            self.fh = open(path, "r+b", buffering=WRITE_BUFFER)
             if scan.committed_end < scan.file_size:   # drop the uncommitted / torn tail
                 self.fh.truncate(scan.committed_end)
                 os.fsync(self.fh.fileno())
@@ -201,7 +204,7 @@ class DeltaLog:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
             _fsync_dir(path)
-            self.fh = open(path, "r+b")
+            self.fh = open(path, "r+b", buffering=WRITE_BUFFER)
             self.fh.seek(0, os.SEEK_END)
             self.layout = None
             self.last_checkpoint = 0
@@ -212,12 +215,25 @@ class DeltaLog:
             self._syncer.start()
 
     def append(self, kind: int, payload: bytes, region: int = 0, page: int = 0) -> None:
+        self.append_many(kind, region, ((page, payload),))
+
+    def append_many(self, kind: int, region: int, items) -> int:
+        """Append (page, payload) records of one kind and region; returns how many. Head and
+        payload are written separately into the file's buffer: no copy of the payload."""
+        n = 0
         with self._lock:
-            rec, crc = encode_record(self.prev_crc, kind, self.seq + 1, region, page, payload)
-            self.fh.write(rec)
-            self.seq += 1
+            write, crc = self.fh.write, self.prev_crc
+            for page, payload in items:
+                self.seq += 1
+                head = RECORD.pack(kind, 0, len(payload), self.seq, region)
+                crc = _record_crc(crc, head, page, payload)
+                write(head)
+                write(struct.pack("<IQ", crc, page))
+                write(payload)
+                n += 1
             self.prev_crc = crc
             self._dirty = True
+        return n
 
     def write_layout(self, layout: dict) -> None:
         self.append(LAYOUT, json.dumps(layout, sort_keys=True).encode())
