@@ -133,6 +133,7 @@ def scan_log(path: str) -> Scan:
         raise ConcordiaError(f"{path}: cannot read: {e.strerror}") from None
     salt, created = read_header(path, data)
     scan = Scan(path, salt, created, file_size=len(data))
+    view = memoryview(data)   # page payloads are views of the file's bytes, not copies
     pos, prev, seq = HEADER_SIZE, salt & 0xFFFFFFFF, 0
     while pos < len(data):
         if len(data) - pos < RECORD_SIZE:
@@ -147,14 +148,15 @@ def scan_log(path: str) -> Scan:
         if end > len(data):
             scan.problem = f"torn tail: record of {length} payload bytes is cut short"
             break
-        payload = data[pos + RECORD_SIZE:end]
+        payload = view[pos + RECORD_SIZE:end]
         if _record_crc(prev, data[pos:pos + RECORD.size], page, payload) != crc:
             scan.problem = "checksum mismatch (corrupt, reordered or foreign record)"
             break
         if rseq != seq + 1:
             scan.problem = f"sequence {rseq} follows {seq} (duplicated or missing record)"
             break
-        scan.records.append(Record(kind, rseq, region, page, payload, pos, crc))
+        scan.records.append(Record(kind, rseq, region, page,
+                                   payload if kind == PAGE else bytes(payload), pos, crc))
         if kind == COMMIT:
             scan.commit_ends.append(len(scan.records))
             scan.committed_end = end
