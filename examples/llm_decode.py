@@ -251,11 +251,19 @@ class DecodeRun:
         return {"kv": words(self.model.kv), "adapter": words(self.model.adapter),
                 "sched": rt.from_dlpack(self.sched.state)}
 
+    def default_backend(self) -> str:
+        """A backend that can wrap this device's tensors: cuda on a GPU; on a CPU the simulated
+        Tenstorrent device where it is installed (its DRAM is host memory), else reference."""
+        if self.device.type == "cuda":
+            return "cuda"
+        from backends import backend_status
+        return "tenstorrent" if backend_status()["tenstorrent"].ok else "reference"
+
     def open_checkpointer(self):
         from concordia_ir import Runtime
         from handlers import Checkpointer
         from handlers.scanners import AdapterPageScanner, KVBlockScanner
-        rt = Runtime(self.args.backend)
+        rt = Runtime(self.args.backend or self.default_backend())
         self.scanner = KVBlockScanner(tuple(self.model.kv.shape), self.model.kv.element_size())
         self.ckpt = Checkpointer(rt, self.regions(rt), self.args.log, fsync=self.args.fsync,
                                  scanners={"kv": self.scanner, "adapter": AdapterPageScanner()})
@@ -348,7 +356,8 @@ def parse(argv=None):
     p.add_argument("--adapter-every", type=int, default=8, help="adapter change every N steps")
     p.add_argument("--log", help="delta log path: checkpoint while decoding")
     p.add_argument("--every", type=int, default=1, help="checkpoint every N decode steps")
-    p.add_argument("--backend", default=None, help="Concordia backend of the checkpoints")
+    p.add_argument("--backend", default=None, help="Concordia backend of the checkpoints "
+                   "(default: cuda on a GPU; tenstorrent (simulated) or reference on a CPU)")
     p.add_argument("--fsync", default="always", choices=["always", "everysec", "no"])
     p.add_argument("--crash-after", type=int, help="SIGKILL this process after N new tokens")
     p.add_argument("--resume", action="store_true", help="restore from --log and continue")
@@ -370,7 +379,7 @@ def main(argv=None) -> int:
         run = DecodeRun(a)
         report = {"config": asdict(run.cfg), "batch": a.batch, "device": str(run.device)}
         if a.resume:
-            rec = run.resume(a.restore_backend or a.backend)
+            rec = run.resume(a.restore_backend or a.backend or run.default_backend())
             t = time.perf_counter()
             first = []
             tokens = run.generate(start_pos=rec["restored_pos"],
