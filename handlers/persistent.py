@@ -399,37 +399,32 @@ class PersistentRuntime:
         return self.submit_many(name, [args], groups, split)
 
     def submit_many(self, name: str, arg_rows, groups: int, split: int | None = None) -> list[Task]:
+        records = self.encode_tasks(name, arg_rows, groups, split)
+        h = self.handlers[self.op_id(name)]
+        out, start = [], self.head
+        for k, rec in enumerate(records):
+            seq = start + k
+            self._write(seq, rec)
+            task = Task(seq, name, tuple(rec[HEADER_WORDS:HEADER_WORDS + h.arg_words].tolist()),
+                        tuple(rec[1:HEADER_WORDS].tolist()))
+            self.tasks[seq] = task
+            out.append(task)
+            if (k + 1) % 64 == 0:
+                self._publish(seq + 1)
+        self._publish(start + len(out))
+        return out
+
+    def encode_tasks(self, name: str, arg_rows, groups: int, split: int | None = None) -> np.ndarray:
+        """Records for tasks: submit_many publishes them at once; publish() takes records built
+        once and published many times (what a serving loop that repeats the same tasks does;
+        also what the dispatch benchmark times: the bus and the kernel, not Python's argument
+        encoding)."""
         if self.failed is not None:
             raise ConcordiaError(f"the persistent runtime has failed: {self.failed}")
         op = self.op_id(name)
         h = self.handlers[op]
         if groups < 1:
             raise ConcordiaError("a task needs at least one group")
-        split = max(1, min(split or groups, groups))
-        parts = [(f, min(split, groups - f)) for f in range(0, groups, split)]
-        words = [self._encode(h, row) for row in arg_rows]
-        out, start = [], self.head
-        for w in words:
-            for first, count in parts:
-                seq = start + len(out)
-                self._wait_slot(seq)
-                rec = self.ring.host[(seq % self.slots) * RECORD_WORDS:][:RECORD_WORDS]
-                rec[:HEADER_WORDS] = (op, first, count, groups)
-                rec[HEADER_WORDS:HEADER_WORDS + len(w)] = w
-                task = Task(seq, name, tuple(w), (first, count, groups))
-                self.tasks[seq] = task
-                out.append(task)
-                if len(out) % 64 == 0:
-                    self._publish(seq + 1)
-        self._publish(start + len(out))
-        return out
-
-    def encode_tasks(self, name: str, arg_rows, groups: int, split: int | None = None) -> np.ndarray:
-        """Records for tasks, built once and published many times with publish() (what a
-        serving loop that repeats the same tasks does; also what the dispatch benchmark
-        times: the bus and the kernel, not Python's argument encoding)."""
-        op = self.op_id(name)
-        h = self.handlers[op]
         split = max(1, min(split or groups, groups))
         recs = []
         for row in arg_rows:
@@ -439,37 +434,39 @@ class PersistentRuntime:
                 rec[:HEADER_WORDS] = (op, first, min(split, groups - first), groups)
                 rec[HEADER_WORDS:HEADER_WORDS + len(w)] = w
                 recs.append(rec)
-        return np.array(recs, np.int32)
+        return np.array(recs, np.int32).reshape(-1, RECORD_WORDS)
 
     def publish(self, records: np.ndarray) -> tuple[int, int]:
         """Publish encoded records; returns the task range [first, end) for wait_range()."""
         if self.failed is not None:
             raise ConcordiaError(f"the persistent runtime has failed: {self.failed}")
         first, n = self.head, len(records)
-        if n > self.slots:
-            raise ConcordiaError(f"{n} records at once; the ring holds {self.slots}")
-        self._wait_slot(first + n - 1)
-        s0 = first % self.slots
-        if s0 + n <= self.slots:
-            self.ring.host[s0 * RECORD_WORDS:(s0 + n) * RECORD_WORDS] = records.reshape(-1)
-        else:
-            for k in range(n):
-                s = (first + k) % self.slots
-                self.ring.host[s * RECORD_WORDS:(s + 1) * RECORD_WORDS] = records[k]
+        for k in range(n):
+            self._write(first + k, records[k])
         self._publish(first + n)
         return first, first + n
 
     def wait_range(self, first: int, end: int) -> None:
         """Until tasks [first, end) from publish() are complete (spins; watchdog applies)."""
-        done, t0 = self.done.host, time.monotonic()
+        t0 = time.monotonic()
         for s in range(first, end):
-            slot, target = s % self.slots, s + 1
-            while done[slot] < target:
-                for _ in range(2000):
-                    if done[slot] >= target:
-                        break
-                else:
-                    self._check_alive(t0)
+            self._spin_until_done(s, t0)
+
+    def _write(self, seq: int, record: np.ndarray):
+        """A record into its slot, once the slot's previous task is complete (tasks complete
+        in any order: every slot is checked, not only the last)."""
+        self._wait_slot(seq)
+        at = (seq % self.slots) * RECORD_WORDS
+        self.ring.host[at:at + RECORD_WORDS] = record
+
+    def _spin_until_done(self, s: int, since: float):
+        done, slot, target = self.done.host, s % self.slots, s + 1
+        while done[slot] < target:
+            for _ in range(2000):          # a short spin first: latency is the point
+                if done[slot] >= target:
+                    break
+            else:
+                self._check_alive(since)
 
     def _publish(self, head: int):
         # x86 and the PCIe bus keep the record stores before this one (docs/persistent.md)
@@ -541,15 +538,8 @@ class PersistentRuntime:
         if timeout is not None:
             self.watchdog_s = timeout
         try:
-            done = self.done.host
             for s in sorted(want):
-                slot, target = s % self.slots, s + 1
-                while done[slot] < target:
-                    for _ in range(2000):          # a short spin first: latency is the point
-                        if done[slot] >= target:
-                            break
-                    else:
-                        self._check_alive(t0)
+                self._spin_until_done(s, t0)
                 self.tasks.pop(s, None)
         finally:
             self.watchdog_s = saved
