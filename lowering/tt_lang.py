@@ -16,6 +16,7 @@ parameters are one-tile inputs: the simulator's `fill` makes bfloat16, which wou
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import jinja2
@@ -32,6 +33,7 @@ _ENV = jinja2.Environment(loader=jinja2.PackageLoader("lowering", "templates"),
                           undefined=jinja2.StrictUndefined)
 _ENV.filters["add_prefix"] = lambda n: f"t_{n}"
 
+_NAME = re.compile(r"[A-Za-z_]\w*")
 _TILE_DTYPE = {"f32": "float32", "i32": "int32", "u32": "int32"}
 _BINARY = {"add": "({a} + {b})", "sub": "({a} - {b})", "mul": "({a} * {b})"}
 _COMPARE = {"eq": "ttl.math.eq({a}, {b})", "ne": "ttl.math.ne({a}, {b})",
@@ -98,8 +100,11 @@ class TileLowering:
         self.n += 1
         return f"{hint}{self.n}"
 
-    def emit(self, indent: int, text: str, defines: str | None = None, uses=()):
-        self.lines.append((indent, text, defines, set(uses)))
+    def emit(self, indent: int, text: str, defines: str | None = None):
+        """A line of the compute body; the names it reads come from its text (every generated
+        name is one identifier), for the liveness pass in live_lines()."""
+        rhs = text.split(" = ", 1)[1] if defines is not None else text
+        self.lines.append((indent, text, defines, set(_NAME.findall(rhs))))
 
     def tile(self, op: Op, v: Value) -> _Tile:
         t = self.env.get(v.name)
@@ -150,15 +155,15 @@ class TileLowering:
     def mask_and(self, a: str | None, b: str | None, indent: int) -> str | None:
         if a is None or b is None:
             return a or b
-        return self.define(indent, f"({a} * {b})", "m", uses=(a, b))
+        return self.define(indent, f"({a} * {b})", "m")
 
     def mask_not(self, m: str, dtype: str, indent: int) -> str:
         one = self.const_tile(1 if dtype == "int32" else 1.0, dtype)
-        return self.define(indent, f"({one} - {m})", "m", uses=(one, m))
+        return self.define(indent, f"({one} - {m})", "m")
 
-    def define(self, indent: int, expr: str, hint: str, uses=()) -> str:
+    def define(self, indent: int, expr: str, hint: str) -> str:
         name = self.var(hint)
-        self.emit(indent, f"{name} = {expr}", name, uses)
+        self.emit(indent, f"{name} = {expr}", name)
         return name
 
     # -- walk
@@ -184,7 +189,7 @@ class TileLowering:
         for pidx in self.stored:
             name = f"out{len(outputs)}"
             outputs.append((pidx, name, self.buffer_dtypes[pidx]))
-            self.emit(0, f"o_{name}.store(b{pidx})", None, uses=(f"b{pidx}",))
+            self.emit(0, f"o_{name}.store(b{pidx})", None)
         if not outputs:
             self.refuse(None, "it stores nothing")
         return self.program(outputs)
@@ -200,7 +205,7 @@ class TileLowering:
                 dead = self.mask_not(mask, self.dtype_of(mask), indent) if mask is not None \
                     else self.const_tile(0, "int32")
                 # `alive` starts as a 1-tile (inserted at the top) and only ever shrinks
-                self.emit(indent, f"alive = carry(alive * {dead})", "alive", ("alive", dead))
+                self.emit(indent, f"alive = carry(alive * {dead})", "alive")
                 self.alive = "alive"
                 return None
             handler = getattr(self, "op_" + op.name, None)
@@ -293,18 +298,17 @@ class TileLowering:
             if m is not None or self.loop_depth:
                 self.needs_old.add(pidx)
         if m is not None:
-            self.emit(indent, f"{var} = carry(ttl.block.where({m}, {val.expr}, {var}))", var,
-                      (m, val.expr, var))
+            self.emit(indent, f"{var} = carry(ttl.block.where({m}, {val.expr}, {var}))", var)
         else:
-            self.emit(indent, f"{var} = carry({val.expr})", var, (val.expr,))
+            self.emit(indent, f"{var} = carry({val.expr})", var)
         self.current[pidx] = _Tile(var, val.dtype, val.unsigned, val.bool_)
 
     def op_select(self, op, indent, mask):
         c, a, b = (self.tile(op, v) for v in op.operands)
-        self.value(op, indent, f"ttl.block.where({c.expr}, {a.expr}, {b.expr})", a, (c, a, b))
+        self.value(op, indent, f"ttl.block.where({c.expr}, {a.expr}, {b.expr})", a)
 
-    def value(self, op, indent, expr, like: _Tile, operands, bool_=False):
-        name = self.define(indent, expr, "v", uses=[t.expr for t in operands])
+    def value(self, op, indent, expr, like: _Tile, bool_=False):
+        name = self.define(indent, expr, "v")
         self.set(op, _Tile(name, like.dtype, like.unsigned and not bool_, bool_))
 
     def biased(self, t: _Tile, indent: int) -> str:
@@ -312,7 +316,7 @@ class TileLowering:
         if not t.unsigned:
             return t.expr
         bias = self.const_tile(-2 ** 31, "int32")
-        return self.define(indent, f"({t.expr} + {bias})", "u", uses=(t.expr, bias))
+        return self.define(indent, f"({t.expr} + {bias})", "u")
 
     def _binary(self, op, indent, mask):
         t: ScalarType = op.result.type
@@ -320,9 +324,9 @@ class TileLowering:
         if t.name not in _TILE_DTYPE:
             self.refuse(op, f"{t} has no tile type")
         if op.name in _BINARY:
-            self.value(op, indent, _BINARY[op.name].format(a=a.expr, b=b.expr), a, (a, b))
+            self.value(op, indent, _BINARY[op.name].format(a=a.expr, b=b.expr), a)
         elif op.name == "div" and t.is_float:
-            self.value(op, indent, f"({a.expr} / {b.expr})", a, (a, b))
+            self.value(op, indent, f"({a.expr} / {b.expr})", a)
         elif op.name in ("div", "rem") and t.name == "i32":
             self.int_division(op, indent, a, b)
         elif op.name in ("min", "max") and t.is_float:
@@ -330,9 +334,8 @@ class TileLowering:
         elif op.name in ("min", "max"):
             pick = "lt" if op.name == "min" else "gt"
             x, y = self.biased(a, indent), self.biased(b, indent)
-            c = self.define(indent, f"ttl.math.{pick}({x}, {y})", "c", uses=(x, y))
-            self.value(op, indent, f"ttl.block.where({c}, {a.expr}, {b.expr})", a, (a, b),)
-            self.lines[-1][3].add(c)
+            c = self.define(indent, f"ttl.math.{pick}({x}, {y})", "c")
+            self.value(op, indent, f"ttl.block.where({c}, {a.expr}, {b.expr})", a)
         else:
             why = ("tiles have no C-style fmod" if t.is_float else
                    f"tile {op.name} of u32 needs unsigned division, which tiles lack")
@@ -344,48 +347,41 @@ class TileLowering:
         """semantics.md: NaN loses; equal operands (-0/+0 too) give the first."""
         cmp = "lt" if op.name == "min" else "gt"
         e = self.define(indent, f"ttl.math.max(ttl.math.{cmp}({a.expr}, {b.expr}), "
-                                f"ttl.math.eq({a.expr}, {b.expr}))", "c", uses=(a.expr, b.expr))
-        pick = self.define(indent, f"ttl.block.where({e}, {a.expr}, {b.expr})", "v",
-                           uses=(e, a.expr, b.expr))
+                                f"ttl.math.eq({a.expr}, {b.expr}))", "c")
+        pick = self.define(indent, f"ttl.block.where({e}, {a.expr}, {b.expr})", "v")
         bnan = self.define(indent, f"ttl.block.where(ttl.math.ne({b.expr}, {b.expr}), {a.expr}, "
-                                   f"{pick})", "v", uses=(b.expr, a.expr, pick))
+                                   f"{pick})", "v")
         self.value(op, indent, f"ttl.block.where(ttl.math.ne({a.expr}, {a.expr}), {b.expr}, "
-                               f"{bnan})", a, (a, b))
-        self.lines[-1][3].add(bnan)
+                               f"{bnan})", a)
 
     def int_division(self, op, indent, a, b):
         """Truncating i32 division with RISC-V's rules from the tiles' floor division."""
         z, one, m1 = (self.const_tile(v, "int32") for v in (0, 1, -1))
         imin = self.const_tile(-2 ** 31, "int32")
-        d = lambda expr, uses: self.define(indent, expr, "d", uses=uses)  # noqa: E731
-        zero = d(f"ttl.math.eq({b.expr}, {z})", (b.expr, z))
-        ovf = d(f"(ttl.math.eq({a.expr}, {imin}) * ttl.math.eq({b.expr}, {m1}))",
-                (a.expr, imin, b.expr, m1))
-        safe = d(f"ttl.block.where(ttl.math.max({zero}, {ovf}), {one}, {b.expr})",
-                 (zero, ovf, one, b.expr))
-        q = d(f"({a.expr} // {safe})", (a.expr, safe))
-        r = d(f"({a.expr} - {q} * {safe})", (a.expr, q, safe))
+        d = lambda expr: self.define(indent, expr, "d")  # noqa: E731
+        zero = d(f"ttl.math.eq({b.expr}, {z})")
+        ovf = d(f"(ttl.math.eq({a.expr}, {imin}) * ttl.math.eq({b.expr}, {m1}))")
+        safe = d(f"ttl.block.where(ttl.math.max({zero}, {ovf}), {one}, {b.expr})")
+        q = d(f"({a.expr} // {safe})")
+        r = d(f"({a.expr} - {q} * {safe})")
         # floor -> trunc: step back toward zero where a remainder has the divisor's other sign
         fix = d(f"(ttl.math.ne({r}, {z}) * ttl.math.ne(ttl.math.lt({a.expr}, {z}), "
-                f"ttl.math.lt({safe}, {z})))", (r, z, a.expr, safe))
+                f"ttl.math.lt({safe}, {z})))")
         if op.name == "div":
-            qt = d(f"({q} + {fix})", (q, fix))
-            qo = d(f"ttl.block.where({ovf}, {imin}, {qt})", (ovf, imin, qt))
-            self.value(op, indent, f"ttl.block.where({zero}, {m1}, {qo})", a, ())
-            self.lines[-1][3].update((zero, m1, qo))
+            qt = d(f"({q} + {fix})")
+            qo = d(f"ttl.block.where({ovf}, {imin}, {qt})")
+            self.value(op, indent, f"ttl.block.where({zero}, {m1}, {qo})", a)
         else:
-            rt = d(f"({r} - {fix} * {safe})", (r, fix, safe))
-            ro = d(f"ttl.block.where({ovf}, {z}, {rt})", (ovf, z, rt))
-            self.value(op, indent, f"ttl.block.where({zero}, {a.expr}, {ro})", a, ())
-            self.lines[-1][3].update((zero, a.expr, ro))
+            rt = d(f"({r} - {fix} * {safe})")
+            ro = d(f"ttl.block.where({ovf}, {z}, {rt})")
+            self.value(op, indent, f"ttl.block.where({zero}, {a.expr}, {ro})", a)
 
     def _compare(self, op, indent, mask):
         a, b = (self.tile(op, v) for v in op.operands)
         if op.operands[0].type.name not in _TILE_DTYPE:
             self.refuse(op, f"{op.operands[0].type} has no tile type")
         x, y = self.biased(a, indent), self.biased(b, indent)
-        self.value(op, indent, _COMPARE[op.name].format(a=x, b=y), a, (), bool_=True)
-        self.lines[-1][3].update((x, y))
+        self.value(op, indent, _COMPARE[op.name].format(a=x, b=y), a, bool_=True)
 
     op_eq = op_ne = op_lt = op_le = op_gt = op_ge = _compare
 
@@ -401,10 +397,9 @@ class TileLowering:
             self.set(op, a)
         elif op.name == "neg" and t.is_int:
             z = self.const_tile(0, "int32")
-            self.value(op, indent, f"({z} - {a.expr})", a, (a,))
-            self.lines[-1][3].add(z)
+            self.value(op, indent, f"({z} - {a.expr})", a)
         elif op.name in ("neg", "abs") or t.is_float:
-            self.value(op, indent, f"ttl.math.{op.name}({a.expr})", a, (a,))
+            self.value(op, indent, f"ttl.math.{op.name}({a.expr})", a)
         else:
             self.refuse(op, "no tile form")
 
@@ -415,8 +410,7 @@ class TileLowering:
         a = self.tile(op, op.operands[0])
         if dst.name == "bool":
             z = self.const_tile(0 if a.dtype == "int32" else 0.0, a.dtype)
-            self.value(op, indent, f"ttl.math.ne({a.expr}, {z})", a, (a,), bool_=True)
-            self.lines[-1][3].add(z)
+            self.value(op, indent, f"ttl.math.ne({a.expr}, {z})", a, bool_=True)
         elif src.name == "bool" and dst.name in _TILE_DTYPE and a.dtype == _TILE_DTYPE[dst.name]:
             self.set(op, _Tile(a.expr, a.dtype, dst.name == "u32"))
         elif {src.name, dst.name} == {"i32", "u32"}:
@@ -439,8 +433,7 @@ class TileLowering:
                 self.env[r.name] = t if e is None else e   # the other branch returned
                 continue
             t, e = self.as_tile(op, op.regions[0], t), self.as_tile(op, op.regions[1], e)
-            name = self.define(indent, f"ttl.block.where({c.expr}, {t.expr}, {e.expr})", "v",
-                               uses=(c.expr, t.expr, e.expr))
+            name = self.define(indent, f"ttl.block.where({c.expr}, {t.expr}, {e.expr})", "v")
             self.env[r.name] = _Tile(name, t.dtype, t.unsigned, t.bool_)
 
     def as_tile(self, op, region, v) -> _Tile:
@@ -464,17 +457,17 @@ class TileLowering:
         carried = []
         for a, init in zip(args, op.operands[3:]):
             t = self.tile(op, init)
-            name = self.define(indent, t.expr, "k", uses=(t.expr,))
+            name = self.define(indent, t.expr, "k")
             carried.append(_Tile(name, t.dtype, t.unsigned, t.bool_))
         lo, hi, step = bounds
         uses_iv = any(iv in o.operands for o in walk(body))
         iv_tile = None
         if uses_iv:
             ivt = self.tile(op, op.operands[0])
-            iv_tile = self.define(indent, ivt.expr, "i", uses=(ivt.expr,))
+            iv_tile = self.define(indent, ivt.expr, "i")
             step_tile = self.tile(op, op.operands[2])
-        self.emit(indent, f"for _ in _trip({lo}, {hi}, {step}):", None, ())
-        self.emit(indent + 1, "pass", None, ())
+        self.emit(indent, f"for _ in _trip({lo}, {hi}, {step}):")
+        self.emit(indent + 1, "pass")
         self.loop_depth += 1
         for a, t in zip(args, carried):
             self.env[a.name] = t
@@ -483,12 +476,11 @@ class TileLowering:
         vals = self.block(body, indent + 1, mask)
         if vals is not None:
             tiles = [self.as_tile(op, body, v) for v in vals]
-            temps = [self.define(indent + 1, t.expr, "n", uses=(t.expr,)) for t in tiles]
+            temps = [self.define(indent + 1, t.expr, "n") for t in tiles]
             for c, tmp in zip(carried, temps):
-                self.emit(indent + 1, f"{c.expr} = carry({tmp})", c.expr, (tmp,))
+                self.emit(indent + 1, f"{c.expr} = carry({tmp})", c.expr)
         if uses_iv:
-            self.emit(indent + 1, f"{iv_tile} = carry({iv_tile} + {step_tile.expr})", iv_tile,
-                      (iv_tile, step_tile.expr))
+            self.emit(indent + 1, f"{iv_tile} = carry({iv_tile} + {step_tile.expr})", iv_tile)
         self.loop_depth -= 1
         for r, c in zip(op.results, carried):
             self.env[r.name] = c
