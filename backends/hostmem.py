@@ -10,6 +10,12 @@ import numpy as np
 from .base import Backend, wrap_host_dlpack
 
 
+def typed(handle: np.ndarray, dtype) -> np.ndarray:
+    """A byte buffer seen as elements of dtype (a trailing partial element is left out)."""
+    dtype = np.dtype(dtype)
+    return handle[:handle.size - handle.size % dtype.itemsize].view(dtype)
+
+
 class HostMemoryBackend(Backend):
     """Subclasses provide `_run(kernel, args, global_size, local_size)`."""
 

@@ -6,7 +6,7 @@ import numpy as np
 from concordia_ir.interpreter import Interpreter
 
 from .base import Availability, register_backend
-from .hostmem import HostMemoryBackend
+from .hostmem import HostMemoryBackend, typed
 
 
 @register_backend("reference")
@@ -17,11 +17,6 @@ class ReferenceBackend(HostMemoryBackend):
                             versions={"numpy": np.__version__})
 
     def _run(self, kernel, args, global_size, local_size):
-        views = []
-        for p, a in zip(kernel.params, args):
-            if hasattr(p.type, "elem"):
-                usable = a.size - a.size % p.type.elem.dtype.itemsize
-                views.append(a[:usable].view(p.type.elem.dtype))
-            else:
-                views.append(a)
+        views = [typed(a, p.type.elem.dtype) if hasattr(p.type, "elem") else a
+                 for p, a in zip(kernel.params, args)]
         Interpreter(kernel).run(views, global_size, local_size)

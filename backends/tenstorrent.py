@@ -23,7 +23,7 @@ from lowering import tt_metalium
 
 from .base import Availability, register_backend
 from .compiled import CompiledKernels
-from .hostmem import HostMemoryBackend
+from .hostmem import HostMemoryBackend, typed
 
 
 class ScalarTierHost:
@@ -257,8 +257,7 @@ class TileTier:
     @staticmethod
     def _tile_values(kernel, pidx, args, dt, padded) -> np.ndarray:
         elem = kernel.params[pidx].type.elem
-        usable = args[pidx].size - args[pidx].size % elem.dtype.itemsize
-        host = args[pidx][:usable].view(elem.dtype)[:padded]
+        host = typed(args[pidx], elem.dtype)[:padded]
         if elem.name == "u32":
             host = host.view(np.int32)
         out = np.zeros(padded, dt)
@@ -268,8 +267,7 @@ class TileTier:
     @staticmethod
     def _store_back(kernel, pidx, args, values):
         elem = kernel.params[pidx].type.elem
-        usable = args[pidx].size - args[pidx].size % elem.dtype.itemsize
-        host = args[pidx][:usable].view(elem.dtype)
+        host = typed(args[pidx], elem.dtype)
         k = min(host.size, values.size)
         if elem.name == "bool":
             host[:k] = values[:k] != 0
