@@ -24,7 +24,7 @@ from concordia_ir.ops import Block, Kernel, Op, Value, walk
 from concordia_ir.types import PtrType, boolean
 
 from .compile import CompileError
-from .cstyle import CStyleRenderer
+from .cstyle import _UNSIGNED, CStyleRenderer
 from .dialects import CUDA, Dialect
 
 INCLUDE = Path(__file__).parent / "include"
@@ -195,7 +195,7 @@ class MetaliumRenderer(CStyleRenderer):
         carried = [self.cname(a) for a in args]
         types = [a.type for a in args]
         i = self.cname(iv)
-        t, ut = self.ctype(iv.type), self.ctype(_unsigned(iv.type))
+        t, ut = self.ctype(iv.type), self.ctype(_UNSIGNED[iv.type.name])
 
         def init(ind):
             self.emit(ind, self.declare(iv, lo), op)
@@ -251,11 +251,6 @@ class MetaliumRenderer(CStyleRenderer):
 
     def atomic(self, op: Op, ins: list[str]) -> str:
         return f"cc_{op.name}({', '.join(ins)})"
-
-
-def _unsigned(t):
-    from .cstyle import _UNSIGNED
-    return _UNSIGNED[t.name]
 
 
 @lru_cache(maxsize=256)
