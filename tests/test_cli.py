@@ -57,6 +57,8 @@ def test_ir_print_round_trips(tmp_path):
 
 @pytest.mark.parametrize("args,match", [
     (("ir", "check", "/nonexistent.py"), "no such file"),
+    (("bench", "nope"), "no benchmark 'nope'; there are: interpreter"),
+    (("compile", "/nonexistent.py", "--target", "tt"), "no such file"),
 ])
 def test_user_errors_are_one_line(args, match):
     r = concordia(*args)
