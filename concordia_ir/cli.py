@@ -226,23 +226,45 @@ def cmd_log_inspect(args) -> int:
     if tail:
         print(f"  {tail} record(s) after the last commit: uncommitted, dropped on recovery")
     if scan.problem:
-        print(f"  stops at byte {scan.problem_offset}: {scan.problem}")
+        kind = "torn tail" if scan.torn else (
+            f"CORRUPT mid-file (checkpoint {scan.damaged_checkpoint}; commits beyond it: "
+            f"{', '.join(map(str, scan.later_commits)) or 'none'})")
+        print(f"  stops at byte {scan.problem_offset}: {scan.problem}: {kind}")
     return 0
 
 
 def cmd_log_verify(args) -> int:
     from handlers.log import scan_log
     scan = scan_log(args.file)
+    if scan.corrupt:
+        raise scan.corruption_error()
     if scan.problem:
-        last = (f"last sound commit ends at byte {scan.committed_end}" if scan.commit_ends
-                else "no sound commit")
-        raise ConcordiaError(f"{args.file}: at byte {scan.problem_offset}: {scan.problem} ({last})")
+        keep = (f"recovery uses checkpoint {scan.last_checkpoint}" if scan.commit_ends
+                else "no commit before it")
+        raise ConcordiaError(f"{args.file}: at byte {scan.problem_offset}: {scan.problem}: a torn "
+                             f"tail ({keep}; the next append, or `concordia log repair`, cuts it)")
     if not scan.commit_ends:
         raise ConcordiaError(f"{args.file}: at byte {scan.end}: the log holds no committed checkpoint")
     tail = len(scan.records) - scan.commit_ends[-1]
     note = f"; {tail} uncommitted record(s) at the end" if tail else ""
     print(f"{args.file}: sound: {len(scan.records)} records, {len(scan.commit_ends)} commits, "
           f"{scan.file_size} bytes{note}")
+    return 0
+
+
+def cmd_log_repair(args) -> int:
+    from handlers.log import repair
+    done = repair(args.file, args.to_checkpoint)
+    print(f"{args.file}: backup of all {done.cut_at + done.dropped_bytes} bytes in {done.backup}")
+    if done.problem:
+        print(f"  damage found: {done.problem}")
+    if done.dropped_bytes:
+        dropped = (", ".join(map(str, done.dropped_commits)) if done.dropped_commits else "none")
+        print(f"  cut at byte {done.cut_at}: dropped {done.dropped_bytes} bytes; "
+              f"commits dropped: {dropped}")
+    else:
+        print("  nothing to cut: the log ends at that commit")
+    print(f"  kept: checkpoint {done.kept_checkpoint} and every commit before it")
     return 0
 
 
@@ -333,13 +355,18 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("-o", "--output", help="output file (binary default: KERNEL.cubin/.co/.clbin)")
     co.set_defaults(func=cmd_compile)
 
-    lg = sub.add_parser("log", help="inspect, verify or compact a delta log")
+    lg = sub.add_parser("log", help="inspect, verify, repair or compact a delta log")
     lgs = lg.add_subparsers(dest="log_command", metavar="ACTION")
     for action, fn, text in (("inspect", cmd_log_inspect, "records, checkpoints, sizes"),
                              ("verify", cmd_log_verify, "exit 0 if sound, else 1 with offset and reason"),
+                             ("repair", cmd_log_repair, "back the file up, then cut it after the "
+                                                        "last sound commit (or --to-checkpoint N)"),
                              ("compact", cmd_log_compact, "fold the log into one base image")):
         sp = lgs.add_parser(action, help=text)
         sp.add_argument("file")
+        if action == "repair":
+            sp.add_argument("--to-checkpoint", type=int, metavar="N",
+                            help="keep checkpoints up to N (a sound commit), drop the rest")
         sp.set_defaults(func=fn)
 
     dm = sub.add_parser("demo", help="migrate a running kernel across backends and verify it "

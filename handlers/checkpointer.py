@@ -244,12 +244,15 @@ class Checkpointer:
     # -- recovery
     @staticmethod
     def restore(path: str, runtime, verify: bool = True,
-                into: dict[str, DeviceBuffer] | None = None, image=None) -> dict[str, DeviceBuffer]:
-        """The regions as of the log's last commit, rebuilt on `runtime` by the DeltaApplier:
-        into new buffers, or into `into`'s buffers (e.g. a new process's own tensors, wrapped
-        with rt.from_dlpack) where a region is named there. `image`: the log's committed
-        image when the caller has read it already (committed_image(scan_log(path)))."""
-        image = image if image is not None else committed_image(scan_log(path))
+                into: dict[str, DeviceBuffer] | None = None, image=None,
+                checkpoint: int | None = None) -> dict[str, DeviceBuffer]:
+        """The regions as of the log's last commit (or of commit `checkpoint`, an older one
+        on purpose), rebuilt on `runtime` by the DeltaApplier: into new buffers, or into
+        `into`'s buffers (e.g. a new process's own tensors, wrapped with rt.from_dlpack) where
+        a region is named there. `image`: the log's committed image when the caller has read
+        it already (committed_image(scan_log(path))). A log damaged mid-file is refused
+        (LogError with the offset) unless `checkpoint` names a sound commit before the damage."""
+        image = image if image is not None else committed_image(scan_log(path), checkpoint)
         out = {}
         for desc in image.layout["regions"]:
             buf = (into or {}).get(desc["name"])

@@ -21,14 +21,25 @@ Record (32-byte head + payload):
 Payloads: LAYOUT = JSON of the regions; PAGE = the page's bytes; COMMIT = JSON with the
 checkpoint's per-region SHA-256 and record count.
 
-Rules (SQLite WAL / etcd WAL): a record counts only if its CRC chain holds; a checkpoint
-counts only once its COMMIT does; reading stops at the first record that fails, and what
-follows the last COMMIT is discarded (and truncated before appending again).
+Rules (etcd WAL / Redis AOF): a record counts only if its CRC chain holds; a checkpoint
+counts only once its COMMIT does. Where reading stops, the damage is one of two kinds:
+- a *torn tail*: an incomplete or checksum-failing record after which the file holds nothing
+  that parses as a record (zeros, or nothing at all). It is the normal result of a crash
+  during an append. Recovery uses the last commit before it; opening the log for append cuts
+  it (and any sound but uncommitted records) off, after saving the cut bytes in
+  `<log>.broken` (or `<log>.broken.1`, ...).
+- *corruption*: damage followed by data that still parses as records (a flipped byte in an
+  old page, a duplicated or lost record). Committed checkpoints lie beyond it, so nothing is
+  guessed: restoring and opening for append both refuse with a LogError naming the file, the
+  byte offset and the checkpoint the damaged record belongs to. `concordia log repair FILE
+  [--to-checkpoint N]` is the explicit choice (backup first, then cut at the last sound commit
+  or at N); `Checkpointer.restore(path, rt, checkpoint=N)` restores a sound older commit.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import threading
 import time
@@ -37,6 +48,8 @@ from dataclasses import dataclass, field
 import crc32c
 
 from concordia_ir.errors import ConcordiaError
+
+from .durable import fsync_dir, replace_atomically, write_new
 
 MAGIC = b"CCDLOG\r\n"
 FORMAT_VERSION = 1
@@ -82,10 +95,51 @@ class Scan:
     problem: str | None = None       # why reading stopped before the end of the file
     problem_offset: int | None = None
     file_size: int = 0
+    torn: bool = False               # the damage is a torn tail (nothing parses after it)
+    later_commits: list[int] = field(default_factory=list)   # checkpoint ids found past damage
+    damaged_checkpoint: int | None = None   # the checkpoint the damaged record belongs to
 
     @property
     def last_crc(self) -> int:
         return self.records[-1].crc if self.records else self.salt & 0xFFFFFFFF
+
+    @property
+    def corrupt(self) -> bool:
+        """Damage with records after it: refused, never silently cut."""
+        return self.problem is not None and not self.torn
+
+    @property
+    def checkpoint_ids(self) -> list[int]:
+        return [self.records[i - 1].page for i in self.commit_ends]
+
+    @property
+    def last_checkpoint(self) -> int:
+        return self.checkpoint_ids[-1] if self.commit_ends else 0
+
+    def commit_end_offset(self, checkpoint_id: int) -> int:
+        """Byte offset just after the COMMIT of `checkpoint_id` (which must be sound)."""
+        for i in self.commit_ends:
+            r = self.records[i - 1]
+            if r.page == checkpoint_id:
+                return r.offset + RECORD_SIZE + len(r.payload)
+        raise LogError(self.path, self.end, f"checkpoint {checkpoint_id} is not among the sound "
+                                            f"commits ({_id_range(self.checkpoint_ids)})")
+
+    def corruption_error(self) -> "LogError":
+        later = (f"; the commits of checkpoints {_id_range(self.later_commits)} follow it"
+                 if self.later_commits else "")
+        keep = (f"checkpoint {self.last_checkpoint}" if self.commit_ends else "nothing")
+        return LogError(self.path, self.problem_offset,
+                        f"{self.problem} in a record of checkpoint {self.damaged_checkpoint}"
+                        f"{later}: corrupt mid-file, not a torn tail, so nothing was cut; run "
+                        f"`concordia log repair {self.path}` to keep {keep} (a backup is made "
+                        f"first), or restore an older commit with checkpoint=N")
+
+
+def _id_range(ids: list[int]) -> str:
+    if not ids:
+        return "none"
+    return str(ids[0]) if len(ids) == 1 else f"{ids[0]}..{ids[-1]}"
 
 
 def _record_crc(prev: int, head: bytes, page: int, payload: bytes) -> int:
@@ -164,7 +218,40 @@ def scan_log(path: str) -> Scan:
         scan.end = end
     if scan.problem is not None:
         scan.problem_offset = pos
+        _classify_damage(scan, data, pos, seq)
     return scan
+
+
+_RECORD_START = re.compile(rb"[\x01-\x03]\x00\x00\x00")   # kind (u16) then reserved (u16) = 0
+
+
+def _records_after(data: bytes, pos: int, seq: int) -> list[tuple[int, int, int, int]]:
+    """(offset, kind, seq, page) of what still parses as records past damage at `pos`: a head
+    with a known kind, a sequence number above `seq` and a payload that fits the file. Once
+    one is found, the following records are read by their lengths (payload bytes are not
+    searched); when that chain breaks, the search resumes after the record it broke on."""
+    found, limit = [], seq + 1 + (len(data) - pos) // RECORD_SIZE
+    hit = _RECORD_START.search(data, pos + 1)
+    while hit is not None:
+        q = hit.start()
+        while q + RECORD_SIZE <= len(data):
+            kind, reserved, length, rseq, _ = RECORD.unpack_from(data, q)
+            end = q + RECORD_SIZE + length
+            if kind not in KIND_NAMES or reserved or not seq < rseq <= limit or end > len(data):
+                break
+            found.append((q, kind, rseq, struct.unpack_from("<Q", data, q + RECORD.size + 4)[0]))
+            seq, q = rseq, end
+        hit = _RECORD_START.search(data, q + 1)
+    return found
+
+
+def _classify_damage(scan: Scan, data: bytes, pos: int, seq: int) -> None:
+    """Torn tail or corruption (see the module's rules), and which checkpoint was hit."""
+    later = _records_after(data, pos, seq)
+    scan.torn = not later
+    scan.later_commits = [page for _, kind, _, page in later if kind == COMMIT]
+    scan.damaged_checkpoint = (scan.later_commits[0] if scan.later_commits
+                               else scan.last_checkpoint + 1)
 
 
 WRITE_BUFFER = 4 << 20   # a checkpoint's records reach the file in a few large writes
@@ -181,16 +268,18 @@ class DeltaLog:
         self.path, self.fsync = path, fsync
         self._lock = threading.Lock()
         self._dirty = False
+        self.cut_backup: str | None = None   # where a cut torn tail was saved, if one was
         if os.path.exists(path) and os.path.getsize(path) > 0:
             scan = scan_log(path)
+            if scan.corrupt:
+                raise scan.corruption_error()
             self.salt = scan.salt
             keep = scan.commit_ends[-1] if scan.commit_ends else 0
             self.seq = scan.records[keep - 1].seq if keep else 0
             self.prev_crc = scan.records[keep - 1].crc if keep else scan.salt & 0xFFFFFFFF
+            if scan.committed_end < scan.file_size:   # the torn / uncommitted tail
+                self.cut_backup = cut_tail(path, scan.committed_end)
             self.fh = open(path, "r+b", buffering=WRITE_BUFFER)
-            if scan.committed_end < scan.file_size:   # drop the uncommitted / torn tail
-                self.fh.truncate(scan.committed_end)
-                os.fsync(self.fh.fileno())
             self.fh.seek(scan.committed_end)
             self.layout = _layout_of(scan, keep)
             self.last_checkpoint = max((r.page for r in scan.records[:keep] if r.kind == COMMIT),
@@ -199,13 +288,7 @@ class DeltaLog:
             self.salt = int.from_bytes(os.urandom(8), "little")
             self.seq, self.prev_crc = 0, self.salt & 0xFFFFFFFF
             # Created whole or not at all: a crash here must not leave a headerless log.
-            tmp = f"{path}.new"
-            with open(tmp, "wb") as fh:
-                fh.write(encode_header(self.salt, time.time()))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(path)
+            replace_atomically(path, encode_header(self.salt, time.time()))
             self.fh = open(path, "r+b", buffering=WRITE_BUFFER)
             self.fh.seek(0, os.SEEK_END)
             self.layout = None
@@ -273,23 +356,68 @@ class DeltaLog:
         self.close()
 
 
+def backup_path(path: str, suffix: str) -> str:
+    """`<path><suffix>`, or the first free `<path><suffix>.N`: earlier backups are kept."""
+    cand, n = f"{path}{suffix}", 0
+    while os.path.exists(cand):
+        n += 1
+        cand = f"{path}{suffix}.{n}"
+    return cand
+
+
+def cut_tail(path: str, at: int, backup: str = ".broken") -> str:
+    """Truncate the log at byte `at`, after saving the bytes cut off (durably) beside it.
+    Returns the backup's path."""
+    with open(path, "rb") as fh:
+        fh.seek(at)
+        cut = fh.read()
+    saved = backup_path(path, backup)
+    write_new(saved, cut)
+    with open(path, "r+b") as fh:
+        fh.truncate(at)
+        os.fsync(fh.fileno())
+    return saved
+
+
+@dataclass
+class Repair:
+    """What `repair` did: the backup of the whole file, the cut, what was kept and dropped."""
+    backup: str
+    cut_at: int
+    kept_checkpoint: int
+    dropped_commits: list[int]
+    dropped_bytes: int
+    problem: str | None
+
+
+def repair(path: str, to_checkpoint: int | None = None) -> Repair:
+    """The explicit choice for a damaged log: copy the whole file to `<path>.bak` (or
+    `.bak.N`), then cut it just after the last sound commit, or after `to_checkpoint`."""
+    scan = scan_log(path)
+    if not scan.commit_ends:
+        raise LogError(path, HEADER_SIZE, "the log holds no sound commit to keep; nothing to "
+                                          "repair to (restore from another copy)")
+    keep = scan.last_checkpoint if to_checkpoint is None else to_checkpoint
+    cut_at = scan.commit_end_offset(keep)
+    ids = scan.checkpoint_ids
+    dropped = ids[ids.index(keep) + 1:] + scan.later_commits
+    with open(path, "rb") as fh:
+        whole = fh.read()
+    saved = backup_path(path, ".bak")
+    write_new(saved, whole)
+    if cut_at < len(whole):
+        with open(path, "r+b") as fh:
+            fh.truncate(cut_at)
+            os.fsync(fh.fileno())
+    return Repair(saved, cut_at, keep, dropped, len(whole) - cut_at, scan.problem)
+
+
 def _layout_of(scan: Scan, upto: int) -> dict | None:
     layout = None
     for r in scan.records[:upto]:
         if r.kind == LAYOUT:
             layout = json.loads(r.payload)
     return layout
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -301,12 +429,22 @@ class CommittedImage:
     info: dict
 
 
-def committed_image(scan: Scan) -> CommittedImage:
-    """Fold the log up to its last COMMIT into one image (later pages win)."""
+def committed_image(scan: Scan, checkpoint: int | None = None) -> CommittedImage:
+    """Fold the log up to its last COMMIT (or up to the COMMIT of `checkpoint`) into one
+    image (later pages win). A corrupt log is refused unless an older sound checkpoint is
+    asked for by id: later commits are never dropped silently."""
+    if scan.corrupt and checkpoint is None:
+        raise scan.corruption_error()
     if not scan.commit_ends:
-        raise LogError(scan.path, HEADER_SIZE, "the log holds no committed checkpoint")
+        where = scan.problem_offset if scan.problem is not None else scan.end
+        why = f" ({scan.problem})" if scan.problem else ""
+        raise LogError(scan.path, where, f"the log holds no committed checkpoint{why}")
+    upto = scan.commit_ends[-1]
+    if checkpoint is not None:
+        scan.commit_end_offset(checkpoint)   # refuses an id that is not a sound commit
+        upto = next(i for i in scan.commit_ends if scan.records[i - 1].page == checkpoint)
     layout, pages, info, ckpt = None, {}, {}, 0
-    for r in scan.records[:scan.commit_ends[-1]]:
+    for r in scan.records[:upto]:
         if r.kind == LAYOUT:
             layout = json.loads(r.payload)
             pages = {}
@@ -345,5 +483,5 @@ def compact(path: str, fsync: bool = True) -> int:
             os.fsync(fh.fileno())
     os.replace(tmp, path)
     if fsync:
-        _fsync_dir(path)
+        fsync_dir(path)
     return os.path.getsize(path)

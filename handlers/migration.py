@@ -31,6 +31,7 @@ from concordia_ir.types import PtrType, SCALARS
 
 from . import kernels as hk
 from .checkpointer import apply_image, device_digest
+from .durable import replace_atomically
 from .regions import Region
 from .safepoints import DONE, PAUSED, POLL_EVERY_DEFAULT, PausableKernel, make_pausable
 
@@ -229,15 +230,9 @@ class KernelContext:
         return b"".join(parts + [struct.pack("<I", crc)])
 
     def export(self, path: str) -> int:
-        """Write the snapshot to a file (write new, fsync, rename). Returns its size."""
-        data = self.snapshot()
-        tmp = f"{path}.partial"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        return len(data)
+        """Write the snapshot to a file atomically (temp file, fsync, rename, fsync of the
+        directory): a crash leaves the previous snapshot or this one. Returns its size."""
+        return replace_atomically(path, self.snapshot())
 
     # -- migration
     def migrate(self, target, via: str | None = None) -> "KernelContext":

@@ -11,7 +11,7 @@ import pytest
 from backends import backend_status
 from concordia_ir import ConcordiaError, Ptr, Runtime, f32, global_id, i32, kernel
 from handlers import Checkpointer, DeltaLog, LogError, compact, instrument_stores, scan_log
-from handlers.log import HEADER_SIZE, RECORD_SIZE
+from handlers.log import HEADER_SIZE, PAGE, RECORD_SIZE
 
 BACKENDS = [n for n in ("reference", "opencl", "cuda", "tenstorrent") if backend_status()[n].ok]
 
@@ -128,18 +128,124 @@ def test_truncation_at_every_point_recovers_the_last_commit_before_it(tmp_path):
             assert f"at byte " in out and ("torn tail" in out or "incomplete" in out)
 
 
-def test_flipped_byte_is_found_at_its_record(tmp_path):
-    path = tmp_path / "f.clog"
-    states, _ = make_log(path, n=1 << 12, steps=3)
-    scan = scan_log(str(path))
-    victim = scan.records[scan.commit_ends[1] + 1]          # a page of the third checkpoint
+def poked_log(path, commits=5, n=1 << 14):
+    """The issue's case: a 16K-float region, one page poked per commit."""
+    rt = Runtime("reference")
+    kv = rt.to_device(np.zeros(n, np.float32))
+    ck = Checkpointer(rt, {"kv": kv}, str(path), page_size=4096)
+    states = []
+    for c in range(commits):
+        if c:
+            host = kv.numpy()
+            host[(c * 1024) % n] = c
+            kv.write(host)
+        ck.checkpoint()
+        states.append(kv.numpy())
+    ck.close()
+    return states
+
+
+def record_of(scan, checkpoint, kind=PAGE):
+    ids = [0] + scan.checkpoint_ids
+    for k, end in enumerate(scan.commit_ends):
+        for r in scan.records[(scan.commit_ends[k - 1] if k else 0):end]:
+            if ids[k + 1] == checkpoint and r.kind == kind:
+                return r
+    raise AssertionError(checkpoint)
+
+
+def flip(path, offset, mask=0x40):
     data = bytearray(path.read_bytes())
-    data[victim.offset + RECORD_SIZE + 100] ^= 0x40
+    data[offset] ^= mask
     path.write_bytes(bytes(data))
+
+
+def test_mid_file_damage_is_refused_never_dropped(tmp_path):
+    path = tmp_path / "f.clog"
+    states = poked_log(path)
+    victim = record_of(scan_log(str(path)), 3)
+    flip(path, victim.offset + RECORD_SIZE + 100)
+    size = path.stat().st_size
+    with pytest.raises(LogError) as e:
+        Checkpointer.restore(str(path), Runtime("reference"))
+    msg = str(e.value)
+    assert f"at byte {victim.offset}: checksum mismatch" in msg and "checkpoint 3" in msg
+    assert "checkpoints 3..5 follow it" in msg and "concordia log repair" in msg and "\n" not in msg
+    rt = Runtime("reference")
+    with pytest.raises(LogError, match=f"at byte {victim.offset}"):   # opening to append
+        Checkpointer(rt, {"kv": rt.zeros(1 << 14, np.float32)}, str(path))
+    assert path.stat().st_size == size and not list(tmp_path.glob("f.clog.*"))
+    with pytest.raises(LogError, match="corrupt mid-file"):
+        compact(str(path))
     code, out = verify(path)
-    assert code == 1 and f"at byte {victim.offset}: checksum mismatch" in out
+    assert code == 1 and f"at byte {victim.offset}" in out and out.count("\n") == 1
+    older = Checkpointer.restore(str(path), Runtime("reference"), checkpoint=2)["kv"].numpy()
+    assert np.array_equal(older, states[1])                      # on purpose, by id
+    with pytest.raises(LogError, match="checkpoint 4 is not among the sound commits"):
+        Checkpointer.restore(str(path), Runtime("reference"), checkpoint=4)
+
+
+def test_damaged_base_image_names_its_record(tmp_path):
+    path = tmp_path / "b.clog"
+    poked_log(path, commits=3)
+    victim = record_of(scan_log(str(path)), 1)
+    flip(path, victim.offset + RECORD_SIZE + 7)
+    with pytest.raises(LogError) as e:
+        Checkpointer.restore(str(path), Runtime("reference"))
+    assert f"at byte {victim.offset}" in str(e.value) and "checkpoint 1" in str(e.value)
+    assert "no committed checkpoint" not in str(e.value)
+
+
+def test_repair_backs_up_then_cuts_at_the_last_sound_commit(tmp_path):
+    path = tmp_path / "r.clog"
+    states = poked_log(path)
+    victim = record_of(scan_log(str(path)), 3)
+    flip(path, victim.offset + RECORD_SIZE + 5)
+    damaged = path.read_bytes()
+    r = subprocess.run([sys.executable, "-m", "concordia_ir.cli", "log", "repair", str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "commits dropped: 3, 4, 5" in r.stdout and "kept: checkpoint 2" in r.stdout
+    assert (tmp_path / "r.clog.bak").read_bytes() == damaged
+    assert verify(path)[0] == 0
     got = Checkpointer.restore(str(path), Runtime("reference"))["kv"].numpy()
-    assert np.array_equal(got, states[1])                    # the last commit before the damage
+    assert np.array_equal(got, states[1])
+
+
+def test_repair_to_an_older_checkpoint_and_clear_errors(tmp_path):
+    path = tmp_path / "o.clog"
+    states = poked_log(path, commits=4)
+    cli = [sys.executable, "-m", "concordia_ir.cli", "log", "repair", str(path)]
+    r = subprocess.run(cli + ["--to-checkpoint", "9"], capture_output=True, text=True)
+    assert r.returncode == 1 and "checkpoint 9 is not among the sound commits (1..4)" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o.clog.bak").exists()
+    r = subprocess.run(cli + ["--to-checkpoint", "2"], capture_output=True, text=True)
+    assert r.returncode == 0 and "commits dropped: 3, 4" in r.stdout
+    got = Checkpointer.restore(str(path), Runtime("reference"))["kv"].numpy()
+    assert np.array_equal(got, states[1])
+    r = subprocess.run(cli, capture_output=True, text=True)   # a sound log: backup, no cut
+    assert r.returncode == 0 and "nothing to cut" in r.stdout
+    assert (tmp_path / "o.clog.bak.1").exists()
+
+
+def test_every_flipped_byte_is_refused_or_a_torn_tail(tmp_path):
+    """A flip anywhere in any record: the last record's damage is a torn tail (its commit is
+    lost, as in a crash); anywhere else, restoring refuses at that record's offset."""
+    path = tmp_path / "x.clog"
+    states = poked_log(path, commits=4, n=1 << 12)
+    good = path.read_bytes()
+    scan = scan_log(str(path))
+    rng = np.random.default_rng(7)
+    for r in scan.records:
+        end = r.offset + RECORD_SIZE + len(r.payload)
+        path.write_bytes(good)
+        flip(path, int(rng.integers(r.offset, end)), int(rng.integers(1, 256)))
+        if r is scan.records[-1]:
+            got = Checkpointer.restore(str(path), Runtime("reference"))["kv"].numpy()
+            assert np.array_equal(got, states[-2])
+            continue
+        with pytest.raises(LogError, match=f"at byte {r.offset}: .*corrupt mid-file"):
+            Checkpointer.restore(str(path), Runtime("reference"))
 
 
 def test_duplicated_record_is_refused(tmp_path):
@@ -185,13 +291,18 @@ def test_foreign_and_newer_files_are_refused(tmp_path):
     assert "header checksum mismatch" in verify(path)[1]
 
 
-def test_reopen_truncates_torn_tail_and_appends_soundly(tmp_path):
+def test_reopen_cuts_a_torn_tail_after_saving_it(tmp_path):
     path = tmp_path / "r.clog"
     states, _ = make_log(path, n=1 << 12, steps=2)
     data = path.read_bytes()
-    path.write_bytes(data + data[HEADER_SIZE:HEADER_SIZE + 40])   # a torn, foreign-looking tail
+    for k, torn in enumerate((data[HEADER_SIZE:HEADER_SIZE + 40], bytes(4096))):
+        path.write_bytes(data + torn)               # a torn, foreign-looking tail; then zeros
+        log = DeltaLog(str(path))
+        assert os.path.getsize(path) == len(data)
+        saved = tmp_path / ("r.clog.broken" + (f".{k}" if k else ""))
+        assert log.cut_backup == str(saved) and saved.read_bytes() == torn
+        log.close()
     log = DeltaLog(str(path))
-    assert os.path.getsize(path) == len(data)
     log.commit(99, {"note": "after repair"})
     log.close()
     assert verify(path)[0] == 0
