@@ -6,8 +6,22 @@ import json
 import os
 import runpy
 import sys
+import traceback
 
 from .errors import ConcordiaError
+
+
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _is_ours(filename: str) -> bool:
+    rel = os.path.relpath(os.path.abspath(filename), _PACKAGE_ROOT)
+    return rel.split(os.sep)[0] in ("concordia_ir", "lowering", "backends", "handlers")
+
+
+def _user_line(e: BaseException, path: str) -> int:
+    frames = traceback.extract_tb(e.__traceback__)
+    return next((f.lineno for f in reversed(frames) if f.filename == path), 1)
 
 
 def _load_module_from(path: str):
@@ -24,10 +38,16 @@ def _load_module_from(path: str):
         scope = runpy.run_path(path, run_name="__concordia_load__")
     except SyntaxError as e:
         raise ConcordiaError(f"{e.filename}:{e.lineno}: Python syntax error: {e.msg}") from None
-    except ConcordiaError:
-        raise
-    except Exception as e:  # the user's module failed to import
-        raise ConcordiaError(f"{path}: importing it failed: {type(e).__name__}: {e}") from None
+    except ConcordiaError as e:   # located already, or at the user's line that raised it
+        if str(e).startswith(f"{path}:"):
+            raise
+        raise type(e)(f"{path}:{_user_line(e, path)}: {e}") from None
+    except Exception as e:  # the user's module failed to import: name its line
+        if _is_ours(traceback.extract_tb(e.__traceback__)[-1].filename):
+            raise             # raised inside Concordia, not by the user's code: a bug of ours
+        text = " ".join(str(e).split())
+        raise ConcordiaError(f"{path}:{_user_line(e, path)}: importing it failed: "
+                             f"{type(e).__name__}: {text}") from None
     kernels = [v.kernel for v in scope.values() if isinstance(v, KernelFunction)]
     if not kernels:
         raise ConcordiaError(f"{path}: no @kernel functions found")

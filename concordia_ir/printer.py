@@ -5,6 +5,8 @@ import json
 import math
 import struct
 
+import numpy as np
+
 from .ops import Block, Kernel, Loc, Module, Op, Value
 from .types import f32
 
@@ -16,8 +18,10 @@ def float_from_bits(bits: int, bits_wide: int) -> float:
 
 
 def float_to_bits(value: float, bits_wide: int) -> int:
+    """IEEE round-to-nearest: a literal beyond f32's range becomes an infinity, as in C."""
     if bits_wide == 32:
-        return struct.unpack("<I", struct.pack("<f", value))[0]
+        with np.errstate(over="ignore"):
+            return int(np.float32(value).view(np.uint32))
     return struct.unpack("<Q", struct.pack("<d", value))[0]
 
 

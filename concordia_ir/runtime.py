@@ -144,7 +144,8 @@ def _as_kernel(k) -> Kernel:
 
 
 def _dims(value, what: str) -> tuple[int, int, int]:
-    dims = (value,) if isinstance(value, (int, np.integer)) else tuple(value)
+    dims = (value,) if isinstance(value, (int, np.integer)) else \
+        tuple(value) if isinstance(value, (tuple, list)) else ()
     if not 1 <= len(dims) <= 3 or not all(isinstance(d, (int, np.integer)) for d in dims):
         raise LaunchError(f"{what} must be an int or a tuple of 1 to 3 ints, got {value!r}")
     if any(d <= 0 for d in dims):

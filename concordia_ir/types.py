@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import KernelSyntaxError
+
 
 @dataclass(frozen=True)
 class ScalarType:
@@ -80,9 +82,11 @@ class _PtrFactory:
     """`Ptr[f32]` or `Ptr[f32, "local"]` in kernel annotations."""
 
     def __getitem__(self, key) -> PtrType:
-        elem, space = (key if isinstance(key, tuple) else (key, "global"))
+        elem, space = (key if isinstance(key, tuple) and len(key) == 2 else (key, "global"))
         if not isinstance(elem, ScalarType) or space not in ADDRESS_SPACES:
-            raise TypeError(f"Ptr[...] takes a scalar type and 'global' or 'local', got {key!r}")
+            shown = getattr(key, "__name__", repr(key))
+            raise KernelSyntaxError(f"Ptr[...] takes a scalar type (i32, f32, ...) and optionally "
+                                    f"'global' or 'local', got {shown}")
         return PtrType(elem, space)
 
 

@@ -16,9 +16,12 @@ class _KernelVerifier:
         self.returned_divergently = False
 
     def fail(self, op: Op | None, msg: str):
-        loc = op.where if op is not None else (self.k.loc or self.k.textloc)
+        node = op if op is not None else self.k
+        # the file being checked first (IR text), the Python line it came from after it
+        loc, origin = node.textloc or node.loc, node.loc if node.textloc else None
         what = f"op '{op.name}': " if op is not None else ""
-        raise IRVerifyError(f"{where(loc)}kernel '{self.k.name}': {what}{msg}")
+        came = f" (from {origin.file}:{origin.line})" if origin is not None else ""
+        raise IRVerifyError(f"{where(loc)}kernel '{self.k.name}': {what}{msg}{came}")
 
     def define(self, op: Op | None, v: Value, scope: set[str]):
         if v.name in self.names:
@@ -255,7 +258,7 @@ def verify_module(module: Module) -> Module:
     seen = set()
     for k in module.kernels:
         if k.name in seen:
-            raise IRVerifyError(f"{where(k.loc or k.textloc)}kernel '{k.name}' is defined twice")
+            raise IRVerifyError(f"{where(k.textloc or k.loc)}kernel '{k.name}' is defined twice")
         seen.add(k.name)
         verify_kernel(k)
     return module
