@@ -36,12 +36,19 @@ def drift(state: Ptr[f32], seeds: Ptr[u32], energy: Ptr[f32], steps: i32, n: i32
 
 
 def default_path() -> list[str]:
-    """Every device backend available here, in order; the reference interpreter joins when
-    fewer than two device backends exist (a CPU-only machine)."""
+    """Every device backend available here, in order (the Tenstorrent scalar tier built for
+    this host stands in where the simulator is not installed); the reference interpreter
+    joins in the middle while there are fewer than three, so that every machine, a CPU-only
+    one included, makes at least two hops over three backends."""
     from backends import backend_status
     status = backend_status()
-    path = [n for n in DEVICE_ORDER if n in status and status[n].ok]
-    while len(path) < 2:   # with no device backend at all: reference -> reference, via a snapshot
+    ok = lambda n: n in status and status[n].ok
+    path = [n for n in DEVICE_ORDER if ok(n)]
+    if not ok("tenstorrent") and ok("tenstorrent-scalar-host"):
+        path.append("tenstorrent-scalar-host")
+    if len(path) < 3:
+        path.insert(1 if path else 0, "reference")
+    while len(path) < 3:
         path.append("reference")
     return path
 
@@ -112,14 +119,14 @@ def run_demo(path: list[str] | None = None, items: int | None = None, steps: int
     for b in bufs:
         rt0.free(b)
 
-    # the migrated run: pause after a share of the time, hop, resume, ... finish on the last
+    # the migrated run: hop k pauses once k/len(path) of the work is done (by progress, not
+    # by time: every hop moves a kernel that is still running), resumes there, ...
     bufs = _inputs(rt0, items)
     progress = _Progress(out)
-    hold = max(0.05, base_s / len(path))
     ctx = rt0.launch(drift, global_size=g, local_size=local, args=(*bufs, steps, items), pausable=True)
     with tempfile.TemporaryDirectory(prefix="concordia-demo-") as tmp:
-        for target in runtimes[1:]:
-            time.sleep(hold)
+        for k, target in enumerate(runtimes[1:], start=1):
+            ctx.advance_to(k / len(path))
             ctx = ctx.migrate(target, via=tmp)
             hop = ctx.history[-1]
             progress.bar(f"{hop.source} -> {hop.target}", hop.progress)

@@ -98,6 +98,7 @@ class KernelContext:
         self.pause_buf.write(np.zeros(1, np.int32))
         self.state = "new"
         self.history: list[Hop] = []
+        self.last_pause_s = 0.0   # how long the last pause() took to quiesce
 
     # -- the regions: pointer arguments, by parameter name
     @property
@@ -124,9 +125,11 @@ class KernelContext:
         """Ask every work-item to stop at its next safepoint, and wait until all have."""
         if self.state != "running":
             return self
+        t = time.perf_counter()
         self.runtime.backend.write_control(self.pause_buf.handle, np.ones(1, np.int32))
         self.runtime.synchronize()
         self._settle()
+        self.last_pause_s = time.perf_counter() - t
         return self
 
     def wait(self) -> "KernelContext":
@@ -172,6 +175,30 @@ class KernelContext:
                                               self.global_size, self.local_size)
         self.state = "running"
         return self
+
+    def advance_to(self, fraction: float, min_slice_s: float = 0.02) -> float:
+        """Let the kernel run until at least `fraction` of its loop iterations are done, then
+        leave it paused; returns the progress reached. Near the mark it moves by step() (one
+        poll interval at a time, so it cannot run past the end); while the mark is far, it
+        runs free for half the time the fastest rate seen so far says is left. So the stop
+        lands just past `fraction` on fast and slow devices alike."""
+        if self.state == "new":
+            self.start(paused=True)
+        self.pause()
+        done, fastest = self.progress(), 0.0
+        while done < fraction and self.state != "finished":
+            left_s = (fraction - done) / fastest if fastest > 0 else 0.0
+            t = time.perf_counter()
+            if left_s / 2 >= min_slice_s:
+                self.resume()
+                time.sleep(left_s / 2)
+                self.pause()
+            else:
+                self.step()
+            now = self.progress()
+            fastest = max(fastest, (now - done) / (time.perf_counter() - t))
+            done = now
+        return done
 
     def records(self) -> np.ndarray:
         """(n_items, record_words) view of the work-items' records."""
@@ -241,9 +268,8 @@ class KernelContext:
         before the verification, this context is left paused and resumable."""
         from concordia_ir.runtime import Runtime
         hop = Hop(str(self.runtime.spec), "")
-        t = time.perf_counter()
         self.pause()
-        hop.pause_s = time.perf_counter() - t
+        hop.pause_s = self.last_pause_s
         hop.progress = self.progress()
         t = time.perf_counter()
         snap = self.snapshot()
