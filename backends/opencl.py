@@ -5,6 +5,10 @@ N-th device over all platforms, as `concordia backends` lists them), "opencl:gpu
 """
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 import numpy as np
 
 from concordia_ir.errors import BackendUnavailable, ConcordiaError
@@ -54,6 +58,7 @@ class OpenCLBackend(Backend):
         super().__init__(device)
         import pyopencl as cl
         self.cl = cl
+        self.build_log = ""   # the last program build's log (see _quiet_build)
         devs = _devices()
         if device is None:
             gpus = [d for d in devs if _is_gpu(d)]
@@ -157,14 +162,25 @@ class OpenCLBackend(Backend):
     def _build(self, source: str) -> bytes:
         prg = self.cl.Program(self.ctx, source)
         try:
-            prg.build(options=list(OPENCL_OPTIONS))
-        except self.cl.RuntimeError as e:
-            raise ConcordiaError(f"OpenCL build failed on {self.dev.name.strip()}: {e}") from None
+            self._quiet_build(prg)
+        except self.cl.RuntimeError as e:   # the message carries the build log
+            raise ConcordiaError(f"OpenCL build failed on {self.dev.name.strip()}: "
+                                 f"{' '.join(str(e).split())}") from None
         return prg.get_info(self.cl.program_info.BINARIES)[0]
+
+    def _quiet_build(self, prg):
+        """Build without pyopencl's CompilerWarning (NVIDIA's compiler always says something):
+        the log is kept in `build_log`, shown on failure, or printed with CONCORDIA_VERBOSE=1."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", self.cl.CompilerWarning)
+            prg.build(options=list(OPENCL_OPTIONS))
+        self.build_log = prg.get_build_info(self.dev, self.cl.program_build_info.LOG).strip()
+        if self.build_log and os.environ.get("CONCORDIA_VERBOSE"):
+            print(f"OpenCL build log ({self.dev.name.strip()}):\n{self.build_log}", file=sys.stderr)
 
     def _load(self, binary: bytes):
         prg = self.cl.Program(self.ctx, [self.dev], [binary])
-        prg.build(options=list(OPENCL_OPTIONS))
+        self._quiet_build(prg)
         return prg
 
     def compile(self, kernel):

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from concordia_ir import (BackendUnavailable, LaunchError, Ptr, Runtime, f32, global_id, i32,
+from concordia_ir import (BackendUnavailable, ConcordiaError, LaunchError, Ptr, Runtime, f32, global_id, i32,
                           kernel)
 from concordia_ir.runtime import resolve_backend
 
@@ -98,3 +98,17 @@ def test_broken_config_file_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "concordia.toml").write_text("[runtime\n")
     with pytest.raises(ConcordiaError, match="concordia.toml: cannot read"):
         Runtime()
+
+
+@pytest.mark.skipif(not __import__("backends").backend_status()["opencl"].ok,
+                    reason="no OpenCL device (pyopencl[pocl] not installed)")
+def test_opencl_compiler_output_is_kept_not_warned():
+    import warnings
+    backend = Runtime("opencl").backend
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # pyopencl's CompilerWarning would raise here
+        backend._build("#warning note-from-the-compiler\n"
+                       "__kernel void k(__global int* x) { x[0] = 1; }")
+    assert "note-from-the-compiler" in backend.build_log
+    with pytest.raises(ConcordiaError, match="OpenCL build failed on .*undeclared"):
+        backend._build("__kernel void k(__global int* x) { x[0] = y; }")

@@ -3,7 +3,6 @@ import pytest
 
 from concordia_ir import IRParseError, IRVerifyError, parse_module, print_module, verify_module
 from tests.test_interpreter import atomics_k, divergent_loop, early_exit, group_sum, nested
-from tests.test_frontend import test_uniform_loop_barrier_is_accepted_and_ir_is_readable  # noqa
 
 
 @pytest.mark.parametrize("k", [group_sum, atomics_k, divergent_loop, early_exit, nested])
