@@ -83,7 +83,7 @@ class _Progress:
     def bar(self, label: str, fraction: float):
         width = 30
         full = int(round(fraction * width))
-        line = f"  {label:<28} [{'#' * full}{'.' * (width - full)}] {fraction * 100:5.1f}%"
+        line = f"  {label:<40} [{'#' * full}{'.' * (width - full)}] {fraction * 100:5.1f}%"
         print(("\r" if self.tty else "") + line, end="" if self.tty else "\n", file=self.out, flush=True)
 
     def done(self):
