@@ -150,3 +150,14 @@ def wrap_host_dlpack(backend: str, tensor):
     if not arr.flags.c_contiguous:
         raise ConcordiaError("only contiguous tensors can be wrapped")
     return arr.reshape(-1).view(np.uint8), arr.dtype, arr.size, tensor
+
+
+def backend_status() -> dict[str, Availability]:
+    """Every registered backend and whether it can run here."""
+    out = {}
+    for name, cls in BACKENDS.items():
+        try:
+            out[name] = cls.probe()
+        except Exception as e:  # a broken vendor install must not break the listing
+            out[name] = Availability(False, f"probe failed: {type(e).__name__}: {e}")
+    return out

@@ -4,8 +4,8 @@ from __future__ import annotations
 from typing import Callable
 
 from concordia_ir.printer import print_kernel
-from lowering import render_source
-from lowering.cache import KernelCache, cache_key
+from concordia.lowering import render_source
+from concordia.lowering.cache import KernelCache, cache_key
 
 
 class CompiledKernels:

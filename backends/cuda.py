@@ -10,8 +10,8 @@ import os
 import numpy as np
 
 from concordia_ir.errors import BackendUnavailable, ConcordiaError
-from lowering import render_source
-from lowering.compile import CUDA_OPTIONS, compile_cuda, nvrtc_version
+from concordia.lowering import render_source
+from concordia.lowering.compile import CUDA_OPTIONS, compile_cuda, nvrtc_version
 
 from .base import Availability, Backend, register_backend
 from .compiled import CompiledKernels
@@ -293,7 +293,7 @@ class HipOnCudaBackend(CUDABackend):
     target = "hip"
 
     def render(self, kernel) -> str:
-        import lowering
+        import concordia.lowering
         header = os.path.join(os.path.dirname(lowering.__file__), "include", "hip_on_cuda.h")
         with open(header) as fh:
             return fh.read() + "\n" + render_source(kernel, "hip")

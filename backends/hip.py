@@ -9,7 +9,7 @@ import ctypes
 import numpy as np
 
 from concordia_ir.errors import BackendUnavailable, ConcordiaError
-from lowering.compile import HIP_OPTIONS, clang_version, compile_hip, find_hip_clang
+from concordia.lowering.compile import HIP_OPTIONS, clang_version, compile_hip, find_hip_clang
 
 from .base import Availability, Backend, register_backend
 from .compiled import CompiledKernels

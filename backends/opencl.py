@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 
 from concordia_ir.errors import BackendUnavailable, ConcordiaError
-from lowering.compile import OPENCL_OPTIONS
+from concordia.lowering.compile import OPENCL_OPTIONS
 
 from .base import Availability, Backend, register_backend
 from .compiled import CompiledKernels

@@ -19,11 +19,12 @@ import numpy as np
 
 from concordia_ir.errors import BackendUnavailable, ConcordiaError, KernelRuntimeError
 from concordia_ir.types import PtrType
-from lowering import tt_metalium
+from concordia.lowering import tt_metalium
 
 from .base import Availability, register_backend
 from .compiled import CompiledKernels
 from .hostmem import HostMemoryBackend, typed
+from .tt_pages import page_compare, page_copy
 
 
 class ScalarTierHost:
@@ -39,7 +40,7 @@ class ScalarTierHost:
     def load(self, binary: bytes):
         import hashlib
         import tempfile
-        from lowering.cache import cache_dir
+        from concordia.lowering.cache import cache_dir
         key = hashlib.sha256(binary).hexdigest()[:24]
         if key not in self.libs:
             d = os.path.join(cache_dir(), "tt-host-libs")
@@ -185,7 +186,7 @@ class TileTier:
 
     def plan(self, kernel):
         """(TileProgram, None) or (None, refusal reason); decided once per kernel."""
-        from lowering.tt_lang import TileRefusal, plan_tiles
+        from concordia.lowering.tt_lang import TileRefusal, plan_tiles
         hit = self.plans.get(id(kernel))
         if hit is None or hit[0] is not kernel:
             try:
@@ -200,7 +201,7 @@ class TileTier:
         import hashlib
         import importlib.util
         import tempfile
-        from lowering.cache import cache_dir
+        from concordia.lowering.cache import cache_dir
         key = hashlib.sha256(program.source.encode()).hexdigest()[:24]
         if key not in self.modules:
             d = os.path.join(cache_dir(), "tt-lang")
@@ -225,7 +226,7 @@ class TileTier:
         return self.ttnn.from_torch(t, layout=self.ttnn.TILE_LAYOUT)
 
     def run(self, program, args, global_size):
-        from lowering.tt_lang import TILE
+        from concordia.lowering.tt_lang import TILE
         kernel = program.kernel
         n = global_size[0]
         ntiles = max(1, -(-n // TILE))
@@ -278,7 +279,7 @@ class TileTier:
 
 
 class TilePageOps:
-    """The checkpoint handlers in tile form (handlers/tt_pages.py): a 4 KiB page is one tile of
+    """The checkpoint handlers in tile form (backends/tt_pages.py): a 4 KiB page is one tile of
     32-bit words. On the simulator a region is staged into a tile tensor for each call (its
     "DRAM" is host memory); on a device the region would be a device tensor already."""
 
@@ -299,7 +300,6 @@ class TilePageOps:
         handle[:nbytes] = self.tiles.ttnn.to_torch(tensor).numpy().reshape(-1).view(np.uint8)[:nbytes]
 
     def scan(self, region, shadow, nbytes: int) -> np.ndarray:
-        from handlers.tt_pages import page_compare
         n = self._pages(nbytes)
         flags = self.tiles.to_tensor(np.zeros(n * 1024, np.int32))
         page_compare(self.tiles.ttl, n)(self._tensor(region, nbytes), self._tensor(shadow, nbytes), flags)
@@ -308,7 +308,6 @@ class TilePageOps:
 
     def gather(self, region, shadow, nbytes: int, pages: np.ndarray, update_shadow: bool) -> np.ndarray:
         """The listed pages back to back (whole pages); the shadow takes them too if asked."""
-        from handlers.tt_pages import page_copy
         pages = [int(p) for p in pages]
         staging = self.tiles.to_tensor(np.zeros(len(pages) * 1024, np.int32))
         cur = self._tensor(region, nbytes)
@@ -320,7 +319,6 @@ class TilePageOps:
         return self.tiles.ttnn.to_torch(staging).numpy().reshape(-1).view(np.uint8)
 
     def scatter(self, region, nbytes: int, pages: np.ndarray, raw: np.ndarray) -> None:
-        from handlers.tt_pages import page_copy
         pages = [int(p) for p in pages]
         staging = np.zeros(len(pages) * 1024, np.int32)
         staging.view(np.uint8)[:raw.size] = raw

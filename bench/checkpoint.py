@@ -23,13 +23,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, table, write_result  # noqa: E402
 
-from concordia_ir import Ptr, Runtime, f32, global_id, i32, kernel  # noqa: E402
-from handlers import DeltaLog  # noqa: E402
-from handlers import kernels as hk  # noqa: E402
-from handlers.checkpointer import _RegionState  # noqa: E402
-from handlers.log import PAGE  # noqa: E402
-from handlers.regions import Region  # noqa: E402
-from handlers.tracking import instrument_stores  # noqa: E402
+from concordia import Ptr, Runtime, f32, global_id, i32, kernel  # noqa: E402
+from concordia.handlers import DeltaLog  # noqa: E402
+from concordia.handlers import kernels as hk  # noqa: E402
+from concordia.handlers.checkpointer import _RegionState  # noqa: E402
+from concordia.handlers.log import PAGE  # noqa: E402
+from concordia.handlers.regions import Region  # noqa: E402
+from concordia_ir.passes.tracking import instrument_stores  # noqa: E402
 
 
 @kernel
@@ -208,7 +208,7 @@ def one_page_save(rt: Runtime, clock: DeviceClock, nbytes: int, repeats: int) ->
 
 
 def tracking_overhead(rt: Runtime, clock: DeviceClock, n: int) -> dict:
-    from backends.conformance.cases import vector_add
+    from concordia.backends.conformance.cases import vector_add
     a, b, c = (rt.zeros(n, np.float32) for _ in range(3))
     flags = rt.zeros(-(-n // 1024), np.int32)
     tracked = instrument_stores(vector_add.kernel, {"out": 1024})

@@ -20,8 +20,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench.common import environment, table, write_result  # noqa: E402
-from concordia_ir import Ptr, Runtime, f32, global_id, i32, kernel, u32  # noqa: E402
-from handlers.persistent import PersistentRuntime  # noqa: E402
+from concordia import Ptr, Runtime, f32, global_id, i32, kernel, u32  # noqa: E402
+from concordia.handlers.persistent import PersistentRuntime  # noqa: E402
 
 BLOCK = 256
 PAYLOADS = (256, 4096, 65536, 1 << 20)          # bytes a task touches

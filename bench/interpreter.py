@@ -11,7 +11,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, table, write_result  # noqa: E402
 
-from concordia_ir import Ptr, Runtime, f32, global_id, i32, kernel  # noqa: E402
+from concordia import Ptr, Runtime, f32, global_id, i32, kernel  # noqa: E402
 from concordia_ir.ops import walk  # noqa: E402
 
 

@@ -20,9 +20,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, table, write_result  # noqa: E402
 
-from concordia_ir import (Ptr, Runtime, barrier, f32, global_id, global_size, group_id,  # noqa: E402
+from concordia import (Ptr, Runtime, barrier, f32, global_id, global_size, group_id,  # noqa: E402
                           i32, kernel, local_array, local_id)
-from backends.conformance.cases import gemm_tiled, vector_add  # noqa: E402
+from concordia.backends.conformance.cases import gemm_tiled, vector_add  # noqa: E402
 
 
 @kernel
@@ -181,7 +181,7 @@ def bench_gemm(rt: Runtime, timer: Timer, size: int, hand) -> list[dict]:
 
 def bench_compile(backend: str) -> dict:
     """Cold: empty cache (codegen + compile + load). Cached: a new runtime, disk cache hit."""
-    from backends import BACKENDS
+    from concordia.backends import BACKENDS
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["CONCORDIA_CACHE_DIR"] = tmp
@@ -211,7 +211,7 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--quick", action="store_true", help="small sizes (CPU)")
     args = p.parse_args(argv)
-    from backends import backend_status
+    from concordia.backends import backend_status
     status = backend_status()
     names = args.backend or [n for n in ("cuda", "hip-on-cuda", "opencl") if status[n].ok]
     n = 1 << (20 if args.quick else 26)

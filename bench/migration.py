@@ -17,9 +17,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, table, write_result  # noqa: E402
 
-from concordia_ir import Runtime  # noqa: E402
-from handlers.demo import drift  # noqa: E402
-from handlers.migration import KernelContext, pausable  # noqa: E402
+from concordia import Runtime  # noqa: E402
+from concordia.demo import drift  # noqa: E402
+from concordia.handlers.migration import KernelContext, pausable  # noqa: E402
 
 
 def inputs(rt, n):
@@ -83,7 +83,7 @@ def main(argv=None):
     p.add_argument("--mib", type=int, default=None, help="total size of the kernel's regions")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from handlers.demo import default_path
+    from concordia.demo import default_path
     path = args.path.split(",") if args.path else default_path()
     rts = [Runtime(x) for x in path]
     gpu = rts[0].name == "cuda"

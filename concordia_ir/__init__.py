@@ -8,15 +8,14 @@ from .frontend import KernelFunction, kernel
 from .ops import Block, Kernel, Loc, Module, Op, Value
 from .parser import parse_file, parse_module
 from .printer import print_module
-from .runtime import DeviceBuffer, Runtime
 from .types import Ptr, PtrType, ScalarType, f32, f64, i32, i64, u32, u64
 from .types import boolean as bool_
 from .verifier import verify_module
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "kernel", "KernelFunction", "Runtime", "DeviceBuffer",
+    "kernel", "KernelFunction",
     "i32", "u32", "i64", "u64", "f32", "f64", "bool_", "Ptr", "ScalarType", "PtrType",
     "global_id", "local_id", "group_id", "global_size", "local_size", "num_groups",
     "barrier", "safepoint", "local_array", "atomic_add", "atomic_min", "atomic_max",

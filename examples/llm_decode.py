@@ -256,13 +256,13 @@ class DecodeRun:
         Tenstorrent device where it is installed (its DRAM is host memory), else reference."""
         if self.device.type == "cuda":
             return "cuda"
-        from backends import backend_status
+        from concordia.backends import backend_status
         return "tenstorrent" if backend_status()["tenstorrent"].ok else "reference"
 
     def open_checkpointer(self):
-        from concordia_ir import Runtime
-        from handlers import Checkpointer
-        from handlers.scanners import AdapterPageScanner, KVBlockScanner
+        from concordia import Runtime
+        from concordia.handlers import Checkpointer
+        from concordia.handlers.scanners import AdapterPageScanner, KVBlockScanner
         rt = Runtime(self.args.backend or self.default_backend())
         self.scanner = KVBlockScanner(tuple(self.model.kv.shape), self.model.kv.element_size())
         self.ckpt = Checkpointer(rt, self.regions(rt), self.args.log, fsync=self.args.fsync,
@@ -327,9 +327,9 @@ class DecodeRun:
 
     def resume(self, restore_backend: str) -> dict:
         """Restore kv/adapter/sched from the log into this process's tensors; phases timed."""
-        from concordia_ir import Runtime
-        from handlers import Checkpointer
-        from handlers.log import committed_image, scan_log
+        from concordia import Runtime
+        from concordia.handlers import Checkpointer
+        from concordia.handlers.log import committed_image, scan_log
         t0 = time.perf_counter()
         scan = scan_log(self.args.log)                  # detect: the log's last commit
         t1 = time.perf_counter()

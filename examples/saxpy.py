@@ -1,5 +1,5 @@
 import numpy as np
-from concordia_ir import kernel, Runtime, f32, i32, Ptr, global_id
+from concordia import kernel, Runtime, f32, i32, Ptr, global_id
 
 @kernel
 def saxpy(a: f32, x: Ptr[f32], y: Ptr[f32], out: Ptr[f32], n: i32):

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from concordia_ir.errors import ConcordiaError
-from concordia_ir.runtime import DeviceBuffer
+from concordia.backends.runtime import DeviceBuffer, _as_kernel
 
 from . import kernels as hk
 from .log import PAGE, DeltaLog, committed_image, scan_log
 from .regions import Region, check_region
-from .tracking import instrument_stores
+from concordia_ir.passes.tracking import instrument_stores
 
 MODES = ("shadow", "hash", "tracked")
 STAGING_BYTES = 4 << 20   # pages gathered per round trip to the host
@@ -208,7 +208,6 @@ class Checkpointer:
         """Launch `kernel`; in "tracked" mode its stores to regions also mark dirty pages."""
         if self.mode != "tracked":
             return self.rt.launch(kernel, global_size, local_size, args)
-        from concordia_ir.runtime import _as_kernel
         k = _as_kernel(kernel)
         by_buffer = {id(r.buffer): (r, st) for r, st in zip(self.regions, self.states)}
         tracked = [(p.name, by_buffer[id(a)]) for p, a in zip(k.params, args)

@@ -26,14 +26,14 @@ from concordia_ir.errors import ConcordiaError
 from concordia_ir.ops import Kernel, Module
 from concordia_ir.parser import parse_module
 from concordia_ir.printer import print_module
-from concordia_ir.runtime import DeviceBuffer, _as_kernel
+from concordia.backends.runtime import DeviceBuffer, Runtime, _as_kernel, register_kernel_contexts
 from concordia_ir.types import PtrType, SCALARS
 
 from . import kernels as hk
 from .checkpointer import apply_image, device_digest
 from .durable import replace_atomically
 from .regions import Region
-from .safepoints import DONE, PAUSED, POLL_EVERY_DEFAULT, PausableKernel, make_pausable
+from concordia_ir.passes.safepoints import DONE, PAUSED, POLL_EVERY_DEFAULT, PausableKernel, make_pausable
 
 SNAP_MAGIC = b"CCSNAP\r\n"
 SNAP_VERSION = 1
@@ -266,7 +266,6 @@ class KernelContext:
         """Quiesce here, move everything to `target` (a backend string or Runtime), verify it
         there by content hash, release this context, and resume there. If anything fails
         before the verification, this context is left paused and resumable."""
-        from concordia_ir.runtime import Runtime
         hop = Hop(str(self.runtime.spec), "")
         self.pause()
         hop.pause_s = self.last_pause_s
@@ -418,3 +417,5 @@ def import_snapshot(path: str, runtime) -> KernelContext:
     except SnapshotError as e:
         raise SnapshotError(f"{path}: {e}") from None
 
+
+register_kernel_contexts(KernelContext, import_snapshot)

@@ -22,11 +22,11 @@ import numpy as np
 
 from concordia_ir.errors import ConcordiaError, where
 from concordia_ir.ops import Block, Kernel, Op, Value, walk
-from concordia_ir.runtime import DeviceBuffer, _as_kernel
+from concordia.backends.runtime import DeviceBuffer, _as_kernel
 from concordia_ir.types import PtrType, boolean, i32, u32, u64
 from concordia_ir.verifier import verify_kernel
 
-from .safepoints import _Builder, _Names
+from concordia_ir.passes.safepoints import _Builder, _Names
 
 RECORD_WORDS = 16
 HEADER_WORDS = 4

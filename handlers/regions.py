@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from concordia_ir.errors import ConcordiaError
-from concordia_ir.runtime import DeviceBuffer
+from concordia.backends.runtime import DeviceBuffer
 
 
 @dataclass

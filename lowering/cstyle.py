@@ -19,7 +19,7 @@ from concordia_ir.types import PtrType, ScalarType, boolean, f32, i32, u32, u64
 
 from .dialects import Dialect
 
-_ENV = jinja2.Environment(loader=jinja2.PackageLoader("lowering", "templates"),
+_ENV = jinja2.Environment(loader=jinja2.PackageLoader(__package__, "templates"),
                           trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
                           undefined=jinja2.StrictUndefined)
 

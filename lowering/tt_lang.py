@@ -28,7 +28,7 @@ from concordia_ir.types import PtrType, ScalarType
 
 TILE = 32 * 32   # work-items per tile
 
-_ENV = jinja2.Environment(loader=jinja2.PackageLoader("lowering", "templates"),
+_ENV = jinja2.Environment(loader=jinja2.PackageLoader(__package__, "templates"),
                           trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
                           undefined=jinja2.StrictUndefined)
 _ENV.filters["add_prefix"] = lambda n: f"t_{n}"

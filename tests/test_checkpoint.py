@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from backends import backend_status
-from concordia_ir import ConcordiaError, Ptr, Runtime, f32, global_id, i32, kernel
-from handlers import Checkpointer, DeltaLog, LogError, compact, instrument_stores, scan_log
-from handlers.log import HEADER_SIZE, PAGE, RECORD_SIZE
+from concordia.backends import backend_status
+from concordia import ConcordiaError, Ptr, Runtime, f32, global_id, i32, kernel
+from concordia.handlers import Checkpointer, DeltaLog, LogError, compact, instrument_stores, scan_log
+from concordia.handlers.log import HEADER_SIZE, PAGE, RECORD_SIZE
 
 BACKENDS = [n for n in ("reference", "opencl", "cuda", "tenstorrent") if backend_status()[n].ok]
 
@@ -93,7 +93,7 @@ def test_log_of_another_layout_is_refused(tmp_path):
 # ---- damage, made on purpose ------------------------------------------------------------------
 
 def verify(path):
-    r = subprocess.run([sys.executable, "-m", "concordia_ir.cli", "log", "verify", str(path)],
+    r = subprocess.run([sys.executable, "-m", "concordia", "log", "verify", str(path)],
                        capture_output=True, text=True)
     return r.returncode, r.stdout + r.stderr
 
@@ -202,7 +202,7 @@ def test_repair_backs_up_then_cuts_at_the_last_sound_commit(tmp_path):
     victim = record_of(scan_log(str(path)), 3)
     flip(path, victim.offset + RECORD_SIZE + 5)
     damaged = path.read_bytes()
-    r = subprocess.run([sys.executable, "-m", "concordia_ir.cli", "log", "repair", str(path)],
+    r = subprocess.run([sys.executable, "-m", "concordia", "log", "repair", str(path)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "commits dropped: 3, 4, 5" in r.stdout and "kept: checkpoint 2" in r.stdout
@@ -215,7 +215,7 @@ def test_repair_backs_up_then_cuts_at_the_last_sound_commit(tmp_path):
 def test_repair_to_an_older_checkpoint_and_clear_errors(tmp_path):
     path = tmp_path / "o.clog"
     states = poked_log(path, commits=4)
-    cli = [sys.executable, "-m", "concordia_ir.cli", "log", "repair", str(path)]
+    cli = [sys.executable, "-m", "concordia", "log", "repair", str(path)]
     r = subprocess.run(cli + ["--to-checkpoint", "9"], capture_output=True, text=True)
     assert r.returncode == 1 and "checkpoint 9 is not among the sound commits (1..4)" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "o.clog.bak").exists()

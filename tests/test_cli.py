@@ -6,7 +6,7 @@ import pytest
 
 
 def concordia(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "concordia_ir.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "concordia", *args], capture_output=True,
                           text=True, cwd=cwd, timeout=300)
 
 
@@ -19,7 +19,7 @@ def test_help_lists_subcommands():
 
 def test_ir_check_valid_python_file(tmp_path):
     f = tmp_path / "good.py"
-    f.write_text("from concordia_ir import kernel, Ptr, f32, global_id\n\n"
+    f.write_text("from concordia import kernel, Ptr, f32, global_id\n\n"
                  "@kernel\ndef k(x: Ptr[f32]):\n    x[global_id(0)] = 1.0\n")
     r = concordia("ir", "check", str(f))
     assert r.returncode == 0 and "ok (1 kernel: k)" in r.stdout
@@ -27,7 +27,7 @@ def test_ir_check_valid_python_file(tmp_path):
 
 def test_ir_check_invalid_python_file_is_one_line(tmp_path):
     f = tmp_path / "bad.py"
-    f.write_text("from concordia_ir import kernel, Ptr, f32, i32\n\n"
+    f.write_text("from concordia import kernel, Ptr, f32, i32\n\n"
                  "@kernel\ndef k(x: Ptr[f32], n: i32):\n    x[0] = x[0] + n\n")
     r = concordia("ir", "check", str(f))
     assert r.returncode == 1
@@ -46,7 +46,7 @@ def test_ir_check_ir_text(tmp_path):
 
 def test_ir_print_round_trips(tmp_path):
     f = tmp_path / "k.py"
-    f.write_text("from concordia_ir import kernel, Ptr, f32, global_id\n\n"
+    f.write_text("from concordia import kernel, Ptr, f32, global_id\n\n"
                  "@kernel\ndef k(x: Ptr[f32]):\n    x[global_id(0)] = 1.0\n")
     r = concordia("ir", "print", str(f))
     assert r.returncode == 0 and r.stdout.startswith("kernel @k(")

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from concordia_ir import Runtime
-from handlers import Checkpointer, LogError, scan_log
+from concordia import Runtime
+from concordia.handlers import Checkpointer, LogError, scan_log
 
 PAGES, PAGE = 8, 4096
 WORDS = PAGES * PAGE // 4

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from backends import backend_status
+from concordia.backends import backend_status
 
 PATHS = [["reference", "reference"]] + ([["opencl", "reference", "opencl"]]
                                         if backend_status()["opencl"].ok else [])
@@ -14,7 +14,7 @@ PATHS = [["reference", "reference"]] + ([["opencl", "reference", "opencl"]]
 @pytest.mark.parametrize("path", PATHS, ids=["-".join(p) for p in PATHS])
 def test_demo_verifies_and_writes_its_timeline(tmp_path, path):
     out = tmp_path / "demo.json"
-    r = subprocess.run([sys.executable, "-m", "concordia_ir.cli", "demo", "--path", ",".join(path),
+    r = subprocess.run([sys.executable, "-m", "concordia", "demo", "--path", ",".join(path),
                         "--items", "2048", "--steps", "600", "--json", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
@@ -30,7 +30,7 @@ def test_demo_verifies_and_writes_its_timeline(tmp_path, path):
 
 def test_default_demo_makes_two_live_hops_over_three_backends(tmp_path):
     out = tmp_path / "demo.json"
-    r = subprocess.run([sys.executable, "-m", "concordia_ir.cli", "demo", "--json", str(out)],
+    r = subprocess.run([sys.executable, "-m", "concordia", "demo", "--json", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     d = json.loads(out.read_text())
@@ -40,6 +40,6 @@ def test_default_demo_makes_two_live_hops_over_three_backends(tmp_path):
 
 
 def test_demo_with_an_unknown_backend_is_one_line():
-    r = subprocess.run([sys.executable, "-m", "concordia_ir.cli", "demo", "--path", "opencl,nosuch"],
+    r = subprocess.run([sys.executable, "-m", "concordia", "demo", "--path", "opencl,nosuch"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "unknown backend 'nosuch'" in r.stderr and "Traceback" not in r.stderr

@@ -4,7 +4,7 @@ import inspect
 import numpy as np
 import pytest
 
-from concordia_ir import (KernelSyntaxError, IRVerifyError, Ptr, Runtime, barrier, f32, global_id,
+from concordia import (KernelSyntaxError, IRVerifyError, Ptr, Runtime, barrier, f32, global_id,
                           i32, kernel, local_id, safepoint, u32, ConcordiaError)
 
 

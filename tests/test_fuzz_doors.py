@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from backends.conformance import all_cases
-from concordia_ir import ConcordiaError, Runtime, parse_module, print_module, verify_module
-from concordia_ir.cli import _load_module_from
+from concordia.backends.conformance import all_cases
+from concordia import ConcordiaError, Runtime, parse_module, print_module, verify_module
+from concordia.cli import _load_module_from
 from concordia_ir.ops import Module
 
 SCALE = os.environ.get("CONCORDIA_FUZZ_EXAMPLES")
@@ -218,7 +218,7 @@ def kernel_source(draw):
     else:                                     # anything: valid or not
         params = draw(st.lists(st.sampled_from(PARAMS), min_size=0, max_size=5, unique=True))
         body = (["i = global_id(0)"] if draw(st.booleans()) else []) + draw(block(2))
-    src = ("from concordia_ir import *\n\n\n@kernel\n"
+    src = ("from concordia import *\n\n\n@kernel\n"
            f"def k({', '.join(params)}):\n" + "\n".join(ind(body)) + "\n")
     if draw(st.integers(0, 9)) == 0:          # sometimes not even Python
         pos = draw(st.integers(0, len(src) - 1))

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from concordia_ir import (Ptr, Runtime, atomic_add, atomic_cas, atomic_max, atomic_min,
+from concordia import (Ptr, Runtime, atomic_add, atomic_cas, atomic_max, atomic_min,
                           atomic_xchg, barrier, f32, f64, fma, global_id, i32, i64, kernel,
                           local_array, local_id, local_size, group_id, sqrt, u32, KernelRuntimeError)
 

@@ -10,8 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the decode loop is PyTorch: pip install torch")
 
-from backends import backend_status  # noqa: E402
-from handlers.scanners import KVBlockScanner  # noqa: E402
+from concordia.backends import backend_status  # noqa: E402
+from concordia.handlers.scanners import KVBlockScanner  # noqa: E402
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "examples", "llm_decode.py")
 COMMON = ["--config", "tiny", "--device", "cpu", "--batch", "3", "--prompt", "6", "--tokens", "40",

@@ -8,10 +8,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from backends.conformance import all_cases
-from backends.conformance.cases import divergent_flow, gemm_tiled, mul_add_f32, reduce_sum
-from lowering import render_source
-from lowering.compile import compile_cuda, compile_hip, find_hip_clang
+from concordia.backends.conformance import all_cases
+from concordia.backends.conformance.cases import divergent_flow, gemm_tiled, mul_add_f32, reduce_sum
+from concordia.lowering import render_source
+from concordia.lowering.compile import compile_cuda, compile_hip, find_hip_clang
 
 HANDWRITTEN = [c for c in all_cases() if not re.match(r"^(cast|bitcast|add|sub|mul|div|rem|min|max|"
                                                        r"and|or|xor|shl|shr|neg|not|abs|sqrt|floor|"
@@ -25,7 +25,7 @@ SAMPLE = HANDWRITTEN + [c for c in all_cases() if c.name in (
 def nvrtc_ok():
     try:
         import cuda.bindings.nvrtc  # noqa: F401
-        from lowering.compile import nvrtc_version
+        from concordia.lowering.compile import nvrtc_version
         nvrtc_version()
         return True
     except Exception:
@@ -113,7 +113,7 @@ def test_rendering_is_deterministic_and_vendor_differences_are_small():
 
 
 def test_unknown_target_and_arch_are_clear():
-    from concordia_ir import ConcordiaError
+    from concordia import ConcordiaError
     with pytest.raises(KeyError, match="unknown target 'metal'"):
         render_source(mul_add_f32.kernel, "metal")
     if nvrtc_ok():
@@ -123,7 +123,7 @@ def test_unknown_target_and_arch_are_clear():
 
 def test_disk_cache_compiles_once(tmp_path, monkeypatch):
     monkeypatch.setenv("CONCORDIA_CACHE_DIR", str(tmp_path))
-    from backends.compiled import CompiledKernels
+    from concordia.backends.compiled import CompiledKernels
     built = []
 
     def build(src):
@@ -148,12 +148,12 @@ def test_cli_compile_binaries(tmp_path):
         if (target == "cuda" and not nvrtc_ok()) or (target == "hip" and find_hip_clang() is None):
             continue
         out = tmp_path / f"k.{ext}"
-        r = subprocess.run([sys.executable, "-m", "concordia_ir.cli", "compile", src, "--target",
+        r = subprocess.run([sys.executable, "-m", "concordia", "compile", src, "--target",
                             target, "--arch", arch, "--emit", "binary", "-o", str(out)],
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         assert out.read_bytes()[:4] == magic
-    r = subprocess.run([sys.executable, "-m", "concordia_ir.cli", "compile", src, "--target", "hip",
+    r = subprocess.run([sys.executable, "-m", "concordia", "compile", src, "--target", "hip",
                         "--arch", "gfx9999", "--emit", "binary", "-o", str(tmp_path / "x")],
                        capture_output=True, text=True)
     if find_hip_clang() is not None:

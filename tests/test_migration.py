@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from backends import backend_status
-from concordia_ir import (ConcordiaError, Ptr, Runtime, barrier, f32, global_id, i32, i64, kernel,
+from concordia.backends import backend_status
+from concordia import (ConcordiaError, Ptr, Runtime, barrier, f32, global_id, i32, i64, kernel,
                           local_array, local_id, local_size, safepoint, u32)
-from handlers.migration import SnapshotError, restore_snapshot
-from handlers.safepoints import DONE, make_pausable
+from concordia.handlers.migration import SnapshotError, restore_snapshot
+from concordia_ir.passes.safepoints import DONE, make_pausable
 
 BACKENDS = [n for n in ("reference", "opencl", "cuda", "hip-on-cuda", "tenstorrent") if backend_status()[n].ok]
 
@@ -146,12 +146,12 @@ def test_migration_between_every_pair(src, dst, name):
 
 
 def type_ctx():
-    from handlers.migration import KernelContext
+    from concordia.handlers.migration import KernelContext
     return KernelContext
 
 
 def test_failure_during_migration_leaves_source_resumable(monkeypatch):
-    import handlers.migration as m
+    import concordia.handlers.migration as m
     k, g, l, make = case("nested")
     rt = Runtime("reference")
     ctx = type_ctx()(rt, k, g, l, launch_args(rt, make()), poll_every=1).start(paused=True).wait()
@@ -194,7 +194,7 @@ def test_export_in_one_process_import_in_another(tmp_path):
     code = f"""
 import sys; sys.path.insert(0, {os.getcwd()!r})
 from tests.test_migration import case, launch_args, type_ctx
-from concordia_ir import Runtime
+from concordia import Runtime
 k, g, l, make = case("divergent")
 rt = Runtime("reference")
 ctx = type_ctx()(rt, k, g, l, launch_args(rt, make()), poll_every=1).start(paused=True).wait()

@@ -15,8 +15,8 @@ import time
 import numpy as np
 import pytest
 
-from concordia_ir import Ptr, Runtime, f32, global_id, i32, kernel, safepoint, u32
-from handlers.migration import KernelContext
+from concordia import Ptr, Runtime, f32, global_id, i32, kernel, safepoint, u32
+from concordia.handlers.migration import KernelContext
 
 ITEMS, STEPS = 128, 24
 

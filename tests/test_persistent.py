@@ -7,11 +7,11 @@ import random
 import numpy as np
 import pytest
 
-from backends import backend_status
-from concordia_ir import Ptr, Runtime, atomic_add, f32, global_id, i32, i64, kernel
+from concordia.backends import backend_status
+from concordia import Ptr, Runtime, atomic_add, f32, global_id, i32, i64, kernel
 from concordia_ir.errors import ConcordiaError
 from concordia_ir.ops import Block, Kernel
-from handlers.persistent import PersistentRuntime, TaskError, build_dispatcher, make_handler
+from concordia.handlers.persistent import PersistentRuntime, TaskError, build_dispatcher, make_handler
 
 STATUS = backend_status()
 RING_BACKENDS = [b for b in ("reference", "opencl", "tenstorrent-scalar-host", "cuda")
@@ -146,7 +146,7 @@ def test_handlers_are_checked_when_registered():
 
 
 def test_dispatcher_lowers_for_every_gpu_target():
-    from lowering import render_source
+    from concordia.lowering import render_source
     rt = Runtime("reference")
     x, out, c = rt.zeros(8, np.float32), rt.zeros(8, np.float32), rt.zeros(8, np.int32)
     k = build_dispatcher([make_handler("axpy", axpy, [x, out]), make_handler("tick", tick, [c])], 64)
@@ -154,7 +154,7 @@ def test_dispatcher_lowers_for_every_gpu_target():
     assert "__threadfence_system();" in cuda and "volatile" in cuda and "atomicAdd" in cuda
     assert "mem_fence(CLK_GLOBAL_MEM_FENCE);" in render_source(k, "opencl")
     try:
-        from lowering.compile import compile_cuda
+        from concordia.lowering.compile import compile_cuda
         ptx = compile_cuda(cuda, "compute_90", emit="ptx").decode()
     except ConcordiaError as e:
         pytest.skip(f"NVRTC: {e}")

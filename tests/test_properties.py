@@ -5,7 +5,7 @@ import math
 import numpy as np
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from concordia_ir import Block, Kernel, Module, Op, Value, parse_module, print_module, verify_module
+from concordia import Block, Kernel, Module, Op, Value, parse_module, print_module, verify_module
 from concordia_ir.interpreter import Interpreter
 from concordia_ir.printer import float_from_bits, float_to_bits
 from concordia_ir.types import PtrType, boolean, f32, i32, u32

@@ -4,9 +4,9 @@ import os
 import numpy as np
 import pytest
 
-from concordia_ir import (BackendUnavailable, ConcordiaError, LaunchError, Ptr, Runtime, f32, global_id, i32,
+from concordia import (BackendUnavailable, ConcordiaError, LaunchError, Ptr, Runtime, f32, global_id, i32,
                           kernel)
-from concordia_ir.runtime import resolve_backend
+from concordia.backends.runtime import resolve_backend
 
 
 @kernel
@@ -92,7 +92,7 @@ def test_backend_choice_order(tmp_path, monkeypatch):
 
 
 def test_broken_config_file_is_one_line(tmp_path, monkeypatch):
-    from concordia_ir import ConcordiaError
+    from concordia import ConcordiaError
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CONCORDIA_BACKEND", raising=False)
     (tmp_path / "concordia.toml").write_text("[runtime\n")
@@ -100,7 +100,7 @@ def test_broken_config_file_is_one_line(tmp_path, monkeypatch):
         Runtime()
 
 
-@pytest.mark.skipif(not __import__("backends").backend_status()["opencl"].ok,
+@pytest.mark.skipif(not __import__("concordia").backend_status()["opencl"].ok,
                     reason="no OpenCL device (pyopencl[pocl] not installed)")
 def test_opencl_compiler_output_is_kept_not_warned():
     import warnings

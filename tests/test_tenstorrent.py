@@ -12,13 +12,13 @@ import sys
 import numpy as np
 import pytest
 
-from backends import backend_status
-from backends.conformance import all_cases, compare_outputs, expected_outputs, run_case
-from concordia_ir import Ptr, f32, f64, global_id, i32, kernel, u32
+from concordia.backends import backend_status
+from concordia.backends.conformance import all_cases, compare_outputs, expected_outputs, run_case
+from concordia import Ptr, f32, f64, global_id, i32, kernel, u32
 from concordia_ir.errors import KernelRuntimeError
-from handlers import kernels as handler_kernels
-from lowering.tt_lang import TileRefusal, plan_tiles
-from lowering.tt_metalium import compile_riscv, render_metalium, riscv_compiler
+from concordia.handlers import kernels as handler_kernels
+from concordia.lowering.tt_lang import TileRefusal, plan_tiles
+from concordia.lowering.tt_metalium import compile_riscv, render_metalium, riscv_compiler
 
 STATUS = backend_status()
 needs_sim = pytest.mark.skipif(not STATUS["tenstorrent"].ok,
@@ -68,7 +68,7 @@ def test_tile_tier_refuses_with_the_op_and_line(k, why):
 
 
 def test_tile_program_is_reader_compute_writer_over_a_grid():
-    from backends.conformance.cases import vector_add
+    from concordia.backends.conformance.cases import vector_add
     src = plan_tiles(vector_add.kernel).source
     for part in ("@ttl.operation(grid=GRID)", "@ttl.compute()", "@ttl.datamovement()",
                  "def read():", "def write():", "ttl.node(dims=2)", "ttl.block.where("):
@@ -94,7 +94,7 @@ def test_tile_tier_accepts_most_32_bit_cases():
 
 @needs_sim
 def test_accepted_cases_really_run_on_tiles():
-    from concordia_ir.runtime import Runtime
+    from concordia.backends.runtime import Runtime
     rt = Runtime("tenstorrent:sim")
     names = ("div_i32", "max_u32", "min_f32", "early_return_in_loop", "loop_carried_swap",
              "micro_vector_add", "ge_f32", "cast_bool_to_f32")
@@ -106,7 +106,7 @@ def test_accepted_cases_really_run_on_tiles():
 
 @needs_sim
 def test_refused_kernel_runs_on_the_scalar_tier_and_says_why():
-    from concordia_ir.runtime import Runtime
+    from concordia.backends.runtime import Runtime
     rt = Runtime("tenstorrent")
     x = rt.to_device(np.arange(2048, dtype=np.uint32))
     out = rt.empty(2048, np.uint32)
@@ -117,7 +117,7 @@ def test_refused_kernel_runs_on_the_scalar_tier_and_says_why():
 
 @needs_host
 def test_scalar_tier_reports_out_of_bounds_instead_of_crashing():
-    from concordia_ir.runtime import Runtime
+    from concordia.backends.runtime import Runtime
     rt = Runtime("tenstorrent-scalar-host")
     x = rt.to_device(np.ones(16, np.float32))
     idx = rt.to_device(np.array([0, 1, 99, 3], np.int32))
@@ -158,13 +158,13 @@ def test_scalar_tier_source_uses_the_dataflow_api():
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "concordia_ir.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "concordia", *args], capture_output=True,
                           text=True)
 
 
 def test_compile_target_tt(tmp_path):
     src = tmp_path / "k.py"
-    src.write_text("from concordia_ir import kernel, Ptr, u32, f32, global_id\n"
+    src.write_text("from concordia import kernel, Ptr, u32, f32, global_id\n"
                    "@kernel\ndef twice(x: Ptr[f32], out: Ptr[f32]):\n"
                    "    i = global_id(0)\n    out[i] = x[i] + x[i]\n"
                    "@kernel\ndef mix(x: Ptr[u32], out: Ptr[u32]):\n"
@@ -196,7 +196,7 @@ def test_conformance_cli_lists_refused_cases_with_reasons():
 def test_the_simulator_leaves_torch_dtypes_alone():
     """tt-lang-sim rebinds torch.bfloat16 to float32 on import; the backend undoes that."""
     torch = pytest.importorskip("torch")
-    from concordia_ir.runtime import Runtime
+    from concordia.backends.runtime import Runtime
     rt = Runtime("tenstorrent")
     assert torch.bfloat16 is not torch.float32 and torch.zeros(1, dtype=torch.bfloat16).element_size() == 2
     c = next(c for c in all_cases() if c.name == "add_f32")
@@ -208,8 +208,8 @@ def test_the_simulator_leaves_torch_dtypes_alone():
 def test_checkpoint_handlers_run_as_tiles_and_restore_across_backends(tmp_path):
     """4 KiB pages are tiles: the dirty-page scan, gather and scatter run as TT-Lang programs.
     A region checkpointed on Tenstorrent restores elsewhere bit-exact, and back."""
-    from concordia_ir.runtime import Runtime
-    from handlers import Checkpointer
+    from concordia.backends.runtime import Runtime
+    from concordia.handlers import Checkpointer
     rt = Runtime("tenstorrent")
     host = np.random.default_rng(3).standard_normal(5 * 1024 + 100).astype(np.float32)
     region = rt.to_device(host)

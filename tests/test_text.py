@@ -1,7 +1,7 @@
 """Text form: print -> parse round-trips; malformed text and ill-typed IR give file:line errors."""
 import pytest
 
-from concordia_ir import IRParseError, IRVerifyError, parse_module, print_module, verify_module
+from concordia import IRParseError, IRVerifyError, parse_module, print_module, verify_module
 from tests.test_interpreter import atomics_k, divergent_loop, early_exit, group_sum, nested
 
 

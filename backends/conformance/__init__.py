@@ -12,6 +12,8 @@ import numpy as np
 from concordia_ir.errors import ConcordiaError
 from concordia_ir.types import PtrType
 
+from ..runtime import Runtime
+
 from .cases import Case, all_cases
 
 __all__ = ["Case", "all_cases", "run_case", "expected_outputs", "compare_outputs", "run_suite"]
@@ -34,7 +36,6 @@ def run_case(case: Case, runtime, seed: int = 0) -> dict[str, np.ndarray]:
 
 def expected_outputs(case: Case) -> dict[str, np.ndarray]:
     if case.name not in _EXPECTED:
-        from concordia_ir.runtime import Runtime
         _EXPECTED[case.name] = run_case(case, Runtime("reference"))
     return _EXPECTED[case.name]
 
@@ -64,7 +65,6 @@ def compare_outputs(case: Case, got: dict, want: dict) -> str | None:
 def run_suite(backends: list[str], cases: list[Case] | None = None,
               progress: Callable[[str, int, int, str], None] | None = None) -> dict:
     """Run cases on each backend. Report: backend -> passed/failed/skipped + per-case rows."""
-    from concordia_ir.runtime import Runtime
     cases = cases if cases is not None else all_cases()
     report = {}
     for name in backends:

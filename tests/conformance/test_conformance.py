@@ -5,8 +5,8 @@ and HIP lowerings are still compiled to real binaries by tests/test_lowering.py.
 """
 import pytest
 
-from backends import BACKENDS, backend_status
-from backends.conformance import all_cases, compare_outputs, expected_outputs, run_case
+from concordia.backends import BACKENDS, backend_status
+from concordia.backends.conformance import all_cases, compare_outputs, expected_outputs, run_case
 
 CASES = all_cases()
 DEVICE_BACKENDS = [n for n in BACKENDS if n != "reference"]
@@ -15,7 +15,7 @@ _RUNTIMES = {}
 
 
 def runtime(name):
-    from concordia_ir import Runtime
+    from concordia import Runtime
     if name not in _RUNTIMES:
         _RUNTIMES[name] = Runtime(name)
     return _RUNTIMES[name]

@@ -8,15 +8,18 @@ import runpy
 import sys
 import traceback
 
-from .errors import ConcordiaError
-
-
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from concordia_ir.errors import ConcordiaError
 
 
 def _is_ours(filename: str) -> bool:
-    rel = os.path.relpath(os.path.abspath(filename), _PACKAGE_ROOT)
-    return rel.split(os.sep)[0] in ("concordia_ir", "lowering", "backends", "handlers")
+    """Is this file part of Concordia (any floor), wherever it is installed?"""
+    import concordia_ir
+    from concordia import backends, handlers, lowering
+    here = os.path.abspath(filename)
+    homes = {os.path.dirname(os.path.abspath(m.__file__))
+             for m in (concordia_ir, backends, handlers, lowering)}
+    homes.add(os.path.dirname(os.path.abspath(__file__)))
+    return any(os.path.commonpath([here, h]) == h for h in homes)
 
 
 def _user_line(e: BaseException, path: str) -> int:
@@ -26,10 +29,10 @@ def _user_line(e: BaseException, path: str) -> int:
 
 def _load_module_from(path: str):
     """IR module from a .py file of @kernel functions or from IR text."""
-    from .frontend import KernelFunction
-    from .ops import Module
-    from .parser import parse_file
-    from .verifier import verify_module
+    from concordia_ir.frontend import KernelFunction
+    from concordia_ir.ops import Module
+    from concordia_ir.parser import parse_file
+    from concordia_ir.verifier import verify_module
     if not os.path.exists(path):
         raise ConcordiaError(f"{path}: no such file")
     if not path.endswith(".py"):
@@ -62,13 +65,13 @@ def cmd_ir_check(args) -> int:
 
 
 def cmd_ir_print(args) -> int:
-    from .printer import print_module
+    from concordia_ir.printer import print_module
     sys.stdout.write(print_module(_load_module_from(args.file)))
     return 0
 
 
 def cmd_backends(args) -> int:
-    from backends import backend_status
+    from concordia.backends import backend_status
     status = backend_status()
     if args.json:
         print(json.dumps({n: {"available": s.ok, "reason": s.reason, "devices": list(s.devices),
@@ -83,8 +86,8 @@ def cmd_backends(args) -> int:
 
 
 def cmd_conformance(args) -> int:
-    from backends import BACKENDS, backend_status
-    from backends.conformance import all_cases, run_suite
+    from concordia.backends import BACKENDS, backend_status
+    from concordia.backends.conformance import all_cases, run_suite
     status = backend_status()
     names = args.backend or [n for n, st in status.items() if st.ok]
     for n in names:
@@ -134,7 +137,7 @@ def _print_tiers(rows: list[dict]) -> None:
 
 
 def cmd_compile(args) -> int:
-    from lowering import render_source
+    from concordia.lowering import render_source
     m = _load_module_from(args.file)
     kernels = [k for k in m.kernels if args.kernel in (None, k.name)]
     if not kernels:
@@ -166,8 +169,8 @@ def cmd_compile(args) -> int:
 def _compile_tt(args, kernels) -> int:
     """Tenstorrent: the tile tier's TT-Lang program, the scalar tier's TT-Metalium C++, or
     (binary) that C++ built for the baby cores' rv32im ISA."""
-    from lowering.tt_lang import TileRefusal, plan_tiles
-    from lowering.tt_metalium import compile_riscv, render_metalium
+    from concordia.lowering.tt_lang import TileRefusal, plan_tiles
+    from concordia.lowering.tt_metalium import compile_riscv, render_metalium
     if args.emit == "binary":
         if len(kernels) > 1:
             raise ConcordiaError(f"{args.file} has {len(kernels)} kernels; pick one with --kernel NAME")
@@ -204,21 +207,21 @@ _DEFAULT_ARCH = {"cuda": "sm_90", "hip": "gfx1201", "opencl": "the default OpenC
 
 
 def _compile_binary(k, target: str, arch: str | None) -> bytes:
-    from lowering import render_source
-    from lowering.compile import compile_cuda, compile_hip
+    from concordia.lowering import render_source
+    from concordia.lowering.compile import compile_cuda, compile_hip
     if target == "cuda":
         return compile_cuda(render_source(k, "cuda"), arch or "sm_90",
                             emit="ptx" if (arch or "").startswith("compute_") else "cubin")
     if target == "hip":
         return compile_hip(render_source(k, "hip"), arch or "gfx1201")
-    from concordia_ir.runtime import Runtime
+    from concordia.backends.runtime import Runtime
     rt = Runtime(f"opencl:{arch}" if arch else "opencl")
     return rt.backend._build(render_source(k, "opencl"))
 
 
 def cmd_log_inspect(args) -> int:
     import datetime
-    from handlers.log import COMMIT, KIND_NAMES, LAYOUT, PAGE, FORMAT_VERSION, scan_log
+    from concordia.handlers.log import COMMIT, KIND_NAMES, LAYOUT, PAGE, FORMAT_VERSION, scan_log
     scan = scan_log(args.file)
     created = datetime.datetime.fromtimestamp(scan.created, datetime.timezone.utc)
     print(f"{args.file}: Concordia delta log v{FORMAT_VERSION}, {scan.file_size} bytes, "
@@ -254,7 +257,7 @@ def cmd_log_inspect(args) -> int:
 
 
 def cmd_log_verify(args) -> int:
-    from handlers.log import scan_log
+    from concordia.handlers.log import scan_log
     scan = scan_log(args.file)
     if scan.corrupt:
         raise scan.corruption_error()
@@ -273,7 +276,7 @@ def cmd_log_verify(args) -> int:
 
 
 def cmd_log_repair(args) -> int:
-    from handlers.log import repair
+    from concordia.handlers.log import repair
     done = repair(args.file, args.to_checkpoint)
     print(f"{args.file}: backup of all {done.cut_at + done.dropped_bytes} bytes in {done.backup}")
     if done.problem:
@@ -290,7 +293,7 @@ def cmd_log_repair(args) -> int:
 
 def cmd_log_compact(args) -> int:
     import os
-    from handlers.log import compact
+    from concordia.handlers.log import compact
     before = os.path.getsize(args.file) if os.path.exists(args.file) else 0
     after = compact(args.file)
     print(f"{args.file}: compacted {before} -> {after} bytes")
@@ -298,7 +301,7 @@ def cmd_log_compact(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from handlers.demo import run_demo
+    from concordia.demo import run_demo
     path = [p.strip() for p in args.path.split(",") if p.strip()] if args.path else None
     result = run_demo(path, args.items, args.steps, args.json)
     return 0 if result["verified"] else 1

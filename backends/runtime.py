@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BackendUnavailable, ConcordiaError, LaunchError
-from .ops import Kernel
-from .types import PtrType, ScalarType, scalar_for_dtype
+from concordia_ir.errors import BackendUnavailable, ConcordiaError, LaunchError
+from concordia_ir.ops import Kernel
+from concordia_ir.types import PtrType, ScalarType, scalar_for_dtype
+
+from .base import BACKENDS, backend_status
 
 # Which backend `Runtime()` picks when nothing names one: the first available. ":gpu" asks for
 # an accelerator: an OpenCL GPU, a Tenstorrent device (its simulator is not picked by default).
@@ -50,7 +52,6 @@ def _config_backend() -> tuple[str, str] | None:
 
 def resolve_backend(requested: str | None = None) -> tuple[BackendSpec, str]:
     """The backend to use and where that choice came from (argument, env, file, default)."""
-    from backends import BACKENDS, backend_status
     for value, source in ((requested, "argument"),
                           (os.environ.get("CONCORDIA_BACKEND"), "CONCORDIA_BACKEND"),
                           *([_config_backend()] if _config_backend() else [])):
@@ -184,7 +185,6 @@ class Runtime:
     """
 
     def __init__(self, backend: str | None = None):
-        from backends import BACKENDS
         self.spec, self.source = resolve_backend(backend)
         cls = BACKENDS[self.spec.name]
         status = cls.probe()
@@ -295,16 +295,36 @@ class Runtime:
         With pausable=True the kernel starts asynchronously and a KernelContext is returned:
         it can be paused at the kernel's safepoints, resumed, exported or migrated."""
         if pausable:
-            from handlers.migration import KernelContext
-            return KernelContext(self, kernel, global_size, local_size, args).start()
+            return _kernel_contexts().context(self, kernel, global_size, local_size, args).start()
         k, g, l, handles = self.check_launch(kernel, global_size, local_size, args)
         self.backend.launch(k, handles, g, l)
 
     def import_(self, path: str):
         """A paused KernelContext on this runtime from a snapshot file (ctx.export(path))."""
-        from handlers.migration import import_snapshot
-        return import_snapshot(path, self)
+        return _kernel_contexts().importer(path, self)
 
     def migrate(self, ctx, target):
         """Move a KernelContext to `target` (a backend string or Runtime); see KernelContext.migrate."""
         return ctx.migrate(target)
+
+
+@dataclass
+class _KernelContexts:
+    context: type       # KernelContext(runtime, kernel, global_size, local_size, args)
+    importer: object    # import_snapshot(path, runtime)
+
+
+_CONTEXTS: list[_KernelContexts] = []
+
+
+def register_kernel_contexts(context: type, importer) -> None:
+    """Kernel contexts (pause, snapshot, migrate) live a floor up, in concordia.handlers, which
+    registers them here on import: the runtime never imports upward."""
+    _CONTEXTS[:] = [_KernelContexts(context, importer)]
+
+
+def _kernel_contexts() -> _KernelContexts:
+    if not _CONTEXTS:
+        raise ConcordiaError("pausable kernels need concordia.handlers: `import concordia` "
+                             "(or concordia.handlers) first")
+    return _CONTEXTS[0]

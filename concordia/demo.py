@@ -10,8 +10,11 @@ import time
 
 import numpy as np
 
-from concordia_ir import Ptr, Runtime, f32, global_id, i32, kernel, safepoint, u32
+from concordia_ir import Ptr, f32, global_id, i32, kernel, safepoint, u32
 from concordia_ir.errors import ConcordiaError
+
+from .backends import Runtime, backend_status
+from .handlers.migration import pausable
 
 DEVICE_ORDER = ("cuda", "hip", "hip-on-cuda", "opencl", "tenstorrent")
 
@@ -40,7 +43,6 @@ def default_path() -> list[str]:
     this host stands in where the simulator is not installed); the reference interpreter
     joins in the middle while there are fewer than three, so that every machine, a CPU-only
     one included, makes at least two hops over three backends."""
-    from backends import backend_status
     status = backend_status()
     ok = lambda n: n in status and status[n].ok
     path = [n for n in DEVICE_ORDER if ok(n)]
@@ -105,7 +107,6 @@ def run_demo(path: list[str] | None = None, items: int | None = None, steps: int
           f"{' -> '.join(str(r.spec) for r in runtimes)}", file=out)
 
     # the uninterrupted run, on the first backend (compiled first: we time the kernel)
-    from .migration import pausable
     rt0 = runtimes[0]
     rt0.backend.prepare(drift.kernel)
     rt0.backend.prepare(pausable(drift.kernel).entry)
