@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from concordia_ir.errors import BackendUnavailable, ConcordiaError
-from concordia.lowering import render_source
+from concordia.lowering import INCLUDE_DIR, render_source
 from concordia.lowering.compile import CUDA_OPTIONS, compile_cuda, nvrtc_version
 
 from .base import Availability, Backend, register_backend
@@ -293,7 +293,6 @@ class HipOnCudaBackend(CUDABackend):
     target = "hip"
 
     def render(self, kernel) -> str:
-        import concordia.lowering
-        header = os.path.join(os.path.dirname(lowering.__file__), "include", "hip_on_cuda.h")
+        header = os.path.join(INCLUDE_DIR, "hip_on_cuda.h")
         with open(header) as fh:
             return fh.read() + "\n" + render_source(kernel, "hip")

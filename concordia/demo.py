@@ -56,10 +56,16 @@ def default_path() -> list[str]:
 
 
 def default_size(path: list[str]) -> tuple[int, int]:
-    """Work-items and steps: seconds of work on the path's slowest member."""
+    """Work-items and steps: about a second or more of work on the path's slowest member
+    (each backend runs its share: the interpreter and the host-built Tenstorrent tier are
+    the slow ones; GPUs alone get far more)."""
     if "reference" in path:
         return 1 << 14, 4000
-    if any(p.startswith("opencl") for p in path) and not any(p in path for p in ("cuda", "hip")):
+    gpu = any(p.split(":")[0] in ("cuda", "hip", "hip-on-cuda") for p in path)
+    host_tt = any(p.startswith("tenstorrent") for p in path)
+    if gpu and host_tt:
+        return 1 << 16, 20000
+    if not gpu:
         return 1 << 14, 40000
     return 1 << 20, 2_000_000
 

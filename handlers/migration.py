@@ -176,25 +176,27 @@ class KernelContext:
         self.state = "running"
         return self
 
-    def advance_to(self, fraction: float, min_slice_s: float = 0.02) -> float:
+    def advance_to(self, fraction: float, near_s: float = 0.05, probe_s: float = 0.002) -> float:
         """Let the kernel run until at least `fraction` of its loop iterations are done, then
-        leave it paused; returns the progress reached. Near the mark it moves by step() (one
-        poll interval at a time, so it cannot run past the end); while the mark is far, it
-        runs free for half the time the fastest rate seen so far says is left. So the stop
+        leave it paused; returns the progress reached. Where the fastest rate seen says the
+        mark is less than `near_s` away, it moves by step() (one poll interval at a time: it
+        cannot run past the next poll); farther away it runs free, first for a short probe
+        (a step's rate understates a free run's), then for half the time left. So the stop
         lands just past `fraction` on fast and slow devices alike."""
         if self.state == "new":
             self.start(paused=True)
         self.pause()
-        done, fastest = self.progress(), 0.0
+        done, fastest, probed = self.progress(), 0.0, False
         while done < fraction and self.state != "finished":
             left_s = (fraction - done) / fastest if fastest > 0 else 0.0
             t = time.perf_counter()
-            if left_s / 2 >= min_slice_s:
-                self.resume()
-                time.sleep(left_s / 2)
-                self.pause()
-            else:
+            if left_s < near_s:
                 self.step()
+            else:
+                self.resume()
+                time.sleep(left_s / 2 if probed else probe_s)
+                self.pause()
+                probed = True
             now = self.progress()
             fastest = max(fastest, (now - done) / (time.perf_counter() - t))
             done = now

@@ -5,12 +5,15 @@ returns the next, so any stage can be dumped (`concordia compile --emit source|b
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 from .cstyle import CStyleRenderer
 from .dialects import DIALECTS, Dialect
 
-__all__ = ["render_source", "DIALECTS", "Dialect", "CStyleRenderer"]
+__all__ = ["render_source", "DIALECTS", "Dialect", "CStyleRenderer", "INCLUDE_DIR"]
+
+INCLUDE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
 
 
 @lru_cache(maxsize=None)

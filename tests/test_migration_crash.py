@@ -51,16 +51,18 @@ def uninterrupted() -> str:
     return digest(bufs)
 
 
-def exporting_child(path: str):
+def exporting_child(path: str, report=None):
     rt = Runtime("reference")
     ctx = KernelContext(rt, walk, ITEMS, 64, (*inputs(rt), np.int32(STEPS)), poll_every=1)
     ctx.start(paused=True).wait()
     while ctx.state == "paused":
         ctx.export(path)
+        if report is not None:
+            os.write(report, b"e")        # one export done
         ctx.step()
 
 
-def importing_child(path: str):
+def importing_child(path: str, report=None):
     ctx = Runtime("reference").import_(path)
     ctx.resume().wait()
     ctx.export(path + ".elsewhere")   # a child never writes the file it imported
@@ -72,17 +74,30 @@ def finish(path: str) -> str:
     return digest([ctx.buffers["state"], ctx.buffers["seeds"]])
 
 
-def killed(fn, path: str, delay: float) -> None:
+def killed(fn, path: str, exports: int, delay: float) -> None:
+    """Fork a child running fn; wait until it has finished `exports` exports (so kill points
+    spread over the whole run however fast this machine is right now), then `delay` more
+    seconds, and SIGKILL it."""
+    r, w = os.pipe()
     pid = os.fork()
     if pid == 0:                          # the child: never returns into pytest
         code = 0
         try:
-            fn(path)
+            os.close(r)
+            fn(path, w)
         except BaseException:
             code = 1
         os._exit(code)
+    os.close(w)
+    seen = 0
+    while seen < exports:
+        got = os.read(r, exports - seen)
+        if not got:                       # the child finished first
+            break
+        seen += len(got)
     time.sleep(delay)
     os.kill(pid, signal.SIGKILL)
+    os.close(r)
     _, status = os.waitpid(pid, 0)
     assert not (os.WIFEXITED(status) and os.WEXITSTATUS(status)), "the child failed on its own"
 
@@ -111,11 +126,12 @@ def test_sigkill_during_export_and_import_never_leaves_a_bad_snapshot(tmp_path):
         path = str(tmp_path / f"k{k}.ccsnap")
         if k % 4 == 3 and os.path.exists(probe):        # kill an import of a finished export
             before = open(probe, "rb").read()
-            killed(importing_child, probe, float(rng.uniform(0, import_s)))
+            killed(importing_child, probe, 0, float(rng.uniform(0, import_s)))
             assert open(probe, "rb").read() == before, f"point {k}: import changed the file"
             seen["import killed"] += 1
             continue
-        killed(exporting_child, path, float(rng.uniform(0, export_s * 1.1)))
+        killed(exporting_child, path, int(rng.integers(0, STEPS + 1)),
+               float(rng.uniform(0, 2 * export_s / STEPS)))
         if not os.path.exists(path):
             seen["absent"] += 1
             continue
