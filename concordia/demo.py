@@ -14,7 +14,7 @@ from concordia_ir import Ptr, f32, global_id, i32, kernel, safepoint, u32
 from concordia_ir.errors import ConcordiaError
 
 from .backends import Runtime, backend_status
-from .handlers.migration import pausable
+from .handlers.migration import KernelContext, pausable
 
 DEVICE_ORDER = ("cuda", "hip", "hip-on-cuda", "opencl", "tenstorrent")
 
@@ -130,15 +130,16 @@ def run_demo(path: list[str] | None = None, items: int | None = None, steps: int
     # by time: every hop moves a kernel that is still running), resumes there, ...
     bufs = _inputs(rt0, items)
     progress = _Progress(out)
-    ctx = rt0.launch(drift, global_size=g, local_size=local, args=(*bufs, steps, items), pausable=True)
+    # created paused: on a fast GPU the whole kernel can finish before a first pause lands
+    ctx = KernelContext(rt0, drift, g, local, (*bufs, steps, items)).start(paused=True)
     with tempfile.TemporaryDirectory(prefix="concordia-demo-") as tmp:
         for k, target in enumerate(runtimes[1:], start=1):
             ctx.advance_to(k / len(path))
-            ctx = ctx.migrate(target, via=tmp)
+            ctx = ctx.migrate(target, via=tmp, resume=False)   # advance_to runs it on
             hop = ctx.history[-1]
             progress.bar(f"{hop.source} -> {hop.target}", hop.progress)
             progress.done()
-        ctx.wait()
+        ctx.resume().wait()
     progress.bar(f"finished on {ctx.runtime.spec}", ctx.progress())
     progress.done()
     hash_migrated = _digest([ctx.buffers[n] for n in ("state", "seeds", "energy")])

@@ -183,6 +183,8 @@ class KernelContext:
         cannot run past the next poll); farther away it runs free, first for a short probe
         (a step's rate understates a free run's), then for half the time left. So the stop
         lands just past `fraction` on fast and slow devices alike."""
+        for k in [self.pk.entry, *self.pk.resumes.values()]:
+            self.runtime.backend.prepare(k)   # compile first: a step must not time the compiler
         if self.state == "new":
             self.start(paused=True)
         self.pause()
@@ -264,7 +266,7 @@ class KernelContext:
         return replace_atomically(path, self.snapshot())
 
     # -- migration
-    def migrate(self, target, via: str | None = None) -> "KernelContext":
+    def migrate(self, target, via: str | None = None, resume: bool = True) -> "KernelContext":
         """Quiesce here, move everything to `target` (a backend string or Runtime), verify it
         there by content hash, release this context, and resume there. If anything fails
         before the verification, this context is left paused and resumable."""
@@ -290,7 +292,8 @@ class KernelContext:
         new = restore_snapshot(snap, rt, hop)
         hop.verified = True
         t = time.perf_counter()
-        new.resume()
+        if resume:      # else the caller resumes it (advance_to, step, resume)
+            new.resume()
         hop.resume_s = time.perf_counter() - t
         new.history = self.history + [hop]
         self.release()
