@@ -28,7 +28,7 @@ def _visit(block: Block, varying: set[str], divergent: bool):
                 _visit(r, varying, div)
             if div or any(_yield_varies(r, varying) for r in op.regions):
                 varying.update(r.name for r in op.results)
-        elif op.name == "for":
+        elif op.name == "for" and op.regions:   # a malformed for is the verifier's to refuse
             body = op.regions[0]
             bounds_vary = any(v.name in varying for v in op.operands[:3])
             div = divergent or bounds_vary
@@ -41,7 +41,7 @@ def _visit(block: Block, varying: set[str], divergent: bool):
                     varying.add(op.results[i].name)
             if div:
                 varying.add(body.args[0].name)
-        elif op.name == "while":
+        elif op.name == "while" and len(op.regions) == 2:
             before, after = op.regions
             cond = _terminator_operands(before)
             div = divergent or bool(cond and cond[0].name in varying)
