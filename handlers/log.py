@@ -49,7 +49,7 @@ import crc32c
 
 from concordia_ir.errors import ConcordiaError
 
-from .durable import fsync_dir, replace_atomically, write_new
+from .durable import atomic_writer, copy_new, replace_atomically, truncate_durably, write_new
 
 MAGIC = b"CCDLOG\r\n"
 FORMAT_VERSION = 1
@@ -114,16 +114,20 @@ class Scan:
 
     @property
     def last_checkpoint(self) -> int:
-        return self.checkpoint_ids[-1] if self.commit_ends else 0
+        return self.records[self.commit_ends[-1] - 1].page if self.commit_ends else 0
 
-    def commit_end_offset(self, checkpoint_id: int) -> int:
-        """Byte offset just after the COMMIT of `checkpoint_id` (which must be sound)."""
+    def commit_index(self, checkpoint_id: int) -> int:
+        """Index in `records` just after the COMMIT of `checkpoint_id` (a sound commit)."""
         for i in self.commit_ends:
-            r = self.records[i - 1]
-            if r.page == checkpoint_id:
-                return r.offset + RECORD_SIZE + len(r.payload)
+            if self.records[i - 1].page == checkpoint_id:
+                return i
         raise LogError(self.path, self.end, f"checkpoint {checkpoint_id} is not among the sound "
                                             f"commits ({_id_range(self.checkpoint_ids)})")
+
+    def commit_end_offset(self, checkpoint_id: int) -> int:
+        """Byte offset just after the COMMIT of `checkpoint_id` (a sound commit)."""
+        r = self.records[self.commit_index(checkpoint_id) - 1]
+        return r.offset + RECORD_SIZE + len(r.payload)
 
     def corruption_error(self) -> "LogError":
         later = (f"; the commits of checkpoints {_id_range(self.later_commits)} follow it"
@@ -282,8 +286,7 @@ class DeltaLog:
             self.fh = open(path, "r+b", buffering=WRITE_BUFFER)
             self.fh.seek(scan.committed_end)
             self.layout = _layout_of(scan, keep)
-            self.last_checkpoint = max((r.page for r in scan.records[:keep] if r.kind == COMMIT),
-                                       default=0)
+            self.last_checkpoint = scan.last_checkpoint
         else:
             self.salt = int.from_bytes(os.urandom(8), "little")
             self.seq, self.prev_crc = 0, self.salt & 0xFFFFFFFF
@@ -373,9 +376,7 @@ def cut_tail(path: str, at: int, backup: str = ".broken") -> str:
         cut = fh.read()
     saved = backup_path(path, backup)
     write_new(saved, cut)
-    with open(path, "r+b") as fh:
-        fh.truncate(at)
-        os.fsync(fh.fileno())
+    truncate_durably(path, at)
     return saved
 
 
@@ -401,15 +402,11 @@ def repair(path: str, to_checkpoint: int | None = None) -> Repair:
     cut_at = scan.commit_end_offset(keep)
     ids = scan.checkpoint_ids
     dropped = ids[ids.index(keep) + 1:] + scan.later_commits
-    with open(path, "rb") as fh:
-        whole = fh.read()
     saved = backup_path(path, ".bak")
-    write_new(saved, whole)
-    if cut_at < len(whole):
-        with open(path, "r+b") as fh:
-            fh.truncate(cut_at)
-            os.fsync(fh.fileno())
-    return Repair(saved, cut_at, keep, dropped, len(whole) - cut_at, scan.problem)
+    size = copy_new(path, saved)
+    if cut_at < size:
+        truncate_durably(path, cut_at)
+    return Repair(saved, cut_at, keep, dropped, size - cut_at, scan.problem)
 
 
 def _layout_of(scan: Scan, upto: int) -> dict | None:
@@ -439,10 +436,7 @@ def committed_image(scan: Scan, checkpoint: int | None = None) -> CommittedImage
         where = scan.problem_offset if scan.problem is not None else scan.end
         why = f" ({scan.problem})" if scan.problem else ""
         raise LogError(scan.path, where, f"the log holds no committed checkpoint{why}")
-    upto = scan.commit_ends[-1]
-    if checkpoint is not None:
-        scan.commit_end_offset(checkpoint)   # refuses an id that is not a sound commit
-        upto = next(i for i in scan.commit_ends if scan.records[i - 1].page == checkpoint)
+    upto = scan.commit_ends[-1] if checkpoint is None else scan.commit_index(checkpoint)
     layout, pages, info, ckpt = None, {}, {}, 0
     for r in scan.records[:upto]:
         if r.kind == LAYOUT:
@@ -463,9 +457,8 @@ def compact(path: str, fsync: bool = True) -> int:
     Returns the new size in bytes."""
     scan = scan_log(path)
     image = committed_image(scan)
-    tmp = path + ".compact"
     salt = int.from_bytes(os.urandom(8), "little")
-    with open(tmp, "wb") as fh:
+    with atomic_writer(path, fsync) as fh:
         fh.write(encode_header(salt, time.time()))
         prev, seq = salt & 0xFFFFFFFF, 0
         items = [(LAYOUT, 0, 0, json.dumps(image.layout, sort_keys=True).encode())]
@@ -478,10 +471,4 @@ def compact(path: str, fsync: bool = True) -> int:
             seq += 1
             rec, prev = encode_record(prev, kind, seq, rid, pg, payload)
             fh.write(rec)
-        fh.flush()
-        if fsync:
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    if fsync:
-        fsync_dir(path)
     return os.path.getsize(path)

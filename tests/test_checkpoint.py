@@ -316,7 +316,7 @@ def test_compaction_keeps_the_image_and_shrinks_the_log(tmp_path):
     assert after < before
     assert np.array_equal(Checkpointer.restore(str(path), Runtime("reference"))["kv"].numpy(), states[-1])
     # a crash during compaction leaves only a stray temporary file; the log is untouched
-    (tmp_path / "k.clog.compact").write_bytes(b"partial")
+    (tmp_path / "k.clog.partial").write_bytes(b"partial")
     assert np.array_equal(Checkpointer.restore(str(path), Runtime("reference"))["kv"].numpy(), states[-1])
 
 

@@ -74,20 +74,30 @@ def finish(path: str) -> str:
     return digest([ctx.buffers["state"], ctx.buffers["seeds"]])
 
 
+def forked(fn, path: str, report: int | None = None) -> int:
+    """Run fn(path, report) in a forked child that never returns into pytest: it exits 0
+    when fn returns, 1 when fn raises. Returns the child's pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            fn(path, report)
+        except BaseException:
+            code = 1
+        os._exit(code)
+    return pid
+
+
+def failed_on_its_own(status: int) -> bool:
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0
+
+
 def killed(fn, path: str, exports: int, delay: float) -> None:
     """Fork a child running fn; wait until it has finished `exports` exports (so kill points
     spread over the whole run however fast this machine is right now), then `delay` more
     seconds, and SIGKILL it."""
     r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:                          # the child: never returns into pytest
-        code = 0
-        try:
-            os.close(r)
-            fn(path, w)
-        except BaseException:
-            code = 1
-        os._exit(code)
+    pid = forked(fn, path, w)
     os.close(w)
     seen = 0
     while seen < exports:
@@ -99,15 +109,13 @@ def killed(fn, path: str, exports: int, delay: float) -> None:
     os.kill(pid, signal.SIGKILL)
     os.close(r)
     _, status = os.waitpid(pid, 0)
-    assert not (os.WIFEXITED(status) and os.WEXITSTATUS(status)), "the child failed on its own"
+    assert not failed_on_its_own(status), "the child failed on its own"
 
 
 def run_length(fn, path: str) -> float:
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0 if fn(path) is None else 1)
     t = time.perf_counter()
-    os.waitpid(pid, 0)
+    _, status = os.waitpid(forked(fn, path), 0)
+    assert not failed_on_its_own(status), f"{fn.__name__} failed on its own"
     return time.perf_counter() - t
 
 
