@@ -176,14 +176,17 @@ class KernelContext:
         self.state = "running"
         return self
 
-    def advance_to(self, fraction: float, near_s: float = 0.05, probe_s: float = 0.002) -> float:
+    def advance_to(self, fraction: float, step_budget_s: float = 1.0,
+                   probe_s: float = 1e-4) -> float:
         """Let the kernel run until at least `fraction` of its loop iterations are done, then
-        leave it paused; returns the progress reached. Where the fastest rate seen says the
-        mark is less than `near_s` away, it moves by step() (one poll interval at a time: it
-        cannot run past the next poll); farther away it runs free, first for a short probe
-        (a step's rate understates a free run's), then for half the time left. So the stop
-        lands just past `fraction` on fast and slow devices alike."""
-        for k in [self.pk.entry, *self.pk.resumes.values()]:
+        leave it paused; returns the progress reached. It moves by step() (one poll interval
+        at a time: it cannot run past the next poll) while the rate seen says stepping gets
+        there within `step_budget_s`. Only a longer way is run free: a short probe first,
+        then half the time the fastest rate seen says is left. A step's rate includes its
+        launches and reads, so it understates a free run's many times over on a fast GPU
+        (there, a whole kernel can take less than a millisecond): a free run never goes
+        longer than that rate allows."""
+        for k in self.pk.kernels:
             self.runtime.backend.prepare(k)   # compile first: a step must not time the compiler
         if self.state == "new":
             self.start(paused=True)
@@ -192,7 +195,7 @@ class KernelContext:
         while done < fraction and self.state != "finished":
             left_s = (fraction - done) / fastest if fastest > 0 else 0.0
             t = time.perf_counter()
-            if left_s < near_s:
+            if left_s < step_budget_s:
                 self.step()
             else:
                 self.resume()
@@ -379,7 +382,7 @@ def restore_snapshot(data: bytes, runtime, hop: Hop | None = None) -> KernelCont
     pk = pausable(kernel, header["layout"]["poll_every"])
     if json.loads(json.dumps(pk.describe())) != header["layout"]:
         raise SnapshotError("the snapshot's context layout does not match its kernel's")
-    for k in [pk.entry, *pk.resumes.values()]:
+    for k in pk.kernels:
         runtime.backend.prepare(k)
     hop.compile_s = time.perf_counter() - t
     t = time.perf_counter()

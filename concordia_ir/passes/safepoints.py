@@ -63,6 +63,11 @@ class PausableKernel:
     def context_words(self, n_items: int, n_groups: int) -> int:
         return n_items * self.record_words + n_groups * self.group_words
 
+    @property
+    def kernels(self) -> list[Kernel]:
+        """Every kernel a context may launch: the entry and one resume kernel a safepoint."""
+        return [self.entry, *self.resumes.values()]
+
     def describe(self) -> dict:
         return {"record_words": self.record_words, "group_words": self.group_words,
                 "poll_every": self.poll_every,
