@@ -226,6 +226,11 @@ def test_repair_to_an_older_checkpoint_and_clear_errors(tmp_path):
     r = subprocess.run(cli, capture_output=True, text=True)   # a sound log: backup, no cut
     assert r.returncode == 0 and "nothing to cut" in r.stdout
     assert (tmp_path / "o.clog.bak.1").exists()
+    empty = tmp_path / "e.clog"
+    DeltaLog(str(empty)).close()                               # a header, no commit
+    for target, why in ((empty, "no sound commit to keep"), (tmp_path / "no.clog", "no such log")):
+        r = subprocess.run(cli[:-1] + [str(target)], capture_output=True, text=True)
+        assert r.returncode == 1 and why in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_every_flipped_byte_is_refused_or_a_torn_tail(tmp_path):

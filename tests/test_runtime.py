@@ -60,6 +60,8 @@ def test_wrong_buffer_dtype(rt):
     ((8, 8, 8, 8), 8, "1 to 3 ints"),
     (0, 1, "must be positive"),
     ((64, 64), (64, 32), "at most 1024"),
+    (None, 64, "must be an int or a tuple of 1 to 3 ints, got None"),
+    (64.0, 64, "must be an int or a tuple of 1 to 3 ints, got 64.0"),
 ])
 def test_bad_geometry(rt, g, l, match):
     with pytest.raises(LaunchError, match=match):
