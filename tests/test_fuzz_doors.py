@@ -209,15 +209,18 @@ def typed_block(depth):
         lambda bs: [line for b in bs for line in b])
 
 
+TYPED_BODY, ANY_BODY = typed_block(2), block(2)   # strategies built once, drawn per example
+
+
 @st.composite
 def kernel_source(draw):
     if draw(st.booleans()):                   # well-typed: should compile
         params = ["x: Ptr[f32]", "y: Ptr[i32]", "n: i32", "a: f32"]
         body = ["i = global_id(0)", "acc = 0.0", "k = 0", "if i >= n:", "    return"]
-        body += draw(typed_block(2))
+        body += draw(TYPED_BODY)
     else:                                     # anything: valid or not
         params = draw(st.lists(st.sampled_from(PARAMS), min_size=0, max_size=5, unique=True))
-        body = (["i = global_id(0)"] if draw(st.booleans()) else []) + draw(block(2))
+        body = (["i = global_id(0)"] if draw(st.booleans()) else []) + draw(ANY_BODY)
     src = ("from concordia import *\n\n\n@kernel\n"
            f"def k({', '.join(params)}):\n" + "\n".join(ind(body)) + "\n")
     if draw(st.integers(0, 9)) == 0:          # sometimes not even Python
@@ -268,6 +271,8 @@ def arg_values():
                      st.integers(-2**33, 2**33), st.floats())
 
 
+ARG_VALUES = arg_values()   # buffers made once, not per drawn argument
+
 geometry = st.one_of(st.integers(-4, 2048), st.sampled_from([0, 1 << 40, None, "64", 1.5, (), [64]]),
                      st.lists(st.integers(-1, 256), min_size=1, max_size=4).map(tuple))
 
@@ -282,9 +287,9 @@ def test_random_launches_run_or_fail_in_one_line(case, g, l, data):
         args = case.make_args(np.random.default_rng(0))
         args = [RT.to_device(a) if isinstance(a, np.ndarray) else a for a in args]
         if data.draw(st.booleans()) and args:
-            args[data.draw(st.integers(0, len(args) - 1))] = data.draw(arg_values())
+            args[data.draw(st.integers(0, len(args) - 1))] = data.draw(ARG_VALUES)
     else:
-        args = data.draw(st.lists(arg_values(), max_size=len(case.kernel.params) + 1))
+        args = data.draw(st.lists(ARG_VALUES, max_size=len(case.kernel.params) + 1))
     with no_hang("a launch"):
         try:
             RT.launch(case.kernel, global_size=g, local_size=l, args=args)
