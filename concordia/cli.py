@@ -148,13 +148,7 @@ def cmd_compile(args) -> int:
     if args.emit in ("tt-lang", "metalium"):
         raise ConcordiaError(f"--emit {args.emit} needs --target tt")
     if args.emit == "source":
-        text = "\n".join(render_source(k, args.target) for k in kernels)
-        if args.output:
-            with open(args.output, "w") as fh:
-                fh.write(text)
-        else:
-            sys.stdout.write(text)
-        return 0
+        return _emit_text("\n".join(render_source(k, args.target) for k in kernels), args.output)
     if len(kernels) > 1:
         raise ConcordiaError(f"{args.file} has {len(kernels)} kernels; pick one with --kernel NAME")
     k = kernels[0]
@@ -193,9 +187,13 @@ def _compile_tt(args, kernels) -> int:
                 raise
             print(f"note: {e}; emitting the scalar tier (TT-Metalium C++)", file=sys.stderr)
             texts.append(render_metalium(k))
-    text = "\n".join(texts)
-    if args.output:
-        with open(args.output, "w") as fh:
+    return _emit_text("\n".join(texts), args.output)
+
+
+def _emit_text(text: str, output: str | None) -> int:
+    """Generated source to `output`, or to stdout."""
+    if output:
+        with open(output, "w") as fh:
             fh.write(text)
     else:
         sys.stdout.write(text)
