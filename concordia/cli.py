@@ -53,7 +53,8 @@ def _load_module_from(path: str):
                              f"{type(e).__name__}: {text}") from None
     kernels = [v.kernel for v in scope.values() if isinstance(v, KernelFunction)]
     if not kernels:
-        raise ConcordiaError(f"{path}: no @kernel functions found")
+        raise ConcordiaError(f"{path}:1: no @kernel functions found (decorate each kernel "
+                             f"with @kernel, from concordia import kernel)")
     return verify_module(Module(tuple(kernels)))
 
 

@@ -34,6 +34,14 @@ def test_ir_check_invalid_python_file_is_one_line(tmp_path):
     assert r.stderr.count("\n") == 1 and f"{f}:5:" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_ir_check_of_a_file_without_kernels_names_it(tmp_path):
+    f = tmp_path / "none.py"
+    f.write_text("from concordia import kernel\n\n\ndef k():\n    pass\n")   # forgot the @
+    r = concordia("ir", "check", str(f))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert f"{f}:1: no @kernel functions found" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_ir_check_ir_text(tmp_path):
     good = tmp_path / "good.cir"
     good.write_text("kernel @k(%p: ptr<global i32>) {\n  return\n}\n")
