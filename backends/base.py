@@ -1,6 +1,7 @@
 """The one small interface every runtime implements, and the registry that names them."""
 from __future__ import annotations
 
+import ctypes
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -141,15 +142,18 @@ def register_backend(name: str):
 
 
 def wrap_host_dlpack(backend: str, tensor):
-    """wrap_dlpack for backends whose device memory is host memory (numpy byte arrays)."""
+    """wrap_dlpack for backends whose device memory is host memory (numpy byte arrays): any
+    contiguous CPU tensor, of any dtype, is seen in place as its bytes."""
     from concordia_ir.errors import ConcordiaError
-    try:
-        arr = np.from_dlpack(tensor)
-    except (BufferError, RuntimeError, TypeError) as e:
-        raise ConcordiaError(f"the {backend} backend wraps CPU tensors only: {e}") from None
-    if not arr.flags.c_contiguous:
-        raise ConcordiaError("only contiguous tensors can be wrapped")
-    return arr.reshape(-1).view(np.uint8), arr.dtype, arr.size, tensor
+    from .dlpack import KDL_CPU, KDL_CUDA_HOST, device_text, read_dlpack
+    view = read_dlpack(tensor)
+    if view.device_type not in (KDL_CPU, KDL_CUDA_HOST):
+        raise ConcordiaError(f"the {backend} backend wraps tensors in host memory; this one is on "
+                             f"{device_text(view)} (wrap it on a backend of that device)")
+    nbytes = view.size * view.dtype.itemsize
+    raw = (np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(view.pointer))
+           if nbytes else np.zeros(0, np.uint8))
+    return raw, view.dtype, view.size, (tensor, view.capsule)
 
 
 def backend_status() -> dict[str, Availability]:

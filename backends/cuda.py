@@ -240,11 +240,11 @@ class CUDABackend(Backend):
         _check(_driver().cuMemcpyDtoD(dst, src, nbytes), "cuMemcpyDtoD")
 
     def wrap_dlpack(self, tensor):
-        from .dlpack import KDL_CUDA, read_dlpack
+        from .dlpack import KDL_CUDA, device_text, read_dlpack
         view = read_dlpack(tensor)
         if view.device_type != KDL_CUDA or view.device_id != int(self.device or 0):
-            raise ConcordiaError(f"tensor is on DLPack device {view.device_type}:{view.device_id}, "
-                                 f"not CUDA device {int(self.device or 0)}")
+            raise ConcordiaError(f"the tensor is on {device_text(view)}, not on CUDA device "
+                                 f"{int(self.device or 0)} (wrap it on a backend of that device)")
         return view.pointer, view.dtype, view.size, (tensor, view.capsule)
 
     def _load(self, cubin: bytes, name: str):

@@ -9,8 +9,10 @@ import numpy as np
 
 from concordia_ir.errors import ConcordiaError
 
-KDL_CPU, KDL_CUDA, KDL_ROCM = 1, 2, 10
-_CODES = {0: "i", 1: "u", 2: "f"}
+KDL_CPU, KDL_CUDA, KDL_CUDA_HOST, KDL_ROCM = 1, 2, 3, 10
+KDL_DEVICE_NAMES = {KDL_CPU: "cpu", KDL_CUDA: "cuda", KDL_CUDA_HOST: "cuda-pinned-host",
+                    KDL_ROCM: "rocm"}
+_NUMPY_KINDS = {0: "i", 1: "u", 2: "f"}   # DLPack int, uint, float: numpy names them
 
 
 class _DLDevice(ctypes.Structure):
@@ -25,6 +27,29 @@ class _DLTensor(ctypes.Structure):
     _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32),
                 ("dtype", _DLDataType), ("shape", ctypes.POINTER(ctypes.c_int64)),
                 ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
+
+
+def region_dtype(code: int, bits: int, lanes: int) -> np.dtype:
+    """The numpy dtype a tensor of this DLPack type is wrapped as. Regions are bytes: int,
+    uint and float types numpy knows keep their type; any other (bfloat16, the float8 kinds,
+    bool, ...) is seen as unsigned integers of its width, bit for bit, without a copy."""
+    if lanes != 1:
+        raise ConcordiaError(f"DLPack tensors of {lanes}-lane vectors cannot be wrapped: "
+                             "regions hold one value per element")
+    if bits % 8 or not bits:
+        raise ConcordiaError(f"DLPack dtype code {code} has {bits}-bit elements; regions hold "
+                             "whole bytes (pack sub-byte types into uint8 first)")
+    if code in _NUMPY_KINDS:
+        try:
+            return np.dtype(f"{_NUMPY_KINDS[code]}{bits // 8}")
+        except TypeError:
+            pass          # e.g. float8: no numpy type of that kind and width
+    return np.dtype(f"u{bits // 8}")
+
+
+def device_text(view: "DLPackView") -> str:
+    name = KDL_DEVICE_NAMES.get(view.device_type, f"DLPack device type {view.device_type}")
+    return f"{name}:{view.device_id}"
 
 
 @dataclass
@@ -53,8 +78,6 @@ def read_dlpack(obj) -> DLPackView:
             expected *= shape[i]
         if not contiguous:
             raise ConcordiaError("only contiguous tensors can be wrapped as regions")
-    if t.dtype.code not in _CODES or t.dtype.lanes != 1:
-        raise ConcordiaError(f"DLPack dtype code {t.dtype.code} x{t.dtype.lanes} is not supported")
-    dtype = np.dtype(f"{_CODES[t.dtype.code]}{t.dtype.bits // 8}")
+    dtype = region_dtype(t.dtype.code, t.dtype.bits, t.dtype.lanes)
     return DLPackView((t.data or 0) + t.byte_offset, t.device.device_type, t.device.device_id,
                       dtype, int(np.prod(shape)) if shape else 1, capsule)

@@ -227,10 +227,10 @@ class Runtime:
         return buf
 
     def from_dlpack(self, tensor) -> DeviceBuffer:
-        """Wrap a DLPack tensor (torch, CuPy, numpy) on this runtime's device, without a copy."""
+        """Wrap a DLPack tensor (torch, CuPy, numpy) on this runtime's device, without a copy.
+        Any dtype: a type numpy lacks (bfloat16, float8, bool) is seen as unsigned integers of
+        its width (see backends/dlpack.py: region_dtype); a region is its bytes."""
         handle, dtype, size, keep = self.backend.wrap_dlpack(tensor)
-        if scalar_for_dtype(dtype) is None:
-            raise LaunchError(f"tensors of {dtype} cannot be wrapped yet")
         return DeviceBuffer(self, handle, dtype, size, owned=False, keepalive=keep)
 
     def mapped(self, count: int, dtype) -> DeviceBuffer:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from concordia_ir.errors import ConcordiaError
+from concordia_ir.types import scalar_for_dtype
 from concordia.backends.runtime import DeviceBuffer, _as_kernel
 
 from . import kernels as hk
@@ -256,7 +257,7 @@ class Checkpointer:
         for desc in image.layout["regions"]:
             buf = (into or {}).get(desc["name"])
             if buf is None:
-                buf = runtime.empty(desc["size"], np.dtype(desc["dtype"]))
+                buf = _region_buffer(runtime, desc)
             elif (buf.dtype.str, buf.size) != (desc["dtype"], desc["size"]):
                 raise ConcordiaError(f"{path}: region {desc['name']!r} was {desc['size']} x "
                                      f"{desc['dtype']}; the buffer to restore into is "
@@ -274,6 +275,15 @@ class Checkpointer:
                                          f"the committed hash")
             out[region.name] = buf
         return out
+
+
+def _region_buffer(runtime, desc: dict) -> DeviceBuffer:
+    """A new buffer for a logged region. Regions are bytes: a dtype kernels cannot take (a
+    wrapped bfloat16 or float8 tensor's) comes back as its bytes seen with that dtype."""
+    dtype = np.dtype(desc["dtype"])
+    if scalar_for_dtype(dtype) is not None:
+        return runtime.empty(desc["size"], dtype)
+    return runtime.empty(desc["nbytes"] // 4, np.uint32).view(dtype)
 
 
 def apply_pages(runtime, region: Region, pages: dict[int, bytes]) -> None:

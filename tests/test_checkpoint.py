@@ -363,6 +363,54 @@ def test_dlpack_region_is_checkpointed_without_copy(tmp_path):
     assert Checkpointer.restore(str(tmp_path / "dl.clog"), rt)["kv"].numpy()[2000] == 5.0
 
 
+def _torch():
+    try:
+        import torch
+        return torch
+    except ImportError:
+        return None
+
+
+HOST_WRAPPERS = [n for n in ("reference", "tenstorrent") if backend_status()[n].ok]
+
+
+@pytest.mark.skipif(_torch() is None, reason="needs torch")
+@pytest.mark.parametrize("backend", HOST_WRAPPERS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float8_e4m3fn", "int8", "bool"])
+def test_any_dtype_is_a_region(tmp_path, backend, dtype):
+    """Regions are bytes: a bf16 / fp16 / fp8 / int8 / bool tensor wraps without a copy, is
+    checkpointed as it changes in place, and restores bit for bit into a new tensor."""
+    torch = _torch()
+    dt = getattr(torch, dtype)
+    n = 8192 // dt.itemsize                                   # two 4 KiB pages
+    kv = torch.zeros(n, dtype=dt)
+    rt = Runtime(backend)
+    buf = rt.from_dlpack(kv)
+    assert buf.nbytes == kv.numel() * dt.itemsize
+    log = str(tmp_path / f"{dtype}.clog")
+    with Checkpointer(rt, {"kv": buf}, log) as ck:
+        ck.checkpoint()
+        kv[n - 3] = 1                                         # the owner writes in place
+        stats = ck.checkpoint()
+    assert stats.pages == 1                                   # seen through the wrapped bytes
+    again = torch.zeros(n, dtype=dt)
+    Checkpointer.restore(log, rt, into={"kv": rt.from_dlpack(again)})
+    as_bytes = lambda t: t.view(torch.uint8).numpy().tobytes()
+    assert as_bytes(again) == as_bytes(kv) and bool(again[n - 3] == 1)
+    fresh = Checkpointer.restore(log, Runtime("reference"))["kv"]   # into a new buffer
+    assert fresh.numpy().tobytes() == as_bytes(kv) and fresh.dtype == buf.dtype
+
+
+def test_dlpack_types_regions_cannot_hold_are_refused_with_the_reason():
+    from concordia.backends.dlpack import region_dtype
+    assert region_dtype(4, 16, 1) == np.uint16                # bfloat16: its bytes
+    assert region_dtype(2, 16, 1) == np.float16
+    with pytest.raises(ConcordiaError, match="4-bit elements; regions hold whole bytes"):
+        region_dtype(17, 4, 1)
+    with pytest.raises(ConcordiaError, match="4-lane vectors cannot be wrapped"):
+        region_dtype(2, 32, 4)
+
+
 def _torch_cuda():
     try:
         import torch
@@ -372,15 +420,18 @@ def _torch_cuda():
 
 
 @pytest.mark.skipif(_torch_cuda() is None, reason="needs torch with a CUDA GPU and the cuda backend")
-def test_torch_cuda_tensor_as_region_restores_on_reference(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float8_e4m3fn"])
+def test_torch_cuda_tensor_as_region_restores_on_reference(tmp_path, dtype):
     torch = _torch_cuda()
-    kv = torch.zeros(1 << 20, dtype=torch.float32, device="cuda")
+    kv = torch.zeros(1 << 20, dtype=getattr(torch, dtype), device="cuda")
     rt = Runtime("cuda")
     region = rt.from_dlpack(kv)
     with Checkpointer(rt, {"kv": region}, str(tmp_path / "t.clog")) as ck:
         ck.checkpoint()
-        kv[5000:5010] = 3.0                     # the engine writes its own tensor
+        kv.view(torch.uint8)[20000:20040] = 7   # the engine writes its own tensor (one page)
         torch.cuda.synchronize()
         assert ck.checkpoint().pages == 1
     got = Checkpointer.restore(str(tmp_path / "t.clog"), Runtime("reference"))["kv"].numpy()
-    assert np.array_equal(got, kv.cpu().numpy())
+    assert got.tobytes() == kv.view(torch.uint8).cpu().numpy().tobytes()
+    with pytest.raises(ConcordiaError, match="wraps tensors in host memory; this one is on cuda:0"):
+        Runtime("reference").from_dlpack(kv)
