@@ -34,10 +34,12 @@ atomic_cas = _builtin("atomic_cas", "atomic_cas(ptr, i, cmp, new): if ptr[i] == 
 sqrt = _builtin("sqrt", "sqrt(x): correctly rounded square root.")
 floor = _builtin("floor", "floor(x): round toward -inf.")
 ceil = _builtin("ceil", "ceil(x): round toward +inf.")
+popcount = _builtin("popcount", "popcount(x): number of set bits of an integer.")
+clz = _builtin("clz", "clz(x): leading zero bits of an integer; clz(0) is its width.")
 fma = _builtin("fma", "fma(a, b, c): a*b+c with one rounding.")
 select = _builtin("select", "select(c, a, b): a where c else b, both evaluated.")
 bitcast = _builtin("bitcast", "bitcast(x, T): reinterpret the bits of x as type T.")
 
 __all__ = ["global_id", "local_id", "group_id", "global_size", "local_size", "num_groups",
            "barrier", "fence", "safepoint", "local_array", "atomic_add", "atomic_min", "atomic_max",
-           "atomic_xchg", "atomic_cas", "sqrt", "floor", "ceil", "fma", "select", "bitcast"]
+           "atomic_xchg", "atomic_cas", "sqrt", "floor", "ceil", "popcount", "clz", "fma", "select", "bitcast"]

@@ -14,7 +14,10 @@ import textwrap
 from dataclasses import dataclass
 
 from .errors import ConcordiaError, KernelSyntaxError
-from .ops import ARITH, Block, Kernel, Loc, Module, Op, Value
+from .builder import IRBuilder, Names
+from .interpreter import trunc_div
+from .opdefs import OPS
+from .ops import Block, Kernel, Loc, Module, Op, Value
 from .printer import float_to_bits, print_module
 from .types import PtrType, ScalarType, Type, boolean, f32, i32
 from .verifier import verify_kernel
@@ -31,11 +34,6 @@ _ATOMICS = ("atomic_add", "atomic_min", "atomic_max", "atomic_xchg", "atomic_cas
 class _Lit:
     """A Python literal whose IR type is decided by the value it meets."""
     value: int | float | bool
-
-
-def _c_div(a: int, b: int) -> int:
-    q = abs(a) // abs(b)
-    return q if (a < 0) == (b < 0) else -q
 
 
 _FOLD = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
@@ -56,8 +54,7 @@ class _Builder:
         self.fdef = tree.body[0]
         if not isinstance(self.fdef, ast.FunctionDef):
             raise KernelSyntaxError(f"{self.file}:{first}: @kernel applies to a plain function")
-        self.names: set[str] = set()
-        self.counter = 0
+        self.names = Names()
         self.safepoints = 0
         self.blocks: list[list[Op]] = []
         self.env: dict[str, Value] = {}
@@ -74,25 +71,12 @@ class _Builder:
         raise KernelSyntaxError(f"{self.file}:{self.loc(node).line}: {msg}")
 
     def fresh(self, hint: str | None = None) -> str:
-        if hint and hint not in self.names:
-            name = hint
-        elif hint:
-            n = 1
-            while f"{hint}.{n}" in self.names:
-                n += 1
-            name = f"{hint}.{n}"
-        else:
-            while str(self.counter) in self.names:
-                self.counter += 1
-            name = str(self.counter)
-        self.names.add(name)
-        return name
+        return self.names.fresh(hint)
 
     def emit(self, node, name, operands=(), types=(), attrs=(), regions=(), hint=None):
-        results = tuple(Value(self.fresh(hint), t) for t in types)
-        self.blocks[-1].append(Op(name, tuple(operands), results, tuple(attrs), tuple(regions),
-                                  self.loc(node)))
-        return results
+        results = tuple(self.names.value(hint, t) for t in types)
+        return IRBuilder(self.names, self.loc(node), self.blocks[-1]).emit(
+            name, operands, results, attrs, regions)
 
     def emit1(self, node, name, operands, type_, attrs=(), hint=None) -> Value:
         return self.emit(node, name, operands, (type_,), attrs, hint=hint)[0]
@@ -288,7 +272,7 @@ class _Builder:
         if not (ops and ops[-1].results == (v,) and v.name.isdigit()):
             return v
         op = ops[-1]
-        self.names.discard(v.name)
+        self.names.release(v.name)
         new = Value(self.fresh(name), v.type)
         ops[-1] = Op(op.name, op.operands, (new,), op.attrs, op.regions, op.loc)
         return new
@@ -353,7 +337,7 @@ class _Builder:
         op = ops[-1]
         new = []
         for r, n in zip(results, names):
-            self.names.discard(r.name)
+            self.names.release(r.name)
             new.append(Value(self.fresh(n), r.type))
         ops[-1] = Op(op.name, op.operands, tuple(new), op.attrs, op.regions, op.loc)
         for n, v in zip(names, new):
@@ -591,12 +575,8 @@ class _Builder:
             self.fail(e, "'/' on integers: use '//' (which truncates toward zero, as in C)")
         if isinstance(e.op, ast.FloorDiv) and t.is_float:
             self.fail(e, "'//' on floats is not supported; use floor(a / b)")
-        if name in ARITH and t == boolean:
-            self.fail(e, f"'{_symbol(e.op)}' is not defined on bool")
-        if name in ("and", "or", "xor") and t.is_float:
-            self.fail(e, f"'{_symbol(e.op)}' is not defined on {t}")
-        if name in ("shl", "shr") and not t.is_int:
-            self.fail(e, f"shifts need integers, got {t}")
+        if t.kind not in OPS[name].kinds:
+            self.fail(e, f"'{_symbol(e.op)}' is not defined on {t} (only on {_kinds(OPS[name])})")
         return self.emit1(e, name, (a, b), t)
 
     def fold(self, e, name, a, b):
@@ -605,9 +585,9 @@ class _Builder:
             return _FOLD[name](a, b)
         if isinstance(a, int) and isinstance(b, int) and b != 0:
             if name == "div" and isinstance(e.op, ast.FloorDiv):
-                return _c_div(a, b)
+                return trunc_div(a, b)
             if name == "rem":
-                return a - _c_div(a, b) * b
+                return a - trunc_div(a, b) * b
         if isinstance(a, int) and isinstance(b, int) and name in ("shl", "shr") and 0 <= b < 64:
             return a << b if name == "shl" else a >> b
         return None
@@ -698,8 +678,8 @@ class _Builder:
         return self.math_call(e, name)
 
     def math_call(self, e, name):
-        arity = {"min": 2, "max": 2, "abs": 1, "sqrt": 1, "floor": 1, "ceil": 1, "fma": 3,
-                 "select": 3, "bitcast": 2}[name]
+        decl = OPS[name]
+        arity = 2 if name == "bitcast" else decl.operands
         if len(e.args) != arity:
             self.fail(e, f"{name}() takes {arity} argument(s)")
         if name == "bitcast":
@@ -718,12 +698,10 @@ class _Builder:
             a, b = self.unify(e, args[1], args[2], "select")
             return self.emit1(e, "select", (c, a, b), a.type)
         if arity == 1:
-            v = self.materialise(e, args[0], f32 if name != "abs" else None)
+            v = self.materialise(e, args[0], f32 if decl.kinds == ("float",) else None)
             t = self.scalar(e, v, f"{name}()")
-            if name != "abs" and not t.is_float:
-                self.fail(e, f"{name}() needs a float, got {t}")
-            if name == "abs" and not (t.is_int or t.is_float):
-                self.fail(e, f"abs() needs a number, got {t}")
+            if t.kind not in decl.kinds:
+                self.fail(e, f"{name}() needs {_kinds(decl)}, got {t}")
             return self.emit1(e, name, (v,), t)
         if name == "fma":
             typed = [a for a in args if not isinstance(a, _Lit)]
@@ -752,6 +730,12 @@ class _Builder:
         if v.type == t:
             return v
         return self.emit1(e, "cast", (v,), t)
+
+
+def _kinds(decl) -> str:
+    words = {"int": "signed integers", "uint": "unsigned integers", "float": "floats",
+             "bool": "bool"}
+    return " or ".join(words[k] for k in decl.kinds)
 
 
 def _default_type(v) -> ScalarType:

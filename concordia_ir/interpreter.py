@@ -12,7 +12,8 @@ from fractions import Fraction
 import numpy as np
 
 from .errors import KernelRuntimeError, where
-from .ops import ATOMICS, BUILTINS, COMPARE, Block, Kernel, Op
+from .opdefs import ATOMICS, BUILTINS, OPS
+from .ops import Block, Kernel, Op
 from .printer import float_from_bits
 from .types import PtrType, ScalarType
 
@@ -25,8 +26,14 @@ def _full(value, t: ScalarType):
     return np.full(1, value, dtype=t.dtype)
 
 
+def trunc_div(a: int, b: int) -> int:
+    """C's integer division of two Python ints (b != 0): the quotient truncated toward zero."""
+    q = abs(a) // abs(b)
+    return q if (a < 0) == (b < 0) else -q
+
+
 def int_div(t: ScalarType, a, b):
-    """Truncating division; x/0 = all ones; MIN/-1 = MIN (RISC-V's rules)."""
+    """trunc_div over arrays of type t; x/0 = all ones; MIN/-1 = MIN (RISC-V's rules)."""
     a, b = np.broadcast_arrays(a, b)
     zero = b == 0
     if t.is_signed:
@@ -103,6 +110,32 @@ def cast(src: ScalarType, dst: ScalarType, a):
     return a.astype(dst.dtype)
 
 
+def popcount(t: ScalarType, a):
+    """Set bits of the two's-complement pattern, by the SWAR sum of bit fields (numpy < 2 has
+    no bitwise_count, and numpy 2's counts |a| for signed types)."""
+    x = np.asarray(a, t.dtype).astype(np.uint64 if t.bits == 64 else np.uint32).astype(np.uint64)
+    m1, m2, m4 = (np.uint64(0x5555555555555555), np.uint64(0x3333333333333333),
+                  np.uint64(0x0F0F0F0F0F0F0F0F))
+    x = x - ((x >> np.uint64(1)) & m1)
+    x = (x & m2) + ((x >> np.uint64(2)) & m2)
+    x = (x + (x >> np.uint64(4))) & m4
+    return ((x * np.uint64(0x0101010101010101)) >> np.uint64(56)).astype(t.dtype)
+
+
+def clz(t: ScalarType, a):
+    """Leading zeros: the width minus the index of the highest set bit (clz(0) = width)."""
+    u = np.asarray(a).astype(np.uint64 if t.bits == 64 else np.uint32)
+    n = np.zeros(u.shape, dtype=np.int64)
+    for shift in (32, 16, 8, 4, 2, 1):   # binary search for the highest set bit
+        if shift >= t.bits:
+            continue
+        high = (u >> np.asarray(shift, u.dtype)) != 0
+        n = np.where(high, n + shift, n)
+        u = np.where(high, u >> np.asarray(shift, u.dtype), u)
+    width = np.where(u != 0, n + 1, 0)
+    return (t.bits - width).astype(t.dtype)
+
+
 def _shift(t: ScalarType, fn, a, b):
     count = (b & (t.bits - 1)).astype(t.dtype)
     return fn(a, count).astype(t.dtype)
@@ -127,6 +160,8 @@ _ELEMENTWISE = {
     "sqrt": lambda t, a: np.sqrt(a),
     "floor": lambda t, a: np.floor(a),
     "ceil": lambda t, a: np.ceil(a),
+    "popcount": popcount,
+    "clz": clz,
     "eq": lambda t, a, b: a == b,
     "ne": lambda t, a, b: a != b,
     "lt": lambda t, a, b: a < b,
@@ -227,7 +262,7 @@ class Interpreter:
         name = op.name
         ins = [env[v.name] for v in op.operands]
         if name in _ELEMENTWISE:
-            t = op.operands[-1].type if name not in COMPARE else op.operands[0].type
+            t = op.operands[0].type if OPS[name].result == "bool" else op.operands[-1].type
             return [np.asarray(_ELEMENTWISE[name](t, *ins)).astype(op.result.type.dtype, copy=False)]
         if name == "const":
             t = op.result.type

@@ -1,4 +1,4 @@
-"""IR nodes: small frozen dataclasses, and the table of ops grouped by typing rule.
+"""IR nodes: small frozen dataclasses. What each op means is declared in opdefs.py.
 
 A kernel is a Block of Ops in SSA form with structured control flow: `if`, `for` and
 `while` own regions (Blocks with arguments) that end in `yield`, `condition` or `return`.
@@ -89,20 +89,3 @@ def walk(block: Block) -> Iterator[Op]:
         yield op
         for region in op.regions:
             yield from walk(region)
-
-
-# Ops grouped by their typing rule; the verifier, interpreter and renderers key off these.
-ARITH = ("add", "sub", "mul", "div", "rem", "min", "max")
-BITWISE = ("and", "or", "xor")
-SHIFT = ("shl", "shr")
-UNARY = ("neg", "not", "abs", "sqrt", "floor", "ceil")
-FLOAT_ONLY_UNARY = ("sqrt", "floor", "ceil")
-COMPARE = ("eq", "ne", "lt", "le", "gt", "ge")
-BUILTINS = ("global_id", "local_id", "group_id", "global_size", "local_size", "num_groups")
-ATOMICS = ("atomic_add", "atomic_min", "atomic_max", "atomic_xchg", "atomic_cas")
-CONTROL = ("if", "for", "while")
-TERMINATORS = ("yield", "condition", "return")
-OTHER = ("const", "select", "cast", "bitcast", "fma", "load", "store", "barrier",
-         "safepoint", "local_alloc", "fence")
-ALL_OPS = frozenset(ARITH + BITWISE + SHIFT + UNARY + COMPARE + BUILTINS + ATOMICS
-                    + CONTROL + TERMINATORS + OTHER)

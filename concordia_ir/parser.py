@@ -5,7 +5,8 @@ import json
 import re
 
 from .errors import IRParseError
-from .ops import ALL_OPS, Block, Kernel, Loc, Module, Op, Value
+from .opdefs import OPS
+from .ops import Block, Kernel, Loc, Module, Op, Value
 from .printer import float_to_bits
 from .types import ADDRESS_SPACES, SCALARS, PtrType, Type
 
@@ -178,7 +179,7 @@ class _Parser:
                     break
             self.expect("=")
         name_tok = self.expect_kind("ident", "an op name")
-        if name_tok.text not in ALL_OPS:
+        if name_tok.text not in OPS:
             self.error(f"unknown op {name_tok.text!r}", name_tok)
         line = name_tok.line
         operands = []

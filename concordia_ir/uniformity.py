@@ -5,9 +5,8 @@ fixed point because loop-carried values are uniform only if every value fed back
 """
 from __future__ import annotations
 
+from .opdefs import OPS
 from .ops import Block, Kernel
-
-_VARYING_BUILTINS = ("global_id", "local_id")
 
 
 def nonuniform_values(kernel: Kernel) -> set[str]:
@@ -56,7 +55,7 @@ def _visit(block: Block, varying: set[str], divergent: bool):
                 if div or (fwd is not None and fwd.name in varying):
                     varying.add(arg.name)
                     varying.add(op.results[i].name)
-        elif op.name in _VARYING_BUILTINS or ins_vary or op.name.startswith("atomic_"):
+        elif ins_vary or (op.name in OPS and OPS[op.name].varying):
             # A load at a group-uniform index reads one value for the whole group.
             varying.update(r.name for r in op.results)
 

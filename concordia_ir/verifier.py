@@ -1,10 +1,13 @@
-"""Verifier: typing and structural rules of the IR. Errors name file:line, kernel and op."""
+"""Verifier: typing and structural rules of the IR. Errors name file:line, kernel and op.
+
+Block structure (scopes, terminators, safepoint placement) is checked here; what each op
+requires comes from its declaration in opdefs.py."""
 from __future__ import annotations
 
 from .errors import IRVerifyError, where
-from .ops import (ARITH, ATOMICS, BITWISE, BUILTINS, COMPARE, FLOAT_ONLY_UNARY, SHIFT,
-                  TERMINATORS, UNARY, Block, Kernel, Module, Op, Value)
-from .types import PtrType, ScalarType, boolean, i32, u32
+from .opdefs import OPS, TERMINATORS
+from .ops import Block, Kernel, Module, Op, Value
+from .types import PtrType, ScalarType, boolean, i32
 from .uniformity import nonuniform_values
 
 
@@ -40,11 +43,11 @@ class _KernelVerifier:
         if not ops or ops[-1].name != "return":
             last = ops[-1] if ops else None
             self.fail(last, "kernel body must end with 'return' (missing return)")
-        self.block(self.k.body, scope, divergent=False, role="kernel")
+        self.check_block(self.k.body, scope, divergent=False, role="kernel")
 
     # role: what terminator the block needs ('kernel', 'if', 'for', 'before', 'after')
-    def block(self, b: Block, outer: set[str], divergent: bool, role: str,
-              yields: tuple = (), first_may_safepoint: bool = False):
+    def check_block(self, b: Block, outer: set[str], divergent: bool, role: str,
+                    yields: tuple = (), first_may_safepoint: bool = False):
         scope = set(outer)
         for a in b.args:
             if isinstance(a.type, PtrType):
@@ -83,131 +86,43 @@ class _KernelVerifier:
                             f"({', '.join(map(str, yields))})")
 
     def check_op(self, op: Op, scope: set[str], divergent: bool):
-        name, ins, outs = op.name, op.operands, op.results
-        t_in = [v.type for v in ins]
-        if name not in ("load", "store") + ATOMICS:
+        """The generic rules every declaration states (counts, pointers, kinds, result), then
+        the op's own `verify`."""
+        d = OPS.get(op.name)
+        if d is None:
+            self.fail(op, "unknown op")
+        ins, outs = op.operands, op.results
+        if not d.pointers:
             for v in ins:
                 if isinstance(v.type, PtrType):
                     self.fail(op, f"pointer %{v.name} can only be used by load/store/atomics")
-
-        def arity(n_in, n_out):
-            if len(ins) != n_in or len(outs) != n_out:
-                self.fail(op, f"takes {n_in} operand(s) and {n_out} result(s), "
-                              f"got {len(ins)} and {len(outs)}")
-
-        def same(kinds: tuple[str, ...]):
-            t = t_in[0]
-            if any(x != t for x in t_in):
+        if (d.operands is not None and len(ins) != d.operands) or \
+                (d.results is not None and len(outs) != d.results):
+            n_in = d.operands if d.operands is not None else len(ins)
+            n_out = d.results if d.results is not None else len(outs)
+            self.fail(op, f"takes {n_in} operand(s) and {n_out} result(s), "
+                          f"got {len(ins)} and {len(outs)}")
+        if d.kinds:
+            t = ins[0].type
+            if any(v.type != t for v in ins):
                 self.fail(op, f"operand types differ ({_types(ins)}); casts are explicit")
-            if not isinstance(t, ScalarType) or t.kind not in kinds:
+            if not isinstance(t, ScalarType) or t.kind not in d.kinds:
                 self.fail(op, f"not defined on {t}")
-            return t
+        if d.result:
+            self.result_is(op, {"same": ins[0].type if ins else None, "bool": boolean,
+                                "i32": i32}[d.result])
+        if d.verify is not None:
+            self.scope, self.divergent = scope, divergent
+            d.verify(self, op)
 
-        if name in ARITH + BITWISE + SHIFT:
-            arity(2, 1)
-            kinds = {**{n: ("int", "uint", "float") for n in ARITH},
-                     **{n: ("int", "uint", "bool") for n in BITWISE},
-                     **{n: ("int", "uint") for n in SHIFT}}[name]
-            self.result_is(op, same(kinds))
-        elif name in UNARY:
-            arity(1, 1)
-            kinds = ("float",) if name in FLOAT_ONLY_UNARY else \
-                ("int", "uint", "bool") if name == "not" else ("int", "uint", "float")
-            self.result_is(op, same(kinds))
-        elif name in COMPARE:
-            arity(2, 1)
-            same(("int", "uint", "float") + (("bool",) if name in ("eq", "ne") else ()))
-            self.result_is(op, boolean)
-        elif name == "fma":
-            arity(3, 1)
-            self.result_is(op, same(("float",)))
-        elif name == "select":
-            arity(3, 1)
-            if t_in[0] != boolean:
-                self.fail(op, "condition must be bool")
-            if t_in[1] != t_in[2]:
-                self.fail(op, f"branches differ in type ({t_in[1]}, {t_in[2]})")
-            self.result_is(op, t_in[1])
-        elif name in ("cast", "bitcast"):
-            arity(1, 1)
-            src, dst = t_in[0], outs[0].type
-            if not isinstance(dst, ScalarType):
-                self.fail(op, "casts produce scalars")
-            if name == "bitcast" and (src.bits != dst.bits or boolean in (src, dst)):
-                self.fail(op, f"bitcast needs two non-bool types of one size, got {src} -> {dst}")
-        elif name == "const":
-            arity(0, 1)
-            self.check_const(op)
-        elif name in BUILTINS:
-            arity(0, 1)
-            if op.attr("dim") not in (0, 1, 2):
-                self.fail(op, f"dim must be 0, 1 or 2, got {op.attr('dim')!r}")
-            self.result_is(op, i32)
-        elif name in ("load", "store") + ATOMICS:
-            self.check_memory(op, t_in)
-        elif name == "local_alloc":
-            arity(0, 1)
-            size = op.attr("size")
-            if not isinstance(size, int) or size <= 0:
-                self.fail(op, f"size must be a positive integer, got {size!r}")
-            if not isinstance(outs[0].type, PtrType) or outs[0].type.space != "local":
-                self.fail(op, "result must be a ptr<local T>")
-        elif name == "barrier":
-            arity(0, 0)
-            if divergent:
-                self.fail(op, "barrier inside divergent control flow (an if or loop whose "
-                              "condition differs between work-items of a group)")
-            if self.returned_divergently:
-                self.fail(op, "barrier after some work-items of the group may have returned")
-        elif name == "fence":
-            arity(0, 0)   # orders this work-item's memory accesses for every observer (host too)
-        elif name == "safepoint":
-            arity(0, 0)
-            if not isinstance(op.attr("id"), int):
-                self.fail(op, "safepoint needs an integer id attribute")
-        elif name == "if":
-            arity(1, len(outs))
-            if t_in[0] != boolean:
-                self.fail(op, "condition must be bool")
-            if len(op.regions) != 2 or any(r.args for r in op.regions):
-                self.fail(op, "needs a then and an else region without arguments")
-            div = divergent or ins[0].name in self.nonuniform
-            for r in op.regions:
-                self.block(r, scope, div, "if", self.result_types(op))
-        elif name == "for":
-            if len(ins) < 3 or len(op.regions) != 1:
-                self.fail(op, "takes lower, upper, step, then the initial carried values, "
-                              "and one body region")
-            lo, hi, st = t_in[:3]
-            if not (isinstance(lo, ScalarType) and lo.is_int and lo == hi == st):
-                self.fail(op, f"bounds and step must share one integer type, got {lo}, {hi}, {st}")
-            carried = tuple(t_in[3:])
-            body = op.regions[0]
-            if tuple(a.type for a in body.args) != (lo,) + carried:
-                self.fail(op, "body arguments must be the induction variable and the carried values")
-            if self.result_types(op) != carried:
-                self.fail(op, "results must have the types of the carried values")
-            div = divergent or any(v.name in self.nonuniform for v in ins[:3])
-            self.block(body, scope, div, "for", carried, first_may_safepoint=True)
-        elif name == "while":
-            if len(op.regions) != 2:
-                self.fail(op, "needs a before (condition) and an after (body) region")
-            before, after = op.regions
-            carried, res = tuple(t_in), self.result_types(op)
-            if tuple(a.type for a in before.args) != carried:
-                self.fail(op, "before-region arguments must match the initial values")
-            if tuple(a.type for a in after.args) != res:
-                self.fail(op, "after-region arguments must match the results")
-            cond = before.ops[-1] if before.ops else None
-            div = divergent or (cond is not None and cond.name == "condition" and cond.operands
-                                and cond.operands[0].name in self.nonuniform)
-            self.block(before, scope, div, "before", res)
-            self.block(after, scope, div, "after", carried, first_may_safepoint=True)
-        elif name in TERMINATORS:
-            if outs:
-                self.fail(op, "terminators have no results")
-        else:
-            self.fail(op, "unknown op")
+    def block(self, b: Block, divergent: bool, role: str, yields: tuple = (),
+              first_may_safepoint: bool = False):
+        """A region of the op being checked (called by control ops' verify)."""
+        scope, outer_divergent = self.scope, self.divergent
+        try:
+            self.check_block(b, scope, divergent, role, yields, first_may_safepoint)
+        finally:   # the region's own ops moved them
+            self.scope, self.divergent = scope, outer_divergent
 
     def result_types(self, op: Op) -> tuple:
         return tuple(r.type for r in op.results)
@@ -215,34 +130,6 @@ class _KernelVerifier:
     def result_is(self, op: Op, t):
         if op.results[0].type != t:
             self.fail(op, f"result type is {op.results[0].type}, expected {t}")
-
-    def check_const(self, op: Op):
-        t = op.results[0].type
-        if not isinstance(t, ScalarType):
-            self.fail(op, "constants are scalars")
-        key = "bits" if t.is_float else "value"
-        v = op.attr(key)
-        lo, hi = (0, (1 << t.bits) - 1) if t.is_float else (t.min, t.max)
-        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-            self.fail(op, f"{key} {v!r} does not fit in {t}")
-
-    def check_memory(self, op: Op, t_in: list):
-        n_in = {"load": 2, "store": 3, "atomic_cas": 4}.get(op.name, 3)
-        n_out = 0 if op.name == "store" else 1
-        if len(t_in) != n_in or len(op.results) != n_out:
-            self.fail(op, f"takes {n_in} operand(s) and {n_out} result(s)")
-        ptr, idx = t_in[0], t_in[1]
-        if not isinstance(ptr, PtrType):
-            self.fail(op, f"first operand must be a pointer, got {ptr}")
-        if not (isinstance(idx, ScalarType) and idx.is_int):
-            self.fail(op, f"index must be an integer, got {idx}")
-        for t in t_in[2:]:
-            if t != ptr.elem:
-                self.fail(op, f"value of type {t} stored through a {ptr}")
-        if op.name in ATOMICS and ptr.elem not in (i32, u32):
-            self.fail(op, f"atomics are defined on i32 and u32, not {ptr.elem}")
-        if n_out:
-            self.result_is(op, ptr.elem)
 
 
 def _types(vals) -> str:

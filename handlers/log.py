@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import crc32c
 
-from concordia_ir.errors import ConcordiaError
+from concordia_ir.errors import ConcordiaError, LogError
 
 from .durable import atomic_writer, copy_new, replace_atomically, truncate_durably, write_new
 
@@ -61,14 +61,6 @@ LAYOUT, PAGE, COMMIT = 1, 2, 3
 KIND_NAMES = {LAYOUT: "layout", PAGE: "page", COMMIT: "commit"}
 FSYNC_POLICIES = ("always", "everysec", "no")
 MAX_PAYLOAD = 1 << 30
-
-
-class LogError(ConcordiaError):
-    """A log that cannot be used: foreign, newer, corrupt. Carries the byte offset."""
-
-    def __init__(self, path: str, offset: int, reason: str):
-        super().__init__(f"{path}: at byte {offset}: {reason}")
-        self.path, self.offset, self.reason = path, offset, reason
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import crc32c
 import numpy as np
 
-from concordia_ir.errors import ConcordiaError
+from concordia_ir.errors import ConcordiaError, SnapshotError
 from concordia_ir.ops import Kernel, Module
 from concordia_ir.parser import parse_module
 from concordia_ir.printer import print_module
@@ -40,10 +40,6 @@ SNAP_VERSION = 1
 PAGE = 4096
 SNAPSHOT_STAGING = 64 << 20   # bytes gathered per round trip when snapshotting a region
 _PAUSABLE: dict[tuple[int, int], tuple[Kernel, PausableKernel]] = {}
-
-
-class SnapshotError(ConcordiaError):
-    """A snapshot that cannot be used (foreign, newer, corrupt, or not matching its kernel)."""
 
 
 def pausable(kernel: Kernel, poll_every: int = POLL_EVERY_DEFAULT) -> PausableKernel:

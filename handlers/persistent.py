@@ -20,26 +20,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from concordia_ir.errors import ConcordiaError, where
+from concordia_ir.errors import ConcordiaError, TaskError, where
+from concordia_ir.builder import IRBuilder, Names
 from concordia_ir.ops import Block, Kernel, Op, Value, walk
 from concordia.backends.runtime import DeviceBuffer, _as_kernel
 from concordia_ir.types import PtrType, boolean, i32, u32, u64
 from concordia_ir.verifier import verify_kernel
 
-from concordia_ir.passes.safepoints import _Builder, _Names
 
 RECORD_WORDS = 16
 HEADER_WORDS = 4
 ARG_WORDS = RECORD_WORDS - HEADER_WORDS
 _IDS = {"global_id", "group_id", "num_groups", "global_size", "local_id", "local_size"}
-
-
-class TaskError(ConcordiaError):
-    """A task faulted or hung; `pending` holds every task not known to be complete."""
-
-    def __init__(self, message: str, pending: list):
-        super().__init__(message)
-        self.pending = pending
 
 
 @dataclass(frozen=True)
@@ -104,15 +96,13 @@ def make_handler(name: str, kernel, buffers) -> Handler:
 # ---- the dispatcher, in IR -------------------------------------------------------------------
 
 def build_dispatcher(handlers: list[Handler], ring_slots: int) -> Kernel:
-    names = _Names()
-    loc = None
     ring, ctrl, done, claim, halt = (Value(n, PtrType(i32)) for n in
                                      ("ring", "ctrl", "done", "claim", "halt"))
     params = [ring, ctrl, done, claim, halt]
     for k, h in enumerate(handlers):
         params += [Value(f"h{k}.{p.name}", p.type) for p in h.kernel.params
                    if isinstance(p.type, PtrType)]
-    b = _Builder(names, loc)
+    b = IRBuilder(Names(taken={p.name for p in params}, prefix="cc."))
     c = lambda v, t=i32: b.const(v, t)   # noqa: E731
     lid = b.op("local_id", (), i32, (("dim", 0),))
     # [0] task, [1] quit, [2...] the task's record: read once over the bus, kept in local memory
@@ -124,22 +114,20 @@ def build_dispatcher(handlers: list[Handler], ring_slots: int) -> Kernel:
     # the group holding the next unpublished index (the leader) polls the host's head over
     # the bus; it mirrors it into device memory (claim[1]), where the other groups wait.
     # Every group polling the bus at once makes every read slow.
-    w = _Builder(names, loc)
+    w = b.child()
     t = w.op("atomic_add", (claim, w.const(0, i32), w.const(1, i32)), i32, hint="task")
-    spin = _Builder(names, loc)
+    spin = w.child()
     seen = spin.op("load", (claim, spin.const(1, i32)), i32, (("volatile", 1),), hint="seen")
-    lead = _Builder(names, loc)
+    lead = spin.child()
     head = lead.op("load", (ctrl, lead.const(0, i32)), i32, (("volatile", 1),), hint="head")
     lead.op("fence")
     lead.op("atomic_max", (claim, lead.const(1, i32), head), i32)
-    lead.ops.append(Op("yield"))
-    spin.ops.append(Op("if", (spin.op("eq", (seen, t), boolean),), (), (),
-                       (Block((), tuple(lead.ops)), Block((), (Op("yield"),)))))
+    spin.if_(spin.op("eq", (seen, t), boolean), lead)
     stopped = spin.op("load", (halt, spin.const(0, i32)), i32, (("volatile", 1),), hint="halt")
     waiting = spin.op("and", (spin.op("le", (seen, t), boolean),
                               spin.op("eq", (stopped, spin.const(0, i32)), boolean)), boolean)
-    spin.ops.append(Op("condition", (waiting,)))
-    w.ops.append(Op("while", (), (), (), (Block((), tuple(spin.ops)), Block((), (Op("yield"),)))))
+    spin.condition(waiting)
+    w.emit("while", regions=(spin.region(), w.child().region()))
     w.op("fence")   # acquire: the record is read after the head that published it
     seen2 = w.op("load", (claim, w.const(1, i32)), i32, (("volatile", 1),), hint="seen")
     halted = w.op("load", (halt, w.const(0, i32)), i32, (("volatile", 1),), hint="halt")
@@ -148,58 +136,51 @@ def build_dispatcher(handlers: list[Handler], ring_slots: int) -> Kernel:
                                  boolean), w.const(1, i32), w.const(0, i32)), i32)
     w.op("store", (shared, w.const(0, i32), t))
     w.op("store", (shared, w.const(1, i32), quit_))
-    w.ops.append(Op("yield"))
 
-    loop = _Builder(names, loc)
-    loop.ops.append(Op("if", (is0,), (), (), (Block((), tuple(w.ops)), Block((), (Op("yield"),)))))
+    loop = b.child()
+    loop.if_(is0, w)
     loop.op("barrier")
     task = loop.op("load", (shared, loop.const(0, i32)), i32, hint="task")
     q = loop.op("load", (shared, loop.const(1, i32)), i32, hint="quit")
 
-    run = _Builder(names, loc)
+    run = loop.child()
     slot = run.op("rem", (task, run.const(ring_slots, i32)), i32, hint="slot")
     base = run.op("mul", (slot, run.const(RECORD_WORDS, i32)), i32, hint="base")
     # the first RECORD_WORDS work-items read one word each: one bus transaction for the record
-    copy = _Builder(names, loc)
+    copy = run.child()
     word = copy.op("load", (ring, copy.op("add", (base, lid), i32)), i32, (("volatile", 1),))
     copy.op("store", (shared, copy.op("add", (lid, copy.const(2, i32)), i32), word))
-    copy.ops.append(Op("yield"))
-    reader = run.op("lt", (lid, run.const(RECORD_WORDS, i32)), boolean)
-    run.ops.append(Op("if", (reader,), (), (), (Block((), tuple(copy.ops)), Block((), (Op("yield"),)))))
+    run.if_(run.op("lt", (lid, run.const(RECORD_WORDS, i32)), boolean), copy)
     run.op("barrier")
-    field_ = lambda bld, n: bld.op("load", (shared, bld.const(2 + n, i32)), i32)  # noqa: E731
-    op_id = field_(run, 0)
-    first, count, total = field_(run, 1), field_(run, 2), field_(run, 3)
+    field_ = lambda n: run.op("load", (shared, run.const(2 + n, i32)), i32)  # noqa: E731
+    op_id = field_(0)
+    first, count, total = field_(1), field_(2), field_(3)
     end = run.op("add", (first, count), i32)
-    run.ops.extend(_dispatch_chain(handlers, 0, op_id, first, end, total, shared, names))
+    _dispatch_chain(run, handlers, 0, op_id, first, end, total, shared)
     run.op("barrier")
-    fin = _Builder(names, loc)
+    fin = run.child()
     fin.op("fence")   # release: the task's results before its completion mark
     fin.op("store", (done, slot, fin.op("add", (task, fin.const(1, i32)), i32)))
-    fin.ops.append(Op("yield"))
-    run.ops.append(Op("if", (is0,), (), (), (Block((), tuple(fin.ops)), Block((), (Op("yield"),)))))
-    run.ops.append(Op("yield"))
-    go = loop.op("eq", (q, loop.const(0, i32)), boolean)
-    loop.ops.append(Op("if", (go,), (), (), (Block((), tuple(run.ops)), Block((), (Op("yield"),)))))
-    loop.ops.append(Op("yield", (q,)))
+    run.if_(is0, fin)
+    loop.if_(loop.op("eq", (q, loop.const(0, i32)), boolean), run)
+    loop.yield_(q)
 
-    qa = names.fresh("quit", i32)
-    before = Block((qa,), (Op("eq", (qa, zero), (cont := names.fresh("go", boolean),)),
-                           Op("condition", (cont,))))
-    b.ops.append(Op("while", (zero,), (), (), (before, Block((), tuple(loop.ops)))))
-    b.ops.append(Op("return"))
+    before = b.child()
+    qa = b.names.value("quit", i32)
+    before.condition(before.op("eq", (qa, zero), boolean, hint="go"))
+    b.emit("while", (zero,), regions=(before.region((qa,)), loop.region()))
+    b.return_()
     kernel = Kernel("persistent_dispatch", tuple(params), Block((), tuple(b.ops)))
     verify_kernel(kernel)
     return kernel
 
 
-def _dispatch_chain(handlers, k, op_id, first, end, total, record, names) -> list[Op]:
+def _dispatch_chain(b: IRBuilder, handlers, k, op_id, first, end, total, record):
     """if op == k: handler k over its groups; else the rest of the chain."""
     if k == len(handlers):
-        return []
-    b = _Builder(names, None)
+        return
     is_k = b.op("eq", (op_id, b.const(k, i32)), boolean)
-    then = _Builder(names, None)
+    then = b.child()
     h = handlers[k]
     word = HEADER_WORDS
     for p in h.scalars:
@@ -211,64 +192,66 @@ def _dispatch_chain(handlers, k, op_id, first, end, total, record, names) -> lis
             lo64 = then.op("cast", (then.op("bitcast", (lo,), u32),), u64)
             hi64 = then.op("cast", (then.op("bitcast", (hi,), u32),), u64)
             bits = then.op("or", (lo64, then.op("shl", (hi64, then.const(32, u64)), u64)), u64)
-            then.ops.append(Op("bitcast" if p.type != u64 else "add",
-                               (bits,) if p.type != u64 else (bits, then.const(0, u64)), (dst,)))
+            then.emit("bitcast" if p.type != u64 else "add",
+                      (bits,) if p.type != u64 else (bits, then.const(0, u64)), (dst,))
             word += 2
         else:
             if p.type == i32:
-                then.ops.append(Op("add", (lo, then.const(0, i32)), (dst,)))
+                then.emit("add", (lo, then.const(0, i32)), (dst,))
             elif p.type == boolean:
-                then.ops.append(Op("ne", (lo, then.const(0, i32)), (dst,)))
+                then.emit("ne", (lo, then.const(0, i32)), (dst,))
             else:
-                then.ops.append(Op("bitcast", (lo,), (dst,)))
+                then.emit("bitcast", (lo,), (dst,))
             word += 1
     g = Value(f"h{k}.cc.group", i32)
-    body = _inline(h.kernel, f"h{k}.", g, total, names)
-    then.ops.append(Op("for", (first, end, then.const(1, i32)), (), (),
-                       (Block((g,), tuple(body) + (Op("yield"),)),)))
-    then.ops.append(Op("yield"))
-    rest = _dispatch_chain(handlers, k + 1, op_id, first, end, total, record, names)
-    b.ops.append(Op("if", (is_k,), (), (), (Block((), tuple(then.ops)),
-                                             Block((), tuple(rest) + (Op("yield"),)))))
-    return b.ops
+    body = then.child()
+    _inline(body, h.kernel, f"h{k}.", g, total)
+    then.emit("for", (first, end, then.const(1, i32)), regions=(body.region((g,)),))
+    rest = b.child()
+    _dispatch_chain(rest, handlers, k + 1, op_id, first, end, total, record)
+    b.if_(is_k, then, rest)
 
 
-def _inline(kernel: Kernel, prefix: str, g: Value, total: Value, names) -> list[Op]:
-    """The handler's body for virtual group g: values renamed, ids rebuilt from g."""
+def _inline(b: IRBuilder, kernel: Kernel, prefix: str, g: Value, total: Value):
+    """Appends the handler's body for virtual group g: values renamed, ids rebuilt from g."""
     def rv(v: Value) -> Value:
         return Value(prefix + v.name, v.type)
 
     def block(blk: Block) -> Block:
-        out = []
+        inner = b.child()
         for op in blk.ops:
-            out.extend(rewrite(op))
-        return Block(tuple(rv(a) for a in blk.args), tuple(out))
+            rewrite(inner, op)
+        return Block(tuple(rv(a) for a in blk.args), tuple(inner.ops))
 
-    def rewrite(op: Op) -> list[Op]:
-        if op.name in _IDS:
-            r, d = rv(op.result), op.attr("dim")
-            b = _Builder(names, op.loc)
-            if op.name == "local_id" or op.name == "local_size":
-                return [Op(op.name, (), (r,), op.attrs, loc=op.loc)]
-            if d != 0:
-                return [Op("const", (), (r,), (("value", 1 if "size" in op.name or
-                                                 op.name == "num_groups" else 0),), loc=op.loc)]
-            if op.name == "group_id":
-                b.ops.append(Op("add", (g, b.const(0, i32)), (r,), loc=op.loc))
-            elif op.name == "num_groups":
-                b.ops.append(Op("add", (total, b.const(0, i32)), (r,), loc=op.loc))
+    def rewrite(into: IRBuilder, op: Op):
+        if op.name not in _IDS:
+            into.ops.append(Op(op.name, tuple(rv(v) for v in op.operands),
+                            tuple(rv(v) for v in op.results), op.attrs,
+                            tuple(block(r) for r in op.regions), op.loc))
+            return
+        r, d = rv(op.result), op.attr("dim")
+        b = into.child(op.loc)
+        if op.name in ("local_id", "local_size"):
+            b.emit(op.name, (), (r,), op.attrs)
+        elif d != 0:
+            b.emit("const", (), (r,), (("value", 1 if "size" in op.name or op.name == "num_groups"
+                                         else 0),))
+        elif op.name == "group_id":
+            b.emit("add", (g, b.const(0, i32)), (r,))
+        elif op.name == "num_groups":
+            b.emit("add", (total, b.const(0, i32)), (r,))
+        else:
+            size = b.op("local_size", (), i32, (("dim", 0),))
+            if op.name == "global_size":
+                b.emit("mul", (total, size), (r,))
             else:
-                size = b.op("local_size", (), i32, (("dim", 0),))
-                if op.name == "global_size":
-                    b.ops.append(Op("mul", (total, size), (r,), loc=op.loc))
-                else:
-                    lid = b.op("local_id", (), i32, (("dim", 0),))
-                    b.ops.append(Op("add", (b.op("mul", (g, size), i32), lid), (r,), loc=op.loc))
-            return b.ops
-        return [Op(op.name, tuple(rv(v) for v in op.operands), tuple(rv(v) for v in op.results),
-                   op.attrs, tuple(block(r) for r in op.regions), op.loc)]
-    ops = block(kernel.body).ops
-    return list(ops[:-1] if ops and ops[-1].name == "return" else ops)
+                lid = b.op("local_id", (), i32, (("dim", 0),))
+                b.emit("add", (b.op("mul", (g, size), i32), lid), (r,))
+        into.ops.extend(b.ops)
+
+    ops = kernel.body.ops
+    for op in (ops[:-1] if ops and ops[-1].name == "return" else ops):
+        rewrite(b, op)
 
 
 # ---- the host side ---------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 from functools import lru_cache
 
-from concordia_ir.errors import BackendUnavailable, ConcordiaError
+from concordia_ir.errors import BackendUnavailable, CompileError, ConcordiaError
 
 OPENCL_OPTIONS = ("-cl-fp32-correctly-rounded-divide-sqrt",)
 CUDA_OPTIONS = ("--fmad=false", "--prec-div=true", "--prec-sqrt=true", "--ftz=false")
@@ -20,10 +20,6 @@ HIP_OPTIONS = ("-x", "hip", "-nogpulib", "-nogpuinc", "--cuda-device-only",
                "--no-gpu-bundle-output", "-O3", "-ffp-contract=off", "-fno-fast-math")
 HIP_CLANG_CANDIDATES = ("clang++-21", "clang++-20", "clang++-19", "clang++-18",
                         "/opt/rocm/llvm/bin/clang++", "clang++")
-
-
-class CompileError(ConcordiaError):
-    """The generated source did not compile: a bug in a lowering, reported with the log."""
 
 
 # ---- CUDA through NVRTC -----------------------------------------------------------------------

@@ -13,7 +13,9 @@ import re
 
 import jinja2
 
-from concordia_ir.ops import BITWISE, BUILTINS, COMPARE, Block, Kernel, Op, Value
+from concordia_ir.errors import CompileError, where
+from concordia_ir.opdefs import ATOMICS, BUILTINS, COMPARE
+from concordia_ir.ops import Block, Kernel, Op, Value
 from concordia_ir.printer import float_from_bits
 from concordia_ir.types import PtrType, ScalarType, boolean, f32, i32, u32, u64
 
@@ -30,7 +32,7 @@ operator private public namespace using kernel global local constant private hal
 uint ulong min max abs sqrt floor ceil fma fmod select barrier dot clamp mix sign exp log pow
 threadIdx blockIdx blockDim gridDim warpSize""".split())
 
-_INFIX = {"add": "+", "sub": "-", "mul": "*", "and": "&", "or": "|", "xor": "^",
+_INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "and": "&", "or": "|", "xor": "^",
           "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 _UNSIGNED = {"i32": u32, "u32": u32, "i64": u64, "u64": u64}
 
@@ -144,6 +146,8 @@ class CStyleRenderer:
         for tgt, tmp in zip(targets, temps):
             self.emit(indent, f"{tgt} = {tmp};", op)
 
+    code_for_op: dict = {}   # CODE_FOR_OP, set below the class; a subclass may extend a copy
+
     def op_value(self, op: Op, indent: int):
         self.define(indent, op, self.expr(op))
 
@@ -234,73 +238,73 @@ class CStyleRenderer:
         self.block(before, indent + 1, on_condition)
         self.emit(indent, "}")
 
-    # -- expressions
+    # -- expressions: each op is spelled by its entry in CODE_FOR_OP (below the class)
     def expr(self, op: Op) -> str:
-        name, ins = op.name, [self.cname(v) for v in op.operands]
+        spell = self.code_for_op.get(op.name)
+        if spell is None:
+            types = ", ".join(str(v.type) for v in op.operands) or "no operands"
+            raise CompileError(f"{where(op.where)}the {self.d.name} renderer has no spelling for "
+                               f"op '{op.name}' on ({types})")
+        ins = [self.cname(v) for v in op.operands]
         t = op.operands[-1].type if op.operands else op.results[0].type
-        if name == "const":
-            self.consts[op.results[0].name] = op.attr("value")
-            return self.literal(op)
-        if name in BUILTINS:
-            return self.d.ids[name][op.attr("dim")]
-        if name == "load":
-            p, idx = ins
-            elem = op.operands[0].type.elem
-            if op.attr("volatile"):   # a poll of memory the host writes while the kernel runs
-                space = self.d.global_ptr if self.spaces.get(op.operands[0].name) == "global" else ""
-                p = f"((volatile {space}{self.storage(elem)}*){p})"
-            return f"({p}[{idx}] != 0)" if elem == boolean else f"{p}[{idx}]"
-        if name.startswith("atomic_"):
-            return self.atomic(op, ins)
-        if name in COMPARE:
-            return f"({ins[0]} {_INFIX[name]} {ins[1]})"
-        if name == "select":
-            return f"({ins[0]} ? {ins[1]} : {ins[2]})"
-        if name == "cast":
-            return self.cast(op.operands[0].type, op.results[0].type, ins[0])
-        if name == "bitcast":
-            return self.bits(op.operands[0].type, op.results[0].type, ins[0])
-        if t.is_float:
-            return self.float_expr(name, t, ins)
-        return self.int_expr(name, t, ins)
+        return spell(self, op, ins, t)
 
-    def int_expr(self, name: str, t: ScalarType, ins: list[str]) -> str:
-        c = self.ctype(t)
-        if t == boolean:
-            return f"(!{ins[0]})" if name == "not" else f"({ins[0]} {_INFIX[name]} {ins[1]})"
+    def const_expr(self, op: Op, ins, t) -> str:
+        self.consts[op.results[0].name] = op.attr("value")
+        return self.literal(op)
+
+    def load_expr(self, op: Op, ins, t) -> str:
+        p, idx = ins
+        elem = op.operands[0].type.elem
+        if op.attr("volatile"):   # a poll of memory the host writes while the kernel runs
+            space = self.d.global_ptr if self.spaces.get(op.operands[0].name) == "global" else ""
+            p = f"((volatile {space}{self.storage(elem)}*){p})"
+        return f"({p}[{idx}] != 0)" if elem == boolean else f"{p}[{idx}]"
+
+    def arith(self, op: Op, ins, t) -> str:
+        """add, sub, mul, div, rem, min, max, neg, abs: integers through the unsigned type
+        (wraparound is defined) and helpers; floats natively or through helpers."""
+        name, c = op.name, self.ctype(t)
+        if t.is_float:
+            if name in ("add", "sub", "mul", "div"):
+                return f"({ins[0]} {_INFIX[name]} {ins[1]})"
+            if name == "neg":
+                return f"(-{ins[0]})"
+            if name in ("min", "max"):
+                self.helper(f"float_{name}", t, t=t.name, c=c)
+                return f"cc_{name}_{t.name}({ins[0]}, {ins[1]})"
+            return self.math_call(op, ins, t)
         u = self.ctype(_UNSIGNED[t.name])
         if name in ("add", "sub", "mul"):
             return f"({c})(({u}){ins[0]} {_INFIX[name]} ({u}){ins[1]})"
-        if name in BITWISE:
-            return f"({ins[0]} {_INFIX[name]} {ins[1]})"
-        if name == "shl":
-            return f"({c})(({u}){ins[0]} << ({ins[1]} & {t.bits - 1}))"
-        if name == "shr":
-            return f"({ins[0]} >> ({ins[1]} & {t.bits - 1}))"
         if name == "neg":
             return f"({c})(({u})0 - ({u}){ins[0]})"
-        if name == "not":
-            return f"(~{ins[0]})"
         if name in ("min", "max"):
             cmp = "<" if name == "min" else ">"
             return f"({ins[0]} {cmp} {ins[1]} ? {ins[0]} : {ins[1]})"
-        kind = {"div": "int_div", "rem": "int_rem", "abs": "int_abs"}[name]
-        self.helper(kind, t, t=t.name, c=c, u=u, signed=t.is_signed, min=self.int_literal(t, t.min))
+        self.helper(f"int_{name}", t, t=t.name, c=c, u=u, signed=t.is_signed,
+                    min=self.int_literal(t, t.min))
         return f"cc_{name}_{t.name}({', '.join(ins)})"
 
-    def float_expr(self, name: str, t: ScalarType, ins: list[str]) -> str:
-        if name in ("add", "sub", "mul"):
-            return f"({ins[0]} {_INFIX[name]} {ins[1]})"
-        if name == "div":
-            return f"({ins[0]} / {ins[1]})"
-        if name == "neg":
-            return f"(-{ins[0]})"
-        if name in ("min", "max"):
-            self.helper(f"float_{name}", t, t=t.name, c=self.ctype(t))
-            return f"cc_{name}_{t.name}({ins[0]}, {ins[1]})"
-        fn = {"rem": "fmod", "abs": "fabs", "sqrt": "sqrt", "floor": "floor", "ceil": "ceil",
-              "fma": "fma"}[name]
+    def bitwise(self, op: Op, ins, t) -> str:
+        if op.name == "not":
+            return f"(!{ins[0]})" if t == boolean else f"(~{ins[0]})"
+        return f"({ins[0]} {_INFIX[op.name]} {ins[1]})"
+
+    def shift(self, op: Op, ins, t) -> str:
+        if op.name == "shl":
+            c, u = self.ctype(t), self.ctype(_UNSIGNED[t.name])
+            return f"({c})(({u}){ins[0]} << ({ins[1]} & {t.bits - 1}))"
+        return f"({ins[0]} >> ({ins[1]} & {t.bits - 1}))"
+
+    def math_call(self, op: Op, ins, t) -> str:
+        fn = {"rem": "fmod", "abs": "fabs"}.get(op.name, op.name)
         return f"{self.d.math(fn, t.name)}({', '.join(ins)})"
+
+    def bit_count(self, op: Op, ins, t) -> str:
+        """popcount, clz: the dialect's intrinsic for the width, cast to the operand's type."""
+        spelled = self.d.bit_counts[f"{op.name}{t.bits}"].format(x=ins[0])
+        return f"({self.ctype(t)}){spelled}"
 
     def atomic(self, op: Op, ins: list[str]) -> str:
         p, idx = op.operands[0], ins[1]
@@ -362,6 +366,30 @@ class CStyleRenderer:
             self.helpers[name] = getattr(self.helpers_tpl, kind)(
                 dict(prefix=self.d.helper_prefix, **fields)).strip()
 
+
+
+def _infix(op: str):
+    return lambda r, o, ins, t: f"({ins[0]} {op} {ins[1]})"
+
+
+# How each op is spelled: one entry per op the C family can express (`r` is the renderer).
+CODE_FOR_OP = {
+    "const": CStyleRenderer.const_expr,
+    **{name: (lambda r, op, ins, t: r.d.ids[op.name][op.attr("dim")]) for name in BUILTINS},
+    "load": CStyleRenderer.load_expr,
+    **{name: (lambda r, op, ins, t: r.atomic(op, ins)) for name in ATOMICS},
+    **{name: _infix(_INFIX[name]) for name in COMPARE},
+    "select": lambda r, op, ins, t: f"({ins[0]} ? {ins[1]} : {ins[2]})",
+    "cast": lambda r, op, ins, t: r.cast(op.operands[0].type, op.results[0].type, ins[0]),
+    "bitcast": lambda r, op, ins, t: r.bits(op.operands[0].type, op.results[0].type, ins[0]),
+    **{name: CStyleRenderer.arith for name in ("add", "sub", "mul", "div", "rem", "min", "max",
+                                                "neg", "abs")},
+    **{name: CStyleRenderer.bitwise for name in ("and", "or", "xor", "not")},
+    "shl": CStyleRenderer.shift, "shr": CStyleRenderer.shift,
+    **{name: CStyleRenderer.math_call for name in ("sqrt", "floor", "ceil", "fma")},
+    "popcount": CStyleRenderer.bit_count, "clz": CStyleRenderer.bit_count,
+}
+CStyleRenderer.code_for_op = CODE_FOR_OP
 
 
 def _mentions_f64(t) -> bool:

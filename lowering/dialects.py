@@ -24,6 +24,8 @@ class Dialect:
     atomic_scope: dict[str, str] = field(default_factory=dict)  # address space -> {scope}
     float_fn_suffix: str = "f"            # sqrtf vs sqrt for f32
     fp64_preamble: tuple[str, ...] = ()   # added when a kernel uses f64
+    # popcount32/64, clz32/64 -> format of {x}; each must give clz(0) = the width
+    bit_counts: dict[str, str] = field(default_factory=dict)
 
     def math(self, name: str, type_name: str) -> str:
         return name + (self.float_fn_suffix if type_name == "f32" else "")
@@ -56,6 +58,8 @@ OPENCL = Dialect(
              "atomic_max": "atomic_max({p}, {v})", "atomic_xchg": "atomic_xchg({p}, {v})",
              "atomic_cas": "atomic_cmpxchg({p}, {cmp}, {v})"},
     float_fn_suffix="",
+    bit_counts={"popcount32": "popcount({x})", "popcount64": "popcount({x})",
+                "clz32": "clz({x})", "clz64": "clz({x})"},
 )
 
 CUDA = Dialect(
@@ -80,6 +84,11 @@ CUDA = Dialect(
     atomics={"atomic_add": "atomicAdd({p}, {v})", "atomic_min": "atomicMin({p}, {v})",
              "atomic_max": "atomicMax({p}, {v})", "atomic_xchg": "atomicExch({p}, {v})",
              "atomic_cas": "atomicCAS({p}, {cmp}, {v})"},
+    # CUDA's __clz(0) is 32 and __clzll(0) 64; HIP's headers define the same four (and the
+    # header-less HIP preamble below spells them with clang builtins)
+    bit_counts={"popcount32": "__popc((unsigned int)({x}))",
+                "popcount64": "__popcll((unsigned long long)({x}))",
+                "clz32": "__clz((int)({x}))", "clz64": "__clzll((long long)({x}))"},
 )
 
 # HIP as clang compiles it for AMDGPU: the hardware builtins, so that the source needs no
@@ -103,6 +112,11 @@ HIP = replace(
           for t, s in (("float", "f"), ("double", ""))
           for fn, n in (("sqrt", 1), ("floor", 1), ("ceil", 1), ("fabs", 1), ("fmod", 2),
                         ("fma", 3))),
+        "__device__ inline int __popc(unsigned int x) { return __builtin_popcount(x); }",
+        "__device__ inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }",
+        "__device__ inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned int)x); }",
+        "__device__ inline int __clzll(long long x) "
+        "{ return x == 0 ? 64 : __builtin_clzll((unsigned long long)x); }",
         "#endif",
         "#pragma clang fp contract(off)",
     ),

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import jinja2
 
-from concordia_ir.errors import ConcordiaError
+from concordia_ir.errors import TileRefusal
+from concordia_ir.opdefs import ATOMICS
 from concordia_ir.ops import Block, Kernel, Op, Value, walk
 from concordia_ir.printer import float_from_bits
 from concordia_ir.types import PtrType, ScalarType
@@ -40,10 +41,6 @@ _COMPARE = {"eq": "ttl.math.eq({a}, {b})", "ne": "ttl.math.ne({a}, {b})",
             "lt": "ttl.math.lt({a}, {b})", "gt": "ttl.math.gt({a}, {b})",
             "le": "ttl.math.max(ttl.math.lt({a}, {b}), ttl.math.eq({a}, {b}))",
             "ge": "ttl.math.max(ttl.math.gt({a}, {b}), ttl.math.eq({a}, {b}))"}
-
-
-class TileRefusal(ConcordiaError):
-    """The tile tier cannot express this kernel; the message names the op and its line."""
 
 
 @dataclass(frozen=True)
@@ -215,17 +212,7 @@ class TileLowering:
         return None
 
     def why_not(self, op: Op) -> str:
-        return {"while": "a loop whose trip count depends on data",
-                "barrier": "work-group barriers have no tile form",
-                "local_alloc": "local memory has no tile form",
-                "safepoint": "safepoints run on the scalar tier",
-                "bitcast": "tiles have no in-kernel bit reinterpretation",
-                "and": "tiles have no bitwise ops", "or": "tiles have no bitwise ops",
-                "xor": "tiles have no bitwise ops", "not": "tiles have no bitwise ops",
-                "shl": "tiles have no shifts", "shr": "tiles have no shifts",
-                "fma": "tiles round a*b before adding c (no fused multiply-add)",
-                }.get(op.name, "no tile form" if not op.name.startswith("atomic")
-                      else "atomics have no tile form")
+        return _NO_TILE_FORM.get(op.name, "no tile form")
 
     def dtype_of(self, name: str) -> str:
         for t in self.env.values():
@@ -519,6 +506,25 @@ class TileLowering:
         out = {name: True for name in needed}
         out["__lines__"] = keep
         return out
+
+
+# Why each op without an op_ method above runs on the scalar tier (tests/test_opdefs.py checks
+# that every declared op is either lowered or explained here).
+_NO_TILE_FORM = {
+    "while": "a loop whose trip count depends on data",
+    "barrier": "work-group barriers have no tile form",
+    "local_alloc": "local memory has no tile form",
+    "safepoint": "safepoints run on the scalar tier",
+    "fence": "tiles have no memory fence",
+    "bitcast": "tiles have no in-kernel bit reinterpretation",
+    **dict.fromkeys(("and", "or", "xor", "not"), "tiles have no bitwise ops"),
+    **dict.fromkeys(("shl", "shr"), "tiles have no shifts"),
+    **dict.fromkeys(("popcount", "clz"), "tiles have no bit counting"),
+    **dict.fromkeys(("local_id", "group_id", "local_size", "num_groups"),
+                    "tiles see one flat grid: work-group ids and sizes have no tile form"),
+    **dict.fromkeys(ATOMICS, "atomics have no tile form"),
+    "fma": "tiles round a*b before adding c (no fused multiply-add)",
+}
 
 
 def plan_tiles(kernel: Kernel) -> TileProgram:

@@ -53,6 +53,11 @@ METALIUM = _MetaliumDialect(**{**CUDA.__dict__, **dict(
     barrier="/* barrier: the group's lane loop ends here */",
     fence='__asm__ __volatile__("" ::: "memory");',   # one core, in order: a compiler fence
     atomics={},
+    # a RISC-V core (and the host build) through GCC/clang builtins, which leave clz(0) undefined
+    bit_counts={"popcount32": "__builtin_popcount((unsigned int)({x}))",
+                "popcount64": "__builtin_popcountll((unsigned long long)({x}))",
+                "clz32": "(({x}) == 0 ? 32 : __builtin_clz((unsigned int)({x})))",
+                "clz64": "(({x}) == 0 ? 64 : __builtin_clzll((unsigned long long)({x})))"},
 )})
 
 LAUNCH_WORDS = 8   # runtime args before the kernel's own: sizes, first group, group count

@@ -12,7 +12,10 @@ import numpy as np
 from concordia_ir import (Ptr, atomic_add, atomic_cas, atomic_max, atomic_min, atomic_xchg,
                           barrier, f32, f64, global_id, group_id, i32, i64, kernel, local_array,
                           local_id, local_size, safepoint, sqrt, u32)
-from concordia_ir.ops import ARITH, BITWISE, SHIFT, Block, Kernel, Op, Value
+from concordia_ir.builtins import clz, popcount
+from concordia_ir.builder import IRBuilder, Names
+from concordia_ir.opdefs import COMPARE, names
+from concordia_ir.ops import Block, Kernel, Value
 from concordia_ir.types import SCALARS, PtrType, ScalarType, boolean, u64
 
 
@@ -72,13 +75,12 @@ def _elementwise(name: str, op: str, in_types: list[ScalarType], out: ScalarType
                  attrs=()) -> Kernel:
     params = tuple(Value(f"in{i}", PtrType(t)) for i, t in enumerate(in_types)) + \
         (Value("out", PtrType(out)),)
-    gid = Value("gid", i32)
-    loaded = [Value(f"x{i}", t) for i, t in enumerate(in_types)]
-    r = Value("r", out)
-    ops = [Op("global_id", (), (gid,), (("dim", 0),))]
-    ops += [Op("load", (p, gid), (x,)) for p, x in zip(params, loaded)]
-    ops += [Op(op, tuple(loaded), (r,), attrs), Op("store", (params[-1], gid, r)), Op("return")]
-    return Kernel(name, params, Block((), tuple(ops)))
+    b = IRBuilder(Names(taken={p.name for p in params}))
+    gid = b.op("global_id", (), i32, (("dim", 0),), hint="gid")
+    loaded = [b.op("load", (p, gid), t, hint=f"x{i}") for i, (p, t) in enumerate(zip(params, in_types))]
+    b.op("store", (params[-1], gid, b.op(op, tuple(loaded), out, attrs, hint="r")))
+    b.return_()
+    return Kernel(name, params, Block((), tuple(b.ops)))
 
 
 def _int_types():
@@ -92,17 +94,17 @@ def _float_types():
 def generated_cases() -> list[Case]:
     cases = []
     for t in _int_types() + _float_types():
-        binops = [o for o in ARITH + BITWISE + SHIFT if t.is_int or o in ARITH]
+        binops = names("binary", t.kind)   # every op declared on this type gets a case
         for o in binops:
             cases.append(Case(f"{o}_{t}", _elementwise(f"{o}_{t}", o, [t, t], t),
                               lambda rng, t=t: [*pairs(t), np.zeros(256, t.dtype)], (256,), (64,),
                               tags=frozenset({"elementwise", "binary"})))
-        unops = ["neg", "not", "abs"] if t.is_int else ["neg", "abs", "sqrt", "floor", "ceil"]
+        unops = names("unary", t.kind)
         for o in unops:
             cases.append(Case(f"{o}_{t}", _elementwise(f"{o}_{t}", o, [t], t),
                               lambda rng, t=t: [mixed(t, 256, rng), np.zeros(256, t.dtype)],
                               (256,), (64,), tags=frozenset({"elementwise", "unary"})))
-        for o in ("eq", "ne", "lt", "le", "gt", "ge"):
+        for o in COMPARE:
             cases.append(Case(f"{o}_{t}", _elementwise(f"{o}_{t}", o, [t, t], boolean),
                               lambda rng, t=t: [*pairs(t), np.zeros(256, np.bool_)], (256,), (64,),
                               tags=frozenset({"elementwise", "compare"})))
@@ -334,6 +336,14 @@ def float_specials_mix(x: Ptr[f32], out: Ptr[f32]):
     out[i] = min(v, 0.0) + max(v * v, -v) - sqrt(abs(v)) / (v - 1.0)
 
 
+@kernel
+def bit_length_hash(x: Ptr[u32], wide: Ptr[i64], out: Ptr[i32]):
+    i = global_id(0)
+    v = x[i]
+    width = 32 - clz(v)                                 # bit length: clz(0) is 32
+    out[i] = i32(width) * 100 + i32(popcount(v ^ (v >> 3))) + i32(clz(wide[i]) - popcount(wide[i]))
+
+
 def _vadd_args(n):
     def make(rng):
         return [rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32),
@@ -403,6 +413,9 @@ def handwritten_cases() -> list[Case]:
         Case("loop_carried_swap", loop_carried_swap.kernel,
              lambda rng: [np.zeros(64, np.int32), np.int32(40)], (64,), (64,),
              tags=frozenset({"loops"})),
+        Case("bit_length_hash", bit_length_hash.kernel,
+             lambda rng: [mixed(u32, 256, rng), mixed(i64, 256, rng), np.zeros(256, np.int32)],
+             (256,), (64,), tags=frozenset({"elementwise", "bits"})),
         Case("float_specials_mix", float_specials_mix.kernel,
              lambda rng: [mixed(f32, 256, rng), np.zeros(256, np.float32)], (256,), (64,),
              tags=frozenset({"elementwise"})),

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from concordia_ir.errors import ConcordiaError, where
+from concordia_ir.builder import IRBuilder, Names
 from concordia_ir.ops import Block, Kernel, Op, Value, walk
 from concordia_ir.types import PtrType, ScalarType, boolean, i32, i64, u32, u64
 from concordia_ir.uniformity import nonuniform_values
@@ -76,15 +77,6 @@ class PausableKernel:
                 "locals": [(a.name, a.type.name, a.size, a.word) for a in self.locals]}
 
 
-class _Names:
-    def __init__(self):
-        self.n = 0
-
-    def fresh(self, hint: str, t) -> Value:
-        self.n += 1
-        return Value(f"cc.{hint}.{self.n}", t)
-
-
 def _uses(block: Block) -> set[str]:
     used = set()
     for op in walk(block):
@@ -96,20 +88,13 @@ def _has_barrier(kernel: Kernel) -> bool:
     return any(op.name == "barrier" for op in kernel.walk())
 
 
-class _Builder:
-    """Emits op sequences into a list; small helpers keep the pass readable."""
+class _Builder(IRBuilder):
+    """IRBuilder plus the context record's word layout (see the module docstring)."""
 
-    def __init__(self, names: _Names, loc):
-        self.ops: list[Op] = []
-        self.names, self.loc = names, loc
+    broadcast = None   # set while restoring group-uniform values in kernels with barriers
 
-    def op(self, name, operands=(), t=None, attrs=(), regions=(), hint="v") -> Value | None:
-        res = (self.names.fresh(hint, t),) if t is not None else ()
-        self.ops.append(Op(name, tuple(operands), res, tuple(attrs), tuple(regions), self.loc))
-        return res[0] if res else None
-
-    def const(self, value: int, t=i64) -> Value:
-        return self.op("const", (), t, (("value", value),), hint="k")
+    def child(self, loc=None) -> "_Builder":
+        return _Builder(self.names, loc if loc is not None else self.loc)
 
     def ctx_index(self, base: Value, word: int) -> Value:
         return self.op("add", (base, self.const(word)), i64, hint="at")
@@ -128,8 +113,6 @@ class _Builder:
             self.store_word(ctx, base, slot.word, self.op("cast", (v,), u32, hint="b"))
         else:
             self.store_word(ctx, base, slot.word, v if t == u32 else self.op("bitcast", (v,), u32))
-
-    broadcast = None   # set while restoring group-uniform values in kernels with barriers
 
     def load_word(self, ctx: Value, base: Value, word: int) -> Value:
         w = self.op("load", (ctx, self.ctx_index(base, word)), u32, hint="w")
@@ -160,11 +143,7 @@ def strip_mine(kernel: Kernel, chunk: int) -> Kernel:
     without one: the pause flag is then read once per chunk and the inner loop stays tight."""
     consts = {op.results[0].name: op.attr("value") for op in kernel.body.ops
               if op.name == "const" and op.results and not op.results[0].type.is_float}
-    n = [0]
-
-    def fresh(hint, t):
-        n[0] += 1
-        return Value(f"cc.{hint}.s{n[0]}", t)
+    fresh = Names.of(kernel, prefix="cc.").value
     out = []
     for op in kernel.body.ops:
         body = op.regions[0] if op.name == "for" else None
@@ -202,269 +181,296 @@ def make_pausable(kernel: Kernel, poll_every: int = POLL_EVERY_DEFAULT) -> Pausa
     loops every iteration."""
     if poll_every < 1 or poll_every & (poll_every - 1):
         raise ConcordiaError(f"poll_every must be a power of two, got {poll_every}")
-    original = kernel
-    kernel = strip_mine(kernel, poll_every)
-    names = _Names()
-    top = list(kernel.body.ops)
-    loops = {}   # safepoint id -> index of its top-level loop
-    for idx, op in enumerate(top):
-        for region in op.regions:
-            for inner in walk(region):
-                if inner.name == "safepoint":
-                    body = op.regions[0] if op.name == "for" else (op.regions[1] if op.name == "while" else None)
-                    if body is None or not body.ops or body.ops[0] is not inner:
-                        raise ConcordiaError(
-                            f"{where(inner.where)}kernel '{kernel.name}': safepoint {inner.attr('id')} "
-                            "is not at the head of a top-level loop; pausing supports safepoints in "
-                            "loops at the kernel's top level (guard with an early `return` instead "
-                            "of wrapping the loop in an `if`)")
-                    loops[inner.attr("id")] = idx
-    if not loops:
-        raise ConcordiaError(f"{where(kernel.loc)}kernel '{kernel.name}' has no safepoint(); put "
-                             "safepoint() first in a loop body to make it pausable")
-    for sp, idx in loops.items():
-        op = top[idx]
-        if op.name == "while":
-            before, after = op.regions
-            cond = before.ops[-1]
-            if cond.name != "condition" or tuple(cond.operands[1:]) != before.args:
-                raise ConcordiaError(f"{where(op.where)}kernel '{kernel.name}': this while loop "
-                                     "does not forward its carried values unchanged; it cannot pause")
+    p = _Pausable(kernel, strip_mine(kernel, poll_every), poll_every)
+    entry = p.entry_kernel()
+    resumes = {sp: p.resume_kernel(sp) for sp in p.loops}
+    return PausableKernel(kernel, entry, resumes, p.slots, p.record, tuple(p.areas), p.group_words,
+                          poll_every)
 
-    barriers = _has_barrier(kernel)
-    loc = kernel.loc
-    pause = Value("cc.pause", PtrType(i32))
-    ctx = Value("cc.ctx", PtrType(u32))
-    local_ops = [op for op in top if op.name == "local_alloc"]
-    areas, gw = [], 0
-    for op in local_ops:
-        t = op.results[0].type.elem
-        words = op.attr("size") * (2 if t.bits == 64 else 1)
-        areas.append(LocalArea(op.results[0].name, t, op.attr("size"), gw))
-        gw += words
 
-    # live values at each safepoint: loop state + top-level values used in or after the loop
-    slots, record = {}, HEADER_WORDS
-    params = {p.name for p in kernel.params}
-    for sp, idx in loops.items():
-        loop = top[idx]
-        # the loop's start and initial carried values are replaced by the saved loop state
-        kept_operands = loop.operands[0:3] if loop.name == "for" else ()   # lo: the poll stride
-        used = {v.name for v in kept_operands} | set().union(*[_uses(r) for r in loop.regions])
-        for later in top[idx + 1:]:
-            used |= {v.name for v in later.operands} | set().union(*[_uses(r) for r in later.regions])
-        live = []
-        for op in top[:idx]:
-            for r in op.results:
-                if r.name in used and r.name not in params and not isinstance(r.type, PtrType):
-                    live.append(r)
-        state = loop.regions[0].args if loop.name == "for" else loop.regions[1].args
-        out, word = [], HEADER_WORDS
-        for v in list(state) + live:
-            s = Slot(v.name, v.type, word)
-            out.append(s)
-            word += s.words
-        slots[sp] = tuple(out)
-        record = max(record, word)
+class _Pausable:
+    """The pass's parts: where the safepoints are (find_loops), what is live there and where
+    it goes in the context (layout), the poll-and-save code at each loop head, and the entry
+    and resume kernels built from them."""
 
-    # common prologue: the work-item's record base, and the group's local-area base
-    def prologue(b: _Builder):
-        d = [b.op("cast", (b.op(n, (), i32, (("dim", k),), hint=n),), i64, hint=n)
-             for k, n in ((0, "global_id"), (1, "global_id"), (2, "global_id"))]
-        s = [b.op("cast", (b.op("global_size", (), i32, (("dim", k),)),), i64) for k in (0, 1)]
-        lin = b.op("add", (d[0], b.op("mul", (s[0], b.op("add", (d[1], b.op("mul", (s[1], d[2]), i64)), i64)), i64)), i64)
-        base = b.op("mul", (lin, b.const(record)), i64, hint="rec")
-        gbase = None
-        if areas:
-            g = [b.op("cast", (b.op("group_id", (), i32, (("dim", k),)),), i64) for k in range(3)]
-            n = [b.op("cast", (b.op("num_groups", (), i32, (("dim", k),)),), i64) for k in (0, 1)]
-            glin = b.op("add", (g[0], b.op("mul", (n[0], b.op("add", (g[1], b.op("mul", (n[1], g[2]), i64)), i64)), i64)), i64)
-            items = b.op("mul", (b.op("mul", (s[0], b.op("cast", (b.op("global_size", (), i32, (("dim", 1),)),), i64)), i64),
-                                 b.op("cast", (b.op("global_size", (), i32, (("dim", 2),)),), i64)), i64)
-            gbase = b.op("add", (b.op("mul", (items, b.const(record)), i64),
-                                 b.op("mul", (glin, b.const(gw)), i64)), i64, hint="grp")
+    def __init__(self, original: Kernel, kernel: Kernel, poll_every: int):
+        self.original, self.kernel, self.poll_every = original, kernel, poll_every
+        self.top = list(kernel.body.ops)
+        self.names = Names.of(kernel, prefix="cc.")
+        self.pause = self.names.value("pause", PtrType(i32))
+        self.ctx = self.names.value("ctx", PtrType(u32))
+        self.barriers = _has_barrier(kernel)
+        self.flag_buf = self.names.value("flag", PtrType(i32, "local")) if self.barriers else None
+        self.loops = self.find_loops()
+        self.local_ops = [op for op in self.top if op.name == "local_alloc"]
+        self.areas, self.group_words = self.local_layout()
+        self.slots, self.record = self.live_layout()
+        self.params = kernel.params + (self.pause, self.ctx)
+
+    def builder(self, loc=None) -> _Builder:
+        return _Builder(self.names, loc if loc is not None else self.kernel.loc)
+
+    def fail(self, loc, msg: str):
+        raise ConcordiaError(f"{where(loc)}kernel '{self.kernel.name}'{msg}")
+
+    # -- liveness and layout
+    def find_loops(self) -> dict:
+        """safepoint id -> index of its top-level loop; refuses safepoints elsewhere."""
+        loops = {}
+        for idx, op in enumerate(self.top):
+            body = op.regions[0] if op.name == "for" else (op.regions[1] if op.name == "while" else None)
+            for inner in (x for region in op.regions for x in walk(region)):
+                if inner.name != "safepoint":
+                    continue
+                if body is None or not body.ops or body.ops[0] is not inner:
+                    self.fail(inner.where, f": safepoint {inner.attr('id')} is not at the head of a "
+                              "top-level loop; pausing supports safepoints in loops at the kernel's "
+                              "top level (guard with an early `return` instead of wrapping the "
+                              "loop in an `if`)")
+                loops[inner.attr("id")] = idx
+        if not loops:
+            self.fail(self.kernel.loc, " has no safepoint(); put safepoint() first in a loop body "
+                                       "to make it pausable")
+        for idx in loops.values():
+            op = self.top[idx]
+            if op.name == "while":
+                before = op.regions[0]
+                cond = before.ops[-1]
+                if cond.name != "condition" or tuple(cond.operands[1:]) != before.args:
+                    self.fail(op.where, ": this while loop does not forward its carried values "
+                                        "unchanged; it cannot pause")
+        return loops
+
+    def local_layout(self):
+        areas, words = [], 0
+        for op in self.local_ops:
+            t = op.results[0].type.elem
+            areas.append(LocalArea(op.results[0].name, t, op.attr("size"), words))
+            words += op.attr("size") * (2 if t.bits == 64 else 1)
+        return areas, words
+
+    def live_layout(self):
+        """Live values at each safepoint (loop state, then top-level values used in or after
+        the loop) and their words in the record."""
+        slots, record = {}, HEADER_WORDS
+        params = {p.name for p in self.kernel.params}
+        for sp, idx in self.loops.items():
+            loop = self.top[idx]
+            # the loop's start and initial carried values are replaced by the saved loop state
+            kept_operands = loop.operands[0:3] if loop.name == "for" else ()   # lo: the poll stride
+            used = {v.name for v in kept_operands} | set().union(*[_uses(r) for r in loop.regions])
+            for later in self.top[idx + 1:]:
+                used |= {v.name for v in later.operands} | set().union(*[_uses(r) for r in later.regions])
+            live = [r for op in self.top[:idx] for r in op.results
+                    if r.name in used and r.name not in params and not isinstance(r.type, PtrType)]
+            out, word = [], HEADER_WORDS
+            for v in list(_loop_state(loop)) + live:
+                out.append(Slot(v.name, v.type, word))
+                word += out[-1].words
+            slots[sp] = tuple(out)
+            record = max(record, word)
+        return slots, record
+
+    # -- code shared by the entry and the resume kernels
+    def prologue(self, b: _Builder):
+        """The work-item's record base, and (with local arrays) the group's area base."""
+        def lin(ids, sizes):   # x + sx * (y + sy * z), in i64
+            return b.op("add", (ids[0], b.op("mul", (sizes[0], b.op("add", (ids[1], b.op(
+                "mul", (sizes[1], ids[2]), i64)), i64)), i64)), i64)
+
+        def dim(name, k):
+            return b.op("cast", (b.op(name, (), i32, (("dim", k),), hint=name),), i64, hint=name)
+        d = [dim("global_id", k) for k in range(3)]
+        s = [dim("global_size", k) for k in range(3)]
+        base = b.op("mul", (lin(d, s), b.const(self.record)), i64, hint="rec")
+        if not self.areas:
+            return base, None
+        glin = lin([dim("group_id", k) for k in range(3)], [dim("num_groups", k) for k in (0, 1)])
+        items = b.op("mul", (b.op("mul", (s[0], s[1]), i64), s[2]), i64)
+        gbase = b.op("add", (b.op("mul", (items, b.const(self.record)), i64),
+                             b.op("mul", (glin, b.const(self.group_words)), i64)), i64, hint="grp")
         return base, gbase
 
-    def local_copy(b: _Builder, gbase: Value, to_ctx: bool):
+    def local_copy(self, b: _Builder, gbase: Value, to_ctx: bool):
         """Each work-item copies a strided share of the group's local arrays."""
         lid = b.op("local_id", (), i32, (("dim", 0),))
         lsz = b.op("local_size", (), i32, (("dim", 0),))
-        for a, op in zip(areas, local_ops):
-            arr = op.results[0]
-            iv = names.fresh("j", i32)
-            inner = _Builder(names, loc)
+        ctx = self.ctx
+        for a, op in zip(self.areas, self.local_ops):
+            if a.type.bits == 64:
+                self.fail(None, ": 64-bit local arrays cannot be paused yet")
+            arr, iv = op.results[0], self.names.value("j", i32)
+            inner = b.child()
             at = inner.op("add", (gbase, inner.op("cast", (iv,), i64)), i64)
             if a.word:
                 at = inner.op("add", (at, inner.const(a.word)), i64)
-            if a.type.bits == 64:
-                raise ConcordiaError(f"kernel '{kernel.name}': 64-bit local arrays cannot be paused yet")
             if to_ctx:
                 v = inner.op("load", (arr, iv), a.type)
                 inner.op("store", (ctx, at, v if a.type == u32 else inner.op("bitcast", (v,), u32)))
             else:
                 w = inner.op("load", (ctx, at), u32)
                 inner.op("store", (arr, iv, w if a.type == u32 else inner.op("bitcast", (w,), a.type)))
-            inner.ops.append(Op("yield", loc=loc))
-            b.ops.append(Op("for", (lid, b.const(a.size, i32), lsz), (), (), (Block((iv,), tuple(inner.ops)),), loc))
+            b.emit("for", (lid, b.const(a.size, i32), lsz), regions=(inner.region((iv,)),))
 
-    def group_uniform(b: _Builder, v: Value, at) -> Value:
+    def group_uniform(self, b: _Builder, v: Value) -> Value:
         """Work-item 0's value of v, for the whole group (so that all of it pauses or none)."""
         lid0 = b.op("eq", (b.op("local_id", (), i32, (("dim", 0),)), b.const(0, i32)), boolean)
-        then = _Builder(names, at)
-        then.op("store", (flag_buf, then.const(0, i32), v))
-        then.ops.append(Op("yield", loc=at))
-        b.ops.append(Op("if", (lid0,), (), (), (Block((), tuple(then.ops)),
-                                                 Block((), (Op("yield", loc=at),))), at))
+        then = b.child()
+        then.op("store", (self.flag_buf, then.const(0, i32), v))
+        b.if_(lid0, then)
         b.op("barrier")
-        out = b.op("load", (flag_buf, b.const(0, i32)), i32)
+        out = b.op("load", (self.flag_buf, b.const(0, i32)), i32)
         b.op("barrier")
         return out
 
-    def poll_and_save(sp: int, loop: Op, base: Value, gbase: Value | None) -> list[Op]:
-        out = _Builder(names, loop.loc)
-        b = _Builder(names, loop.loc)
-        f = b.op("load", (pause, b.const(0, i32)), i32, (("volatile", 1),))
-        if barriers:
-            f = group_uniform(b, f, loop.loc)
-        c = b.op("ne", (f, b.const(0, i32)), boolean)
-        # A resumed work-item runs at least one iteration before it pauses again: its resume
-        # entry marks word 1 FRESH, and the first poll that sees the flag clears the mark.
-        check = _Builder(names, loop.loc)
-        fresh = check.op("eq", (check.load_word(ctx, base, 1), check.const(FRESH, u32)), boolean)
-        clear = _Builder(names, loop.loc)
-        clear.store_word(ctx, base, 1, clear.const(0, u32))
-        clear.ops.append(Op("yield", loc=loop.loc))
-        check.ops.append(Op("if", (fresh,), (), (), (Block((), tuple(clear.ops)),
-                                                      Block((), (Op("yield", loc=loop.loc),))), loop.loc))
-        check.ops.append(Op("yield", (check.op("not", (fresh,), boolean),), loc=loop.loc))
-        no = _Builder(names, loop.loc)
-        no.ops.append(Op("yield", (no.op("const", (), boolean, (("value", 0),)),), loc=loop.loc))
-        c = names.fresh("pause_now", boolean)
-        b.ops.append(Op("if", (b.ops[-1].results[0],), (c,), (), (Block((), tuple(check.ops)),
-                                                                  Block((), tuple(no.ops))), loop.loc))
-        if barriers:
-            c = b.op("ne", (group_uniform(b, b.op("cast", (c,), i32), loop.loc), b.const(0, i32)), boolean)
-        if loop.name == "for" and poll_every > 1 and not loop.attr("chunk"):
+    def pause_requested(self, b: _Builder, loop: Op, base: Value) -> Value:
+        """Reads the flag: true when a pause is asked for and this work-item is not fresh from
+        a resume (a resumed work-item runs at least one iteration before it pauses again: its
+        resume entry marks word 1 FRESH, and the first poll that sees the flag clears it)."""
+        f = b.op("load", (self.pause, b.const(0, i32)), i32, (("volatile", 1),))
+        if self.barriers:
+            f = self.group_uniform(b, f)
+        asked = b.op("ne", (f, b.const(0, i32)), boolean)
+        check = b.child()
+        fresh = check.op("eq", (check.load_word(self.ctx, base, 1), check.const(FRESH, u32)), boolean)
+        clear = check.child()
+        clear.store_word(self.ctx, base, 1, clear.const(0, u32))
+        check.if_(fresh, clear)
+        check.yield_(check.op("not", (fresh,), boolean))
+        no = b.child()
+        no.yield_(no.const(0, boolean))
+        c, = b.if_(asked, check, no, (self.names.value("pause_now", boolean),))
+        if self.barriers:
+            c = b.op("ne", (self.group_uniform(b, b.op("cast", (c,), i32)), b.const(0, i32)), boolean)
+        return c
+
+    def poll_and_save(self, sp: int, loop: Op, base: Value, gbase: Value | None) -> list[Op]:
+        out, poll = self.builder(loop.loc), self.builder(loop.loc)
+        c = self.pause_requested(poll, loop, base)
+        if loop.name == "for" and self.poll_every > 1 and not loop.attr("chunk"):
             # The flag lives where the host can write it while the kernel runs: reading it costs
             # a trip to L2 or further. Counted loops read it every `poll_every` iterations.
             iv, lo = loop.regions[0].args[0], loop.operands[0]
             t = iv.type
-            k = out.op("and", (out.op("sub", (iv, lo), t), out.op("const", (), t, (("value", poll_every - 1),))), t)
-            due = out.op("eq", (k, out.op("const", (), t, (("value", 0),))), boolean)
-            b.ops.append(Op("yield", (c,), loc=loop.loc))
-            no = _Builder(names, loop.loc)
-            no.ops.append(Op("yield", (no.op("const", (), boolean, (("value", 0),)),), loc=loop.loc))
-            c = names.fresh("poll", boolean)
-            out.ops.append(Op("if", (due,), (c,), (), (Block((), tuple(b.ops)), Block((), tuple(no.ops))),
-                              loop.loc))
+            k = out.op("and", (out.op("sub", (iv, lo), t), out.const(self.poll_every - 1, t)), t)
+            due = out.op("eq", (k, out.const(0, t)), boolean)
+            poll.yield_(c)
+            no = out.child()
+            no.yield_(no.const(0, boolean))
+            c, = out.if_(due, poll, no, (self.names.value("poll", boolean),))
         else:
-            out.ops.extend(b.ops)
-        b = out
-        save = _Builder(names, loop.loc)
-        state = loop.regions[0].args if loop.name == "for" else loop.regions[1].args
-        values = {v.name: v for v in state}
-        for op in top:
-            for r in op.results:
-                values[r.name] = r
-        for slot in slots[sp]:
-            save.save(ctx, base, slot, values[slot.name])
-        if areas:
-            local_copy(save, gbase, to_ctx=True)
-        save.store_word(ctx, base, 1, save.const(sp, u32))
-        save.store_word(ctx, base, 0, save.const(PAUSED, u32))
-        save.ops.append(Op("return", attrs=(("paused", 1),), loc=loop.loc))
-        b.ops.append(Op("if", (c,), (), (), (Block((), tuple(save.ops)), Block((), (Op("yield", loc=loop.loc),))), loop.loc))
-        return b.ops
+            out.ops.extend(poll.ops)
+        save = out.child()
+        values = {v.name: v for v in _loop_state(loop)}
+        values.update((r.name, r) for op in self.top for r in op.results)
+        for slot in self.slots[sp]:
+            save.save(self.ctx, base, slot, values[slot.name])
+        if self.areas:
+            self.local_copy(save, gbase, to_ctx=True)
+        save.store_word(self.ctx, base, 1, save.const(sp, u32))
+        save.store_word(self.ctx, base, 0, save.const(PAUSED, u32))
+        save.return_((("paused", 1),))
+        out.if_(c, save)
+        return out.ops
 
-    flag_buf = Value("cc.flag", PtrType(i32, "local")) if barriers else None
-
-    def mark_done(block: Block, base: Value) -> Block:
+    def mark_done(self, block: Block, base: Value) -> Block:
         ops = []
         for op in block.ops:
             if op.regions:
                 op = Op(op.name, op.operands, op.results, op.attrs,
-                        tuple(mark_done(r, base) for r in op.regions), op.loc)
+                        tuple(self.mark_done(r, base) for r in op.regions), op.loc)
             if op.name == "return" and not op.attr("paused"):
-                b = _Builder(names, op.loc)
-                b.store_word(ctx, base, 0, b.const(DONE, u32))
+                b = self.builder(op.loc)
+                b.store_word(self.ctx, base, 0, b.const(DONE, u32))
                 ops.extend(b.ops)
             ops.append(op)
         return Block(block.args, tuple(ops))
 
-    def instrument_loop(loop: Op, sp: int, base, gbase) -> Op:
+    def instrument_loop(self, loop: Op, sp: int, base, gbase) -> Op:
         body_index = 0 if loop.name == "for" else 1
         body = loop.regions[body_index]
-        new_body = Block(body.args, (body.ops[0], *poll_and_save(sp, loop, base, gbase),
+        new_body = Block(body.args, (body.ops[0], *self.poll_and_save(sp, loop, base, gbase),
                                      *body.ops[1:]))
         regions = list(loop.regions)
         regions[body_index] = new_body
         return Op(loop.name, loop.operands, loop.results, loop.attrs, tuple(regions), loop.loc)
 
-    # ---- the entry kernel
-    pb = _Builder(names, loc)
-    locals_first = [op for op in top if op.name == "local_alloc"]
-    if flag_buf is not None:
-        locals_first.append(Op("local_alloc", (), (flag_buf,), (("size", 1),), loc=loc))
-    base, gbase = prologue(pb)
-    body_ops = []
-    for idx, op in enumerate(top):
-        if op.name == "local_alloc":
-            continue
-        sp = next((s for s, i in loops.items() if i == idx), None)
-        body_ops.append(instrument_loop(op, sp, base, gbase) if sp is not None else op)
-    entry_body = mark_done(Block((), tuple(locals_first + pb.ops + body_ops)), base)
-    params = kernel.params + (pause, ctx)
-    entry = _verify(Kernel(f"{kernel.name}_pausable", params, entry_body, kernel.loc), kernel)
+    # -- the kernels
+    def locals_first(self) -> list[Op]:
+        ops = list(self.local_ops)
+        if self.flag_buf is not None:
+            ops.append(Op("local_alloc", (), (self.flag_buf,), (("size", 1),), loc=self.kernel.loc))
+        return ops
 
-    # ---- one resume entry per safepoint: restore, re-enter the loop, run the rest
-    resumes = {}
-    instrumented = [op for op in entry_body.ops]
-    start = len(locals_first) + len(pb.ops)
-    top_after_prologue = instrumented[start:]
-    kept = [op for op in top if op.name != "local_alloc"]
-    for sp, idx in loops.items():
-        rb = _Builder(names, loc)
-        rbase, rgbase = prologue(rb)
+    def entry_kernel(self) -> Kernel:
+        pb = self.builder()
+        self.base, self.gbase = self.prologue(pb)
+        at_loop = {i: s for s, i in self.loops.items()}
+        self.body_ops = [self.instrument_loop(op, at_loop[i], self.base, self.gbase)
+                         if i in at_loop else op
+                         for i, op in enumerate(self.top) if op.name != "local_alloc"]
+        body = self.mark_done(Block((), tuple(self.locals_first() + pb.ops + self.body_ops)), self.base)
+        self.body_ops = list(body.ops[len(self.locals_first()) + len(pb.ops):])
+        return self.verified(Kernel(f"{self.kernel.name}_pausable", self.params, body, self.kernel.loc))
+
+    def resume_kernel(self, sp: int) -> Kernel:
+        """Restore, re-enter the loop of safepoint sp, run the rest of the kernel."""
+        idx, loc, ctx = self.loops[sp], self.kernel.loc, self.ctx
+        rb = self.builder()
+        rbase, rgbase = self.prologue(rb)
         # only work-items paused at this safepoint continue
-        st = rb.load_word(ctx, rbase, 0)
-        which = rb.load_word(ctx, rbase, 1)
-        mine = rb.op("and", (rb.op("eq", (st, rb.const(PAUSED, u32)), boolean),
-                              rb.op("eq", (which, rb.const(sp, u32)), boolean)), boolean)
-        if barriers:   # a group pauses as a whole: decide for it as a whole
-            m = group_uniform(rb, rb.op("cast", (mine,), i32), loc)
+        mine = rb.op("and", (rb.op("eq", (rb.load_word(ctx, rbase, 0), rb.const(PAUSED, u32)), boolean),
+                             rb.op("eq", (rb.load_word(ctx, rbase, 1), rb.const(sp, u32)), boolean)),
+                     boolean)
+        if self.barriers:   # a group pauses as a whole: decide for it as a whole
+            m = self.group_uniform(rb, rb.op("cast", (mine,), i32))
             mine = rb.op("ne", (m, rb.const(0, i32)), boolean)
-        other = rb.op("not", (mine,), boolean)
-        rb.ops.append(Op("if", (other,), (), (), (Block((), (Op("return", loc=loc),)),
-                                                  Block((), (Op("yield", loc=loc),))), loc))
+        leave = rb.child()
+        leave.return_()
+        rb.if_(rb.op("not", (mine,), boolean), leave)
         rb.store_word(ctx, rbase, 0, rb.const(RUNNING, u32))
         rb.store_word(ctx, rbase, 1, rb.const(FRESH, u32))
-        if areas:
-            local_copy(rb, rgbase, to_ctx=False)
+        if self.areas:
+            self.local_copy(rb, rgbase, to_ctx=False)
             rb.op("barrier")
-        loop_pos = kept.index(top[idx])
-        state = top[idx].regions[0].args if top[idx].name == "for" else top[idx].regions[1].args
-        varying = nonuniform_values(kernel) if barriers else set()
-        for slot in slots[sp]:
-            if barriers and slot.name not in varying:
-                # the whole group holds this value: take work-item 0's, so that the verifier
-                # (and the hardware) see loop bounds that are the same across the group
-                rb.broadcast = lambda w: rb.op("bitcast", (group_uniform(
-                    rb, rb.op("bitcast", (w,), i32), loc),), u32)
-            rb.restore(ctx, rbase, slot, _restored_name(slot.name, state))
-            rb.broadcast = None
-        restored = {s.name: Value(_restored_name(s.name, state), s.type) for s in slots[sp]}
-        loop = instrument_loop(top[idx], sp, rbase, rgbase)
+        original_loop = self.top[idx]
+        state = _loop_state(original_loop)
+        self.restore_slots(rb, sp, rbase, state)
+        restored = {s.name: Value(_restored_name(s.name, state), s.type) for s in self.slots[sp]}
+        loop = self.instrument_loop(original_loop, sp, rbase, rgbase)
         if loop.name == "for":
-            lo, hi, step = loop.operands[:3]
+            hi, step = loop.operands[1:3]
             ops_in = (restored[state[0].name], hi, step) + tuple(restored[a.name] for a in state[1:])
         else:
             ops_in = tuple(restored[a.name] for a in state)
         resumed_loop = Op(loop.name, ops_in, loop.results, loop.attrs, loop.regions, loop.loc)
-        rest = top_after_prologue[loop_pos + 1:]
-        rbody = Block((), tuple(locals_first + rb.ops + [resumed_loop] + rest))
-        rbody = _rename_prologue(rbody, base, rbase, gbase, rgbase)
-        resumes[sp] = _verify(Kernel(f"{kernel.name}_resume{sp}", params, rbody, kernel.loc), kernel)
-    return PausableKernel(original, entry, resumes, slots, record, tuple(areas), gw, poll_every)
+        kept = [op for op in self.top if op.name != "local_alloc"]
+        rest = self.body_ops[kept.index(original_loop) + 1:]
+        body = Block((), tuple(self.locals_first() + rb.ops + [resumed_loop] + rest))
+        body = _rename_prologue(body, self.base, rbase, self.gbase, rgbase)
+        return self.verified(Kernel(f"{self.kernel.name}_resume{sp}", self.params, body, loc))
+
+    def restore_slots(self, rb: _Builder, sp: int, rbase: Value, state):
+        varying = nonuniform_values(self.kernel) if self.barriers else set()
+        for slot in self.slots[sp]:
+            if self.barriers and slot.name not in varying:
+                # the whole group holds this value: take work-item 0's, so that the verifier
+                # (and the hardware) see loop bounds that are the same across the group
+                rb.broadcast = lambda w: rb.op("bitcast", (self.group_uniform(
+                    rb, rb.op("bitcast", (w,), i32)),), u32)
+            rb.restore(self.ctx, rbase, slot, _restored_name(slot.name, state))
+            rb.broadcast = None
+
+    def verified(self, k: Kernel) -> Kernel:
+        try:
+            return verify_kernel(k)
+        except ConcordiaError as e:
+            raise ConcordiaError(f"kernel '{self.original.name}' cannot be made pausable: {e}") from None
+
+
+def _loop_state(loop: Op):
+    """The values a loop carries from one iteration to the next (a for's include its iv)."""
+    return loop.regions[0].args if loop.name == "for" else loop.regions[1].args
 
 
 def _restored_name(name: str, loop_state) -> str:
@@ -487,10 +493,3 @@ def _rename_prologue(block: Block, base, rbase, gbase, rgbase) -> Block:
             ops.append(Op(op.name, operands, op.results, op.attrs, regions, op.loc))
         return Block(b.args, tuple(ops))
     return fix(block)
-
-
-def _verify(k: Kernel, original: Kernel) -> Kernel:
-    try:
-        return verify_kernel(k)
-    except ConcordiaError as e:
-        raise ConcordiaError(f"kernel '{original.name}' cannot be made pausable: {e}") from None

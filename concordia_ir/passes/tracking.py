@@ -6,19 +6,16 @@ its page's dirty flag, so that a checkpoint costs O(dirty pages) instead of O(re
 """
 from __future__ import annotations
 
-from concordia_ir.ops import ATOMICS, Block, Kernel, Op, Value
+from concordia_ir.builder import IRBuilder, Names
+from concordia_ir.opdefs import ATOMICS
+from concordia_ir.ops import Block, Kernel, Op, Value
 from concordia_ir.types import PtrType, i32, i64
 from concordia_ir.verifier import verify_kernel
 
 
 class _Instrumenter:
-    def __init__(self, flags: dict[str, Value], elems_per_page: dict[str, int]):
-        self.flags, self.epp = flags, elems_per_page
-        self.n = 0
-
-    def fresh(self, t) -> Value:
-        self.n += 1
-        return Value(f"trk.{self.n}", t)
+    def __init__(self, flags: dict[str, Value], elems_per_page: dict[str, int], names: Names):
+        self.flags, self.epp, self.names = flags, elems_per_page, names
 
     def block(self, b: Block) -> Block:
         ops = []
@@ -33,25 +30,17 @@ class _Instrumenter:
 
     def mark(self, op: Op) -> list[Op]:
         """flags[idx / elems_per_page] = 1, with a shift when the page size allows (it usually does)."""
+        b = IRBuilder(self.names, op.loc)
         ptr, idx = op.operands[0], op.operands[1]
         epp = self.epp[ptr.name]
-        out = []
         if idx.type != i64:
-            wide = self.fresh(i64)
-            out.append(Op("cast", (idx,), (wide,), loc=op.loc))
-            idx = wide
-        k = self.fresh(i64)
-        page64 = self.fresh(i64)
+            idx = b.op("cast", (idx,), i64, hint="trk")
         if epp & (epp - 1) == 0:
-            out += [Op("const", (), (k,), (("value", epp.bit_length() - 1),), loc=op.loc),
-                    Op("shr", (idx, k), (page64,), loc=op.loc)]
+            page = b.op("shr", (idx, b.const(epp.bit_length() - 1, i64, hint="trk")), i64, hint="trk")
         else:
-            out += [Op("const", (), (k,), (("value", epp),), loc=op.loc),
-                    Op("div", (idx, k), (page64,), loc=op.loc)]
-        one = self.fresh(i32)
-        out += [Op("const", (), (one,), (("value", 1),), loc=op.loc),
-                Op("store", (self.flags[ptr.name], page64, one), loc=op.loc)]
-        return out
+            page = b.op("div", (idx, b.const(epp, i64, hint="trk")), i64, hint="trk")
+        b.op("store", (self.flags[ptr.name], page, b.const(1, i32, hint="trk")))
+        return b.ops
 
 
 def instrument_stores(kernel: Kernel, elems_per_page: dict[str, int]) -> Kernel:
@@ -63,6 +52,6 @@ def instrument_stores(kernel: Kernel, elems_per_page: dict[str, int]) -> Kernel:
         if epp <= 0:
             raise ValueError("elements per page must be positive")
     flags = {n: Value(f"{n}.dirty", PtrType(i32)) for n in elems_per_page}
-    body = _Instrumenter(flags, elems_per_page).block(kernel.body)
+    body = _Instrumenter(flags, elems_per_page, Names.of(kernel)).block(kernel.body)
     out = Kernel(f"{kernel.name}_tracked", kernel.params + tuple(flags.values()), body, kernel.loc)
     return verify_kernel(out)
