@@ -14,6 +14,8 @@ from concordia.lowering import INCLUDE_DIR, render_source
 from concordia.lowering.compile import CUDA_OPTIONS, compile_cuda, nvrtc_version
 
 from .base import Availability, Backend, register_backend
+from concordia.lowering.target import Options, Target
+
 from .compiled import CompiledKernels
 
 
@@ -67,6 +69,8 @@ class CUDABackend(Backend):
 
     def __init__(self, device: str | None = None):
         super().__init__(device)
+        self._pin = None                  # the pinned bounce buffer, made on first use
+        self._mapped: dict[int, object] = {}   # device pointer -> host allocation (alloc_mapped)
         driver = _driver()
         try:
             ordinal = int(device or 0)
@@ -80,7 +84,8 @@ class CUDABackend(Backend):
         self.ctx = _check(driver.cuDevicePrimaryCtxRetain(self.dev), "cuDevicePrimaryCtxRetain")
         _check(driver.cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")
         self.arch = _arch(self.dev)
-        self.kernels = CompiledKernels(self.name, self.arch, nvrtc_version(), CUDA_OPTIONS, "cubin",
+        self.kernels = CompiledKernels(Target(self.name, self.arch),
+                                       Options(CUDA_OPTIONS, f"nvrtc {nvrtc_version()}"), "cubin",
                                        render=self.render)
 
     def render(self, kernel) -> str:
@@ -105,7 +110,7 @@ class CUDABackend(Backend):
     def _pinned(self) -> np.ndarray:
         """A page-locked bounce buffer: small copies through it take microseconds, where a
         pageable copy costs tens (what a one-page checkpoint is made of)."""
-        if getattr(self, "_pin", None) is None:
+        if self._pin is None:
             import ctypes
             ptr = _check(_driver().cuMemHostAlloc(self.PINNED_BYTES, 0), "cuMemHostAlloc")
             self._pin = np.ctypeslib.as_array((ctypes.c_uint8 * self.PINNED_BYTES).from_address(int(ptr)))
@@ -174,12 +179,11 @@ class CUDABackend(Backend):
         dptr = _check(driver.cuMemHostGetDevicePointer(host, 0), "cuMemHostGetDevicePointer")
         view = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(int(host)))
         view[:] = 0
-        self._mapped = getattr(self, "_mapped", {})
         self._mapped[int(dptr)] = host
         return dptr, view
 
     def free_mapped(self, handle):
-        host = getattr(self, "_mapped", {}).pop(int(handle), None)
+        host = self._mapped.pop(int(handle), None)
         if host is not None:
             self.activate()
             _check(_driver().cuMemFreeHost(host), "cuMemFreeHost")
@@ -256,7 +260,7 @@ class CUDABackend(Backend):
         """The loaded CUfunction of an IR kernel (compiled once, then cached)."""
         self.activate()
         return self.kernels.get(kernel, lambda src: compile_cuda(src, self.arch),
-                                lambda cubin: self._load(cubin, kernel.name))
+                                lambda cubin: self._load(cubin, kernel.name)).handle
 
     def launch(self, kernel, args, global_size, local_size):
         fn = self.compile(kernel)

@@ -10,6 +10,7 @@ import numpy as np
 
 from concordia_ir.errors import BackendUnavailable, ConcordiaError
 from concordia.lowering.compile import HIP_OPTIONS, clang_version, compile_hip, find_hip_clang
+from concordia.lowering.target import Options, Target
 
 from .base import Availability, Backend, register_backend
 from .compiled import CompiledKernels
@@ -71,8 +72,8 @@ class HIPBackend(Backend):
         _check(hip.hipSetDevice(self.ordinal), "hipSetDevice")
         props = _check(hip.hipGetDeviceProperties(self.ordinal), "hipGetDeviceProperties")
         self.arch = _arch_of(props)
-        self.kernels = CompiledKernels("hip", self.arch, clang_version(find_hip_clang()),
-                                       HIP_OPTIONS, "co")
+        self.kernels = CompiledKernels(Target("hip", self.arch),
+                                       Options(HIP_OPTIONS, clang_version(find_hip_clang())), "co")
 
     def alloc(self, nbytes: int):
         return _check(_hip().hipMalloc(nbytes), "hipMalloc")
@@ -99,7 +100,7 @@ class HIPBackend(Backend):
     def launch(self, kernel, args, global_size, local_size):
         hip = _hip()
         fn = self.kernels.get(kernel, lambda src: compile_hip(src, self.arch),
-                              lambda co: self._load(co, kernel.name))
+                              lambda co: self._load(co, kernel.name)).handle
         extra = tuple(_CTYPES[a.dtype.name](a.item()) if isinstance(a, np.generic) else a
                       for a in args)
         grid = [g // l for g, l in zip(global_size, local_size)]

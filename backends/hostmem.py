@@ -19,6 +19,11 @@ def typed(handle: np.ndarray, dtype) -> np.ndarray:
 class HostMemoryBackend(Backend):
     """Subclasses provide `_run(kernel, args, global_size, local_size)`."""
 
+    def __init__(self, device: str | None = None):
+        super().__init__(device)
+        self._thread = None   # the detached launch's thread (launch_async)
+        self._error = None    # what it raised, re-raised by synchronize()
+
     def alloc(self, nbytes: int):
         return np.zeros(max(nbytes, 1), dtype=np.uint8)
 
@@ -60,11 +65,11 @@ class HostMemoryBackend(Backend):
         self._thread.start()
 
     def synchronize(self):
-        t = getattr(self, "_thread", None)
+        t = self._thread
         if t is not None:
             t.join()
             self._thread = None
-        err = getattr(self, "_error", None)
+        err = self._error
         if err is not None:
             self._error = None
             raise err

@@ -13,6 +13,7 @@ import numpy as np
 
 from concordia_ir.errors import BackendUnavailable, ConcordiaError
 from concordia.lowering.compile import OPENCL_OPTIONS
+from concordia.lowering.target import Options, Target
 
 from .base import Availability, Backend, register_backend
 from .compiled import CompiledKernels
@@ -56,6 +57,7 @@ class OpenCLBackend(Backend):
 
     def __init__(self, device: str | None = None):
         super().__init__(device)
+        self._host_backed: dict[int, np.ndarray] = {}   # buffer address -> the host bytes under it
         import pyopencl as cl
         self.cl = cl
         self.build_log = ""   # the last program build's log (see _quiet_build)
@@ -78,7 +80,8 @@ class OpenCLBackend(Backend):
         self.ctx = cl.Context([dev])
         self.queue = cl.CommandQueue(self.ctx)
         toolchain = f"{dev.platform.version}|{dev.name}|{dev.driver_version}"
-        self.kernels = CompiledKernels("opencl", dev.name, toolchain, OPENCL_OPTIONS, "clbin")
+        self.kernels = CompiledKernels(Target("opencl", dev.name), Options(OPENCL_OPTIONS, toolchain),
+                                       "clbin")
 
     def device_info(self) -> dict:
         return {"backend": "opencl", "device": self.dev.name.strip(),
@@ -105,7 +108,6 @@ class OpenCLBackend(Backend):
         host = np.zeros(max(nbytes, 64), np.uint8)
         buf = self.cl.Buffer(self.ctx, self.cl.mem_flags.READ_WRITE | self.cl.mem_flags.USE_HOST_PTR,
                              hostbuf=host)
-        self._host_backed = getattr(self, "_host_backed", {})
         self._host_backed[buf.int_ptr] = host
         return buf
 
@@ -144,7 +146,7 @@ class OpenCLBackend(Backend):
         return Run()
 
     def write_control(self, handle, host):
-        backing = getattr(self, "_host_backed", {}).get(handle.int_ptr)
+        backing = self._host_backed.get(handle.int_ptr)
         if backing is not None:
             raw = np.ascontiguousarray(host).reshape(-1).view(np.uint8)
             backing[:raw.size] = raw
@@ -186,7 +188,7 @@ class OpenCLBackend(Backend):
     def compile(self, kernel):
         """The built cl.Kernel of an IR kernel (compiled once, then cached)."""
         return self.kernels.get(kernel, self._build,
-                                lambda binary: self.cl.Kernel(self._load(binary), kernel.name))
+                                lambda binary: self.cl.Kernel(self._load(binary), kernel.name)).handle
 
     def launch(self, kernel, args, global_size, local_size):
         knl = self.compile(kernel)

@@ -22,6 +22,8 @@ from concordia_ir.types import PtrType
 from concordia.lowering import tt_metalium
 
 from .base import Availability, register_backend
+from concordia.lowering.target import Options, Target
+
 from .compiled import CompiledKernels
 from .hostmem import HostMemoryBackend, typed
 from .tt_pages import page_compare, page_copy
@@ -32,9 +34,9 @@ class ScalarTierHost:
 
     def __init__(self):
         cxx = tt_metalium.host_compiler()
-        self.kernels = CompiledKernels("tt-metalium-host", "host", tt_metalium.toolchain_id(cxx),
-                                       tt_metalium.HOST_OPTIONS, "so",
-                                       render=tt_metalium.render_metalium)
+        self.kernels = CompiledKernels(Target("tt-metalium-host", "host"),
+                                       Options(tt_metalium.HOST_OPTIONS, tt_metalium.toolchain_id(cxx)),
+                                       "so", render=tt_metalium.render_metalium)
         self.libs: dict[str, ctypes.CDLL] = {}
 
     def load(self, binary: bytes):
@@ -59,7 +61,7 @@ class ScalarTierHost:
         return self.libs[key]
 
     def prepare(self, kernel):
-        return self.kernels.get(kernel, tt_metalium.compile_host, self.load)
+        return self.kernels.get(kernel, tt_metalium.compile_host, self.load).handle
 
     def run(self, kernel, args, global_size, local_size):
         lib = self.prepare(kernel)

@@ -9,6 +9,7 @@ import sys
 import traceback
 
 from concordia_ir.errors import ConcordiaError
+from concordia.lowering.target import STAGE_NAMES, STAGES, Target, compile_program, stage_text
 
 
 def _is_ours(filename: str) -> bool:
@@ -144,6 +145,10 @@ def cmd_compile(args) -> int:
     if not kernels:
         raise ConcordiaError(f"{args.file}: no kernel named {args.kernel!r} "
                              f"(it has {', '.join(k.name for k in m.kernels)})")
+    if args.emit in ("ir", "verified"):
+        target = Target(args.target, args.arch or "")
+        return _emit_text("\n".join(stage_text(compile_program(k, target, until=args.emit), args.emit)
+                                    for k in kernels), args.output)
     if args.target == "tt":
         return _compile_tt(args, kernels)
     if args.emit in ("tt-lang", "metalium"):
@@ -207,12 +212,9 @@ _DEFAULT_ARCH = {"cuda": "sm_90", "hip": "gfx1201", "opencl": "the default OpenC
 
 def _compile_binary(k, target: str, arch: str | None) -> bytes:
     from concordia.lowering import render_source
-    from concordia.lowering.compile import compile_cuda, compile_hip
-    if target == "cuda":
-        return compile_cuda(render_source(k, "cuda"), arch or "sm_90",
-                            emit="ptx" if (arch or "").startswith("compute_") else "cubin")
-    if target == "hip":
-        return compile_hip(render_source(k, "hip"), arch or "gfx1201")
+    if target in ("cuda", "hip"):
+        program = compile_program(k, Target(target, arch or _DEFAULT_ARCH[target]), until="binary")
+        return program.binary
     from concordia.backends.runtime import Runtime
     rt = Runtime(f"opencl:{arch}" if arch else "opencl")
     return rt.backend._build(render_source(k, "opencl"))
@@ -370,9 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--target", required=True, choices=["opencl", "cuda", "hip", "tt"])
     co.add_argument("--arch", help="sm_90 (cubin), compute_90 (PTX), gfx1201 ..., or an "
                                    "OpenCL device index")
-    co.add_argument("--emit", choices=["source", "binary", "tt-lang", "metalium"], default="source",
-                    help="tt: source = the tile tier's TT-Lang where it accepts the kernel, else "
-                         "TT-Metalium C++; tt-lang / metalium force a tier; binary = rv32im object")
+    co.add_argument("--emit", choices=[*STAGE_NAMES, "tt-lang", "metalium"], default="source",
+                    metavar="STAGE",
+                    help="the stage to dump: " + "; ".join(f"{s.name} = {s.doc}" for s in STAGES)
+                         + ". tt: source = the tile tier's TT-Lang where it accepts the kernel, "
+                         "else TT-Metalium C++; tt-lang / metalium force a tier; binary = rv32im "
+                         "object")
     co.add_argument("--kernel", help="only this kernel")
     co.add_argument("-o", "--output", help="output file (binary default: KERNEL.cubin/.co/.clbin)")
     co.set_defaults(func=cmd_compile)

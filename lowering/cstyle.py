@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from functools import lru_cache
 
 import jinja2
 
@@ -40,7 +41,7 @@ _UNSIGNED = {"i32": u32, "u32": u32, "i64": u64, "u64": u64}
 class CStyleRenderer:
     def __init__(self, dialect: Dialect):
         self.d = dialect
-        self.helpers_tpl = _ENV.get_template("helpers.j2").module
+        self.helpers_tpl = _helpers_module()
 
     # -- entry
     def render(self, kernel: Kernel) -> str:
@@ -366,6 +367,12 @@ class CStyleRenderer:
             self.helpers[name] = getattr(self.helpers_tpl, kind)(
                 dict(prefix=self.d.helper_prefix, **fields)).strip()
 
+
+
+@lru_cache(maxsize=1)
+def _helpers_module():
+    """The helper macros of templates/helpers.j2 (read-only once made: shared by renderers)."""
+    return _ENV.get_template("helpers.j2").module
 
 
 def _infix(op: str):

@@ -1,0 +1,1 @@
+refused by the tile tier: kernel nested_loops: buffer %out holds i64: Tensix tiles hold 32-bit types (64-bit types run on the scalar tier); not expressible on tiles
