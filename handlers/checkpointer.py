@@ -24,7 +24,7 @@ from concordia.backends.runtime import DeviceBuffer, _as_kernel
 
 from . import kernels as hk
 from .log import PAGE, DeltaLog, committed_image, scan_log
-from .regions import Region, check_region
+from .regions import PageStager, Region, check_region
 from concordia_ir.passes.tracking import instrument_stores
 
 MODES = ("shadow", "hash", "tracked")
@@ -54,20 +54,18 @@ class _RegionState:
         self.rt, self.region, self.mode, self.scanner = rt, region, mode, scanner
         self.native = rt.backend.page_ops(region.page_size) if mode == "shadow" else None
         n = region.n_pages
-        self.dirty = rt.empty(n, np.int32)
+        self.stager = PageStager(rt, region, STAGING_BYTES, self.native)
+        self.dirty = self.stager.pages
         self.count = rt.zeros(1, np.int32)
-        self.batch = max(1, min(n, STAGING_BYTES // region.page_size))
-        self.staging = rt.empty(self.batch * region.words_per_page, np.uint32)
         self.shadow = rt.empty(region.n_words, np.uint32) if mode == "shadow" else rt.empty(1, np.uint32)
         self.hashes = rt.zeros(2 * n, np.uint32) if mode == "hash" else None
         self.flags = rt.zeros(n, np.int32) if mode == "tracked" else None
-        self.listed: np.ndarray | None = None   # the page list the device holds right now
 
     def find_dirty(self) -> np.ndarray:
         r, rt = self.region, self.rt
         if self.native is not None:   # the backend's own form of the shadow scan (tiles)
-            self.listed = self.native.scan(r.words().handle, self.shadow.handle, r.nbytes)
-            return self.listed
+            self.stager.listed = self.native.scan(r.words().handle, self.shadow.handle, r.nbytes)
+            return self.stager.listed
         self.count.write(np.zeros(1, np.int32))
         if self.mode == "shadow":
             rt.launch(hk.page_scanner(r.words_per_page, r.n_words), global_size=r.n_pages * hk.GROUP,
@@ -83,46 +81,18 @@ class _RegionState:
             return np.asarray(self.scanner.dirty_pages(), dtype=np.int32)
         k = int(self.count.numpy()[0])
         found = self.dirty.read(k)
-        self.listed = found
+        self.stager.listed = found
         return np.sort(found)
 
     def gather(self, pages: np.ndarray):
-        """Yield (page index, bytes) for the listed pages, a staging buffer at a time."""
-        r, rt = self.region, self.rt
-        update = 1 if self.mode == "shadow" else 0
-        if self.native is not None:
-            for first in range(0, len(pages), self.batch):
-                part = pages[first:first + self.batch]
-                raw = self.native.gather(r.words().handle, self.shadow.handle, r.nbytes, part,
-                                         bool(update))
-                yield from self._split(part, raw)
-            return
-        gather = hk.page_gatherer(r.words_per_page, r.n_words)
-        self.upload(pages)
-        for first in range(0, len(pages), self.batch):
-            n = min(self.batch, len(pages) - first)
-            rt.launch(gather, global_size=n * hk.GROUP, local_size=hk.GROUP,
-                      args=(r.words(), self.shadow, self.dirty, self.staging, first, update))
-            raw = self.staging.read(n * r.words_per_page).view(np.uint8)
-            yield from self._split(pages[first:first + n], raw)
-
-    def _split(self, pages, raw):
-        r = self.region
-        for k, p in enumerate(int(x) for x in pages):
-            end = min(r.page_size, r.nbytes - p * r.page_size)
-            yield p, raw[k * r.page_size:k * r.page_size + end].tobytes()
-
-    def upload(self, pages: np.ndarray):
-        """Put the (sorted) page list on the device, unless it is there already."""
-        if self.listed is None or not np.array_equal(self.listed, pages):
-            self.dirty.write_prefix(pages.astype(np.int32))
-            self.listed = pages
+        """Yield (page index, bytes) for the listed pages (a shadow scan updates its shadow)."""
+        return self.stager.pieces(pages, self.shadow, update=self.mode == "shadow")
 
     def after_commit(self, pages: np.ndarray):
         if self.scanner is not None:
             self.scanner.committed()
         if self.mode == "tracked" and len(pages):
-            self.upload(pages)
+            self.stager.upload(pages)
             self.rt.launch(hk.flag_clearer(), global_size=-(-len(pages) // 256) * 256,
                            local_size=256, args=(self.flags, self.dirty, len(pages)))
 

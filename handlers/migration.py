@@ -32,7 +32,7 @@ from concordia_ir.types import PtrType, SCALARS
 from . import kernels as hk
 from .checkpointer import apply_image, device_digest
 from .durable import replace_atomically
-from .regions import Region
+from .regions import PageStager, Region
 from concordia_ir.passes.safepoints import DONE, PAUSED, POLL_EVERY_DEFAULT, PausableKernel, make_pausable
 
 SNAP_MAGIC = b"CCSNAP\r\n"
@@ -334,22 +334,14 @@ def read_region(runtime, buf: DeviceBuffer) -> memoryview:
     if buf.nbytes % 4:
         return memoryview(buf.numpy()).cast("B")
     region = Region(0, "r", buf, PAGE)
-    n = region.n_pages
-    pages = runtime.empty(n, np.int32)
-    pages.write(np.arange(n, dtype=np.int32))
-    batch = max(1, min(n, SNAPSHOT_STAGING // PAGE))
-    staging = runtime.empty(batch * PAGE // 4, np.uint32)
-    gather = hk.page_gatherer(PAGE // 4, region.n_words)
-    out = np.empty(n * PAGE // 4, np.uint32)
-    for first in range(0, n, batch):
-        k = min(batch, n - first)
-        # update_shadow = 0: the shadow argument is never written, the staging buffer stands in
-        runtime.launch(gather, global_size=k * hk.GROUP, local_size=hk.GROUP,
-                       args=(region.words(), staging, pages, staging, first, 0))
-        out[first * PAGE // 4:(first + k) * PAGE // 4] = staging.read(k * PAGE // 4)
-    runtime.free(pages)
-    runtime.free(staging)
-    return memoryview(out.view(np.uint8)[:buf.nbytes])
+    stager = PageStager(runtime, region, SNAPSHOT_STAGING)
+    out = np.empty(region.n_pages * PAGE, np.uint8)
+    try:
+        for part, raw in stager.batches(np.arange(region.n_pages, dtype=np.int32)):
+            out[int(part[0]) * PAGE:int(part[0]) * PAGE + raw.size] = raw
+    finally:
+        stager.free()
+    return memoryview(out[:buf.nbytes])
 
 
 def parse_snapshot(data: bytes) -> tuple[dict, bytes]:

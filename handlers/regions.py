@@ -9,6 +9,8 @@ import numpy as np
 from concordia_ir.errors import ConcordiaError
 from concordia.backends.runtime import DeviceBuffer
 
+from . import kernels as hk
+
 
 @dataclass
 class Region:
@@ -57,3 +59,54 @@ def check_region(name: str, buf, page_size: int, runtime) -> None:
                              "multiple of 4 bytes")
     if page_size < 4 or page_size % 4 or page_size & (page_size - 1):
         raise ConcordiaError(f"page_size must be a power of two >= 4 bytes, got {page_size}")
+
+
+class PageStager:
+    """The one path by which a region's pages leave the device (checkpoints and snapshots):
+    the page gatherer copies the listed pages into a device staging buffer, a batch at a time,
+    and the host reads each batch. A backend's native page ops (tiles) run instead where given."""
+
+    def __init__(self, rt, region: Region, batch_bytes: int, native=None):
+        n = region.n_pages
+        self.rt, self.region, self.native = rt, region, native
+        self.batch = max(1, min(n, batch_bytes // region.page_size))
+        self.pages = rt.empty(n, np.int32)   # the page list on the device (scanners write it too)
+        self.staging = rt.empty(self.batch * region.words_per_page, np.uint32)
+        self.listed: np.ndarray | None = None   # what self.pages holds right now
+
+    def upload(self, pages: np.ndarray):
+        """Put the (sorted) page list on the device, unless it is there already."""
+        if self.listed is None or not np.array_equal(self.listed, pages):
+            self.pages.write_prefix(pages.astype(np.int32))
+            self.listed = pages
+
+    def batches(self, pages: np.ndarray, shadow: DeviceBuffer | None = None, update: bool = False):
+        """Yield (the batch's pages, their bytes as one uint8 array, whole pages). With
+        `update`, the gatherer also copies each page into `shadow`."""
+        r = self.region
+        if self.native is not None:
+            for first in range(0, len(pages), self.batch):
+                part = pages[first:first + self.batch]
+                yield part, self.native.gather(r.words().handle, shadow.handle, r.nbytes, part, update)
+            return
+        gather = hk.page_gatherer(r.words_per_page, r.n_words)
+        self.upload(pages)
+        # without update the gatherer never writes its shadow argument: staging stands in
+        target = shadow if shadow is not None else self.staging
+        for first in range(0, len(pages), self.batch):
+            n = min(self.batch, len(pages) - first)
+            self.rt.launch(gather, global_size=n * hk.GROUP, local_size=hk.GROUP,
+                           args=(r.words(), target, self.pages, self.staging, first, int(update)))
+            yield pages[first:first + n], self.staging.read(n * r.words_per_page).view(np.uint8)
+
+    def pieces(self, pages: np.ndarray, shadow: DeviceBuffer | None = None, update: bool = False):
+        """Yield (page index, its bytes), the region's last page trimmed to its end."""
+        r = self.region
+        for part, raw in self.batches(pages, shadow, update):
+            for k, p in enumerate(int(x) for x in part):
+                end = min(r.page_size, r.nbytes - p * r.page_size)
+                yield p, raw[k * r.page_size:k * r.page_size + end].tobytes()
+
+    def free(self):
+        self.rt.free(self.pages)
+        self.rt.free(self.staging)
