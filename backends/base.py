@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from concordia_ir.errors import ConcordiaError
+
+from .dlpack import KDL_CPU, KDL_CUDA_HOST, device_text, read_dlpack
+
 
 @dataclass(frozen=True)
 class Availability:
@@ -91,7 +95,6 @@ class Backend(ABC):
     def alloc_mapped(self, nbytes: int):
         """(handle, host view): memory that the host and a running kernel both access directly,
         without copies (a task ring). Raises where the device offers no coherent mapping."""
-        from concordia_ir.errors import ConcordiaError
         raise ConcordiaError(f"backend {self.name!r} has no host-mapped memory for a task ring")
 
     def free_mapped(self, handle) -> None:
@@ -105,7 +108,6 @@ class Backend(ABC):
 
     def wrap_dlpack(self, tensor):
         """(handle, dtype, size, keepalive) for a DLPack tensor on this backend's device."""
-        from concordia_ir.errors import ConcordiaError
         raise ConcordiaError(f"backend {self.name!r} cannot wrap external memory (DLPack)")
 
     def device_info(self) -> dict:
@@ -144,8 +146,6 @@ def register_backend(name: str):
 def wrap_host_dlpack(backend: str, tensor):
     """wrap_dlpack for backends whose device memory is host memory (numpy byte arrays): any
     contiguous CPU tensor, of any dtype, is seen in place as its bytes."""
-    from concordia_ir.errors import ConcordiaError
-    from .dlpack import KDL_CPU, KDL_CUDA_HOST, device_text, read_dlpack
     view = read_dlpack(tensor)
     if view.device_type not in (KDL_CPU, KDL_CUDA_HOST):
         raise ConcordiaError(f"the {backend} backend wraps tensors in host memory; this one is on "

@@ -23,7 +23,7 @@ from concordia_ir.types import scalar_for_dtype
 from concordia.backends.runtime import DeviceBuffer, _as_kernel
 
 from . import kernels as hk
-from .log import PAGE, DeltaLog, committed_image, scan_log
+from .log import PAGE, DeltaLog, committed_image, compact, scan_log
 from .regions import PageStager, Region, check_region
 from concordia_ir.passes.tracking import instrument_stores
 
@@ -199,7 +199,6 @@ class Checkpointer:
 
     def compact(self) -> int:
         """Fold the log into one base image (crash-safe: write new, fsync, rename)."""
-        from .log import compact
         self.log.close()
         size = compact(self.path)
         self.log = DeltaLog(self.path, self.log.fsync)

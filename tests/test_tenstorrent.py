@@ -137,7 +137,8 @@ HANDLERS = [h.kernel for h in (
     handler_kernels.page_gatherer(1024, 4096), handler_kernels.page_scatterer(1024, 4096))]
 RISCV_SAMPLE = [c for c in all_cases() if c.name in (
     "div_i64", "shr_u64", "cast_f64_to_u32", "fma_f32", "sqrt_f64", "micro_gemm_128",
-    "micro_reduction", "atomic_histogram_global", "while_collatz_u32", "early_return_in_loop")]
+    "micro_reduction", "atomic_histogram_global", "while_collatz_u32", "early_return_in_loop",
+    "bit_length_hash", "clz_u64")]
 
 
 @needs_riscv
