@@ -71,6 +71,9 @@ class CUDABackend(Backend):
         super().__init__(device)
         self._pin = None                  # the pinned bounce buffer, made on first use
         self._mapped: dict[int, object] = {}   # device pointer -> host allocation (alloc_mapped)
+        self.control_stream = None        # non-blocking streams, made on first use
+        self.detached_stream = None
+        self._control_pin = None
         driver = _driver()
         try:
             ordinal = int(device or 0)
@@ -157,7 +160,7 @@ class CUDABackend(Backend):
         """Through a non-blocking stream: the legacy stream would wait for the running kernel."""
         driver = _driver()
         self.activate()
-        if getattr(self, "control_stream", None) is None:
+        if self.control_stream is None:
             self.control_stream = _check(driver.cuStreamCreate(driver.CUstream_flags.CU_STREAM_NON_BLOCKING),
                                          "cuStreamCreate")
             self._control_pin = _check(driver.cuMemHostAlloc(64, 0), "cuMemHostAlloc")
@@ -198,7 +201,7 @@ class CUDABackend(Backend):
         copies and other kernels run beside the persistent kernel."""
         driver = _driver()
         fn = self.compile(kernel)
-        if getattr(self, "detached_stream", None) is None:
+        if self.detached_stream is None:
             self.detached_stream = _check(driver.cuStreamCreate(
                 driver.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
         holders = [np.array([int(a)], np.uint64) if not isinstance(a, np.generic)

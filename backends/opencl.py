@@ -58,6 +58,8 @@ class OpenCLBackend(Backend):
     def __init__(self, device: str | None = None):
         super().__init__(device)
         self._host_backed: dict[int, np.ndarray] = {}   # buffer address -> the host bytes under it
+        self.detached_queue = None   # queues beside the main one, made on first use
+        self.control_queue = None
         import pyopencl as cl
         self.cl = cl
         self.build_log = ""   # the last program build's log (see _quiet_build)
@@ -127,7 +129,7 @@ class OpenCLBackend(Backend):
     def launch_detached(self, kernel, args, global_size, local_size):
         knl = self.compile(kernel)
         knl.set_args(*[np.uint8(a) if isinstance(a, np.bool_) else a for a in args])
-        if getattr(self, "detached_queue", None) is None:
+        if self.detached_queue is None:
             self.detached_queue = self.cl.CommandQueue(self.ctx)   # beside the main queue
         event = self.cl.enqueue_nd_range_kernel(self.detached_queue, knl, global_size, local_size)
         self.detached_queue.flush()
@@ -151,7 +153,7 @@ class OpenCLBackend(Backend):
             raw = np.ascontiguousarray(host).reshape(-1).view(np.uint8)
             backing[:raw.size] = raw
             return
-        if getattr(self, "control_queue", None) is None:
+        if self.control_queue is None:
             self.control_queue = self.cl.CommandQueue(self.ctx)   # not behind running kernels
         self.cl.enqueue_copy(self.control_queue, handle, np.ascontiguousarray(host), is_blocking=True)
 

@@ -124,18 +124,42 @@ def test_unknown_target_and_arch_are_clear():
 def test_disk_cache_compiles_once(tmp_path, monkeypatch):
     monkeypatch.setenv("CONCORDIA_CACHE_DIR", str(tmp_path))
     from concordia.backends.compiled import CompiledKernels
+    from concordia.lowering.target import Options, Target
     built = []
 
     def build(src):
         built.append(src)
         return src.encode()
     for _ in range(2):   # two backends in a row, as two processes would be
-        ck = CompiledKernels("opencl", "x", "tool-1", ("-O",), "bin")
-        assert ck.get(mul_add_f32.kernel, build, lambda b: b).startswith(b"// Generated")
+        ck = CompiledKernels(Target("opencl", "x"), Options(("-O",), "tool-1"), "bin")
+        program = ck.get(mul_add_f32.kernel, build, lambda b: ("loaded", b))
+        assert program.handle[0] == "loaded" and program.binary.startswith(b"// Generated")
     assert len(built) == 1
-    ck = CompiledKernels("opencl", "x", "tool-2", ("-O",), "bin")   # new toolchain: rebuild
-    ck.get(mul_add_f32.kernel, build, lambda b: b)
-    assert len(built) == 2
+    for target, options in ((Target("opencl", "x"), Options(("-O",), "tool-2")),   # new toolchain
+                            (Target("opencl", "x"), Options(("-O2",), "tool-1")),  # new flags
+                            (Target("opencl", "y"), Options(("-O",), "tool-1"))):  # new device
+        CompiledKernels(target, options, "bin").get(mul_add_f32.kernel, build, lambda b: b)
+    assert len(built) == 4
+
+
+def test_compile_program_keeps_every_stage_and_refuses_unknown_ones():
+    from concordia_ir import ConcordiaError
+    from concordia.lowering.target import STAGE_NAMES, Target, compile_program
+    assert STAGE_NAMES == ("ir", "verified", "source", "binary")
+    program = compile_program(mul_add_f32.kernel, Target("opencl", "any"), until="source")
+    assert list(program.artefacts) == ["ir", "verified", "source"]
+    assert program.source == render_source(mul_add_f32.kernel, "opencl")
+    assert "-cl-fp32-correctly-rounded-divide-sqrt" in program.options.flags
+    with pytest.raises(ConcordiaError, match="unknown stage 'asm'; the stages are ir, verified"):
+        compile_program(mul_add_f32.kernel, Target("cuda", "sm_90"), until="asm")
+
+
+def test_cli_emits_the_verified_ir(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "concordia", "compile", "examples/saxpy.py",
+                        "--target", "cuda", "--emit", "verified"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("kernel @saxpy("), r.stderr
 
 
 def test_cli_compile_binaries(tmp_path):
