@@ -82,6 +82,48 @@ class Backend(ABC):
     def synchronize(self) -> None:
         pass
 
+    # -- stream-ordered work (asynchronous checkpoints). A backend without streams does each
+    # call at once, in the caller's order: its "stream" is None and its events are complete.
+    streams = False
+
+    def bind(self, kernel, args: list, local_size: tuple):
+        """A launch with its arguments fixed: bound(groups, stream=None)."""
+        def bound(groups: int, stream=None):
+            global_size = (groups * local_size[0], local_size[1], local_size[2])
+            self.launch_on(stream, kernel, args, global_size, local_size)
+        return bound
+
+    def new_stream(self):
+        """A stream of this backend's own that does not wait for other streams' work."""
+        return None
+
+    def launch_on(self, stream, kernel, args: list, global_size: tuple, local_size: tuple) -> None:
+        """launch, enqueued on `stream` (returns before the kernel runs where streams exist)."""
+        self.launch(kernel, args, global_size, local_size)
+
+    def copy_in_on(self, stream, handle, host: np.ndarray) -> None:
+        """Enqueue host -> device; `host` must stay unchanged until the stream has passed it
+        (pinned memory where streams exist)."""
+        self.copy_in(handle, host)
+
+    def copy_out_on(self, stream, handle, host: np.ndarray) -> None:
+        """Enqueue device -> host into `host` (pinned where streams exist)."""
+        self.copy_out(handle, host)
+
+    def record_event(self, stream):
+        """A marker of everything enqueued on `stream` so far (None: already complete)."""
+        return None
+
+    def event_done(self, event) -> bool:
+        return True
+
+    def sync_stream(self, stream) -> None:
+        pass
+
+    def pinned(self, nbytes: int) -> np.ndarray:
+        """Host memory the device copies to and from asynchronously (page-locked)."""
+        return np.empty(max(nbytes, 1), np.uint8)
+
     def page_ops(self, page_size: int):
         """A native form of the checkpoint page handlers (scan / gather / scatter) for regions
         paged this way, or None: the Checkpointer then runs the IR handlers."""

@@ -74,6 +74,7 @@ class CUDABackend(Backend):
         self.control_stream = None        # non-blocking streams, made on first use
         self.detached_stream = None
         self._control_pin = None
+        self._pinned_blocks: list = []   # page-locked host memory handed out by pinned()
         driver = _driver()
         try:
             ordinal = int(device or 0)
@@ -266,13 +267,79 @@ class CUDABackend(Backend):
                                 lambda cubin: self._load(cubin, kernel.name)).handle
 
     def launch(self, kernel, args, global_size, local_size):
+        self.launch_on(0, kernel, args, global_size, local_size)
+
+    # -- streams (see Backend): a stream is a CUstream or its integer handle (torch's
+    # `stream.cuda_stream`); 0 is the legacy default stream
+    streams = True
+
+    def launch_on(self, stream, kernel, args, global_size, local_size):
         fn = self.compile(kernel)
         holders = [np.array([int(a)], np.uint64) if not isinstance(a, np.generic)
                    else np.array([a], np.uint8 if a.dtype == np.bool_ else a.dtype) for a in args]
         params = np.array([h.ctypes.data for h in holders], dtype=np.uint64)
         grid = [g // l for g, l in zip(global_size, local_size)]
-        _check(_driver().cuLaunchKernel(fn, *grid, *local_size, 0, 0, params.ctypes.data, 0),
+        _check(_driver().cuLaunchKernel(fn, *grid, *local_size, 0, stream, params.ctypes.data, 0),
                f"launch of {kernel.name}")
+
+    def bind(self, kernel, args, local_size):
+        """The parameter block is built once: a bound launch is one cuLaunchKernel call."""
+        fn = self.compile(kernel)
+        holders = [np.array([int(a)], np.uint64) if not isinstance(a, np.generic)
+                   else np.array([a], np.uint8 if a.dtype == np.bool_ else a.dtype) for a in args]
+        params = np.array([h.ctypes.data for h in holders], dtype=np.uint64)
+        launch, name = _driver().cuLaunchKernel, kernel.name
+
+        def bound(groups: int, stream=0, _keep=(holders, params)):
+            err = launch(fn, groups, 1, 1, *local_size, 0, stream or 0, params.ctypes.data, 0)
+            if err[0] != 0:
+                _check(err, f"launch of {name}")
+        return bound
+
+    def new_stream(self):
+        driver = _driver()
+        self.activate()
+        return _check(driver.cuStreamCreate(driver.CUstream_flags.CU_STREAM_NON_BLOCKING),
+                      "cuStreamCreate")
+
+    def copy_in_on(self, stream, handle, host):
+        self.activate()
+        _check(_driver().cuMemcpyHtoDAsync(handle, host.ctypes.data, host.nbytes, stream),
+               "cuMemcpyHtoDAsync")
+
+    def copy_out_on(self, stream, handle, host):
+        self.activate()
+        _check(_driver().cuMemcpyDtoHAsync(host.ctypes.data, handle, host.nbytes, stream),
+               "cuMemcpyDtoHAsync")
+
+    def record_event(self, stream):
+        driver = _driver()
+        self.activate()
+        event = _check(driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING),
+                       "cuEventCreate")
+        _check(driver.cuEventRecord(event, stream), "cuEventRecord")
+        return event
+
+    def event_done(self, event) -> bool:
+        driver = _driver()
+        self.activate()
+        err, = driver.cuEventQuery(event)
+        if err == driver.CUresult.CUDA_ERROR_NOT_READY:
+            return False
+        _check((err,), "cuEventQuery")
+        driver.cuEventDestroy(event)
+        return True
+
+    def sync_stream(self, stream):
+        self.activate()
+        _check(_driver().cuStreamSynchronize(stream), "cuStreamSynchronize")
+
+    def pinned(self, nbytes):
+        import ctypes
+        self.activate()
+        ptr = _check(_driver().cuMemHostAlloc(max(nbytes, 1), 0), "cuMemHostAlloc")
+        self._pinned_blocks.append(ptr)
+        return np.ctypeslib.as_array((ctypes.c_uint8 * max(nbytes, 1)).from_address(int(ptr)))
 
     def synchronize(self):
         self.activate()

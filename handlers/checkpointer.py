@@ -13,8 +13,8 @@ Modes (how dirty pages are found; all run as IR handlers on the region's own dev
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,21 +24,12 @@ from concordia.backends.runtime import DeviceBuffer, _as_kernel
 
 from . import kernels as hk
 from .log import PAGE, DeltaLog, committed_image, compact, scan_log
-from .regions import PageStager, Region, check_region
+from .async_checkpoint import CheckpointHandle, CheckpointWriter
+from .regions import CheckpointStats, PageStager, Region, check_region
 from concordia_ir.passes.tracking import instrument_stores
 
 MODES = ("shadow", "hash", "tracked")
 STAGING_BYTES = 4 << 20   # pages gathered per round trip to the host
-
-
-@dataclass(frozen=True)
-class CheckpointStats:
-    checkpoint_id: int
-    pages: int
-    bytes: int
-    seconds: float
-    full: bool
-    scan_seconds: float = 0.0
 
 
 class _RegionState:
@@ -107,7 +98,8 @@ class Checkpointer:
     """
 
     def __init__(self, runtime, regions: dict, path: str, page_size: int = 4096,
-                 mode: str = "shadow", fsync: str = "always", scanners: dict | None = None):
+                 mode: str = "shadow", fsync: str = "always", scanners: dict | None = None,
+                 ring_slots: int = 4, slot_bytes: int = 16 << 20, when_full: str = "wait"):
         if mode not in MODES:
             raise ConcordiaError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not regions:
@@ -132,11 +124,16 @@ class Checkpointer:
         self.states = [_RegionState(runtime, r, mode, scanners.get(r.name)) for r in self.regions]
         self.need_full = True
         self._tracked: dict = {}
+        # checkpoint_async's staging ring and writer thread, made by its first call
+        self._ring = dict(slots=ring_slots, slot_bytes=slot_bytes, when_full=when_full)
+        self._writer: CheckpointWriter | None = None
 
     # -- checkpoints
     def checkpoint(self, content_hash: bool = False) -> CheckpointStats:
         """Log the pages changed since the last checkpoint (all pages the first time) and commit.
         With content_hash, the commit also records each region's SHA-256 (a full read)."""
+        if self._writer is not None:
+            self._writer.flush()   # commits stay in checkpoint order
         t0 = time.perf_counter()
         full = self.need_full
         self.need_full = True   # stays set if anything below fails: the next one is full
@@ -174,6 +171,36 @@ class Checkpointer:
         return CheckpointStats(self.checkpoint_id, pages_logged, bytes_logged,
                                time.perf_counter() - t0, full, scan_s)
 
+    def checkpoint_async(self, stream=None) -> CheckpointHandle:
+        """Enqueue a checkpoint of the regions as they are at this point of `stream` (a torch
+        stream or a raw CUstream; default: torch's current stream on cuda) and return at once;
+        a writer thread logs it, commits and fsyncs (group commit). handle.result() waits for
+        durability; flush() for every checkpoint so far; durable_id names the last durable
+        one. The first checkpoint (the full base image) is written before this returns.
+        See handlers/async_checkpoint.py for what runs where."""
+        if self.need_full:
+            if self._writer is not None:
+                self._writer.raise_error()
+            stats = self.checkpoint()
+            h = CheckpointHandle(stats.checkpoint_id)
+            h._finish(stats, newest=stats.checkpoint_id)
+            if self._writer is not None:
+                w = self._writer
+                w.durable_id = w.enqueued_id = w.processed_id = stats.checkpoint_id
+            return h
+        if self._writer is None:
+            self._writer = CheckpointWriter(self, **self._ring)
+        return self._writer.enqueue(_stream_handle(stream) if self.rt.backend.streams else None)
+
+    def flush(self, timeout: float | None = None) -> int:
+        """Wait until every checkpoint so far is durable; returns the last durable id."""
+        return self._writer.flush(timeout) if self._writer is not None else self.checkpoint_id
+
+    @property
+    def durable_id(self) -> int:
+        """The last checkpoint known durable (with fsync=always: on disk)."""
+        return self._writer.durable_id if self._writer is not None else self.checkpoint_id
+
     # -- store-tracked launches
     def launch(self, kernel, global_size, local_size=64, args=()):
         """Launch `kernel`; in "tracked" mode its stores to regions also mark dirty pages."""
@@ -195,10 +222,16 @@ class Checkpointer:
 
     # -- lifecycle
     def close(self) -> None:
-        self.log.close()
+        try:
+            if self._writer is not None:
+                writer, self._writer = self._writer, None
+                writer.close()
+        finally:
+            self.log.close()
 
     def compact(self) -> int:
         """Fold the log into one base image (crash-safe: write new, fsync, rename)."""
+        self.flush()
         self.log.close()
         size = compact(self.path)
         self.log = DeltaLog(self.path, self.log.fsync)
@@ -322,3 +355,13 @@ def _layout_text(layout: dict) -> str:
     return ", ".join(f"{r['name']}: {r['size']} x {r['dtype']}" for r in layout["regions"]) + \
         f"; pages of {layout.get('page_size')} B"
 
+
+def _stream_handle(stream):
+    """A raw stream handle: torch streams give theirs; None is torch's current stream where
+    torch has initialised CUDA, else the legacy default stream (0)."""
+    if stream is None:
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            return torch.cuda.current_stream().cuda_stream
+        return 0
+    return getattr(stream, "cuda_stream", stream)

@@ -132,6 +132,31 @@ def page_gatherer(words_per_page: int, n_words: int):
 
 
 @lru_cache(maxsize=None)
+def counted_page_gatherer(words_per_page: int, n_words: int):
+    """page_gatherer for a page list whose length is on the device (count[0], written by a
+    scan in the same stream): launched over the list's capacity, groups past the count idle.
+    The asynchronous checkpoint uses it so that the host never waits to learn the count."""
+    WPP, NW, STEP = words_per_page, n_words, GROUP
+    WHOLE = n_words % words_per_page == 0
+
+    @kernel
+    def gather_counted(cur: Ptr[u32], shadow: Ptr[u32], pages: Ptr[i32], count: Ptr[i32],
+                       staging: Ptr[u32], update_shadow: i32):
+        slot = group_id(0)
+        if slot < count[0]:
+            base = i64(pages[slot]) * WPP
+            out = i64(slot) * WPP
+            for w in range(local_id(0), WPP, STEP):
+                at = base + i64(w)
+                if WHOLE or at < NW:
+                    v = cur[at]
+                    staging[out + i64(w)] = v
+                    if update_shadow != 0:
+                        shadow[at] = v
+    return gather_counted
+
+
+@lru_cache(maxsize=None)
 def page_scatterer(words_per_page: int, n_words: int):
     """DeltaApplier: scatter staged pages back into a region (recovery, migration)."""
     WPP, NW, STEP = words_per_page, n_words, GROUP

@@ -319,8 +319,15 @@ class DeltaLog:
         self.append(LAYOUT, json.dumps(layout, sort_keys=True).encode())
         self.layout = layout
 
-    def commit(self, checkpoint_id: int, info: dict) -> None:
+    def commit(self, checkpoint_id: int, info: dict, sync: bool = True) -> None:
+        """Append the commit record; with fsync=always it is durable on return, unless `sync`
+        is False: then the caller makes a group of commits durable with one sync()."""
         self.append(COMMIT, json.dumps(info, sort_keys=True).encode(), page=checkpoint_id)
+        if sync:
+            self.sync()
+
+    def sync(self) -> None:
+        """Every commit so far reaches the file (and, with fsync=always, the disk)."""
         with self._lock:
             self.fh.flush()
             if self.fsync == "always":

@@ -12,6 +12,16 @@ from concordia.backends.runtime import DeviceBuffer
 from . import kernels as hk
 
 
+@dataclass(frozen=True)
+class CheckpointStats:
+    checkpoint_id: int
+    pages: int
+    bytes: int
+    seconds: float
+    full: bool
+    scan_seconds: float = 0.0
+
+
 @dataclass
 class Region:
     id: int

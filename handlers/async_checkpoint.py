@@ -1,0 +1,357 @@
+"""Asynchronous, stream-ordered checkpoints: the caller's thread enqueues, a writer makes durable.
+
+    handle = ckpt.checkpoint_async(stream)   # returns at once; the caller goes on writing
+    ...
+    handle.result()                           # this checkpoint is durable
+    ckpt.flush(); ckpt.durable_id             # all of them; the last durable one
+
+On a backend with streams (cuda), what the caller's thread does is enqueue, on the caller's
+stream: each region's page list (a host scanner's, through pinned memory) or a device scan
+(shadow compare, the count left on the device), then a gather of the listed pages into a
+staging slot, then an event. The checkpoint therefore holds the regions as they are at that
+point of the stream, whatever the caller enqueues after it; the caller's thread makes no device
+synchronisation, no copy of region bytes and no file I/O.
+
+The writer thread waits for a slot's event, copies its pages into pinned host memory on a
+stream of its own, appends them to the log and commits; the checkpoints that are ready share
+one fsync (group commit). The ring of slots is bounded: when every slot is in flight the next
+checkpoint waits for one (backpressure: when_full="wait") or is coalesced into the next one
+(when_full="coalesce": its pages stay dirty, the next checkpoint takes them, and its handle
+resolves with that one). An error in the writer is raised by the next call, never lost; the
+checkpoint after it is a full one.
+
+On a backend without streams (reference, PoCL, the Tenstorrent simulator) the same call
+captures the pages in the caller's thread (the regions are host memory or a blocking queue);
+the log's I/O still goes to the writer. Regions in "hash" or "tracked" mode are captured that
+way on every backend.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from concordia_ir.errors import ConcordiaError
+
+from . import kernels as hk
+from .log import PAGE
+from .regions import CheckpointStats
+
+WHEN_FULL = ("wait", "coalesce")
+
+
+class CheckpointHandle:
+    """One asynchronous checkpoint. `result()` waits until it is durable and returns its
+    CheckpointStats (or raises the writer's error)."""
+
+    def __init__(self, checkpoint_id: int):
+        self.id = checkpoint_id
+        self.enqueue_s = 0.0          # time the caller's thread spent in checkpoint_async
+        self.lag_s: float | None = None   # from enqueue to durable
+        self.lag_checkpoints: int | None = None   # checkpoints enqueued meanwhile
+        self.stats = None
+        self.error: BaseException | None = None
+        self._done = threading.Event()
+        self._enqueued_at = time.perf_counter()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None):
+        if not self._done.wait(timeout):
+            raise ConcordiaError(f"checkpoint {self.id} is not durable after {timeout} s")
+        if self.error is not None:
+            raise ConcordiaError(f"checkpoint {self.id} was not written: {self.error}") from self.error
+        return self.stats
+
+    def _finish(self, stats=None, error=None, newest: int = 0):
+        self.stats, self.error = stats, error
+        self.lag_s = time.perf_counter() - self._enqueued_at
+        self.lag_checkpoints = max(0, newest - self.id)
+        self._done.set()
+
+
+@dataclass
+class _RegionSlot:
+    """One region's share of a ring slot: device list, count and staging; pinned host copies."""
+    capacity: int              # pages
+    pages: object              # DeviceBuffer i32[capacity]
+    count: object              # DeviceBuffer i32[1]
+    staging: object            # DeviceBuffer u32[capacity * words_per_page]
+    host_pages: np.ndarray     # pinned i32[capacity]
+    host_count: np.ndarray     # pinned i32[1]
+    host_data: np.ndarray      # pinned u8[capacity * page_size]
+    launches: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Capture:
+    id: int
+    handle: CheckpointHandle
+    slot: list | None = None        # _RegionSlot per region (stream captures)
+    event: object = None
+    counts: list = field(default_factory=list)   # pages per region; None: count on the device
+    pieces: list | None = None      # (region id, [(page, bytes)]) for captures made at once
+    coalesced: list = field(default_factory=list)
+    released: bool = False          # its slot is back in the ring
+
+
+class CheckpointWriter:
+    """The staging ring and the writer thread of one Checkpointer (see the module docstring)."""
+
+    def __init__(self, ckpt, slots: int = 4, slot_bytes: int = 16 << 20, when_full: str = "wait"):
+        if when_full not in WHEN_FULL:
+            raise ConcordiaError(f"when_full must be one of {', '.join(WHEN_FULL)}, got {when_full!r}")
+        if slots < 1:
+            raise ConcordiaError(f"the staging ring needs at least 1 slot, got {slots}")
+        self.ckpt, self.rt, self.when_full = ckpt, ckpt.rt, when_full
+        self.backend = self.rt.backend
+        self.streams = self.backend.streams and any(self._streamable(st) for st in ckpt.states)
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(slots if self.streams else 0):
+            self.free.put([self._region_slot(st, slot_bytes) for st in ckpt.states])
+        self.slots = slots
+        self.in_flight = threading.Semaphore(slots)   # bounds captures made at once as well
+        self.pending: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.durable_id = ckpt.checkpoint_id
+        self.enqueued_id = ckpt.checkpoint_id
+        self.processed_id = ckpt.checkpoint_id   # the newest the writer is done with (or failed)
+        self.coalesced: list[CheckpointHandle] = []
+        self.out_stream = self.backend.new_stream() if self.streams else None
+        self.thread = threading.Thread(target=self._run, name="concordia-checkpoint-writer",
+                                       daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _streamable(st) -> bool:
+        return st.scanner is not None or (st.mode == "shadow" and st.native is None)
+
+    def _region_slot(self, st, slot_bytes: int) -> _RegionSlot:
+        r, rt, b = st.region, self.rt, self.backend
+        # a device scan may find every page: its slot holds the whole region
+        cap = r.n_pages if st.scanner is None else max(1, min(r.n_pages, slot_bytes // r.page_size))
+        rs = _RegionSlot(cap, rt.empty(cap, np.int32), rt.zeros(1, np.int32),
+                         rt.empty(cap * r.words_per_page, np.uint32),
+                         b.pinned(cap * 4).view(np.int32), b.pinned(4).view(np.int32),
+                         b.pinned(cap * r.page_size))
+        rs.host_count[0] = 0
+        if not self._streamable(st):
+            return rs
+        gather = hk.page_gatherer(r.words_per_page, r.n_words)
+        if st.scanner is not None:
+            rs.launches["gather"] = rt.bind(gather, hk.GROUP, (r.words(), rs.staging, rs.pages,
+                                                               rs.staging, 0, 0))
+        else:
+            rs.launches["scan"] = rt.bind(hk.page_scanner(r.words_per_page, r.n_words), hk.GROUP,
+                                          (r.words(), st.shadow, rs.pages, rs.count))
+            rs.launches["gather"] = rt.bind(hk.counted_page_gatherer(r.words_per_page, r.n_words),
+                                            hk.GROUP, (r.words(), st.shadow, rs.pages, rs.count,
+                                                       rs.staging, 1))
+        return rs
+
+    # -- the caller's side
+    def enqueue(self, stream) -> CheckpointHandle:
+        t0 = time.perf_counter()
+        self.raise_error()
+        slot = None
+        if self.streams:
+            slot = self._take(self.free)
+        elif not self._acquire():
+            slot = False
+        if slot is False or (self.streams and slot is None):   # ring full, coalescing
+            h = CheckpointHandle(self.enqueued_id + 1)
+            self.coalesced.append(h)
+            h.enqueue_s = time.perf_counter() - t0
+            return h
+        self.ckpt.checkpoint_id += 1
+        cap = _Capture(self.ckpt.checkpoint_id, CheckpointHandle(self.ckpt.checkpoint_id))
+        cap.coalesced, self.coalesced = self.coalesced, []
+        try:
+            if self.streams:
+                self._capture_on_stream(cap, slot, stream)
+            else:
+                self._capture_now(cap)
+        except BaseException:
+            self.ckpt.checkpoint_id -= 1
+            if self.streams:
+                self.free.put(slot)
+            else:
+                self.in_flight.release()
+            raise
+        self.enqueued_id = cap.id
+        self.pending.put(cap)
+        cap.handle.enqueue_s = time.perf_counter() - t0
+        return cap.handle
+
+    def _take(self, q: queue.Queue):
+        """A free slot: wait for one (checking the writer's health), or None to coalesce."""
+        while True:
+            try:
+                return q.get(timeout=0.05) if self.when_full == "wait" else q.get_nowait()
+            except queue.Empty:
+                if self.when_full == "coalesce":
+                    return None
+                self.raise_error()
+
+    def _acquire(self) -> bool:
+        if self.when_full == "coalesce":
+            return self.in_flight.acquire(blocking=False)
+        while not self.in_flight.acquire(timeout=0.05):
+            self.raise_error()
+        return True
+
+    def _capture_on_stream(self, cap: _Capture, slot: list, stream):
+        cap.slot = slot
+        for st, rs in zip(self.ckpt.states, slot):
+            if not self._streamable(st):   # hash / tracked: captured now, on the legacy stream
+                pages = st.find_dirty()
+                cap.counts.append(list(st.gather(pages)))
+                st.after_commit(pages)
+            elif st.scanner is not None:
+                pages = st.scanner.dirty_pages()
+                if len(pages) > rs.capacity:
+                    raise ConcordiaError(f"region {st.region.name!r}: {len(pages)} dirty pages, "
+                                         f"more than a staging slot holds ({rs.capacity}); "
+                                         "raise slot_bytes or checkpoint more often")
+                n = len(pages)
+                if n:
+                    rs.host_pages[:n] = pages
+                    self.backend.copy_in_on(stream, rs.pages.handle, rs.host_pages[:n])
+                    rs.launches["gather"](n, stream)
+                st.scanner.committed()   # these writes are in this checkpoint now
+                cap.counts.append(n)
+            else:
+                rs.launches["scan"](st.region.n_pages, stream)     # count was left at 0
+                rs.launches["gather"](rs.capacity, stream)
+                cap.counts.append(None)
+        cap.event = self.backend.record_event(stream)
+
+    def _capture_now(self, cap: _Capture):
+        cap.pieces = []
+        for st in self.ckpt.states:
+            pages = st.find_dirty()
+            cap.pieces.append((st.region.id, list(st.gather(pages))))
+            st.after_commit(pages)
+
+    def flush(self, timeout: float | None = None) -> int:
+        """Wait until every checkpoint enqueued so far is durable; returns durable_id."""
+        target, end = self.enqueued_id, None if timeout is None else time.monotonic() + timeout
+        while self.processed_id < target:
+            if end is not None and time.monotonic() > end:
+                raise ConcordiaError(f"checkpoints up to {target} are not durable after {timeout} s")
+            time.sleep(0.0002)
+        self.raise_error()
+        return self.durable_id
+
+    def raise_error(self):
+        if self.error is not None:
+            err, self.error = self.error, None
+            self.ckpt.need_full = True
+            raise ConcordiaError(f"the checkpoint writer failed: {err}") from err
+
+    def close(self):
+        try:
+            self.flush()
+        finally:
+            self.pending.put(None)
+            self.thread.join()
+
+    # -- the writer's side
+    def _run(self):
+        while True:
+            cap = self.pending.get()
+            if cap is None:
+                return
+            group = [cap]
+            try:
+                self._write(cap)
+                while True:   # group commit: every capture already queued shares one fsync
+                    try:
+                        nxt = self.pending.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        self.pending.put(None)
+                        break
+                    group.append(nxt)
+                    self._write(nxt)
+                self.ckpt.log.sync()
+            except BaseException as e:   # surfaced by the caller's next call
+                self._fail(group, e)
+                continue
+            self.durable_id = self.processed_id = group[-1].id
+            for c in group:
+                for h in [c.handle, *c.coalesced]:
+                    h._finish(c.handle.stats, newest=self.enqueued_id)
+
+    def _fail(self, group, error):
+        self.error = error
+        leftover = []
+        while True:
+            try:
+                c = self.pending.get_nowait()
+            except queue.Empty:
+                break
+            if c is None:
+                self.pending.put(None)
+                break
+            leftover.append(c)
+        for c in group + leftover:
+            if c.slot is not None:
+                if not c.released:
+                    self.free.put(c.slot)
+            elif not c.released:
+                self.in_flight.release()
+            for h in [c.handle, *c.coalesced]:
+                if not h.done():
+                    h._finish(error=error, newest=self.enqueued_id)
+        self.processed_id = max(c.id for c in group + leftover)
+
+    def _write(self, cap: _Capture):
+        pieces = cap.pieces if cap.pieces is not None else self._copy_out(cap)
+        log, pages, nbytes = self.ckpt.log, 0, 0
+        for region_id, items in pieces:
+            nbytes += sum(len(d) for _, d in items)
+            pages += log.append_many(PAGE, region_id, items)
+        info = {"checkpoint": cap.id, "pages": pages, "bytes": nbytes, "full": False,
+                "time": time.time(), "backend": str(self.rt.spec), "async": True}
+        log.commit(cap.id, info, sync=False)
+        if cap.slot is not None:
+            self.free.put(cap.slot)
+        else:
+            self.in_flight.release()
+        cap.released = True
+        cap.handle.stats = CheckpointStats(cap.id, pages, nbytes,
+                                           time.perf_counter() - cap.handle._enqueued_at, False)
+
+    def _copy_out(self, cap: _Capture) -> list:
+        b, s = self.backend, self.out_stream
+        while not b.event_done(cap.event):
+            time.sleep(20e-6)
+        out = []
+        for st, rs, n in zip(self.ckpt.states, cap.slot, cap.counts):
+            r = st.region
+            if isinstance(n, list):   # captured at enqueue
+                out.append((r.id, n))
+                continue
+            if n is None:   # the device scan's count and list
+                b.copy_out_on(s, rs.count.handle, rs.host_count)
+                b.sync_stream(s)
+                n = int(rs.host_count[0])
+                b.copy_out_on(s, rs.pages.handle, rs.host_pages[:max(n, 1)])
+                rs.host_count[0] = 0
+                b.copy_in_on(s, rs.count.handle, rs.host_count)   # the slot's next scan
+            if n:
+                b.copy_out_on(s, rs.staging.handle, rs.host_data[:n * r.page_size])
+            b.sync_stream(s)
+            items = []
+            for k in range(n):
+                p = int(rs.host_pages[k])
+                end = min(r.page_size, r.nbytes - p * r.page_size)
+                items.append((p, memoryview(rs.host_data)[k * r.page_size:k * r.page_size + end]))
+            out.append((r.id, items))
+        return out

@@ -1,0 +1,234 @@
+"""Asynchronous checkpoints: every one restores to the state it captured, on every backend
+present; the ring applies backpressure or coalesces; a writer error surfaces on the next call;
+ready checkpoints share an fsync; a SIGKILL never loses a checkpoint reported durable; on cuda
+the capture is ordered in the caller's stream (a write enqueued after it is not in it)."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from concordia import ConcordiaError, Ptr, Runtime, f32, global_id, i32, kernel
+from concordia.backends import backend_status
+from concordia.handlers import Checkpointer, scan_log
+from concordia.handlers.scanners import KVBlockScanner
+
+BACKENDS = [n for n in ("reference", "opencl", "cuda", "tenstorrent") if backend_status()[n].ok]
+N = 1 << 14
+
+
+@kernel
+def bump(x: Ptr[f32], stride: i32, n: i32):
+    i = global_id(0) * stride
+    if i < n:
+        x[i] = x[i] + 1.0
+
+
+def restored(path, checkpoint=None):
+    return Checkpointer.restore(str(path), Runtime("reference"), checkpoint=checkpoint)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_async_checkpoint_restores_the_state_it_captured(tmp_path, backend):
+    rt = Runtime(backend)
+    kv = rt.to_device(np.arange(N, dtype=np.float32))
+    path = tmp_path / "a.clog"
+    ck = Checkpointer(rt, {"kv": kv}, str(path))
+    states, handles = [], []
+    for s in range(8):
+        if s:
+            rt.launch(bump, global_size=8, local_size=8, args=(kv, 700 * s + 1, N))
+        handles.append(ck.checkpoint_async())
+        states.append(kv.numpy())
+    assert ck.flush() == handles[-1].id == ck.durable_id == 8
+    stats = [h.result(timeout=30) for h in handles]
+    assert stats[0].full and not any(s.full for s in stats[1:])
+    assert all(0 < s.pages < N * 4 // 4096 for s in stats[1:])
+    ck.close()
+    for k, want in enumerate(states, start=1):
+        np.testing.assert_array_equal(restored(path, checkpoint=k)["kv"].numpy(), want)
+
+
+def test_a_host_scanner_region_and_a_shadow_region_together(tmp_path):
+    rt = Runtime("reference")
+    shape = (2, 2, 4, 16, 2, 64)   # layers, K/V, blocks, block_size, kv_heads, head_dim
+    kv_host = np.zeros(int(np.prod(shape)), np.float32)
+    kv = rt.to_device(kv_host)
+    other = rt.to_device(np.zeros(4096, np.float32))
+    scanner = KVBlockScanner(shape, 4)
+    ck = Checkpointer(rt, {"kv": kv, "other": other}, str(tmp_path / "s.clog"),
+                      scanners={"kv": scanner})
+    ck.checkpoint_async()
+    view = kv_host.reshape(shape)
+    for pos in range(20):
+        view[:, :, pos // 16 % 4, pos % 16] = pos + 1
+        kv.write(kv_host)
+        scanner.mark([pos // 16 % 4], [pos % 16])
+        other.write(np.full(4096, pos, np.float32))
+        ck.checkpoint_async()
+    ck.close()
+    back = restored(tmp_path / "s.clog")
+    np.testing.assert_array_equal(back["kv"].numpy(), kv_host)
+    np.testing.assert_array_equal(back["other"].numpy(), np.full(4096, 19, np.float32))
+
+
+def slow_sync(ck, seconds, counter=None):
+    """Make the writer's fsync slow (and count the group commits)."""
+    real = ck.log.sync
+
+    def sync():
+        if counter is not None:
+            counter.append(1)
+        time.sleep(seconds)
+        real()
+    ck.log.sync = sync
+
+
+def test_a_full_ring_makes_the_caller_wait(tmp_path):
+    rt = Runtime("reference")
+    kv = rt.to_device(np.zeros(N, np.float32))
+    ck = Checkpointer(rt, {"kv": kv}, str(tmp_path / "w.clog"), ring_slots=1)
+    ck.checkpoint_async()
+    slow_sync(ck, 0.2)
+    t = time.perf_counter()
+    for s in range(4):
+        kv.write(np.full(N, s, np.float32))
+        ck.checkpoint_async()
+    # the slot frees once the writer has logged its pages: the third and fourth each waited
+    # for a 0.2 s group commit to end
+    assert time.perf_counter() - t > 0.35
+    ck.close()
+    np.testing.assert_array_equal(restored(tmp_path / "w.clog")["kv"].numpy(), np.full(N, 3, np.float32))
+
+
+def test_a_full_ring_coalesces_into_the_next_checkpoint(tmp_path):
+    rt = Runtime("reference")
+    kv = rt.to_device(np.zeros(N, np.float32))
+    ck = Checkpointer(rt, {"kv": kv}, str(tmp_path / "c.clog"), ring_slots=1, when_full="coalesce")
+    ck.checkpoint_async()
+    slow_sync(ck, 0.3)
+    first = ck.checkpoint_async()
+    kv.write(np.full(N, 7, np.float32))
+    t = time.perf_counter()
+    skipped = ck.checkpoint_async()    # the ring is full: no wait, taken by the next one
+    assert time.perf_counter() - t < 0.1
+    first.result(timeout=10)
+    last = ck.checkpoint_async()
+    assert skipped.result(timeout=10) == last.result(timeout=10)
+    assert skipped.id == last.id
+    ck.close()
+    np.testing.assert_array_equal(restored(tmp_path / "c.clog")["kv"].numpy(), np.full(N, 7, np.float32))
+
+
+def test_ready_checkpoints_share_one_fsync(tmp_path):
+    rt = Runtime("reference")
+    kv = rt.to_device(np.zeros(N, np.float32))
+    ck = Checkpointer(rt, {"kv": kv}, str(tmp_path / "g.clog"), ring_slots=16)
+    ck.checkpoint_async()
+    syncs = []
+    slow_sync(ck, 0.05, syncs)
+    handles = []
+    for s in range(12):
+        kv.write(np.full(N, s, np.float32))
+        handles.append(ck.checkpoint_async())
+    ck.flush()
+    assert len(syncs) < len(handles)
+    assert max(h.lag_checkpoints for h in handles) >= 1
+    ck.close()
+    assert scan_log(str(tmp_path / "g.clog")).last_checkpoint == 13
+
+
+def test_a_writer_error_surfaces_on_the_next_call_and_the_next_checkpoint_is_full(tmp_path):
+    rt = Runtime("reference")
+    kv = rt.to_device(np.zeros(N, np.float32))
+    path = tmp_path / "e.clog"
+    ck = Checkpointer(rt, {"kv": kv}, str(path))
+    ck.checkpoint_async()
+    real = ck.log.append_many
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+    ck.log.append_many = broken
+    kv.write(np.ones(N, np.float32))
+    h = ck.checkpoint_async()
+    with pytest.raises(ConcordiaError, match="not written: .*No space left"):
+        h.result(timeout=10)
+    with pytest.raises(ConcordiaError, match="^the checkpoint writer failed: .*No space left on device$"):
+        ck.checkpoint_async()
+    ck.log.append_many = real
+    again = ck.checkpoint_async()
+    assert again.result(timeout=10).full
+    ck.close()
+    np.testing.assert_array_equal(restored(path)["kv"].numpy(), np.ones(N, np.float32))
+
+
+CHILD = r"""
+import sys, numpy as np
+from concordia import Runtime
+from concordia.handlers import Checkpointer
+rt = Runtime("reference")
+kv = rt.to_device(np.zeros(1 << 14, np.float32))
+ck = Checkpointer(rt, {"kv": kv}, sys.argv[1])
+for k in range(1, 100000):
+    kv.write(np.full(1 << 14, k, np.float32))
+    ck.checkpoint_async()
+    if k % 7 == 0:
+        print(ck.durable_id, flush=True)
+"""
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("CONCORDIA_ASYNC_KILLS", "5"))))
+def test_sigkill_never_loses_a_checkpoint_reported_durable(tmp_path, seed):
+    path = tmp_path / "k.clog"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE,
+                             text=True)
+    reported = []
+    reader = threading.Thread(target=lambda: reported.extend(int(x) for x in child.stdout))
+    reader.start()
+    time.sleep(1.0 + 0.37 * seed)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    reader.join()
+    assert reported, "the child reported nothing before it was killed"
+    scan = scan_log(str(path))
+    assert scan.last_checkpoint >= reported[-1]
+    # checkpoint k holds the value k everywhere
+    back = restored(path)["kv"].numpy()
+    assert (back == back[0]).all() and back[0] == scan.last_checkpoint
+
+
+needs_cuda = pytest.mark.skipif(not backend_status()["cuda"].ok, reason="no CUDA device here")
+
+
+@needs_cuda
+def test_cuda_capture_is_ordered_in_the_callers_stream(tmp_path):
+    torch = pytest.importorskip("torch")
+    rt = Runtime("cuda")
+    stream = torch.cuda.Stream()
+    n = 1 << 20
+    x = torch.zeros(n, dtype=torch.bfloat16, device="cuda")   # 2 MiB, 512 pages
+    busy = torch.randn(4096, 4096, device="cuda")
+    ck = Checkpointer(rt, {"x": rt.from_dlpack(x)}, str(tmp_path / "g.clog"))
+    ck.checkpoint_async(stream)
+    mirror, expected = np.zeros(n, np.float32), []
+    with torch.cuda.stream(stream):
+        for s in range(1, 6):
+            for _ in range(3):
+                busy @ busy          # the GPU is busy: what follows waits in the stream
+            lo = (s * 4099) % (n - 3000)
+            x[lo:lo + 3000] += s     # dirties a few pages
+            mirror[lo:lo + 3000] += s
+            expected.append(mirror.copy())
+            ck.checkpoint_async(stream)
+            x.mul_(3).add_(1)        # enqueued after the capture: not in it
+            x.sub_(1).div_(3)        # and back (exact in bf16 for these small integers)
+    ck.flush()
+    ck.close()
+    for k, want in enumerate(expected, start=2):
+        got = restored(tmp_path / "g.clog", checkpoint=k)["x"].numpy().view(np.uint16)
+        as_f32 = (got.astype(np.uint32) << 16).view(np.float32)
+        np.testing.assert_array_equal(as_f32, want)
