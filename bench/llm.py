@@ -29,9 +29,10 @@ PAPER = {"tokens_per_s": 108.2, "checkpoint_overhead_ms": 18.9, "overhead_fracti
 
 
 def run_one(L, base_args: list[str], batch: int, log: str | None, every: int, backend: str | None,
-            stop_after: int | None = None):
+            stop_after: int | None = None, asynchronous: bool = False):
     args = L.parse([*base_args, "--batch", str(batch),
                     *(["--log", log, "--every", str(every)] if log else []),
+                    *(["--async"] if asynchronous else []),
                     *(["--backend", backend] if backend else [])])
     run = L.DecodeRun(args)
     if log:
@@ -43,7 +44,7 @@ def run_one(L, base_args: list[str], batch: int, log: str | None, every: int, ba
     run.generate(on_token=lambda pos: stamps.append(time.perf_counter()), stop_after=stop_after)
     total = time.perf_counter() - t0
     if run.ckpt is not None:
-        run.ckpt.close()
+        run.ckpt.close()   # async: waits for the writer (after the stamps: not in the rate)
     # steady state: from the first generated token to the last (prompt and base image excluded)
     steady = (len(stamps) - 1) * batch / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
     return run, total, steady
@@ -52,7 +53,7 @@ def run_one(L, base_args: list[str], batch: int, log: str | None, every: int, ba
 def recovery(L, base_args, batch, log, backend):
     args = L.parse([*base_args, "--batch", str(batch), "--log", log, "--resume"])
     run = L.DecodeRun(args)
-    rec = run.resume(backend)
+    rec = run.resume(backend or run.default_backend())
     t = time.perf_counter()
     first = []
     run.generate(start_pos=rec["restored_pos"], on_token=lambda pos: first.append(time.perf_counter() - t))
@@ -67,23 +68,85 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
     b = [r["batch"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    a1.plot(b, [r["tok_s_plain"] for r in rows], "o-", label="no checkpoints")
-    a1.plot(b, [r["tok_s_ckpt"] for r in rows], "s-", label="checkpoint every step")
+    labels = {"plain": "no checkpoints", "async": "checkpoint_async every step",
+              "sync": "checkpoint() every step"}
+    for kind, mark in (("plain", "o-"), ("async", "s-"), ("sync", "^--")):
+        if f"tok_s_{kind}" in rows[0]:
+            a1.plot(b, [r[f"tok_s_{kind}"] for r in rows], mark, label=labels[kind])
     a1.set_xlabel("batch size")
     a1.set_ylabel("tokens / s")
     a1.set_xscale("log", base=2)
     a1.legend()
     a1.set_title("decode throughput")
-    a2.plot(b, [r["ckpt_ms_median"] for r in rows], "o-", label="median")
-    a2.plot(b, [r["ckpt_ms_p99"] for r in rows], "^--", label="p99")
+    if "enqueue_us_median" in rows[0]:
+        a2.plot(b, [r["enqueue_us_median"] / 1e3 for r in rows], "s-",
+                label="checkpoint_async: decode thread")
+        a2.plot(b, [r["lag_ms_median"] for r in rows], "s:", label="async: enqueue to durable")
+    if "ckpt_ms_median" in rows[0]:
+        a2.plot(b, [r["ckpt_ms_median"] for r in rows], "^--", label="checkpoint(): decode thread")
     a2.set_xlabel("batch size")
-    a2.set_ylabel("ms per checkpoint")
+    a2.set_ylabel("ms per checkpoint (median)")
     a2.set_xscale("log", base=2)
+    a2.set_yscale("log")
     a2.legend()
-    a2.set_title("checkpoint time per decode step")
+    a2.set_title("checkpoint cost per decode step")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def measure_batch(L, a, base, batch, kinds, log) -> dict:
+    """The kinds of run interleaved in one process (clocks and caches drift as a process goes
+    on), `repeats` times each, in a rotating order. Checkpointed runs stop 8 tokens short, as a
+    crash would, so that recovery has tokens left to make (it uses the last log)."""
+    rates = {k: [] for k in kinds}
+    step_s = {k: [] for k in kinds}
+    runs = {}
+    for rep in range(a.repeats):
+        order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
+        for kind in order:
+            run, _, rate = run_one(L, base, batch, log if kind != "plain" else None, 1, a.backend,
+                                   stop_after=a.tokens - 8 if kind != "plain" else None,
+                                   asynchronous=kind == "async")
+            rates[kind].append(rate)
+            step_s[kind] += run.step_seconds
+            runs[kind] = run
+            if kind == "async":
+                hs = [h for h in run.handles if h.stats is not None]
+                runs["async_handles"] = runs.get("async_handles", []) + hs
+    row = {"batch": batch}
+    for k in kinds:
+        row[f"tok_s_{k}"] = round(float(np.median(rates[k])), 1)
+        row[f"decode_step_ms_{k}"] = round(float(np.median(step_s[k])) * 1e3, 3)
+        row[f"tok_s_{k}_runs"] = [round(r, 1) for r in rates[k]]
+    plain = row.get("tok_s_plain")
+    for k in kinds:
+        if k != "plain" and plain:
+            row[f"overhead_pct_{k}"] = round(100 * (plain - row[f"tok_s_{k}"]) / plain, 2)
+    if "async" in kinds:
+        hs = runs["async_handles"]
+        enq = np.array([h.enqueue_s for h in hs]) * 1e6
+        row.update(enqueue_us_median=round(float(np.median(enq)), 1),
+                   enqueue_us_p99=round(float(np.percentile(enq, 99)), 1),
+                   lag_ms_median=round(float(np.median([h.lag_s for h in hs])) * 1e3, 3),
+                   lag_ms_p99=round(float(np.percentile([h.lag_s for h in hs], 99)) * 1e3, 3),
+                   lag_checkpoints_median=float(np.median([h.lag_checkpoints for h in hs])),
+                   bytes_per_step=int(np.median([h.stats.bytes for h in hs])),
+                   pages_per_step=int(np.median([h.stats.pages for h in hs])),
+                   group_commit_checkpoints=len(hs))
+    if "sync" in kinds:
+        steps = [s for s in runs["sync"].stats if not s["full"]]
+        ms = np.array([s["seconds"] for s in steps]) * 1e3
+        row.update(ckpt_ms_median=round(float(np.median(ms)), 3),
+                   ckpt_ms_p99=round(float(np.percentile(ms, 99)), 3),
+                   bytes_per_ckpt=int(np.median([s["bytes"] for s in steps])))
+    last = "async" if "async" in kinds else ("sync" if "sync" in kinds else None)
+    if last:
+        row["base_image_bytes"] = runs[last].stats[0].get("bytes")
+        row["recovery_ms"] = {k[:-2]: round(v * 1e3, 2) for k, v in
+                              recovery(L, base, batch, log, a.restore_backend or a.backend).items()
+                              if k.endswith("_s")}
+    return row
 
 
 def main(argv=None) -> int:
@@ -98,61 +161,46 @@ def main(argv=None) -> int:
     p.add_argument("--fsync", default="always")
     p.add_argument("--repeats", type=int, default=2, help="runs of each kind per batch size")
     p.add_argument("--name", default=None, help="result name (default llm-<config>)")
+    p.add_argument("--kinds", default="plain,async,sync",
+                   help="runs to compare: plain (no checkpoints), async (checkpoint_async every "
+                        "step), sync (checkpoint() every step)")
+    p.add_argument("--no-graph", action="store_true", help="eager decode steps (no CUDA graph)")
     a = p.parse_args(argv)
     import torch
     import llm_decode as L
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    base = ["--config", a.config, "--device", device, "--prompt", str(a.prompt),
-            "--tokens", str(a.tokens), "--fsync", a.fsync]
+    base = [*(["--no-graph"] if a.no_graph else []), "--config", a.config, "--device", device,
+            "--prompt", str(a.prompt), "--tokens", str(a.tokens), "--fsync", a.fsync]
+    kinds = a.kinds.split(",")
     with tempfile.TemporaryDirectory(prefix="concordia-llm-") as tmp:
         log = os.path.join(tmp, "decode.clog")
-        run_one(L, [*base[:-4], "--tokens", "8", "--fsync", a.fsync], 1, log, 1, a.backend)  # warm-up
+        for kind in kinds:   # warm-up: graphs captured, kernels compiled, allocator primed
+            run_one(L, [*base[:-6], "--tokens", "8", "--fsync", a.fsync], 1,
+                    log if kind != "plain" else None, 1, a.backend, asynchronous=kind == "async")
         rows = []
         for batch in (int(x) for x in a.batches.split(",")):
-            # alternate the two kinds of run, first one then the other (clocks and caches warm
-            # up as a process goes on); the checkpointed runs stop 8 tokens short, as a crash
-            # would, so that recovery has tokens left to make (it uses the last log)
-            plains, ckpts, step_ms = [], [], {"plain": [], "ckpt": []}
-            for rep in range(a.repeats):
-                for kind in (("ckpt", "plain") if rep % 2 == 0 else ("plain", "ckpt")):
-                    if kind == "ckpt":
-                        run, _, rate = run_one(L, base, batch, log, 1, a.backend,
-                                               stop_after=a.tokens - 8)
-                        ckpts.append(rate)
-                        step_ms["ckpt"] += run.step_seconds
-                    else:
-                        prun, _, prate = run_one(L, base, batch, None, 0, None)
-                        plains.append(prate)
-                        step_ms["plain"] += prun.step_seconds
-            plain, ckpt = float(np.median(plains)), float(np.median(ckpts))
-            steps = [s for s in run.stats if not s["full"]]
-            ms = np.array([s["seconds"] for s in steps]) * 1e3
-            rec = recovery(L, base, batch, log, a.restore_backend or a.backend)   # the last log
-            rows.append({
-                "batch": batch, "tok_s_plain": round(plain, 1), "tok_s_ckpt": round(ckpt, 1),
-                "overhead_pct": round(100 * (plain - ckpt) / plain, 2) if plain else None,
-                "decode_step_ms_plain": round(float(np.median(step_ms["plain"])) * 1e3, 2),
-                "decode_step_ms_ckpt_run": round(float(np.median(step_ms["ckpt"])) * 1e3, 2),
-                "ckpt_ms_median": round(float(np.median(ms)), 3),
-                "ckpt_ms_p99": round(float(np.percentile(ms, 99)), 3),
-                "bytes_per_ckpt": int(np.median([s["bytes"] for s in steps])),
-                "pages_per_ckpt": int(np.median([s["pages"] for s in steps])),
-                "base_image_bytes": run.stats[0]["bytes"],
-                "recovery_ms": {k[:-2]: round(v * 1e3, 2) for k, v in rec.items() if k.endswith("_s")},
-            })
+            rows.append(measure_batch(L, a, base, batch, kinds, log))
             print(f"batch {batch}: {rows[-1]}", file=sys.stderr, flush=True)
     env = environment(torch.cuda.get_device_name() if device == "cuda" else "cpu")
     env.update(torch=torch.__version__)
     name = a.name or f"llm-{a.config}"
     result = {"env": env, "config": a.config, "backend": a.backend or "default",
-              "prompt": a.prompt, "tokens": a.tokens, "fsync": a.fsync,
+              "prompt": a.prompt, "tokens": a.tokens, "fsync": a.fsync, "kinds": kinds,
+              "cuda_graph": not a.no_graph, "repeats": a.repeats,
               "checkpoint_every_steps": 1, "paper": PAPER,
               "targets": {"overhead_pct": "< 2", "recovery_s": "< 1.5"}, "rows": rows}
     path = write_result(name, result)
-    plot(rows, path[:-5] + ".png", f"Concordia, {a.config} on {env['device']}")
-    print(table([{**r, "recovery_ms": r["recovery_ms"]["total"]} for r in rows],
-                ["batch", "tok_s_plain", "tok_s_ckpt", "overhead_pct", "ckpt_ms_median",
-                 "ckpt_ms_p99", "bytes_per_ckpt", "recovery_ms"]))
+    try:
+        plot(rows, path[:-5] + ".png", f"Concordia, {a.config} on {env['device']}")
+    except ImportError:
+        print("note: matplotlib is not installed; no plot", file=sys.stderr)
+    cols = ["batch"] + [f"tok_s_{k}" for k in kinds] + [f"overhead_pct_{k}" for k in kinds
+                                                       if k != "plain"]
+    cols += [c for c in ("enqueue_us_median", "enqueue_us_p99", "lag_ms_median",
+                         "lag_checkpoints_median", "ckpt_ms_median", "bytes_per_step")
+             if any(c in r for r in rows)]
+    print(table([{**r, "recovery_ms": r.get("recovery_ms", {}).get("total")} for r in rows],
+                cols + ["recovery_ms"]))
     return 0
 
 

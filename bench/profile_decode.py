@@ -47,31 +47,29 @@ def between_steps(run, pos: int, gap: str):
 
 def timed_generate(run, profile_steps: range, prof, gap: str = "none"):
     """run.generate with per-step phases: returns a list of dicts."""
-    s, a = run.sched, run.args
+    s, a, m = run.sched, run.args, run.model
     s.start(L.make_prompts(run.cfg, a.batch, a.prompt, a.seed))
     pos = 0
     if run.ckpt is not None:
         s.ensure_block(0)
         run.checkpoint(0)
-    table = __import__("torch").from_numpy(s.table()).to(run.device)
-    torch = __import__("torch")
+    m.set_table(s.table())
     rows = []
     step_no = 0
     while pos < run.max_len - 1:
         if s.ensure_block(pos):
-            table = torch.from_numpy(s.table().copy()).to(run.device)
+            m.set_table(s.table())
         if a.adapter_every and pos % a.adapter_every == 0 and pos > 0:
-            run.model.adapter_update(pos)
+            m.adapter_update(pos)
         t0 = time.perf_counter()
-        toks = torch.from_numpy(s.tokens()[:, pos].copy()).to(run.device)
-        logits = run.model.step(toks, pos, table)
+        nxt_dev = m.launch(s.tokens()[:, pos], pos)
         t1 = time.perf_counter()
         if run.scanner is not None:
             run.scanner.mark(s.table()[:, pos // a.block_size], np.full(a.batch, pos % a.block_size))
+        nxt = nxt_dev.cpu().numpy()
+        t2 = time.perf_counter()
         pos += 1
         s.host[0] = pos
-        nxt = torch.argmax(logits.float(), dim=-1).to(torch.int32).cpu().numpy()
-        t2 = time.perf_counter()
         if pos >= s.host[1]:
             s.tokens()[:, pos] = nxt
             s.host[1] = pos + 1
@@ -91,6 +89,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--out", default=tempfile.mkdtemp())
+    p.add_argument("--no-graph", action="store_true", help="eager steps (the issue's baseline)")
     p.add_argument("--gaps", default="sleep:2,spin:2,sync_sleep:2,sleep:20,spin:20",
                    help="stand-ins run between plain steps (kind:ms), to tell the checkpoint's "
                         "own cost from what any pause between steps costs")
@@ -102,6 +101,7 @@ def main() -> int:
     for mode in ("plain", "checkpoint", "plain_again"):
         log = os.path.join(tempfile.mkdtemp(), "p.clog") if mode == "checkpoint" else None
         a = L.parse(["--config", args.config, "--batch", str(args.batch), "--prompt", "8",
+                     *(["--no-graph"] if args.no_graph else []),
                      "--tokens", str(args.tokens), *(["--log", log, "--every", "1"] if log else [])])
         run = L.DecodeRun(a)
         if log:
@@ -129,7 +129,7 @@ def main() -> int:
             fh.write(ka.table(sort_by="self_cuda_time_total", row_limit=25))
     for gap in args.gaps.split(","):
         a = L.parse(["--config", args.config, "--batch", str(args.batch), "--prompt", "8",
-                     "--tokens", str(args.tokens)])
+                     *(["--no-graph"] if args.no_graph else []), "--tokens", str(args.tokens)])
         rows = timed_generate(L.DecodeRun(a), range(0), None, gap)[10:]
         summary["gap " + gap] = {k: float(np.median([r[k] for r in rows]))
                                  for k in ("enqueue_ms", "wait_ms", "step_ms")}

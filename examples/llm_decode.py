@@ -62,25 +62,28 @@ CONFIGS = {
 }
 
 
-def rms_norm(x, w, eps):
-    var = x.float().pow(2).mean(-1, keepdim=True)
-    return (x.float() * torch.rsqrt(var + eps)).to(x.dtype) * w
-
-
 _WEIGHTS: dict = {}   # (config, device, dtype, seed) -> weights: runs in one process share them
 
 
 class Qwen3Decoder:
-    """Weights as plain tensors; `step` decodes one token per sequence against the paged cache."""
+    """Weights as plain tensors; `launch` decodes one token per sequence against the paged cache.
+
+    Every shape is static (the block table spans max_len, attention is masked past `pos`, and
+    pos lives on the device), so that on a GPU one decode step is captured once in a CUDA graph
+    and then replayed: one launch per step instead of ~2,400, and the model, not Python, sets
+    the pace. q/k/v and gate/up are fused into one matmul each."""
 
     def __init__(self, cfg: Qwen3Config, device, dtype, seed: int, block_size: int,
-                 num_blocks: int, batch: int, max_len: int):
+                 num_blocks: int, batch: int, max_len: int, graph: bool = True):
         self.cfg, self.device, self.dtype = cfg, device, dtype
         key = (cfg, str(device), dtype, seed)
         if key not in _WEIGHTS:
             _WEIGHTS[key] = self._weights(cfg, device, dtype, seed)
         self.embed, self.layers, self.norm = _WEIGHTS[key]
         self._state(cfg, device, dtype, block_size, num_blocks, max_len)
+        self._static(batch, max_len)
+        self.use_graph = graph and device.type == "cuda"
+        self.graph = None
 
     @staticmethod
     def _weights(cfg, device, dtype, seed):
@@ -97,19 +100,19 @@ class Qwen3Decoder:
             layers.append(dict(
                 ln1=torch.ones(c.hidden, device=device, dtype=dtype),
                 ln2=torch.ones(c.hidden, device=device, dtype=dtype),
-                q=w(c.heads * c.head_dim, c.hidden), k=w(c.kv_heads * c.head_dim, c.hidden),
-                v=w(c.kv_heads * c.head_dim, c.hidden), o=w(c.hidden, c.heads * c.head_dim),
+                qkv=torch.cat([w(c.heads * c.head_dim, c.hidden), w(c.kv_heads * c.head_dim, c.hidden),
+                               w(c.kv_heads * c.head_dim, c.hidden)]),
+                o=w(c.hidden, c.heads * c.head_dim),
                 qn=torch.ones(c.head_dim, device=device, dtype=dtype),
                 kn=torch.ones(c.head_dim, device=device, dtype=dtype),
-                gate=w(c.intermediate, c.hidden), up=w(c.intermediate, c.hidden),
+                gate_up=torch.cat([w(c.intermediate, c.hidden), w(c.intermediate, c.hidden)]),
                 down=w(c.hidden, c.intermediate)))
         return embed, layers, torch.ones(c.hidden, device=device, dtype=dtype)
 
     def _state(self, c, device, dtype, block_size, num_blocks, max_len):
         inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
         ang = torch.arange(max_len, dtype=torch.float64)[:, None] * inv[None, :]
-        self.cos = torch.cos(ang).to(device=device, dtype=torch.float32)
-        self.sin = torch.sin(ang).to(device=device, dtype=torch.float32)
+        self.freqs = torch.polar(torch.ones_like(ang), ang).to(device=device, dtype=torch.complex64)
         # --- the state Concordia protects
         r = c.lora_rank
         per_layer = r * c.hidden * 2 + c.heads * c.head_dim * r + c.kv_heads * c.head_dim * r
@@ -128,6 +131,14 @@ class Qwen3Decoder:
         self.kv = torch.zeros(c.layers, 2, num_blocks, block_size, c.kv_heads, c.head_dim,
                               device=device, dtype=dtype)
 
+    def _static(self, batch, max_len):
+        """The step's inputs live in fixed tensors (what a CUDA graph reads on each replay)."""
+        max_blocks = -(-max_len // self.block_size)
+        self.tokens_in = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        self.pos_in = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.table_in = torch.zeros(batch, max_blocks, dtype=torch.int64, device=self.device)
+        self.positions = torch.arange(max_blocks * self.block_size, device=self.device)
+
     def adapter_update(self, step: int):
         """An online adapter change at `step`: a few rows of one layer's factors, from the step
         number alone (a resumed run makes the same change at the same step)."""
@@ -139,43 +150,66 @@ class Qwen3Decoder:
             rows = torch.randint(0, t.shape[0], (2,), generator=g)
             t[rows] = (torch.randn(2, t.shape[1], generator=g) * 0.02).to(t.device, t.dtype)
 
-    def rope(self, x, pos):
-        c, s = self.cos[pos], self.sin[pos]
-        x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
-        out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-        return out.to(x.dtype)
+    def set_table(self, table: np.ndarray):
+        """The block table (unallocated blocks are -1: read as block 0, and masked)."""
+        self.table_in.copy_(torch.from_numpy(np.maximum(table, 0).astype(np.int64)))
+
+    def launch(self, tokens: np.ndarray, pos: int) -> torch.Tensor:
+        """Enqueue one decode step (token `pos` of each sequence in, K/V of `pos` written);
+        returns the next tokens as a device tensor, not yet waited for."""
+        self.tokens_in.copy_(torch.from_numpy(tokens.astype(np.int64)))
+        self.pos_in.fill_(pos)
+        if not self.use_graph:
+            return self.step()
+        if self.graph is None:
+            out = self.step()            # eager once: the real step, and the graph's warm-up
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.next_out = self.step()
+            return out
+        self.graph.replay()
+        return self.next_out
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor, pos: int, block_table: torch.Tensor) -> torch.Tensor:
-        """Logits for the next token of each sequence; writes K/V of position `pos`."""
-        c, B = self.cfg, tokens.shape[0]
-        h = self.embed[tokens]                                   # (B, hidden)
-        blk = block_table[:, pos // self.block_size]
-        slot = pos % self.block_size
-        nblk = pos // self.block_size + 1
-        table = block_table[:, :nblk]
+    def step(self) -> torch.Tensor:
+        """Greedy next token of each sequence, from the static inputs."""
+        c, bs = self.cfg, self.block_size
+        B, H, KV, hd = self.tokens_in.shape[0], c.heads, c.kv_heads, c.head_dim
+        pos, table = self.pos_in, self.table_in
+        T = self.positions.shape[0]
+        h = self.embed[self.tokens_in]                                      # (B, hidden)
+        at = table.gather(1, (pos // bs).expand(B, 1)).view(B) * bs + pos % bs   # cache slots
+        mask = (self.positions <= pos).view(1, 1, 1, T)
+        freq = self.freqs.index_select(0, pos.view(1))                      # (1, hd/2)
+        blocks = table.view(-1)
         for li, L in enumerate(self.layers):
             lo = self.lora[li]
-            x = rms_norm(h, L["ln1"], c.eps)
-            q = x @ L["q"].T + (x @ lo["qa"].T) @ lo["qb"].T
-            k = x @ L["k"].T
-            v = x @ L["v"].T + (x @ lo["va"].T) @ lo["vb"].T
-            q = rms_norm(q.view(B, c.heads, c.head_dim), L["qn"], c.eps)
-            k = rms_norm(k.view(B, c.kv_heads, c.head_dim), L["kn"], c.eps)
-            q, k = self.rope(q, pos), self.rope(k, pos)
-            self.kv[li, 0, blk, slot] = k
-            self.kv[li, 1, blk, slot] = v.view(B, c.kv_heads, c.head_dim)
-            keys = self.kv[li, 0][table].reshape(B, -1, c.kv_heads, c.head_dim)[:, :pos + 1]
-            vals = self.kv[li, 1][table].reshape(B, -1, c.kv_heads, c.head_dim)[:, :pos + 1]
-            rep = c.heads // c.kv_heads
-            keys = keys.transpose(1, 2).repeat_interleave(rep, dim=1)   # (B, heads, T, hd)
-            vals = vals.transpose(1, 2).repeat_interleave(rep, dim=1)
-            att = F.scaled_dot_product_attention(q[:, :, None, :], keys, vals)
-            h = h + att.reshape(B, c.heads * c.head_dim) @ L["o"].T
-            x = rms_norm(h, L["ln2"], c.eps)
-            h = h + (F.silu(x @ L["gate"].T) * (x @ L["up"].T)) @ L["down"].T
-        h = rms_norm(h, self.norm, c.eps)
-        return h @ self.embed.T
+            x = F.rms_norm(h, (c.hidden,), L["ln1"], c.eps)
+            q, k, v = (x @ L["qkv"].T).split([H * hd, KV * hd, KV * hd], dim=-1)
+            q = q + (x @ lo["qa"].T) @ lo["qb"].T
+            v = v + (x @ lo["va"].T) @ lo["vb"].T
+            q = _rope(F.rms_norm(q.reshape(B, H, hd), (hd,), L["qn"], c.eps), freq)
+            k = _rope(F.rms_norm(k.reshape(B, KV, hd), (hd,), L["kn"], c.eps), freq)
+            cache = self.kv[li].view(2, -1, KV, hd)                         # (2, slots, KV, hd)
+            cache[0].index_copy_(0, at, k)
+            cache[1].index_copy_(0, at, v.reshape(B, KV, hd))
+            keys = self.kv[li, 0].index_select(0, blocks).view(B, T, KV, hd).transpose(1, 2)
+            vals = self.kv[li, 1].index_select(0, blocks).view(B, T, KV, hd).transpose(1, 2)
+            att = F.scaled_dot_product_attention(q[:, :, None, :], keys, vals, attn_mask=mask,
+                                                 enable_gqa=True)
+            h = h + att.reshape(B, H * hd) @ L["o"].T
+            x = F.rms_norm(h, (c.hidden,), L["ln2"], c.eps)
+            gate, up = (x @ L["gate_up"].T).chunk(2, dim=-1)
+            h = h + (F.silu(gate) * up) @ L["down"].T
+        h = F.rms_norm(h, (c.hidden,), self.norm, c.eps)
+        return torch.argmax((h @ self.embed.T).float(), dim=-1).to(torch.int32)
+
+
+def _rope(x, freq):
+    """Rotary embedding on interleaved pairs, as one complex multiply."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freq).flatten(-2).to(x.dtype)
 
 
 class Scheduler:
@@ -237,11 +271,12 @@ class DecodeRun:
         self.max_len = args.prompt + args.tokens
         blocks = args.batch * (-(-self.max_len // args.block_size))
         self.model = Qwen3Decoder(self.cfg, self.device, dtype, args.seed, args.block_size,
-                                  blocks, args.batch, self.max_len)
+                                  blocks, args.batch, self.max_len, graph=not args.no_graph)
         self.sched = Scheduler(args.batch, self.max_len, args.block_size, self.device)
         self.ckpt = None
         self.scanner = None
         self.stats: list[dict] = []
+        self.handles: list = []   # checkpoint_async's handles (durability lag, stats)
 
     def regions(self, rt):
         """The three tensors as Concordia regions (DLPack: no copy). bf16 has no IR type, so
@@ -273,6 +308,7 @@ class DecodeRun:
             torch.cuda.synchronize()
 
     def checkpoint(self, pos: int):
+        """A synchronous checkpoint after step `pos`: wait for the device, log, commit, fsync."""
         t0 = time.perf_counter()
         self.sched.publish()
         self.sync()
@@ -280,11 +316,19 @@ class DecodeRun:
         self.stats.append({"pos": pos, "seconds": time.perf_counter() - t0, "pages": st.pages,
                            "bytes": st.bytes, "full": st.full})
 
+    def checkpoint_async(self, pos: int):
+        """Enqueued in the decode stream right after step `pos` was launched: the scheduler
+        state published before the step (kv_len = pos) and the cache with pos's K/V. A restore
+        recomputes step pos, which rewrites the same K/V: the pair is consistent."""
+        h = self.ckpt.checkpoint_async()
+        self.handles.append(h)
+        self.stats.append({"pos": pos, "seconds": h.enqueue_s, "full": h.done()})
+
     def generate(self, start_pos: int | None = None, crash_after: int | None = None,
                  on_token=None, stop_after: int | None = None):
         """Decode until every sequence holds prompt + tokens (or `stop_after` new tokens);
         returns the token array."""
-        s, a = self.sched, self.args
+        s, a, m = self.sched, self.args, self.model
         if start_pos is None:
             s.start(make_prompts(self.cfg, a.batch, a.prompt, a.seed))
             pos = 0
@@ -293,30 +337,35 @@ class DecodeRun:
                 self.checkpoint(0)   # the base image
         else:
             pos = start_pos
-        table = torch.from_numpy(s.table()).to(self.device)
+        m.set_table(s.table())
         generated = 0
-        self.step_seconds = []   # per decode step: the model's step and the greedy pick
+        self.step_seconds = []   # per decode step: launch to the next tokens on the host
+        due = lambda p: self.ckpt is not None and a.every and p % a.every == 0   # noqa: E731
         while pos < self.max_len - 1:
             if s.ensure_block(pos):
-                table = torch.from_numpy(s.table().copy()).to(self.device)
+                m.set_table(s.table())
             if a.adapter_every and pos % a.adapter_every == 0 and pos > 0:
-                self.model.adapter_update(pos)
+                m.adapter_update(pos)
             t_step = time.perf_counter()
-            toks = torch.from_numpy(s.tokens()[:, pos].copy()).to(self.device)
-            logits = self.model.step(toks, pos, table)
+            if a.async_checkpoints and due(pos):
+                s.host[0] = pos
+                s.publish()
+            nxt_dev = m.launch(s.tokens()[:, pos], pos)
             if self.scanner is not None:
                 self.scanner.mark(s.table()[:, pos // a.block_size], np.full(a.batch, pos % a.block_size))
+            if a.async_checkpoints and due(pos):
+                self.checkpoint_async(pos)
+            nxt = nxt_dev.cpu().numpy()
             pos += 1
             s.host[0] = pos
             if pos >= s.host[1]:            # past the prompt: greedy next token
-                nxt = torch.argmax(logits.float(), dim=-1).to(torch.int32).cpu().numpy()
                 self.step_seconds.append(time.perf_counter() - t_step)
                 s.tokens()[:, pos] = nxt
                 s.host[1] = pos + 1
                 generated += 1
                 if on_token:
                     on_token(pos)
-            if self.ckpt is not None and a.every and pos % a.every == 0:
+            if not a.async_checkpoints and due(pos):
                 self.checkpoint(pos)
             if crash_after is not None and generated >= crash_after:
                 os.kill(os.getpid(), signal.SIGKILL)   # a crash: nothing is flushed or closed
@@ -359,6 +408,11 @@ def parse(argv=None):
     p.add_argument("--backend", default=None, help="Concordia backend of the checkpoints "
                    "(default: cuda on a GPU; tenstorrent (simulated) or reference on a CPU)")
     p.add_argument("--fsync", default="always", choices=["always", "everysec", "no"])
+    p.add_argument("--async", dest="async_checkpoints", action="store_true",
+                   help="checkpoint_async: enqueued in the decode stream, a writer thread logs "
+                        "and fsyncs (group commit); the decode thread never waits for the disk")
+    p.add_argument("--no-graph", action="store_true",
+                   help="on a GPU, run each step eagerly instead of replaying a CUDA graph")
     p.add_argument("--crash-after", type=int, help="SIGKILL this process after N new tokens")
     p.add_argument("--resume", action="store_true", help="restore from --log and continue")
     p.add_argument("--restore-backend", default=None, help="backend that applies the log")

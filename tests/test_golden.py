@@ -23,7 +23,7 @@ RENDERERS = {
     "hip": lambda k: render_source(k, "hip"),
     "cl": lambda k: render_source(k, "opencl"),
     "metalium.cpp": render_metalium,
-    "tt.py": lambda k: plan_tiles(k).source,
+    "ttlang": lambda k: plan_tiles(k).source,   # TT-Lang (Python) text, or the refusal
 }
 
 

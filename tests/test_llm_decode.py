@@ -42,6 +42,21 @@ def test_crash_restore_continue_gives_the_uninterrupted_tokens(tmp_path):
     assert np.array_equal(a, b)
 
 
+def test_async_checkpoints_crash_restore_continue(tmp_path):
+    """checkpoint_async every step: the writer thread owns the log; a SIGKILL loses at most the
+    checkpoints not yet durable, and the resumed run still makes the uninterrupted tokens."""
+    want, got, log = tmp_path / "want.npy", tmp_path / "got.npy", tmp_path / "a.clog"
+    assert decode("--out", str(want)).returncode == 0
+    r = decode("--log", str(log), "--every", "1", "--async", "--backend", "reference",
+               "--crash-after", "25")
+    assert r.returncode == -9, r.stderr
+    r = decode("--log", str(log), "--resume", "--restore-backend", "reference", "--out", str(got))
+    assert r.returncode == 0, r.stderr
+    restored_at = int(r.stdout.split("resumed at position ")[1].split()[0])
+    assert 6 + 3 <= restored_at < 6 + 40
+    assert np.array_equal(np.load(want), np.load(got))
+
+
 def test_restore_is_what_carries_the_state(tmp_path):
     """The same resume with the KV cache wiped after restoring continues differently: the
     equality above is the restored state's doing, not the model's."""
