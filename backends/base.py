@@ -110,8 +110,9 @@ class Backend(ABC):
         """Enqueue device -> host into `host` (pinned where streams exist)."""
         self.copy_out(handle, host)
 
-    def record_event(self, stream):
-        """A marker of everything enqueued on `stream` so far (None: already complete)."""
+    def record_event(self, stream, event=None):
+        """A marker of everything enqueued on `stream` so far (None: already complete);
+        `event`, one this returned before and now complete, is recorded again."""
         return None
 
     def event_done(self, event) -> bool:

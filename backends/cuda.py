@@ -312,11 +312,12 @@ class CUDABackend(Backend):
         _check(_driver().cuMemcpyDtoHAsync(host.ctypes.data, handle, host.nbytes, stream),
                "cuMemcpyDtoHAsync")
 
-    def record_event(self, stream):
+    def record_event(self, stream, event=None):
         driver = _driver()
         self.activate()
-        event = _check(driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING),
-                       "cuEventCreate")
+        if event is None:
+            event = _check(driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING),
+                           "cuEventCreate")
         _check(driver.cuEventRecord(event, stream), "cuEventRecord")
         return event
 
@@ -327,7 +328,6 @@ class CUDABackend(Backend):
         if err == driver.CUresult.CUDA_ERROR_NOT_READY:
             return False
         _check((err,), "cuEventQuery")
-        driver.cuEventDestroy(event)
         return True
 
     def sync_stream(self, stream):

@@ -165,12 +165,14 @@ def main(argv=None) -> int:
                    help="runs to compare: plain (no checkpoints), async (checkpoint_async every "
                         "step), sync (checkpoint() every step)")
     p.add_argument("--no-graph", action="store_true", help="eager decode steps (no CUDA graph)")
+    p.add_argument("--when-full", default="wait", choices=["wait", "coalesce"])
     a = p.parse_args(argv)
     import torch
     import llm_decode as L
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = [*(["--no-graph"] if a.no_graph else []), "--config", a.config, "--device", device,
-            "--prompt", str(a.prompt), "--tokens", str(a.tokens), "--fsync", a.fsync]
+            "--when-full", a.when_full, "--prompt", str(a.prompt), "--tokens", str(a.tokens),
+            "--fsync", a.fsync]
     kinds = a.kinds.split(",")
     with tempfile.TemporaryDirectory(prefix="concordia-llm-") as tmp:
         log = os.path.join(tmp, "decode.clog")
@@ -186,7 +188,7 @@ def main(argv=None) -> int:
     name = a.name or f"llm-{a.config}"
     result = {"env": env, "config": a.config, "backend": a.backend or "default",
               "prompt": a.prompt, "tokens": a.tokens, "fsync": a.fsync, "kinds": kinds,
-              "cuda_graph": not a.no_graph, "repeats": a.repeats,
+              "cuda_graph": not a.no_graph, "repeats": a.repeats, "when_full": a.when_full,
               "checkpoint_every_steps": 1, "paper": PAPER,
               "targets": {"overhead_pct": "< 2", "recovery_s": "< 1.5"}, "rows": rows}
     path = write_result(name, result)

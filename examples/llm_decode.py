@@ -301,7 +301,8 @@ class DecodeRun:
         rt = Runtime(self.args.backend or self.default_backend())
         self.scanner = KVBlockScanner(tuple(self.model.kv.shape), self.model.kv.element_size())
         self.ckpt = Checkpointer(rt, self.regions(rt), self.args.log, fsync=self.args.fsync,
-                                 scanners={"kv": self.scanner, "adapter": AdapterPageScanner()})
+                                 scanners={"kv": self.scanner, "adapter": AdapterPageScanner()},
+                                 when_full=self.args.when_full)
 
     def sync(self):
         if self.device.type == "cuda":
@@ -411,6 +412,9 @@ def parse(argv=None):
     p.add_argument("--async", dest="async_checkpoints", action="store_true",
                    help="checkpoint_async: enqueued in the decode stream, a writer thread logs "
                         "and fsyncs (group commit); the decode thread never waits for the disk")
+    p.add_argument("--when-full", default="wait", choices=["wait", "coalesce"],
+                   help="--async with every staging slot in flight: wait for one, or fold this "
+                        "checkpoint into the next")
     p.add_argument("--no-graph", action="store_true",
                    help="on a GPU, run each step eagerly instead of replaying a CUDA graph")
     p.add_argument("--crash-after", type=int, help="SIGKILL this process after N new tokens")

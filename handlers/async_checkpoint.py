@@ -41,6 +41,10 @@ from .log import PAGE
 from .regions import CheckpointStats
 
 WHEN_FULL = ("wait", "coalesce")
+# Records the writer appends between two releases of the GIL. A thread waiting for the GIL gets
+# it only when the holder drops it, after up to sys.getswitchinterval() (5 ms) of pure Python:
+# a decode thread back from its device wait would sit behind the writer for that long.
+YIELD_EVERY = 16
 
 
 class CheckpointHandle:
@@ -88,10 +92,16 @@ class _RegionSlot:
 
 
 @dataclass
+class _Slot:
+    regions: list              # _RegionSlot per region
+    event: object = None       # recorded again by each capture that uses the slot
+
+
+@dataclass
 class _Capture:
     id: int
     handle: CheckpointHandle
-    slot: list | None = None        # _RegionSlot per region (stream captures)
+    slot: _Slot | None = None       # stream captures
     event: object = None
     counts: list = field(default_factory=list)   # pages per region; None: count on the device
     pieces: list | None = None      # (region id, [(page, bytes)]) for captures made at once
@@ -112,7 +122,7 @@ class CheckpointWriter:
         self.streams = self.backend.streams and any(self._streamable(st) for st in ckpt.states)
         self.free: queue.Queue = queue.Queue()
         for _ in range(slots if self.streams else 0):
-            self.free.put([self._region_slot(st, slot_bytes) for st in ckpt.states])
+            self.free.put(_Slot([self._region_slot(st, slot_bytes) for st in ckpt.states]))
         self.slots = slots
         self.in_flight = threading.Semaphore(slots)   # bounds captures made at once as well
         self.pending: queue.Queue = queue.Queue()
@@ -204,9 +214,9 @@ class CheckpointWriter:
             self.raise_error()
         return True
 
-    def _capture_on_stream(self, cap: _Capture, slot: list, stream):
+    def _capture_on_stream(self, cap: _Capture, slot: _Slot, stream):
         cap.slot = slot
-        for st, rs in zip(self.ckpt.states, slot):
+        for st, rs in zip(self.ckpt.states, slot.regions):
             if not self._streamable(st):   # hash / tracked: captured now, on the legacy stream
                 pages = st.find_dirty()
                 cap.counts.append(list(st.gather(pages)))
@@ -228,7 +238,7 @@ class CheckpointWriter:
                 rs.launches["scan"](st.region.n_pages, stream)     # count was left at 0
                 rs.launches["gather"](rs.capacity, stream)
                 cap.counts.append(None)
-        cap.event = self.backend.record_event(stream)
+        cap.event = slot.event = self.backend.record_event(stream, slot.event)
 
     def _capture_now(self, cap: _Capture):
         cap.pieces = []
@@ -316,7 +326,9 @@ class CheckpointWriter:
         log, pages, nbytes = self.ckpt.log, 0, 0
         for region_id, items in pieces:
             nbytes += sum(len(d) for _, d in items)
-            pages += log.append_many(PAGE, region_id, items)
+            for first in range(0, len(items), YIELD_EVERY):
+                pages += log.append_many(PAGE, region_id, items[first:first + YIELD_EVERY])
+                time.sleep(0)   # let the caller's thread have the GIL (see YIELD_EVERY)
         info = {"checkpoint": cap.id, "pages": pages, "bytes": nbytes, "full": False,
                 "time": time.time(), "backend": str(self.rt.spec), "async": True}
         log.commit(cap.id, info, sync=False)
@@ -333,7 +345,7 @@ class CheckpointWriter:
         while not b.event_done(cap.event):
             time.sleep(20e-6)
         out = []
-        for st, rs, n in zip(self.ckpt.states, cap.slot, cap.counts):
+        for st, rs, n in zip(self.ckpt.states, cap.slot.regions, cap.counts):
             r = st.region
             if isinstance(n, list):   # captured at enqueue
                 out.append((r.id, n))
@@ -348,10 +360,8 @@ class CheckpointWriter:
             if n:
                 b.copy_out_on(s, rs.staging.handle, rs.host_data[:n * r.page_size])
             b.sync_stream(s)
-            items = []
-            for k in range(n):
-                p = int(rs.host_pages[k])
-                end = min(r.page_size, r.nbytes - p * r.page_size)
-                items.append((p, memoryview(rs.host_data)[k * r.page_size:k * r.page_size + end]))
+            data, size = memoryview(rs.host_data), r.page_size
+            items = [(p, data[k * size:k * size + min(size, r.nbytes - p * size)])
+                     for k, p in enumerate(rs.host_pages[:n].tolist())]
             out.append((r.id, items))
         return out

@@ -57,6 +57,8 @@ HEADER = struct.Struct("<8sHHIQd28s")      # + u32 crc
 HEADER_SIZE = HEADER.size + 4              # 64
 RECORD = struct.Struct("<HHIQI")           # kind, reserved, length, seq, region (+ crc u32, page u64)
 RECORD_SIZE = RECORD.size + 4 + 8          # 32
+_CRC_INPUT = struct.Struct("<IHHIQIQ")     # previous crc, then RECORD's fields, then page
+_RECORD_HEAD = struct.Struct("<HHIQIIQ")   # RECORD's fields, crc, page: a record's 32-byte head
 LAYOUT, PAGE, COMMIT = 1, 2, 3
 KIND_NAMES = {LAYOUT: "layout", PAGE: "page", COMMIT: "commit"}
 FSYNC_POLICIES = ("always", "everysec", "no")
@@ -301,17 +303,19 @@ class DeltaLog:
         """Append (page, payload) records of one kind and region; returns how many. Head and
         payload are written separately into the file's buffer: no copy of the payload."""
         n = 0
+        # the hot loop of a checkpoint writer: two CRC calls and two writes a record (the CRC
+        # input prev|head|page packed at once: the same bytes _record_crc reads)
+        crc_input, record_head, crc = _CRC_INPUT.pack, _RECORD_HEAD.pack, crc32c.crc32c
         with self._lock:
-            write, crc = self.fh.write, self.prev_crc
+            write, prev, seq = self.fh.write, self.prev_crc, self.seq
             for page, payload in items:
-                self.seq += 1
-                head = RECORD.pack(kind, 0, len(payload), self.seq, region)
-                crc = _record_crc(crc, head, page, payload)
-                write(head)
-                write(struct.pack("<IQ", crc, page))
+                seq += 1
+                size = len(payload)
+                prev = crc(payload, crc(crc_input(prev, kind, 0, size, seq, region, page)))
+                write(record_head(kind, 0, size, seq, region, prev, page))
                 write(payload)
                 n += 1
-            self.prev_crc = crc
+            self.prev_crc, self.seq = prev, seq
             self._dirty = True
         return n
 
