@@ -93,6 +93,18 @@ class Backend(ABC):
             self.launch_on(stream, kernel, args, global_size, local_size)
         return bound
 
+    graphs = False   # capture / launch_graph exist
+
+    def capture(self, record):
+        """What `record(stream)` enqueues, as one replayable graph (backends with graphs)."""
+        raise NotImplementedError(f"backend {self.name!r} has no graphs")
+
+    def launch_graph(self, graph, stream) -> None:
+        raise NotImplementedError(f"backend {self.name!r} has no graphs")
+
+    def memset32_on(self, stream, handle, value: int, count: int) -> None:
+        self.copy_in_on(stream, handle, np.full(count, value, np.uint32))
+
     def new_stream(self):
         """A stream of this backend's own that does not wait for other streams' work."""
         return None

@@ -296,6 +296,29 @@ class CUDABackend(Backend):
                 _check(err, f"launch of {name}")
         return bound
 
+    graphs = True
+
+    def capture(self, record):
+        """What `record(stream)` enqueues, captured once as a CUDA graph and instantiated:
+        launch_graph replays it with one call (the buffers and pinned sources it names are
+        read again at each replay)."""
+        driver = _driver()
+        stream = self.new_stream()
+        mode = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+        _check(driver.cuStreamBeginCapture(stream, mode), "cuStreamBeginCapture")
+        try:
+            record(stream)
+        finally:
+            graph = _check(driver.cuStreamEndCapture(stream), "cuStreamEndCapture")
+        return _check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+
+    def launch_graph(self, graph, stream):
+        _check(_driver().cuGraphLaunch(graph, stream), "cuGraphLaunch")
+
+    def memset32_on(self, stream, handle, value: int, count: int):
+        self.activate()
+        _check(_driver().cuMemsetD32Async(handle, value, count, stream), "cuMemsetD32Async")
+
     def new_stream(self):
         driver = _driver()
         self.activate()

@@ -95,6 +95,7 @@ class _RegionSlot:
 class _Slot:
     regions: list              # _RegionSlot per region
     event: object = None       # recorded again by each capture that uses the slot
+    graph: object = None       # the capture's device work as one graph (backends with graphs)
 
 
 @dataclass
@@ -122,7 +123,10 @@ class CheckpointWriter:
         self.streams = self.backend.streams and any(self._streamable(st) for st in ckpt.states)
         self.free: queue.Queue = queue.Queue()
         for _ in range(slots if self.streams else 0):
-            self.free.put(_Slot([self._region_slot(st, slot_bytes) for st in ckpt.states]))
+            slot = _Slot([self._region_slot(st, slot_bytes) for st in ckpt.states])
+            if self.backend.graphs:
+                slot.graph = self.backend.capture(lambda stream, slot=slot: self._record(slot, stream))
+            self.free.put(slot)
         self.slots = slots
         self.in_flight = threading.Semaphore(slots)   # bounds captures made at once as well
         self.pending: queue.Queue = queue.Queue()
@@ -152,15 +156,17 @@ class CheckpointWriter:
         if not self._streamable(st):
             return rs
         gather = hk.page_gatherer(r.words_per_page, r.n_words)
+        counted = hk.counted_page_gatherer(r.words_per_page, r.n_words)
         if st.scanner is not None:
             rs.launches["gather"] = rt.bind(gather, hk.GROUP, (r.words(), rs.staging, rs.pages,
                                                                rs.staging, 0, 0))
+            rs.launches["counted"] = rt.bind(counted, hk.GROUP, (r.words(), rs.staging, rs.pages,
+                                                                 rs.count, rs.staging, 0))
         else:
             rs.launches["scan"] = rt.bind(hk.page_scanner(r.words_per_page, r.n_words), hk.GROUP,
                                           (r.words(), st.shadow, rs.pages, rs.count))
-            rs.launches["gather"] = rt.bind(hk.counted_page_gatherer(r.words_per_page, r.n_words),
-                                            hk.GROUP, (r.words(), st.shadow, rs.pages, rs.count,
-                                                       rs.staging, 1))
+            rs.launches["gather"] = rt.bind(counted, hk.GROUP, (r.words(), st.shadow, rs.pages,
+                                                                rs.count, rs.staging, 1))
         return rs
 
     # -- the caller's side
@@ -214,8 +220,27 @@ class CheckpointWriter:
             self.raise_error()
         return True
 
+    def _record(self, slot: _Slot, stream):
+        """The slot's device work, as its graph holds it: page lists and counts from the slot's
+        pinned memory (read at each replay), scans and gathers over the capacity (groups past
+        a list's count idle)."""
+        b = self.backend
+        for st, rs in zip(self.ckpt.states, slot.regions):
+            if not self._streamable(st):
+                continue
+            if st.scanner is not None:
+                b.copy_in_on(stream, rs.count.handle, rs.host_count)
+                b.copy_in_on(stream, rs.pages.handle, rs.host_pages)
+                rs.launches["counted"](rs.capacity, stream)
+            else:
+                b.memset32_on(stream, rs.count.handle, 0, 1)
+                rs.launches["scan"](st.region.n_pages, stream)
+                rs.launches["gather"](rs.capacity, stream)
+
     def _capture_on_stream(self, cap: _Capture, slot: _Slot, stream):
         cap.slot = slot
+        if slot.graph is not None:
+            return self._capture_with_graph(cap, slot, stream)
         for st, rs in zip(self.ckpt.states, slot.regions):
             if not self._streamable(st):   # hash / tracked: captured now, on the legacy stream
                 pages = st.find_dirty()
@@ -238,6 +263,30 @@ class CheckpointWriter:
                 rs.launches["scan"](st.region.n_pages, stream)     # count was left at 0
                 rs.launches["gather"](rs.capacity, stream)
                 cap.counts.append(None)
+        cap.event = slot.event = self.backend.record_event(stream, slot.event)
+
+    def _capture_with_graph(self, cap: _Capture, slot: _Slot, stream):
+        """Fill the slot's pinned page lists, replay its graph, record its event: the whole
+        device side of a checkpoint in two driver calls."""
+        for st, rs in zip(self.ckpt.states, slot.regions):
+            if not self._streamable(st):   # hash / tracked: captured now, on the legacy stream
+                pages = st.find_dirty()
+                cap.counts.append(list(st.gather(pages)))
+                st.after_commit(pages)
+            elif st.scanner is not None:
+                pages = st.scanner.dirty_pages()
+                n = len(pages)
+                if n > rs.capacity:
+                    raise ConcordiaError(f"region {st.region.name!r}: {n} dirty pages, more than "
+                                         f"a staging slot holds ({rs.capacity}); raise slot_bytes "
+                                         "or checkpoint more often")
+                rs.host_pages[:n] = pages
+                rs.host_count[0] = n
+                st.scanner.committed()
+                cap.counts.append(n)
+            else:
+                cap.counts.append(None)
+        self.backend.launch_graph(slot.graph, stream)
         cap.event = slot.event = self.backend.record_event(stream, slot.event)
 
     def _capture_now(self, cap: _Capture):
@@ -279,7 +328,9 @@ class CheckpointWriter:
             group = [cap]
             try:
                 self._write(cap)
-                while True:   # group commit: every capture already queued shares one fsync
+                # group commit: the captures queued behind it share one fsync (only those: a
+                # caller that keeps enqueueing must not postpone durability without bound)
+                for _ in range(self.pending.qsize()):
                     try:
                         nxt = self.pending.get_nowait()
                     except queue.Empty:

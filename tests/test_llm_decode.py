@@ -57,6 +57,24 @@ def test_async_checkpoints_crash_restore_continue(tmp_path):
     assert np.array_equal(np.load(want), np.load(got))
 
 
+@pytest.mark.skipif(not backend_status()["cuda"].ok or not torch.cuda.is_available(),
+                    reason="needs a CUDA device and torch with CUDA")
+def test_async_checkpoints_on_cuda_graph_decode_crash_restore_continue(tmp_path):
+    """The GPU form: the step replayed from a CUDA graph, each checkpoint's device work one
+    graph replay in the decode stream (KV pages from the block table, adapter and scheduler
+    by device scan); killed, restored on cuda, the tokens are the uninterrupted run's."""
+    gpu = [a if a != "cpu" else "cuda" for a in COMMON]
+    run = lambda *extra: subprocess.run([sys.executable, SCRIPT, *gpu, *extra],  # noqa: E731
+                                        capture_output=True, text=True, timeout=300)
+    want, got, log = tmp_path / "want.npy", tmp_path / "got.npy", tmp_path / "g.clog"
+    assert run("--out", str(want)).returncode == 0
+    r = run("--log", str(log), "--every", "1", "--async", "--backend", "cuda", "--crash-after", "25")
+    assert r.returncode == -9, r.stderr
+    r = run("--log", str(log), "--resume", "--restore-backend", "cuda", "--out", str(got))
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.load(want), np.load(got))
+
+
 def test_restore_is_what_carries_the_state(tmp_path):
     """The same resume with the KV cache wiped after restoring continues differently: the
     equality above is the restored state's doing, not the model's."""
