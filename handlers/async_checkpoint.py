@@ -57,6 +57,7 @@ class CheckpointHandle:
         self.lag_s: float | None = None   # from enqueue to durable
         self.lag_checkpoints: int | None = None   # checkpoints enqueued meanwhile
         self.stats = None
+        self.phases: dict = {}        # seconds the enqueue spent per part (profiling)
         self.error: BaseException | None = None
         self._done = threading.Event()
         self._enqueued_at = time.perf_counter()
@@ -148,10 +149,14 @@ class CheckpointWriter:
         r, rt, b = st.region, self.rt, self.backend
         # a device scan may find every page: its slot holds the whole region
         cap = r.n_pages if st.scanner is None else max(1, min(r.n_pages, slot_bytes // r.page_size))
-        rs = _RegionSlot(cap, rt.empty(cap, np.int32), rt.zeros(1, np.int32),
-                         rt.empty(cap * r.words_per_page, np.uint32),
-                         b.pinned(cap * 4).view(np.int32), b.pinned(4).view(np.int32),
-                         b.pinned(cap * r.page_size))
+        if b.graphs:   # the gathers write straight into host memory (zero-copy): no copy-out
+            staging = rt.mapped(cap * r.words_per_page, np.uint32)
+            host_data = staging.host.view(np.uint8)
+        else:
+            staging = rt.empty(cap * r.words_per_page, np.uint32)
+            host_data = b.pinned(cap * r.page_size)
+        rs = _RegionSlot(cap, rt.empty(cap, np.int32), rt.zeros(1, np.int32), staging,
+                         b.pinned(cap * 4).view(np.int32), b.pinned(4).view(np.int32), host_data)
         rs.host_count[0] = 0
         if not self._streamable(st):
             return rs
@@ -183,8 +188,10 @@ class CheckpointWriter:
             self.coalesced.append(h)
             h.enqueue_s = time.perf_counter() - t0
             return h
+        t_slot = time.perf_counter()
         self.ckpt.checkpoint_id += 1
         cap = _Capture(self.ckpt.checkpoint_id, CheckpointHandle(self.ckpt.checkpoint_id))
+        cap.handle.phases["slot"] = t_slot - t0
         cap.coalesced, self.coalesced = self.coalesced, []
         try:
             if self.streams:
@@ -236,6 +243,8 @@ class CheckpointWriter:
                 b.memset32_on(stream, rs.count.handle, 0, 1)
                 rs.launches["scan"](st.region.n_pages, stream)
                 rs.launches["gather"](rs.capacity, stream)
+                b.copy_out_on(stream, rs.count.handle, rs.host_count)   # what the scan found
+                b.copy_out_on(stream, rs.pages.handle, rs.host_pages)
 
     def _capture_on_stream(self, cap: _Capture, slot: _Slot, stream):
         cap.slot = slot
@@ -268,6 +277,7 @@ class CheckpointWriter:
     def _capture_with_graph(self, cap: _Capture, slot: _Slot, stream):
         """Fill the slot's pinned page lists, replay its graph, record its event: the whole
         device side of a checkpoint in two driver calls."""
+        t0 = time.perf_counter()
         for st, rs in zip(self.ckpt.states, slot.regions):
             if not self._streamable(st):   # hash / tracked: captured now, on the legacy stream
                 pages = st.find_dirty()
@@ -286,8 +296,11 @@ class CheckpointWriter:
                 cap.counts.append(n)
             else:
                 cap.counts.append(None)
+        t1 = time.perf_counter()
         self.backend.launch_graph(slot.graph, stream)
+        t2 = time.perf_counter()
         cap.event = slot.event = self.backend.record_event(stream, slot.event)
+        cap.handle.phases.update(lists=t1 - t0, graph=t2 - t1, event=time.perf_counter() - t2)
 
     def _capture_now(self, cap: _Capture):
         cap.pieces = []
@@ -373,6 +386,7 @@ class CheckpointWriter:
         self.processed_id = max(c.id for c in group + leftover)
 
     def _write(self, cap: _Capture):
+        t_write = time.perf_counter()
         pieces = cap.pieces if cap.pieces is not None else self._copy_out(cap)
         log, pages, nbytes = self.ckpt.log, 0, 0
         for region_id, items in pieces:
@@ -383,6 +397,7 @@ class CheckpointWriter:
         info = {"checkpoint": cap.id, "pages": pages, "bytes": nbytes, "full": False,
                 "time": time.time(), "backend": str(self.rt.spec), "async": True}
         log.commit(cap.id, info, sync=False)
+        cap.handle.phases["write"] = time.perf_counter() - t_write
         if cap.slot is not None:
             self.free.put(cap.slot)
         else:
@@ -391,10 +406,26 @@ class CheckpointWriter:
         cap.handle.stats = CheckpointStats(cap.id, pages, nbytes,
                                            time.perf_counter() - cap.handle._enqueued_at, False)
 
+    def _pieces(self, cap: _Capture) -> list:
+        """A graph capture, its event passed: counts, lists and pages are in host memory."""
+        out = []
+        for st, rs, n in zip(self.ckpt.states, cap.slot.regions, cap.counts):
+            r = st.region
+            if isinstance(n, list):   # captured at enqueue
+                out.append((r.id, n))
+                continue
+            n = int(rs.host_count[0]) if n is None else n
+            data, size = memoryview(rs.host_data), r.page_size
+            out.append((r.id, [(p, data[k * size:k * size + min(size, r.nbytes - p * size)])
+                               for k, p in enumerate(rs.host_pages[:n].tolist())]))
+        return out
+
     def _copy_out(self, cap: _Capture) -> list:
         b, s = self.backend, self.out_stream
         while not b.event_done(cap.event):
             time.sleep(20e-6)
+        if cap.slot.graph is not None:
+            return self._pieces(cap)
         out = []
         for st, rs, n in zip(self.ckpt.states, cap.slot.regions, cap.counts):
             r = st.region

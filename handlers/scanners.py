@@ -23,20 +23,24 @@ class KVBlockScanner:
         self.slot_bytes = int(np.prod(shape[4:])) * itemsize
         self.page_size = page_size
         self.pending: list[np.ndarray] = []
+        # first slot index of each (layer, K/V) plane, and whether a slot can straddle pages
+        self.plane_base = (np.arange(self.layers * self.two, dtype=np.int64) * self.blocks)[:, None]
+        self.slot_in_one_page = page_size % self.slot_bytes == 0
 
     def mark(self, blocks, slots) -> None:
         """Slots written by one step: arrays of block ids and in-block positions (one per
         sequence); every layer and both K and V are written there."""
-        b = np.asarray(blocks, np.int64).reshape(-1)
-        s = np.asarray(slots, np.int64).reshape(-1)
-        lk = np.arange(self.layers * self.two, dtype=np.int64)[:, None]
-        slot_index = (lk * self.blocks + b[None, :]) * self.block_size + s[None, :]
-        self.pending.append(slot_index.reshape(-1))
+        b = np.asarray(blocks, np.int64).reshape(1, -1)
+        s = np.asarray(slots, np.int64).reshape(1, -1)
+        self.pending.append(((self.plane_base + b) * self.block_size + s).reshape(-1))
 
     def dirty_pages(self) -> np.ndarray:
         if not self.pending:
             return np.zeros(0, np.int32)
-        start = np.concatenate(self.pending) * self.slot_bytes
+        start = (self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)) \
+            * self.slot_bytes
+        if self.slot_in_one_page:   # the common case (a slot is 2 KiB of a 4 KiB page): one page each
+            return np.unique(start // self.page_size).astype(np.int32)
         first = start // self.page_size
         last = (start + self.slot_bytes - 1) // self.page_size
         span = int((last - first).max()) + 1

@@ -105,12 +105,22 @@ def test_a_full_ring_makes_the_caller_wait(tmp_path):
     np.testing.assert_array_equal(restored(tmp_path / "w.clog")["kv"].numpy(), np.full(N, 3, np.float32))
 
 
+def slow_append(ck, seconds):
+    """Make the writer slow to take a slot's pages (the slot frees only after)."""
+    real = ck.log.append_many
+
+    def append_many(*a, **k):
+        time.sleep(seconds)
+        return real(*a, **k)
+    ck.log.append_many = append_many
+
+
 def test_a_full_ring_coalesces_into_the_next_checkpoint(tmp_path):
     rt = Runtime("reference")
     kv = rt.to_device(np.zeros(N, np.float32))
     ck = Checkpointer(rt, {"kv": kv}, str(tmp_path / "c.clog"), ring_slots=1, when_full="coalesce")
     ck.checkpoint_async()
-    slow_sync(ck, 0.3)
+    slow_append(ck, 0.3)
     first = ck.checkpoint_async()
     kv.write(np.full(N, 7, np.float32))
     t = time.perf_counter()
