@@ -59,3 +59,31 @@ class AdapterPageScanner:
     live. A region scanned this way costs a shadow copy of its size on the device."""
 
     device_scan = "shadow"
+
+
+class SequenceCacheScanner:
+    """Dirty pages of a contiguous KV cache of shape (batch, heads, max_len, head_dim), such as
+    a Hugging Face StaticCache layer: `mark(first, last)` records the positions a step wrote
+    (every sequence and head); `dirty_pages()` gives the pages that hold them."""
+
+    def __init__(self, shape: tuple, itemsize: int, page_size: int = 4096):
+        self.batch, self.heads, self.max_len, self.head_dim = shape
+        self.row_bytes = self.head_dim * itemsize
+        self.page_size = page_size
+        self.rows = (np.arange(self.batch * self.heads, dtype=np.int64) * self.max_len)[:, None]
+        self.pending: list[np.ndarray] = []
+
+    def mark(self, first: int, last: int) -> None:
+        """Positions first..last (inclusive) were written."""
+        pos = np.arange(first, last + 1, dtype=np.int64)[None, :]
+        self.pending.append(((self.rows + pos) * self.row_bytes).reshape(-1))
+
+    def dirty_pages(self) -> np.ndarray:
+        if not self.pending:
+            return np.zeros(0, np.int32)
+        start = np.concatenate(self.pending)
+        first, last = start // self.page_size, (start + self.row_bytes - 1) // self.page_size
+        return np.unique(np.concatenate([first, last])).astype(np.int32)
+
+    def committed(self) -> None:
+        self.pending.clear()

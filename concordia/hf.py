@@ -1,0 +1,149 @@
+"""Hugging Face transformers, as users run it: protect a `model.generate(...)` call.
+
+    from concordia.hf import GenerationGuard
+    guard = GenerationGuard(cache, "run.clog")            # cache: a transformers StaticCache
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=64,
+                         stopping_criteria=[guard])
+    # after a crash, in a new process:
+    ids, cache = GenerationGuard.resume("run.clog", model)   # the tokens so far, a filled cache
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=64 - (ids.shape[1] - prompt_len),
+                         stopping_criteria=[GenerationGuard(cache, "run.clog")])
+
+The guard is a stopping criterion that never stops: after each generated token it checkpoints,
+asynchronously (checkpoint_async), the StaticCache's keys and values (only the pages of the
+positions written since its last call), the tokens so far and their count. When generate calls
+it, the cache holds every position but the newest token's; a resumed generate feeds that token
+first, exactly as the interrupted one would have, so greedy decoding continues with identical
+tokens.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from concordia_ir.errors import ConcordiaError
+
+from .backends import Runtime
+from .handlers import Checkpointer
+from .handlers.log import scan_log
+from .handlers.scanners import SequenceCacheScanner
+
+META_WORDS = 8   # batch, tokens so far, max_cache_len, layers, dtype code, prompt length
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _layers(cache) -> list:
+    """(keys, values, layer) of each layer of a StaticCache, across transformers versions."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values, layer) for layer in cache.layers]
+    return [(k, v, None) for k, v in zip(cache.key_cache, cache.value_cache)]
+
+
+class GenerationGuard:
+    """A transformers StoppingCriteria that checkpoints generation at every step."""
+
+    def __init__(self, cache, path: str, runtime: str | Runtime | None = None, every: int = 1,
+                 fsync: str = "always"):
+        self.cache, self.path, self.every, self.fsync = cache, path, max(1, every), fsync
+        self.runtime = runtime
+        self.ckpt = None
+        self.calls = 0
+        self.handles: list = []
+
+    def _open(self, input_ids):
+        import torch
+        layers = _layers(self.cache)
+        if not layers or layers[0][0] is None:
+            raise ConcordiaError("the cache has no tensors yet: pass the StaticCache that "
+                                 "generate(past_key_values=...) fills")
+        keys = layers[0][0]
+        if keys.dim() != 4:
+            raise ConcordiaError(f"expected StaticCache keys of shape (batch, heads, max_len, "
+                                 f"head_dim), got {tuple(keys.shape)}")
+        if str(keys.dtype).split(".")[-1] not in _DTYPES:
+            raise ConcordiaError(f"cache dtype {keys.dtype} is not one of {', '.join(_DTYPES)}")
+        batch, _, max_len, _ = keys.shape
+        rt = self.runtime if isinstance(self.runtime, Runtime) else Runtime(
+            self.runtime or ("cuda" if keys.is_cuda else "reference"))
+        self.tokens = torch.zeros(batch, max_len + 1, dtype=torch.int64, device=keys.device)
+        self.meta = torch.zeros(META_WORDS, dtype=torch.int64, device=keys.device)
+        self.meta[:6] = torch.tensor([batch, 0, max_len, len(layers),
+                                      _DTYPES.index(str(keys.dtype).split(".")[-1]),
+                                      input_ids.shape[1]])
+        regions = {"meta": rt.from_dlpack(self.meta), "tokens": rt.from_dlpack(self.tokens)}
+        scanners = {}
+        for i, (k, v, _) in enumerate(layers):
+            for name, t in ((f"k{i}", k), (f"v{i}", v)):
+                regions[name] = rt.from_dlpack(t)
+                scanners[name] = SequenceCacheScanner(tuple(t.shape), t.element_size())
+        self.scanners = list(scanners.values())
+        self.ckpt = Checkpointer(rt, regions, self.path, fsync=self.fsync, scanners=scanners)
+        self.written = 0   # cache positions covered by the last checkpoint
+
+    def __call__(self, input_ids, scores=None, **kwargs):
+        import torch
+        if self.ckpt is None:
+            self._open(input_ids)
+        length = input_ids.shape[1]
+        self.calls += 1
+        if self.calls % self.every == 0 or self.ckpt.need_full:
+            for s in self.scanners:            # positions written since the last checkpoint
+                s.mark(self.written, length - 2)
+            self.written = length - 1
+            self.tokens[:, :length].copy_(input_ids)
+            self.meta[1] = length
+            self.handles.append(self.ckpt.checkpoint_async())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def close(self) -> int:
+        """Wait until every checkpoint is durable; returns the last checkpoint's id."""
+        if self.ckpt is None:
+            return 0
+        last = self.ckpt.flush()
+        self.ckpt.close()
+        self.ckpt = None
+        return last
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    @staticmethod
+    def resume(path: str, model, runtime: str | Runtime = "reference"):
+        """(input_ids, cache) as of the log's last durable checkpoint: the tokens so far and a
+        StaticCache for `model` filled with what they produced."""
+        import torch
+        scan_log(path)   # a missing or damaged log fails here, in one line with its offset
+        rt = runtime if isinstance(runtime, Runtime) else Runtime(runtime)
+        regions = Checkpointer.restore(path, rt)
+        meta = regions["meta"].numpy().view(np.int64)
+        batch, length, max_len, n_layers, code = (int(x) for x in meta[:5])
+        dtype = getattr(torch, _DTYPES[code])
+        device = model.device
+        ids = torch.from_numpy(regions["tokens"].numpy().view(np.int64).reshape(batch, max_len + 1)
+                               [:, :length].copy()).to(device)
+        cache = _static_cache(model, batch, max_len, dtype, device)
+        for i, (k, v, layer) in enumerate(_layers(cache)):
+            for name, t in ((f"k{i}", k), (f"v{i}", v)):
+                raw = regions[name].numpy().view(np.uint8)
+                t.copy_(torch.frombuffer(bytearray(raw.tobytes()), dtype=torch.uint8)
+                        .view(dtype).reshape(t.shape))
+            if layer is not None and hasattr(layer, "cumulative_length"):
+                layer.cumulative_length.fill_(length - 1)
+        return ids, cache
+
+
+def _static_cache(model, batch: int, max_len: int, dtype, device):
+    """An initialised StaticCache (transformers 5: lazy layers; 4.x: sized at construction)."""
+    from transformers import StaticCache
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    try:
+        cache = StaticCache(config=cfg, max_cache_len=max_len)
+    except TypeError:
+        return StaticCache(config=cfg, max_batch_size=batch, max_cache_len=max_len,
+                           device=device, dtype=dtype)
+    cache.early_initialization(batch, heads, head_dim, dtype, device)
+    return cache
