@@ -302,7 +302,8 @@ class DecodeRun:
         self.scanner = KVBlockScanner(tuple(self.model.kv.shape), self.model.kv.element_size())
         self.ckpt = Checkpointer(rt, self.regions(rt), self.args.log, fsync=self.args.fsync,
                                  scanners={"kv": self.scanner, "adapter": AdapterPageScanner()},
-                                 when_full=self.args.when_full)
+                                 when_full=self.args.when_full,
+                                 compact_at_bytes=self.args.compact_at_mb << 20 if self.args.compact_at_mb else None)
 
     def sync(self):
         if self.device.type == "cuda":
@@ -415,6 +416,8 @@ def parse(argv=None):
     p.add_argument("--when-full", default="wait", choices=["wait", "coalesce"],
                    help="--async with every staging slot in flight: wait for one, or fold this "
                         "checkpoint into the next")
+    p.add_argument("--compact-at-mb", type=int, default=0,
+                   help="--async: fold the log into a base image in the background past this size")
     p.add_argument("--no-graph", action="store_true",
                    help="on a GPU, run each step eagerly instead of replaying a CUDA graph")
     p.add_argument("--crash-after", type=int, help="SIGKILL this process after N new tokens")

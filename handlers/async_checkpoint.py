@@ -27,6 +27,7 @@ way on every backend.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -37,7 +38,7 @@ import numpy as np
 from concordia_ir.errors import ConcordiaError
 
 from . import kernels as hk
-from .log import PAGE
+from .log import PAGE, DeltaLog, compact
 from .regions import CheckpointStats
 
 WHEN_FULL = ("wait", "coalesce")
@@ -114,12 +115,16 @@ class _Capture:
 class CheckpointWriter:
     """The staging ring and the writer thread of one Checkpointer (see the module docstring)."""
 
-    def __init__(self, ckpt, slots: int = 4, slot_bytes: int = 16 << 20, when_full: str = "wait"):
+    def __init__(self, ckpt, slots: int = 4, slot_bytes: int = 16 << 20, when_full: str = "wait",
+                 compact_at_bytes: int | None = None):
         if when_full not in WHEN_FULL:
             raise ConcordiaError(f"when_full must be one of {', '.join(WHEN_FULL)}, got {when_full!r}")
         if slots < 1:
             raise ConcordiaError(f"the staging ring needs at least 1 slot, got {slots}")
         self.ckpt, self.rt, self.when_full = ckpt, ckpt.rt, when_full
+        self.compact_at = compact_at_bytes
+        self.compactions: list[dict] = []   # seconds, bytes before and after, each time
+        self.compacting = threading.Lock()  # held while the log is being swapped
         self.backend = self.rt.backend
         self.streams = self.backend.streams and any(self._streamable(st) for st in ckpt.states)
         self.free: queue.Queue = queue.Queue()
@@ -316,6 +321,8 @@ class CheckpointWriter:
             if end is not None and time.monotonic() > end:
                 raise ConcordiaError(f"checkpoints up to {target} are not durable after {timeout} s")
             time.sleep(0.0002)
+        with self.compacting:   # a compaction under way ends first: the log is whole again
+            pass
         self.raise_error()
         return self.durable_id
 
@@ -361,6 +368,28 @@ class CheckpointWriter:
             for c in group:
                 for h in [c.handle, *c.coalesced]:
                     h._finish(c.handle.stats, newest=self.enqueued_id)
+            try:
+                self._maybe_compact()
+            except BaseException as e:   # the log is still the old one: surfaced, not fatal
+                self.error = e
+
+    def _maybe_compact(self):
+        """Bounded log: past compact_at_bytes, fold it into one base image, here in the writer
+        while the caller goes on enqueueing (crash-safe: the new file is written beside the old,
+        fsynced and renamed over it)."""
+        path = self.ckpt.path
+        if not self.compact_at or os.path.getsize(path) <= self.compact_at:
+            return
+        t, before = time.perf_counter(), os.path.getsize(path)
+        with self.compacting:
+            log = self.ckpt.log
+            log.close()
+            try:
+                after = compact(path)
+            finally:
+                self.ckpt.log = DeltaLog(path, log.fsync)
+        self.compactions.append({"seconds": time.perf_counter() - t, "bytes_before": before,
+                                 "bytes_after": after, "checkpoint": self.durable_id})
 
     def _fail(self, group, error):
         self.error = error

@@ -99,7 +99,8 @@ class Checkpointer:
 
     def __init__(self, runtime, regions: dict, path: str, page_size: int = 4096,
                  mode: str = "shadow", fsync: str = "always", scanners: dict | None = None,
-                 ring_slots: int = 4, slot_bytes: int = 16 << 20, when_full: str = "wait"):
+                 ring_slots: int = 4, slot_bytes: int = 16 << 20, when_full: str = "wait",
+                 compact_at_bytes: int | None = None):
         if mode not in MODES:
             raise ConcordiaError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not regions:
@@ -125,7 +126,8 @@ class Checkpointer:
         self.need_full = True
         self._tracked: dict = {}
         # checkpoint_async's staging ring and writer thread, made by its first call
-        self._ring = dict(slots=ring_slots, slot_bytes=slot_bytes, when_full=when_full)
+        self._ring = dict(slots=ring_slots, slot_bytes=slot_bytes, when_full=when_full,
+                          compact_at_bytes=compact_at_bytes)
         self._writer: CheckpointWriter | None = None
 
     # -- checkpoints

@@ -1,0 +1,77 @@
+"""A long decode with a checkpoint every step and background compaction: the log's size over
+time (it must stay bounded), compactions, and recovery time at the end (from process start
+with the model loaded to the first new token).
+
+    python bench/llm_long.py --config qwen3-0.6b --batch 8 --tokens 1000 --compact-at-mb 600
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+
+from bench.common import environment, write_result  # noqa: E402
+import llm_decode as L  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--device", default=None)
+    p.add_argument("--backend", default=None)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=1000)
+    p.add_argument("--compact-at-mb", type=int, default=600)
+    p.add_argument("--name", default=None)
+    a = p.parse_args()
+    import torch
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    log = os.path.join(tempfile.mkdtemp(prefix="concordia-long-"), "long.clog")
+    args = L.parse(["--config", a.config, "--device", device, "--batch", str(a.batch),
+                    "--prompt", "16", "--tokens", str(a.tokens), "--log", log, "--every", "1",
+                    "--async", "--compact-at-mb", str(a.compact_at_mb),
+                    *(["--backend", a.backend] if a.backend else [])])
+    run = L.DecodeRun(args)
+    run.open_checkpointer()
+    sizes, t0 = [], time.perf_counter()
+
+    def on_token(pos):
+        if pos % 25 == 0:
+            sizes.append((pos, round(time.perf_counter() - t0, 3), os.path.getsize(log)))
+    run.generate(on_token=on_token)
+    seconds = time.perf_counter() - t0
+    writer = run.ckpt._writer
+    run.ckpt.close()
+    steps = len(run.step_seconds)
+    # recovery: a new DecodeRun (the model is loaded) restores and makes its first token
+    args_r = L.parse(["--config", a.config, "--device", device, "--batch", str(a.batch),
+                      "--prompt", "16", "--tokens", str(a.tokens), "--log", log, "--resume"])
+    rec_run = L.DecodeRun(args_r)
+    t = time.perf_counter()
+    rec = rec_run.resume(a.backend or rec_run.default_backend())
+    first = []
+    rec_run.generate(start_pos=rec["restored_pos"], on_token=lambda pos: first.append(time.perf_counter()),
+                     stop_after=1)
+    recovery_s = first[0] - t
+    result = {"env": environment(torch.cuda.get_device_name() if device == "cuda" else "cpu"),
+              "config": a.config, "batch": a.batch, "steps": steps, "seconds": round(seconds, 2),
+              "tok_s": round(steps * a.batch / seconds, 1), "compact_at_mb": a.compact_at_mb,
+              "log_bytes_max": max(s for _, _, s in sizes), "log_bytes_end": os.path.getsize(log),
+              "compactions": writer.compactions, "log_size_over_time": sizes,
+              "recovery": {k: round(v * 1e3, 2) for k, v in rec.items() if k.endswith("_s")},
+              "recovery_to_first_token_ms": round(recovery_s * 1e3, 1)}
+    path = write_result(a.name or f"llm-long-{a.config}", result)
+    print({k: v for k, v in result.items() if k not in ("log_size_over_time", "env", "compactions")})
+    print(f"{len(writer.compactions)} compactions; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
