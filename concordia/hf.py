@@ -70,12 +70,16 @@ class GenerationGuard:
                                       _DTYPES.index(str(keys.dtype).split(".")[-1]),
                                       input_ids.shape[1]])
         regions = {"meta": rt.from_dlpack(self.meta), "tokens": rt.from_dlpack(self.tokens)}
-        scanners = {}
+        scanners, shared = {}, {}
         for i, (k, v, _) in enumerate(layers):
             for name, t in ((f"k{i}", k), (f"v{i}", v)):
                 regions[name] = rt.from_dlpack(t)
-                scanners[name] = SequenceCacheScanner(tuple(t.shape), t.element_size())
-        self.scanners = list(scanners.values())
+                key = (tuple(t.shape), t.element_size())
+                shared.setdefault(key, []).append(name)
+        for (shape, itemsize), names in shared.items():   # one scanner per shape: computed once
+            scanner = SequenceCacheScanner(shape, itemsize, users=len(names))
+            scanners.update(dict.fromkeys(names, scanner))
+        self.scanners = list({id(s): s for s in scanners.values()}.values())
         self.ckpt = Checkpointer(rt, regions, self.path, fsync=self.fsync, scanners=scanners)
         self.written = 0   # cache positions covered by the last checkpoint
 

@@ -64,26 +64,37 @@ class AdapterPageScanner:
 class SequenceCacheScanner:
     """Dirty pages of a contiguous KV cache of shape (batch, heads, max_len, head_dim), such as
     a Hugging Face StaticCache layer: `mark(first, last)` records the positions a step wrote
-    (every sequence and head); `dirty_pages()` gives the pages that hold them."""
+    (every sequence and head); `dirty_pages()` gives the pages that hold them.
 
-    def __init__(self, shape: tuple, itemsize: int, page_size: int = 4096):
+    Every layer's keys and values have one shape and are written at the same positions, so one
+    scanner serves them all (`users` regions): it computes the list once a checkpoint and
+    forgets the marks when the last of its users has committed."""
+
+    def __init__(self, shape: tuple, itemsize: int, page_size: int = 4096, users: int = 1):
         self.batch, self.heads, self.max_len, self.head_dim = shape
         self.row_bytes = self.head_dim * itemsize
         self.page_size = page_size
         self.rows = (np.arange(self.batch * self.heads, dtype=np.int64) * self.max_len)[:, None]
         self.pending: list[np.ndarray] = []
+        self.users, self.commits, self.pages = users, 0, None
 
     def mark(self, first: int, last: int) -> None:
         """Positions first..last (inclusive) were written."""
         pos = np.arange(first, last + 1, dtype=np.int64)[None, :]
         self.pending.append(((self.rows + pos) * self.row_bytes).reshape(-1))
+        self.pages = None
 
     def dirty_pages(self) -> np.ndarray:
-        if not self.pending:
-            return np.zeros(0, np.int32)
-        start = np.concatenate(self.pending)
-        first, last = start // self.page_size, (start + self.row_bytes - 1) // self.page_size
-        return np.unique(np.concatenate([first, last])).astype(np.int32)
+        if self.pages is None:
+            if not self.pending:
+                return np.zeros(0, np.int32)
+            start = np.concatenate(self.pending)
+            first, last = start // self.page_size, (start + self.row_bytes - 1) // self.page_size
+            self.pages = np.unique(np.concatenate([first, last])).astype(np.int32)
+        return self.pages
 
     def committed(self) -> None:
-        self.pending.clear()
+        self.commits += 1
+        if self.commits >= self.users:
+            self.pending.clear()
+            self.pages, self.commits = None, 0
