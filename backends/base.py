@@ -130,9 +130,6 @@ class Backend(ABC):
     def event_done(self, event) -> bool:
         return True
 
-    def sync_stream(self, stream) -> None:
-        pass
-
     def pinned(self, nbytes: int) -> np.ndarray:
         """Host memory the device copies to and from asynchronously (page-locked)."""
         return np.empty(max(nbytes, 1), np.uint8)

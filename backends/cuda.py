@@ -353,10 +353,6 @@ class CUDABackend(Backend):
         _check((err,), "cuEventQuery")
         return True
 
-    def sync_stream(self, stream):
-        self.activate()
-        _check(_driver().cuStreamSynchronize(stream), "cuStreamSynchronize")
-
     def pinned(self, nbytes):
         import ctypes
         self.activate()

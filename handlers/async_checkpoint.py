@@ -5,16 +5,16 @@
     handle.result()                           # this checkpoint is durable
     ckpt.flush(); ckpt.durable_id             # all of them; the last durable one
 
-On a backend with streams (cuda), what the caller's thread does is enqueue, on the caller's
-stream: each region's page list (a host scanner's, through pinned memory) or a device scan
-(shadow compare, the count left on the device), then a gather of the listed pages into a
-staging slot, then an event. The checkpoint therefore holds the regions as they are at that
+On a backend with streams and graphs (cuda), what the caller's thread does is enqueue, on the
+caller's stream, one replay of a ring slot's graph: each region's page list (a host scanner's,
+through pinned memory) or a device scan (shadow compare, the count left on the device), then a
+gather of the listed pages into the slot's staging; then an event. The checkpoint therefore holds the regions as they are at that
 point of the stream, whatever the caller enqueues after it; the caller's thread makes no device
 synchronisation, no copy of region bytes and no file I/O.
 
-The writer thread waits for a slot's event, copies its pages into pinned host memory on a
-stream of its own, appends them to the log and commits; the checkpoints that are ready share
-one fsync (group commit). The ring of slots is bounded: when every slot is in flight the next
+The writer thread waits for a slot's event and reads the pages where the gathers wrote them,
+in host-mapped memory; it appends them to the log and commits; the checkpoints that are ready
+share one fsync (group commit). The ring of slots is bounded: when every slot is in flight the next
 checkpoint waits for one (backpressure: when_full="wait") or is coalesced into the next one
 (when_full="coalesce": its pages stay dirty, the next checkpoint takes them, and its handle
 resolves with that one). An error in the writer is raised by the next call, never lost; the
@@ -126,12 +126,13 @@ class CheckpointWriter:
         self.compactions: list[dict] = []   # seconds, bytes before and after, each time
         self.compacting = threading.Lock()  # held while the log is being swapped
         self.backend = self.rt.backend
-        self.streams = self.backend.streams and any(self._streamable(st) for st in ckpt.states)
+        # stream-ordered capture where the backend has streams and graphs (cuda); else at once
+        self.streams = self.backend.streams and self.backend.graphs and any(
+            self._streamable(st) for st in ckpt.states)
         self.free: queue.Queue = queue.Queue()
         for _ in range(slots if self.streams else 0):
             slot = _Slot([self._region_slot(st, slot_bytes) for st in ckpt.states])
-            if self.backend.graphs:
-                slot.graph = self.backend.capture(lambda stream, slot=slot: self._record(slot, stream))
+            slot.graph = self.backend.capture(lambda stream, slot=slot: self._record(slot, stream))
             self.free.put(slot)
         self.slots = slots
         self.in_flight = threading.Semaphore(slots)   # bounds captures made at once as well
@@ -141,7 +142,6 @@ class CheckpointWriter:
         self.enqueued_id = ckpt.checkpoint_id
         self.processed_id = ckpt.checkpoint_id   # the newest the writer is done with (or failed)
         self.coalesced: list[CheckpointHandle] = []
-        self.out_stream = self.backend.new_stream() if self.streams else None
         self.thread = threading.Thread(target=self._run, name="concordia-checkpoint-writer",
                                        daemon=True)
         self.thread.start()
@@ -154,22 +154,16 @@ class CheckpointWriter:
         r, rt, b = st.region, self.rt, self.backend
         # a device scan may find every page: its slot holds the whole region
         cap = r.n_pages if st.scanner is None else max(1, min(r.n_pages, slot_bytes // r.page_size))
-        if b.graphs:   # the gathers write straight into host memory (zero-copy): no copy-out
-            staging = rt.mapped(cap * r.words_per_page, np.uint32)
-            host_data = staging.host.view(np.uint8)
-        else:
-            staging = rt.empty(cap * r.words_per_page, np.uint32)
-            host_data = b.pinned(cap * r.page_size)
+        # the gathers write straight into host memory (zero-copy): the writer copies nothing
+        staging = rt.mapped(cap * r.words_per_page, np.uint32)
         rs = _RegionSlot(cap, rt.empty(cap, np.int32), rt.zeros(1, np.int32), staging,
-                         b.pinned(cap * 4).view(np.int32), b.pinned(4).view(np.int32), host_data)
+                         b.pinned(cap * 4).view(np.int32), b.pinned(4).view(np.int32),
+                         staging.host.view(np.uint8))
         rs.host_count[0] = 0
         if not self._streamable(st):
             return rs
-        gather = hk.page_gatherer(r.words_per_page, r.n_words)
         counted = hk.counted_page_gatherer(r.words_per_page, r.n_words)
         if st.scanner is not None:
-            rs.launches["gather"] = rt.bind(gather, hk.GROUP, (r.words(), rs.staging, rs.pages,
-                                                               rs.staging, 0, 0))
             rs.launches["counted"] = rt.bind(counted, hk.GROUP, (r.words(), rs.staging, rs.pages,
                                                                  rs.count, rs.staging, 0))
         else:
@@ -200,7 +194,7 @@ class CheckpointWriter:
         cap.coalesced, self.coalesced = self.coalesced, []
         try:
             if self.streams:
-                self._capture_on_stream(cap, slot, stream)
+                self._capture_with_graph(cap, slot, stream)
             else:
                 self._capture_now(cap)
         except BaseException:
@@ -251,37 +245,10 @@ class CheckpointWriter:
                 b.copy_out_on(stream, rs.count.handle, rs.host_count)   # what the scan found
                 b.copy_out_on(stream, rs.pages.handle, rs.host_pages)
 
-    def _capture_on_stream(self, cap: _Capture, slot: _Slot, stream):
-        cap.slot = slot
-        if slot.graph is not None:
-            return self._capture_with_graph(cap, slot, stream)
-        for st, rs in zip(self.ckpt.states, slot.regions):
-            if not self._streamable(st):   # hash / tracked: captured now, on the legacy stream
-                pages = st.find_dirty()
-                cap.counts.append(list(st.gather(pages)))
-                st.after_commit(pages)
-            elif st.scanner is not None:
-                pages = st.scanner.dirty_pages()
-                if len(pages) > rs.capacity:
-                    raise ConcordiaError(f"region {st.region.name!r}: {len(pages)} dirty pages, "
-                                         f"more than a staging slot holds ({rs.capacity}); "
-                                         "raise slot_bytes or checkpoint more often")
-                n = len(pages)
-                if n:
-                    rs.host_pages[:n] = pages
-                    self.backend.copy_in_on(stream, rs.pages.handle, rs.host_pages[:n])
-                    rs.launches["gather"](n, stream)
-                st.scanner.committed()   # these writes are in this checkpoint now
-                cap.counts.append(n)
-            else:
-                rs.launches["scan"](st.region.n_pages, stream)     # count was left at 0
-                rs.launches["gather"](rs.capacity, stream)
-                cap.counts.append(None)
-        cap.event = slot.event = self.backend.record_event(stream, slot.event)
-
     def _capture_with_graph(self, cap: _Capture, slot: _Slot, stream):
         """Fill the slot's pinned page lists, replay its graph, record its event: the whole
         device side of a checkpoint in two driver calls."""
+        cap.slot = slot
         t0 = time.perf_counter()
         for st, rs in zip(self.ckpt.states, slot.regions):
             if not self._streamable(st):   # hash / tracked: captured now, on the legacy stream
@@ -350,14 +317,7 @@ class CheckpointWriter:
                 self._write(cap)
                 # group commit: the captures queued behind it share one fsync (only those: a
                 # caller that keeps enqueueing must not postpone durability without bound)
-                for _ in range(self.pending.qsize()):
-                    try:
-                        nxt = self.pending.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is None:
-                        self.pending.put(None)
-                        break
+                for nxt in self._queued(self.pending.qsize()):
                     group.append(nxt)
                     self._write(nxt)
                 self.ckpt.log.sync()
@@ -391,18 +351,23 @@ class CheckpointWriter:
         self.compactions.append({"seconds": time.perf_counter() - t, "bytes_before": before,
                                  "bytes_after": after, "checkpoint": self.durable_id})
 
-    def _fail(self, group, error):
-        self.error = error
-        leftover = []
-        while True:
+    def _queued(self, limit: int | None = None):
+        """The captures queued now (at most `limit`), leaving the stop marker in place."""
+        n = 0
+        while limit is None or n < limit:
             try:
                 c = self.pending.get_nowait()
             except queue.Empty:
-                break
+                return
             if c is None:
                 self.pending.put(None)
-                break
-            leftover.append(c)
+                return
+            n += 1
+            yield c
+
+    def _fail(self, group, error):
+        self.error = error
+        leftover = list(self._queued())
         for c in group + leftover:
             if c.slot is not None:
                 if not c.released:
@@ -416,7 +381,10 @@ class CheckpointWriter:
 
     def _write(self, cap: _Capture):
         t_write = time.perf_counter()
-        pieces = cap.pieces if cap.pieces is not None else self._copy_out(cap)
+        if cap.pieces is None:
+            while not self.backend.event_done(cap.event):
+                time.sleep(20e-6)
+        pieces = cap.pieces if cap.pieces is not None else self._pieces(cap)
         log, pages, nbytes = self.ckpt.log, 0, 0
         for region_id, items in pieces:
             nbytes += sum(len(d) for _, d in items)
@@ -447,32 +415,4 @@ class CheckpointWriter:
             data, size = memoryview(rs.host_data), r.page_size
             out.append((r.id, [(p, data[k * size:k * size + min(size, r.nbytes - p * size)])
                                for k, p in enumerate(rs.host_pages[:n].tolist())]))
-        return out
-
-    def _copy_out(self, cap: _Capture) -> list:
-        b, s = self.backend, self.out_stream
-        while not b.event_done(cap.event):
-            time.sleep(20e-6)
-        if cap.slot.graph is not None:
-            return self._pieces(cap)
-        out = []
-        for st, rs, n in zip(self.ckpt.states, cap.slot.regions, cap.counts):
-            r = st.region
-            if isinstance(n, list):   # captured at enqueue
-                out.append((r.id, n))
-                continue
-            if n is None:   # the device scan's count and list
-                b.copy_out_on(s, rs.count.handle, rs.host_count)
-                b.sync_stream(s)
-                n = int(rs.host_count[0])
-                b.copy_out_on(s, rs.pages.handle, rs.host_pages[:max(n, 1)])
-                rs.host_count[0] = 0
-                b.copy_in_on(s, rs.count.handle, rs.host_count)   # the slot's next scan
-            if n:
-                b.copy_out_on(s, rs.staging.handle, rs.host_data[:n * r.page_size])
-            b.sync_stream(s)
-            data, size = memoryview(rs.host_data), r.page_size
-            items = [(p, data[k * size:k * size + min(size, r.nbytes - p * size)])
-                     for k, p in enumerate(rs.host_pages[:n].tolist())]
-            out.append((r.id, items))
         return out
