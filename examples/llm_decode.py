@@ -297,9 +297,17 @@ class DecodeRun:
     def open_checkpointer(self):
         from concordia import Runtime
         from concordia.handlers import Checkpointer
-        from concordia.handlers.scanners import AdapterPageScanner, KVBlockScanner
+        from concordia.handlers.scanners import (AdapterPageScanner, BlockTableScanner,
+                                                 KVBlockScanner)
         rt = Runtime(self.args.backend or self.default_backend())
-        self.scanner = KVBlockScanner(tuple(self.model.kv.shape), self.model.kv.element_size())
+        m, kv = self.model, self.model.kv
+        if self.args.kv_scan == "device" or (self.args.kv_scan == "auto" and rt.backend.streams):
+            # the pages come from the block table on the device: nothing per step on the host
+            self.scanner = BlockTableScanner(tuple(kv.shape), kv.element_size(),
+                                             rt.from_dlpack(m.table_in.view(-1)),
+                                             rt.from_dlpack(m.pos_in.view(1)), self.args.batch)
+        else:
+            self.scanner = KVBlockScanner(tuple(kv.shape), kv.element_size())
         self.ckpt = Checkpointer(rt, self.regions(rt), self.args.log, fsync=self.args.fsync,
                                  scanners={"kv": self.scanner, "adapter": AdapterPageScanner()},
                                  when_full=self.args.when_full,
@@ -353,7 +361,7 @@ class DecodeRun:
                 s.host[0] = pos
                 s.publish()
             nxt_dev = m.launch(s.tokens()[:, pos], pos)
-            if self.scanner is not None:
+            if hasattr(self.scanner, "mark"):   # a host scanner: told what the step wrote
                 self.scanner.mark(s.table()[:, pos // a.block_size], np.full(a.batch, pos % a.block_size))
             if a.async_checkpoints and due(pos):
                 self.checkpoint_async(pos)
@@ -416,6 +424,9 @@ def parse(argv=None):
     p.add_argument("--when-full", default="wait", choices=["wait", "coalesce"],
                    help="--async with every staging slot in flight: wait for one, or fold this "
                         "checkpoint into the next")
+    p.add_argument("--kv-scan", choices=["auto", "host", "device"], default="auto",
+                   help="KV pages from the host's record of the writes, or listed on the device "
+                        "from the block table (auto: device where the backend has streams)")
     p.add_argument("--compact-at-mb", type=int, default=0,
                    help="--async: fold the log into a base image in the background past this size")
     p.add_argument("--no-graph", action="store_true",

@@ -163,7 +163,15 @@ class CheckpointWriter:
         if not self._streamable(st):
             return rs
         counted = hk.counted_page_gatherer(r.words_per_page, r.n_words)
-        if st.scanner is not None:
+        if _device_listed(st):
+            lister, groups, advance = st.scanner.kernels(cap)
+            sc = st.scanner
+            bound = rt.bind(lister, 64, (sc.table, sc.pos, sc.last, rs.pages))
+            rs.launches["list"] = lambda stream, bound=bound, groups=groups: bound(groups, stream)
+            rs.launches["advance"] = rt.bind(advance, 1, (sc.pos, sc.last, rs.count))
+            rs.launches["gather"] = rt.bind(counted, hk.GROUP, (r.words(), rs.staging, rs.pages,
+                                                                rs.count, rs.staging, 0))
+        elif st.scanner is not None:
             rs.launches["counted"] = rt.bind(counted, hk.GROUP, (r.words(), rs.staging, rs.pages,
                                                                  rs.count, rs.staging, 0))
         else:
@@ -234,7 +242,13 @@ class CheckpointWriter:
         for st, rs in zip(self.ckpt.states, slot.regions):
             if not self._streamable(st):
                 continue
-            if st.scanner is not None:
+            if _device_listed(st):   # the block table names the pages; the device keeps `last`
+                rs.launches["list"](stream)
+                rs.launches["advance"](1, stream)
+                rs.launches["gather"](rs.capacity, stream)
+                b.copy_out_on(stream, rs.count.handle, rs.host_count)
+                b.copy_out_on(stream, rs.pages.handle, rs.host_pages)
+            elif st.scanner is not None:
                 b.copy_in_on(stream, rs.count.handle, rs.host_count)
                 b.copy_in_on(stream, rs.pages.handle, rs.host_pages)
                 rs.launches["counted"](rs.capacity, stream)
@@ -255,6 +269,8 @@ class CheckpointWriter:
                 pages = st.find_dirty()
                 cap.counts.append(list(st.gather(pages)))
                 st.after_commit(pages)
+            elif _device_listed(st):
+                cap.counts.append(None)
             elif st.scanner is not None:
                 pages = st.scanner.dirty_pages()
                 n = len(pages)
@@ -412,7 +428,20 @@ class CheckpointWriter:
                 out.append((r.id, n))
                 continue
             n = int(rs.host_count[0]) if n is None else n
+            if n > rs.capacity:
+                raise ConcordiaError(f"region {r.name!r}: {n} dirty pages, more than a staging "
+                                     f"slot holds ({rs.capacity}); raise slot_bytes")
+            listed = rs.host_pages[:n]
+            if _device_listed(st):   # a device list may name a page twice (two slots of it)
+                listed, slots = np.unique(listed, return_index=True)
+            else:
+                slots = range(n)
             data, size = memoryview(rs.host_data), r.page_size
             out.append((r.id, [(p, data[k * size:k * size + min(size, r.nbytes - p * size)])
-                               for k, p in enumerate(rs.host_pages[:n].tolist())]))
+                               for k, p in zip(slots, listed.tolist())]))
         return out
+
+
+def _device_listed(st) -> bool:
+    """A region whose scanner lists its pages on the device (BlockTableScanner)."""
+    return getattr(st.scanner, "device_lister", False)

@@ -198,3 +198,45 @@ def state_counter(record_words: int, slots: int):
         if lid < K:
             atomic_add(counts, lid, c[lid])
     return count_states
+
+
+@lru_cache(maxsize=None)
+def block_table_lister(planes: int, blocks: int, block_size: int, batch: int, max_blocks: int,
+                       row_bytes: int, page_size: int, capacity: int):
+    """The pages a paged KV cache's decode steps wrote, listed on the device from its block
+    table: for every (plane, sequence) and every position from last[0] to pos[0], the page of
+    slot (plane, table[seq, position // block_size], position % block_size). Item k of
+    position index j goes to pages[j * planes * batch + k]; a list longer than `capacity` is
+    cut there (its count, from block_table_advance, tells the host)."""
+    PB, B, MB, BS, BL = planes * batch, batch, max_blocks, block_size, blocks
+    ROWB, PAGE, CAP = row_bytes, page_size, capacity
+
+    @kernel
+    def list_kv_pages(table: Ptr[i64], pos: Ptr[i64], last: Ptr[i64], pages: Ptr[i32]):
+        g = global_id(0)
+        if g < PB:
+            plane = i64(g // B)
+            seq = i64(g % B)
+            j = i64(0)
+            for p in range(last[0], pos[0] + i64(1)):
+                blk = table[seq * i64(MB) + p // i64(BS)]
+                slot = (plane * i64(BL) + blk) * i64(BS) + p % i64(BS)
+                at = j * i64(PB) + i64(g)
+                if at < i64(CAP):
+                    pages[at] = i32(slot * i64(ROWB) // i64(PAGE))
+                j = j + i64(1)
+    return list_kv_pages
+
+
+@lru_cache(maxsize=None)
+def block_table_advance(planes: int, batch: int):
+    """After list_kv_pages (the next launch in the same stream): count[0] = the list's length,
+    last[0] = pos[0] + 1 (the next list starts after this step)."""
+    PB = planes * batch
+
+    @kernel
+    def advance_kv_pages(pos: Ptr[i64], last: Ptr[i64], count: Ptr[i32]):
+        if global_id(0) == 0:
+            count[0] = i32((pos[0] + i64(1) - last[0]) * i64(PB))
+            last[0] = pos[0] + i64(1)
+    return advance_kv_pages

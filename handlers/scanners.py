@@ -98,3 +98,58 @@ class SequenceCacheScanner:
         if self.commits >= self.users:
             self.pending.clear()
             self.pages, self.commits = None, 0
+
+
+class BlockTableScanner:
+    """KVBlockScanner's pages, listed on the device from the block table itself: the decode
+    loop's device tensors `table` (int64, batch x max_blocks) and `pos` (int64, the position
+    the last step wrote) name the slots, so the host computes nothing per step and a graph
+    can hold the listing. The device remembers where the last list ended (`last`), so a
+    checkpoint that was coalesced into the next loses nothing.
+
+    The cache is (planes..., blocks, block_size, rows...) as for KVBlockScanner; a slot's row
+    must divide the page size (a slot never straddles two pages)."""
+
+    def __init__(self, shape: tuple, itemsize: int, table, pos, batch: int, page_size: int = 4096):
+        from . import kernels as hk
+        layers, two, self.blocks, self.block_size = shape[:4]
+        self.planes = layers * two
+        self.row_bytes = int(np.prod(shape[4:])) * itemsize
+        if page_size % self.row_bytes:
+            raise ValueError(f"a KV slot of {self.row_bytes} bytes does not divide the "
+                             f"{page_size}-byte page: use KVBlockScanner")
+        self.batch, self.max_blocks = batch, table.size // batch
+        self.rt, self.table, self.pos, self.page_size = table.runtime, table, pos, page_size
+        self.last = self.rt.zeros(1, np.int64)
+        self.device_lister = True
+        self.hk = hk
+
+    def kernels(self, capacity: int):
+        """(list kernel, its work-groups of 64, advance kernel) for a list of `capacity`."""
+        hk = self.hk
+        lister = hk.block_table_lister(self.planes, self.blocks, self.block_size, self.batch,
+                                       self.max_blocks, self.row_bytes, self.page_size, capacity)
+        groups = -(-self.planes * self.batch // 64)
+        return lister, groups, hk.block_table_advance(self.planes, self.batch)
+
+    def dirty_pages(self) -> np.ndarray:
+        """The same list through ordinary launches, read back (synchronous checkpoints)."""
+        cap = self.blocks * self.block_size * self.planes   # every slot: a bound no list passes
+        pages, count = self.rt.empty(cap, np.int32), self.rt.zeros(1, np.int32)
+        lister, groups, advance = self.kernels(cap)
+        self.rt.launch(lister, groups * 64, 64, (self.table, self.pos, self.last, pages))
+        self.rt.launch(advance, 1, 1, (self.pos, self.last, count))
+        n = min(int(count.numpy()[0]), cap)
+        out = np.unique(pages.read(n)) if n else np.zeros(0, np.int32)
+        self.rt.free(pages)
+        self.rt.free(count)
+        return out.astype(np.int32)
+
+    def start_at(self, position: int) -> None:
+        """The next list starts at `position` (a run resumed there: earlier ones are logged)."""
+        self.last.write(np.array([position], np.int64))
+
+    def committed(self) -> None:
+        """Nothing: the device moved `last` when it listed (a full checkpoint leaves it, so the
+        next list repeats a few pages the base image holds already: harmless)."""
+

@@ -263,3 +263,19 @@ def test_background_compaction_keeps_the_log_bounded(tmp_path):
     assert writer.compactions and max(sizes) < 200_000 + 3 * (N * 4)
     assert scan_log(str(path)).last_checkpoint == 60
     np.testing.assert_array_equal(restored(path)["kv"].numpy(), host)
+
+
+def test_block_table_scanner_lists_what_kv_block_scanner_lists():
+    from concordia.handlers.scanners import BlockTableScanner
+    rt = Runtime("reference")
+    shape, batch, max_blocks = (2, 2, 8, 4, 16, 32), 2, 4   # 2 KiB slots, 4 KiB pages
+    table_host = np.array([[0, 2, 4, 6], [1, 3, 5, 7]], np.int64)
+    table, pos = rt.to_device(table_host.reshape(-1)), rt.zeros(1, np.int64)
+    device = BlockTableScanner(shape, 4, table, pos, batch)
+    host = KVBlockScanner(shape, 4)
+    for p in range(16):   # a decode writes every position in turn
+        pos.write(np.array([p], np.int64))
+        host.mark(table_host[:, p // 4], np.full(batch, p % 4))
+        if p in (1, 7, 8, 15):   # lists of 2 positions, 6 (coalesced checkpoints), 1, 7
+            np.testing.assert_array_equal(device.dirty_pages(), host.dirty_pages())
+            host.committed()

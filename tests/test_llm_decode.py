@@ -42,13 +42,14 @@ def test_crash_restore_continue_gives_the_uninterrupted_tokens(tmp_path):
     assert np.array_equal(a, b)
 
 
-def test_async_checkpoints_crash_restore_continue(tmp_path):
+@pytest.mark.parametrize("kv_scan", ["host", "device"])
+def test_async_checkpoints_crash_restore_continue(tmp_path, kv_scan):
     """checkpoint_async every step: the writer thread owns the log; a SIGKILL loses at most the
     checkpoints not yet durable, and the resumed run still makes the uninterrupted tokens."""
     want, got, log = tmp_path / "want.npy", tmp_path / "got.npy", tmp_path / "a.clog"
     assert decode("--out", str(want)).returncode == 0
     r = decode("--log", str(log), "--every", "1", "--async", "--backend", "reference",
-               "--crash-after", "25")
+               "--kv-scan", kv_scan, "--crash-after", "25")
     assert r.returncode == -9, r.stderr
     r = decode("--log", str(log), "--resume", "--restore-backend", "reference", "--out", str(got))
     assert r.returncode == 0, r.stderr
