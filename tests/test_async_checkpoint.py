@@ -268,7 +268,7 @@ def test_background_compaction_keeps_the_log_bounded(tmp_path):
 def test_block_table_scanner_lists_what_kv_block_scanner_lists():
     from concordia.handlers.scanners import BlockTableScanner
     rt = Runtime("reference")
-    shape, batch, max_blocks = (2, 2, 8, 4, 16, 32), 2, 4   # 2 KiB slots, 4 KiB pages
+    shape, batch = (2, 2, 8, 4, 16, 32), 2   # 2 KiB slots, 4 KiB pages; 4 blocks a sequence
     table_host = np.array([[0, 2, 4, 6], [1, 3, 5, 7]], np.int64)
     table, pos = rt.to_device(table_host.reshape(-1)), rt.zeros(1, np.int64)
     device = BlockTableScanner(shape, 4, table, pos, batch)
