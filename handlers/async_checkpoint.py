@@ -154,6 +154,9 @@ class CheckpointWriter:
         r, rt, b = st.region, self.rt, self.backend
         # a device scan may find every page: its slot holds the whole region
         cap = r.n_pages if st.scanner is None else max(1, min(r.n_pages, slot_bytes // r.page_size))
+        if _device_listed(st):   # a device list has one entry per written slot, repeats and all:
+            # room for the slot budget, and for at least 4 steps' entries whatever it is
+            cap = max(slot_bytes // r.page_size, 4 * st.scanner.planes * st.scanner.batch)
         # the gathers write straight into host memory (zero-copy): the writer copies nothing
         staging = rt.mapped(cap * r.words_per_page, np.uint32)
         rs = _RegionSlot(cap, rt.empty(cap, np.int32), rt.zeros(1, np.int32), staging,

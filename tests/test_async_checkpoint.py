@@ -279,3 +279,26 @@ def test_block_table_scanner_lists_what_kv_block_scanner_lists():
         if p in (1, 7, 8, 15):   # lists of 2 positions, 6 (coalesced checkpoints), 1, 7
             np.testing.assert_array_equal(device.dirty_pages(), host.dirty_pages())
             host.committed()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_table_scanner_on_a_region_smaller_than_a_steps_list(tmp_path, backend):
+    """Many list entries share one page (64-byte slots): the slot holds the entries, and the
+    log holds each page once (on cuda: the lister in the checkpoint's graph)."""
+    from concordia.handlers.scanners import BlockTableScanner
+    rt = Runtime(backend)
+    shape, batch = (2, 2, 6, 8, 2, 8), 3          # 64-byte slots: a 6 KiB cache, 2 pages
+    table_host = np.array([[0, 3], [1, 4], [2, 5]], np.int64)
+    cache = np.zeros(int(np.prod(shape)), np.float32)
+    kv, table, pos = rt.to_device(cache), rt.to_device(table_host.reshape(-1)), rt.zeros(1, np.int64)
+    ck = Checkpointer(rt, {"kv": kv}, str(tmp_path / "t.clog"),
+                      scanners={"kv": BlockTableScanner(shape, 4, table, pos, batch)})
+    ck.checkpoint_async()
+    view = cache.reshape(shape)
+    for p in range(16):
+        view[:, :, table_host[:, p // 8], p % 8] = p + 1
+        kv.write(cache)
+        pos.write(np.array([p], np.int64))
+        ck.checkpoint_async()
+    ck.close()
+    np.testing.assert_array_equal(restored(tmp_path / "t.clog")["kv"].numpy(), cache)
