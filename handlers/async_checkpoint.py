@@ -46,6 +46,8 @@ WHEN_FULL = ("wait", "coalesce")
 # it only when the holder drops it, after up to sys.getswitchinterval() (5 ms) of pure Python:
 # a decode thread back from its device wait would sit behind the writer for that long.
 YIELD_EVERY = 16
+# How long the writer holds a fresh capture back, waiting for the caller's next one (see _hold).
+HOLD_S = 0.005
 
 
 class CheckpointHandle:
@@ -141,6 +143,7 @@ class CheckpointWriter:
         self.durable_id = ckpt.checkpoint_id
         self.enqueued_id = ckpt.checkpoint_id
         self.processed_id = ckpt.checkpoint_id   # the newest the writer is done with (or failed)
+        self.flushing = False                    # a flush is waiting: no holding back
         self.coalesced: list[CheckpointHandle] = []
         self.thread = threading.Thread(target=self._run, name="concordia-checkpoint-writer",
                                        daemon=True)
@@ -303,12 +306,14 @@ class CheckpointWriter:
     def flush(self, timeout: float | None = None) -> int:
         """Wait until every checkpoint enqueued so far is durable; returns durable_id."""
         target, end = self.enqueued_id, None if timeout is None else time.monotonic() + timeout
+        self.flushing = True
         while self.processed_id < target:
             if end is not None and time.monotonic() > end:
                 raise ConcordiaError(f"checkpoints up to {target} are not durable after {timeout} s")
             time.sleep(0.0002)
         with self.compacting:   # a compaction under way ends first: the log is whole again
             pass
+        self.flushing = False
         self.raise_error()
         return self.durable_id
 
@@ -333,10 +338,13 @@ class CheckpointWriter:
                 return
             group = [cap]
             try:
+                if self.streams:
+                    self._hold(cap)
                 self._write(cap)
                 # group commit: the captures queued behind it share one fsync (only those: a
-                # caller that keeps enqueueing must not postpone durability without bound)
-                for nxt in self._queued(self.pending.qsize()):
+                # caller that keeps enqueueing must not postpone durability without bound;
+                # on a stream, only those the device has finished)
+                for nxt in self._queued(self.pending.qsize(), ready=self.streams):
                     group.append(nxt)
                     self._write(nxt)
                 self.ckpt.log.sync()
@@ -370,10 +378,25 @@ class CheckpointWriter:
         self.compactions.append({"seconds": time.perf_counter() - t, "bytes_before": before,
                                  "bytes_after": after, "checkpoint": self.durable_id})
 
-    def _queued(self, limit: int | None = None):
-        """The captures queued now (at most `limit`), leaving the stop marker in place."""
+    def _hold(self, cap: _Capture):
+        """Start on a capture once the caller has enqueued the next one (or HOLD_S passed, or
+        a flush asks): the caller is then waiting for its device, with the GIL released, so
+        the writer's Python does not compete with the caller's next step for it."""
+        end = cap.handle._enqueued_at + HOLD_S
+        while (not self.pending.qsize() and not self.flushing
+               and time.perf_counter() < end):
+            time.sleep(50e-6)
+
+    def _queued(self, limit: int | None = None, ready: bool = False):
+        """The captures queued now (at most `limit`; with `ready`, only while the device has
+        finished them), leaving the stop marker in place."""
         n = 0
         while limit is None or n < limit:
+            if ready:
+                with self.pending.mutex:
+                    head = self.pending.queue[0] if self.pending.queue else None
+                if head is None or head.event is None or not self.backend.event_done(head.event):
+                    return
             try:
                 c = self.pending.get_nowait()
             except queue.Empty:
