@@ -8,9 +8,10 @@
 On a backend with streams and graphs (cuda), what the caller's thread does is enqueue, on the
 caller's stream, one replay of a ring slot's graph: each region's page list (a host scanner's,
 through pinned memory) or a device scan (shadow compare, the count left on the device), then a
-gather of the listed pages into the slot's staging; then an event. The checkpoint therefore holds the regions as they are at that
-point of the stream, whatever the caller enqueues after it; the caller's thread makes no device
-synchronisation, no copy of region bytes and no file I/O.
+gather of the listed pages into the slot's staging; then an event. The checkpoint therefore
+holds the regions as they are at that point of the stream, whatever the caller enqueues after
+it; the caller's thread makes no device synchronisation, no copy of region bytes and no file
+I/O.
 
 The writer thread waits for a slot's event and reads the pages where the gathers wrote them,
 in host-mapped memory; it appends them to the log and commits; the checkpoints that are ready
@@ -97,16 +98,18 @@ class _RegionSlot:
 
 @dataclass
 class _Slot:
-    regions: list              # _RegionSlot per region
+    """One place in the bounded ring. On a stream it holds each region's staging (None for a
+    region captured at once) and its graph; otherwise it is only a token of the bound."""
+    regions: list              # _RegionSlot or None per region
     event: object = None       # recorded again by each capture that uses the slot
-    graph: object = None       # the capture's device work as one graph (backends with graphs)
+    graph: object = None       # the capture's device work as one graph
 
 
 @dataclass
 class _Capture:
     id: int
     handle: CheckpointHandle
-    slot: _Slot | None = None       # stream captures
+    slot: _Slot | None = None       # the ring slot it holds until the writer has logged it
     event: object = None
     counts: list = field(default_factory=list)   # pages per region; None: count on the device
     pieces: list | None = None      # (region id, [(page, bytes)]) for captures made at once
@@ -131,13 +134,14 @@ class CheckpointWriter:
         # stream-ordered capture where the backend has streams and graphs (cuda); else at once
         self.streams = self.backend.streams and self.backend.graphs and any(
             self._streamable(st) for st in ckpt.states)
-        self.free: queue.Queue = queue.Queue()
-        for _ in range(slots if self.streams else 0):
+        self.free: queue.Queue = queue.Queue()   # the ring: captures in flight hold its slots
+        for _ in range(slots):
+            if not self.streams:
+                self.free.put(_Slot([]))
+                continue
             slot = _Slot([self._region_slot(st, slot_bytes) for st in ckpt.states])
             slot.graph = self.backend.capture(lambda stream, slot=slot: self._record(slot, stream))
             self.free.put(slot)
-        self.slots = slots
-        self.in_flight = threading.Semaphore(slots)   # bounds captures made at once as well
         self.pending: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.durable_id = ckpt.checkpoint_id
@@ -153,7 +157,9 @@ class CheckpointWriter:
     def _streamable(st) -> bool:
         return st.scanner is not None or (st.mode == "shadow" and st.native is None)
 
-    def _region_slot(self, st, slot_bytes: int) -> _RegionSlot:
+    def _region_slot(self, st, slot_bytes: int) -> _RegionSlot | None:
+        if not self._streamable(st):   # captured at once: nothing to stage in the ring
+            return None
         r, rt, b = st.region, self.rt, self.backend
         # a device scan may find every page: its slot holds the whole region
         cap = r.n_pages if st.scanner is None else max(1, min(r.n_pages, slot_bytes // r.page_size))
@@ -166,21 +172,17 @@ class CheckpointWriter:
                          b.pinned(cap * 4).view(np.int32), b.pinned(4).view(np.int32),
                          staging.host.view(np.uint8))
         rs.host_count[0] = 0
-        if not self._streamable(st):
-            return rs
         counted = hk.counted_page_gatherer(r.words_per_page, r.n_words)
+        if st.scanner is not None:   # the list comes from the scanner: no shadow to update
+            rs.launches["gather"] = rt.bind(counted, hk.GROUP, (r.words(), rs.staging, rs.pages,
+                                                                rs.count, rs.staging, 0))
         if _device_listed(st):
             lister, groups, advance = st.scanner.kernels(cap)
             sc = st.scanner
             bound = rt.bind(lister, 64, (sc.table, sc.pos, sc.last, rs.pages))
             rs.launches["list"] = lambda stream, bound=bound, groups=groups: bound(groups, stream)
             rs.launches["advance"] = rt.bind(advance, 1, (sc.pos, sc.last, rs.count))
-            rs.launches["gather"] = rt.bind(counted, hk.GROUP, (r.words(), rs.staging, rs.pages,
-                                                                rs.count, rs.staging, 0))
-        elif st.scanner is not None:
-            rs.launches["counted"] = rt.bind(counted, hk.GROUP, (r.words(), rs.staging, rs.pages,
-                                                                 rs.count, rs.staging, 0))
-        else:
+        elif st.scanner is None:
             rs.launches["scan"] = rt.bind(hk.page_scanner(r.words_per_page, r.n_words), hk.GROUP,
                                           (r.words(), st.shadow, rs.pages, rs.count))
             rs.launches["gather"] = rt.bind(counted, hk.GROUP, (r.words(), st.shadow, rs.pages,
@@ -191,54 +193,46 @@ class CheckpointWriter:
     def enqueue(self, stream) -> CheckpointHandle:
         t0 = time.perf_counter()
         self.raise_error()
-        slot = None
-        if self.streams:
-            slot = self._take(self.free)
-        elif not self._acquire():
-            slot = False
-        if slot is False or (self.streams and slot is None):   # ring full, coalescing
+        slot = self._take()
+        if slot is None:   # ring full, coalescing
             h = CheckpointHandle(self.enqueued_id + 1)
             self.coalesced.append(h)
             h.enqueue_s = time.perf_counter() - t0
             return h
         t_slot = time.perf_counter()
         self.ckpt.checkpoint_id += 1
-        cap = _Capture(self.ckpt.checkpoint_id, CheckpointHandle(self.ckpt.checkpoint_id))
+        cap = _Capture(self.ckpt.checkpoint_id, CheckpointHandle(self.ckpt.checkpoint_id), slot)
         cap.handle.phases["slot"] = t_slot - t0
         cap.coalesced, self.coalesced = self.coalesced, []
         try:
             if self.streams:
-                self._capture_with_graph(cap, slot, stream)
+                self._capture_with_graph(cap, stream)
             else:
-                self._capture_now(cap)
+                cap.pieces = [(st.region.id, _capture_region_now(st)) for st in self.ckpt.states]
         except BaseException:
             self.ckpt.checkpoint_id -= 1
-            if self.streams:
-                self.free.put(slot)
-            else:
-                self.in_flight.release()
+            self.free.put(slot)
             raise
         self.enqueued_id = cap.id
         self.pending.put(cap)
         cap.handle.enqueue_s = time.perf_counter() - t0
         return cap.handle
 
-    def _take(self, q: queue.Queue):
+    def _take(self):
         """A free slot: wait for one (checking the writer's health), or None to coalesce."""
         while True:
             try:
-                return q.get(timeout=0.05) if self.when_full == "wait" else q.get_nowait()
+                if self.when_full == "wait":
+                    return self.free.get(timeout=0.05)
+                return self.free.get_nowait()
             except queue.Empty:
                 if self.when_full == "coalesce":
                     return None
                 self.raise_error()
 
-    def _acquire(self) -> bool:
-        if self.when_full == "coalesce":
-            return self.in_flight.acquire(blocking=False)
-        while not self.in_flight.acquire(timeout=0.05):
-            self.raise_error()
-        return True
+    def synced(self, checkpoint_id: int):
+        """A synchronous checkpoint (Checkpointer.checkpoint) was committed: it is the newest."""
+        self.durable_id = self.enqueued_id = self.processed_id = checkpoint_id
 
     def _record(self, slot: _Slot, stream):
         """The slot's device work, as its graph holds it: page lists and counts from the slot's
@@ -246,7 +240,7 @@ class CheckpointWriter:
         a list's count idle)."""
         b = self.backend
         for st, rs in zip(self.ckpt.states, slot.regions):
-            if not self._streamable(st):
+            if rs is None:
                 continue
             if _device_listed(st):   # the block table names the pages; the device keeps `last`
                 rs.launches["list"](stream)
@@ -257,7 +251,7 @@ class CheckpointWriter:
             elif st.scanner is not None:
                 b.copy_in_on(stream, rs.count.handle, rs.host_count)
                 b.copy_in_on(stream, rs.pages.handle, rs.host_pages)
-                rs.launches["counted"](rs.capacity, stream)
+                rs.launches["gather"](rs.capacity, stream)
             else:
                 b.memset32_on(stream, rs.count.handle, 0, 1)
                 rs.launches["scan"](st.region.n_pages, stream)
@@ -265,25 +259,20 @@ class CheckpointWriter:
                 b.copy_out_on(stream, rs.count.handle, rs.host_count)   # what the scan found
                 b.copy_out_on(stream, rs.pages.handle, rs.host_pages)
 
-    def _capture_with_graph(self, cap: _Capture, slot: _Slot, stream):
+    def _capture_with_graph(self, cap: _Capture, stream):
         """Fill the slot's pinned page lists, replay its graph, record its event: the whole
         device side of a checkpoint in two driver calls."""
-        cap.slot = slot
+        slot = cap.slot
         t0 = time.perf_counter()
         for st, rs in zip(self.ckpt.states, slot.regions):
-            if not self._streamable(st):   # hash / tracked: captured now, on the legacy stream
-                pages = st.find_dirty()
-                cap.counts.append(list(st.gather(pages)))
-                st.after_commit(pages)
+            if rs is None:   # hash / tracked: captured now, on the legacy stream
+                cap.counts.append(_capture_region_now(st))
             elif _device_listed(st):
                 cap.counts.append(None)
             elif st.scanner is not None:
                 pages = st.scanner.dirty_pages()
                 n = len(pages)
-                if n > rs.capacity:
-                    raise ConcordiaError(f"region {st.region.name!r}: {n} dirty pages, more than "
-                                         f"a staging slot holds ({rs.capacity}); raise slot_bytes "
-                                         "or checkpoint more often")
+                _check_capacity(st.region, n, rs.capacity)
                 rs.host_pages[:n] = pages
                 rs.host_count[0] = n
                 st.scanner.committed()
@@ -295,13 +284,6 @@ class CheckpointWriter:
         t2 = time.perf_counter()
         cap.event = slot.event = self.backend.record_event(stream, slot.event)
         cap.handle.phases.update(lists=t1 - t0, graph=t2 - t1, event=time.perf_counter() - t2)
-
-    def _capture_now(self, cap: _Capture):
-        cap.pieces = []
-        for st in self.ckpt.states:
-            pages = st.find_dirty()
-            cap.pieces.append((st.region.id, list(st.gather(pages))))
-            st.after_commit(pages)
 
     def flush(self, timeout: float | None = None) -> int:
         """Wait until every checkpoint enqueued so far is durable; returns durable_id."""
@@ -411,11 +393,8 @@ class CheckpointWriter:
         self.error = error
         leftover = list(self._queued())
         for c in group + leftover:
-            if c.slot is not None:
-                if not c.released:
-                    self.free.put(c.slot)
-            elif not c.released:
-                self.in_flight.release()
+            if not c.released:
+                self.free.put(c.slot)
             for h in [c.handle, *c.coalesced]:
                 if not h.done():
                     h._finish(error=error, newest=self.enqueued_id)
@@ -437,10 +416,7 @@ class CheckpointWriter:
                 "time": time.time(), "backend": str(self.rt.spec), "async": True}
         log.commit(cap.id, info, sync=False)
         cap.handle.phases["write"] = time.perf_counter() - t_write
-        if cap.slot is not None:
-            self.free.put(cap.slot)
-        else:
-            self.in_flight.release()
+        self.free.put(cap.slot)
         cap.released = True
         cap.handle.stats = CheckpointStats(cap.id, pages, nbytes,
                                            time.perf_counter() - cap.handle._enqueued_at, False)
@@ -454,9 +430,7 @@ class CheckpointWriter:
                 out.append((r.id, n))
                 continue
             n = int(rs.host_count[0]) if n is None else n
-            if n > rs.capacity:
-                raise ConcordiaError(f"region {r.name!r}: {n} dirty pages, more than a staging "
-                                     f"slot holds ({rs.capacity}); raise slot_bytes")
+            _check_capacity(r, n, rs.capacity)
             listed = rs.host_pages[:n]
             if _device_listed(st):   # a device list may name a page twice (two slots of it)
                 listed, slots = np.unique(listed, return_index=True)
@@ -471,3 +445,17 @@ class CheckpointWriter:
 def _device_listed(st) -> bool:
     """A region whose scanner lists its pages on the device (BlockTableScanner)."""
     return getattr(st.scanner, "device_lister", False)
+
+
+def _capture_region_now(st) -> list:
+    """A region's (page, bytes) pieces, found and copied in the caller's thread."""
+    pages = st.find_dirty()
+    pieces = list(st.gather(pages))
+    st.after_commit(pages)
+    return pieces
+
+
+def _check_capacity(region, n: int, capacity: int):
+    if n > capacity:
+        raise ConcordiaError(f"region {region.name!r}: {n} dirty pages, more than a staging slot "
+                             f"holds ({capacity}); raise slot_bytes or checkpoint more often")

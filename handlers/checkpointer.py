@@ -167,6 +167,8 @@ class Checkpointer:
         if content_hash:
             info["sha256"] = {r.name: r.content_hash() for r in self.regions}
         self.log.commit(self.checkpoint_id, info)
+        if self._writer is not None:   # durable_id and flush() count this one too
+            self._writer.synced(self.checkpoint_id)
         for st, pages in zip(self.states, dirty_lists):
             st.after_commit(pages)
         self.need_full = False
@@ -186,9 +188,6 @@ class Checkpointer:
             stats = self.checkpoint()
             h = CheckpointHandle(stats.checkpoint_id)
             h._finish(stats, newest=stats.checkpoint_id)
-            if self._writer is not None:
-                w = self._writer
-                w.durable_id = w.enqueued_id = w.processed_id = stats.checkpoint_id
             return h
         if self._writer is None:
             self._writer = CheckpointWriter(self, **self._ring)

@@ -302,3 +302,19 @@ def test_block_table_scanner_on_a_region_smaller_than_a_steps_list(tmp_path, bac
         ck.checkpoint_async()
     ck.close()
     np.testing.assert_array_equal(restored(tmp_path / "t.clog")["kv"].numpy(), cache)
+
+
+def test_durable_id_counts_a_synchronous_checkpoint_between_async_ones(tmp_path):
+    rt = Runtime("reference")
+    kv = rt.to_device(np.zeros(N, np.float32))
+    ck = Checkpointer(rt, {"kv": kv}, str(tmp_path / "m.clog"))
+    ck.checkpoint_async()
+    kv.write(np.ones(N, np.float32))
+    ck.checkpoint_async()
+    kv.write(np.full(N, 2, np.float32))
+    stats = ck.checkpoint()
+    assert ck.durable_id == stats.checkpoint_id == 3 and ck.flush() == 3
+    kv.write(np.full(N, 3, np.float32))
+    assert ck.checkpoint_async().result(timeout=10).checkpoint_id == 4
+    ck.close()
+    np.testing.assert_array_equal(restored(tmp_path / "m.clog")["kv"].numpy(), np.full(N, 3, np.float32))
