@@ -59,27 +59,26 @@ class GenerationGuard:
         if keys.dim() != 4:
             raise ConcordiaError(f"expected StaticCache keys of shape (batch, heads, max_len, "
                                  f"head_dim), got {tuple(keys.shape)}")
-        if str(keys.dtype).split(".")[-1] not in _DTYPES:
+        dtype = str(keys.dtype).split(".")[-1]
+        if dtype not in _DTYPES:
             raise ConcordiaError(f"cache dtype {keys.dtype} is not one of {', '.join(_DTYPES)}")
         batch, _, max_len, _ = keys.shape
         rt = self.runtime if isinstance(self.runtime, Runtime) else Runtime(
             self.runtime or ("cuda" if keys.is_cuda else "reference"))
         self.tokens = torch.zeros(batch, max_len + 1, dtype=torch.int64, device=keys.device)
         self.meta = torch.zeros(META_WORDS, dtype=torch.int64, device=keys.device)
-        self.meta[:6] = torch.tensor([batch, 0, max_len, len(layers),
-                                      _DTYPES.index(str(keys.dtype).split(".")[-1]),
+        self.meta[:6] = torch.tensor([batch, 0, max_len, len(layers), _DTYPES.index(dtype),
                                       input_ids.shape[1]])
         regions = {"meta": rt.from_dlpack(self.meta), "tokens": rt.from_dlpack(self.tokens)}
-        scanners, shared = {}, {}
+        by_shape = {}   # (shape, itemsize) -> region names: one scanner each, computed once
         for i, (k, v, _) in enumerate(layers):
             for name, t in ((f"k{i}", k), (f"v{i}", v)):
                 regions[name] = rt.from_dlpack(t)
-                key = (tuple(t.shape), t.element_size())
-                shared.setdefault(key, []).append(name)
-        for (shape, itemsize), names in shared.items():   # one scanner per shape: computed once
-            scanner = SequenceCacheScanner(shape, itemsize, users=len(names))
-            scanners.update(dict.fromkeys(names, scanner))
-        self.scanners = list({id(s): s for s in scanners.values()}.values())
+                by_shape.setdefault((tuple(t.shape), t.element_size()), []).append(name)
+        scanners, self.scanners = {}, []
+        for (shape, itemsize), names in by_shape.items():
+            self.scanners.append(SequenceCacheScanner(shape, itemsize, users=len(names)))
+            scanners.update(dict.fromkeys(names, self.scanners[-1]))
         self.ckpt = Checkpointer(rt, regions, self.path, fsync=self.fsync, scanners=scanners)
         self.written = 0   # cache positions covered by the last checkpoint
 

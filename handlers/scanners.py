@@ -7,6 +7,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import kernels as hk
+
+
+def pages_touched(start: np.ndarray, nbytes: int, page_size: int) -> np.ndarray:
+    """The sorted pages that byte ranges [start, start + nbytes) touch."""
+    if page_size % nbytes == 0:   # the common case (a 2 KiB slot of a 4 KiB page): one page each
+        return np.unique(start // page_size).astype(np.int32)
+    first = start // page_size
+    last = (start + nbytes - 1) // page_size
+    span = int((last - first).max()) + 1
+    pages = first[:, None] + np.arange(span)[None, :]
+    return np.unique(pages[pages <= last[:, None]]).astype(np.int32)
+
 
 class KVBlockScanner:
     """Dirty pages of a paged KV cache, from the decode loop's own writes.
@@ -23,9 +36,8 @@ class KVBlockScanner:
         self.slot_bytes = int(np.prod(shape[4:])) * itemsize
         self.page_size = page_size
         self.pending: list[np.ndarray] = []
-        # first slot index of each (layer, K/V) plane, and whether a slot can straddle pages
+        # first slot index of each (layer, K/V) plane
         self.plane_base = (np.arange(self.layers * self.two, dtype=np.int64) * self.blocks)[:, None]
-        self.slot_in_one_page = page_size % self.slot_bytes == 0
 
     def mark(self, blocks, slots) -> None:
         """Slots written by one step: arrays of block ids and in-block positions (one per
@@ -37,16 +49,8 @@ class KVBlockScanner:
     def dirty_pages(self) -> np.ndarray:
         if not self.pending:
             return np.zeros(0, np.int32)
-        start = (self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)) \
-            * self.slot_bytes
-        if self.slot_in_one_page:   # the common case (a slot is 2 KiB of a 4 KiB page): one page each
-            return np.unique(start // self.page_size).astype(np.int32)
-        first = start // self.page_size
-        last = (start + self.slot_bytes - 1) // self.page_size
-        span = int((last - first).max()) + 1
-        pages = (first[:, None] + np.arange(span)[None, :])
-        pages = pages[pages <= last[:, None]]
-        return np.unique(pages).astype(np.int32)
+        slots = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
+        return pages_touched(slots * self.slot_bytes, self.slot_bytes, self.page_size)
 
     def committed(self) -> None:
         self.pending.clear()
@@ -88,9 +92,7 @@ class SequenceCacheScanner:
         if self.pages is None:
             if not self.pending:
                 return np.zeros(0, np.int32)
-            start = np.concatenate(self.pending)
-            first, last = start // self.page_size, (start + self.row_bytes - 1) // self.page_size
-            self.pages = np.unique(np.concatenate([first, last])).astype(np.int32)
+            self.pages = pages_touched(np.concatenate(self.pending), self.row_bytes, self.page_size)
         return self.pages
 
     def committed(self) -> None:
@@ -111,7 +113,6 @@ class BlockTableScanner:
     must divide the page size (a slot never straddles two pages)."""
 
     def __init__(self, shape: tuple, itemsize: int, table, pos, batch: int, page_size: int = 4096):
-        from . import kernels as hk
         layers, two, self.blocks, self.block_size = shape[:4]
         self.planes = layers * two
         self.row_bytes = int(np.prod(shape[4:])) * itemsize
@@ -122,11 +123,9 @@ class BlockTableScanner:
         self.rt, self.table, self.pos, self.page_size = table.runtime, table, pos, page_size
         self.last = self.rt.zeros(1, np.int64)
         self.device_lister = True
-        self.hk = hk
 
     def kernels(self, capacity: int):
         """(list kernel, its work-groups of 64, advance kernel) for a list of `capacity`."""
-        hk = self.hk
         lister = hk.block_table_lister(self.planes, self.blocks, self.block_size, self.batch,
                                        self.max_blocks, self.row_bytes, self.page_size, capacity)
         groups = -(-self.planes * self.batch // 64)
