@@ -5,6 +5,8 @@ hip_on_cuda.h: it checks the HIP text's semantics on NVIDIA hardware until AMD h
 """
 from __future__ import annotations
 
+import ctypes
+
 import os
 
 import numpy as np
@@ -115,9 +117,7 @@ class CUDABackend(Backend):
         """A page-locked bounce buffer: small copies through it take microseconds, where a
         pageable copy costs tens (what a one-page checkpoint is made of)."""
         if self._pin is None:
-            import ctypes
-            ptr = _check(_driver().cuMemHostAlloc(self.PINNED_BYTES, 0), "cuMemHostAlloc")
-            self._pin = np.ctypeslib.as_array((ctypes.c_uint8 * self.PINNED_BYTES).from_address(int(ptr)))
+            self._pin = self.pinned(self.PINNED_BYTES)
         return self._pin
 
     def copy_in_async(self, handle, host) -> None:
@@ -162,11 +162,9 @@ class CUDABackend(Backend):
         driver = _driver()
         self.activate()
         if self.control_stream is None:
-            self.control_stream = _check(driver.cuStreamCreate(driver.CUstream_flags.CU_STREAM_NON_BLOCKING),
-                                         "cuStreamCreate")
+            self.control_stream = self.new_stream()
             self._control_pin = _check(driver.cuMemHostAlloc(64, 0), "cuMemHostAlloc")
         host = np.ascontiguousarray(host)
-        import ctypes
         ctypes.memmove(int(self._control_pin), host.ctypes.data, host.nbytes)
         _check(driver.cuMemcpyHtoDAsync(handle, self._control_pin, host.nbytes, self.control_stream),
                "cuMemcpyHtoDAsync (control)")
@@ -175,13 +173,12 @@ class CUDABackend(Backend):
     def alloc_mapped(self, nbytes):
         """Pinned host memory mapped into the device's address space (zero-copy): the host
         writes task records, the kernel reads them over PCIe; the kernel writes completions."""
-        import ctypes
         driver = _driver()
         self.activate()
         flags = driver.CU_MEMHOSTALLOC_DEVICEMAP | driver.CU_MEMHOSTALLOC_PORTABLE
         host = _check(driver.cuMemHostAlloc(nbytes, flags), "cuMemHostAlloc(DEVICEMAP)")
         dptr = _check(driver.cuMemHostGetDevicePointer(host, 0), "cuMemHostGetDevicePointer")
-        view = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(int(host)))
+        view = _host_view(host, nbytes)
         view[:] = 0
         self._mapped[int(dptr)] = host
         return dptr, view
@@ -201,23 +198,14 @@ class CUDABackend(Backend):
         """On a stream of its own that does not synchronise with the legacy stream, so that
         copies and other kernels run beside the persistent kernel."""
         driver = _driver()
-        fn = self.compile(kernel)
         if self.detached_stream is None:
-            self.detached_stream = _check(driver.cuStreamCreate(
-                driver.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
-        holders = [np.array([int(a)], np.uint64) if not isinstance(a, np.generic)
-                   else np.array([a], np.uint8 if a.dtype == np.bool_ else a.dtype) for a in args]
-        params = np.array([h.ctypes.data for h in holders], dtype=np.uint64)
-        grid = [g // l for g, l in zip(global_size, local_size)]
-        _check(driver.cuLaunchKernel(fn, *grid, *local_size, 0, self.detached_stream,
-                                     params.ctypes.data, 0), f"launch of {kernel.name}")
-        event = _check(driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING),
-                       "cuEventCreate")
-        _check(driver.cuEventRecord(event, self.detached_stream), "cuEventRecord")
+            self.detached_stream = self.new_stream()
+        params = self.launch_on(self.detached_stream, kernel, args, global_size, local_size)
+        event = self.record_event(self.detached_stream)
         backend = self
 
         class Run:
-            keep = (holders, params)
+            keep = params
 
             def done(self) -> bool:
                 backend.activate()
@@ -274,20 +262,18 @@ class CUDABackend(Backend):
     streams = True
 
     def launch_on(self, stream, kernel, args, global_size, local_size):
+        """Returns the parameter block (a caller whose kernel outlives the call keeps it)."""
         fn = self.compile(kernel)
-        holders = [np.array([int(a)], np.uint64) if not isinstance(a, np.generic)
-                   else np.array([a], np.uint8 if a.dtype == np.bool_ else a.dtype) for a in args]
-        params = np.array([h.ctypes.data for h in holders], dtype=np.uint64)
+        holders, params = _param_block(args)
         grid = [g // l for g, l in zip(global_size, local_size)]
         _check(_driver().cuLaunchKernel(fn, *grid, *local_size, 0, stream, params.ctypes.data, 0),
                f"launch of {kernel.name}")
+        return holders, params
 
     def bind(self, kernel, args, local_size):
         """The parameter block is built once: a bound launch is one cuLaunchKernel call."""
         fn = self.compile(kernel)
-        holders = [np.array([int(a)], np.uint64) if not isinstance(a, np.generic)
-                   else np.array([a], np.uint8 if a.dtype == np.bool_ else a.dtype) for a in args]
-        params = np.array([h.ctypes.data for h in holders], dtype=np.uint64)
+        holders, params = _param_block(args)
         launch, name = _driver().cuLaunchKernel, kernel.name
 
         def bound(groups: int, stream=0, _keep=(holders, params)):
@@ -354,15 +340,26 @@ class CUDABackend(Backend):
         return True
 
     def pinned(self, nbytes):
-        import ctypes
         self.activate()
         ptr = _check(_driver().cuMemHostAlloc(max(nbytes, 1), 0), "cuMemHostAlloc")
         self._pinned_blocks.append(ptr)
-        return np.ctypeslib.as_array((ctypes.c_uint8 * max(nbytes, 1)).from_address(int(ptr)))
+        return _host_view(ptr, max(nbytes, 1))
 
     def synchronize(self):
         self.activate()
         _check(_driver().cuCtxSynchronize(), "cuCtxSynchronize")
+
+
+def _param_block(args):
+    """cuLaunchKernel's kernelParams for handles and numpy scalars: (holders, pointer array)."""
+    holders = [np.array([int(a)], np.uint64) if not isinstance(a, np.generic)
+               else np.array([a], np.uint8 if a.dtype == np.bool_ else a.dtype) for a in args]
+    return holders, np.array([h.ctypes.data for h in holders], dtype=np.uint64)
+
+
+def _host_view(ptr, nbytes: int) -> np.ndarray:
+    """Host memory the driver allocated, as a numpy byte array (no copy)."""
+    return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(int(ptr)))
 
 
 def _device_name(dev) -> str:

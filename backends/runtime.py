@@ -289,20 +289,15 @@ class Runtime:
                 out.append(_scalar_arg(p, a, i))
         return k, g, l, out
 
-    def launch(self, kernel, global_size, local_size=64, args=(), pausable: bool = False,
-               stream=None):
+    def launch(self, kernel, global_size, local_size=64, args=(), pausable: bool = False):
         """Run `kernel` over `global_size` work-items in groups of `local_size`.
 
         With pausable=True the kernel starts asynchronously and a KernelContext is returned:
-        it can be paused at the kernel's safepoints, resumed, exported or migrated. `stream`
-        (a backend stream, e.g. torch's `stream.cuda_stream` on cuda) enqueues it there."""
+        it can be paused at the kernel's safepoints, resumed, exported or migrated."""
         if pausable:
             return _kernel_contexts().context(self, kernel, global_size, local_size, args).start()
         k, g, l, handles = self.check_launch(kernel, global_size, local_size, args)
-        if stream is None:
-            self.backend.launch(k, handles, g, l)
-        else:
-            self.backend.launch_on(stream, k, handles, g, l)
+        self.backend.launch(k, handles, g, l)
 
     def bind(self, kernel, local_size, args):
         """A launch checked once, for a hot path: `bound(groups, stream=None)` runs `groups`

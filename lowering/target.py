@@ -17,6 +17,7 @@ from concordia_ir.printer import print_kernel
 from concordia_ir.verifier import verify_kernel
 
 from . import compile as _compile
+from . import render_source
 from .dialects import DIALECTS
 
 
@@ -73,7 +74,6 @@ class Stage:
 
 
 def _render(kernel: Kernel, target: Target, options: Options) -> str:
-    from . import render_source
     if target.backend not in DIALECTS:
         raise ConcordiaError(f"no C-family source for target {target.backend!r}; "
                              f"known: {', '.join(DIALECTS)}")
