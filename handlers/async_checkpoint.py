@@ -437,7 +437,7 @@ class CheckpointWriter:
             else:
                 slots = range(n)
             data, size = memoryview(rs.host_data), r.page_size
-            out.append((r.id, [(p, data[k * size:k * size + min(size, r.nbytes - p * size)])
+            out.append((r.id, [(p, data[k * size:k * size + r.page_bytes(p)])
                                for k, p in zip(slots, listed.tolist())]))
         return out
 

@@ -45,6 +45,10 @@ class Region:
     def n_pages(self) -> int:
         return -(-self.nbytes // self.page_size)
 
+    def page_bytes(self, page: int) -> int:
+        """Bytes of `page` inside the region (the last page may be short)."""
+        return min(self.page_size, self.nbytes - page * self.page_size)
+
     def words(self) -> DeviceBuffer:
         """The region's bytes as 32-bit words: what the handlers operate on."""
         return self.buffer.view(np.uint32)
@@ -114,8 +118,7 @@ class PageStager:
         r = self.region
         for part, raw in self.batches(pages, shadow, update):
             for k, p in enumerate(int(x) for x in part):
-                end = min(r.page_size, r.nbytes - p * r.page_size)
-                yield p, raw[k * r.page_size:k * r.page_size + end].tobytes()
+                yield p, raw[k * r.page_size:k * r.page_size + r.page_bytes(p)].tobytes()
 
     def free(self):
         self.rt.free(self.pages)
