@@ -65,8 +65,8 @@ class IRBuilder:
         self.ops: list[Op] = ops if ops is not None else []
 
     def child(self, loc: Loc | None = None) -> "IRBuilder":
-        """A builder for a region: same names, its own op list."""
-        return IRBuilder(self.names, loc if loc is not None else self.loc)
+        """A builder for a region: same names, its own op list (and this builder's class)."""
+        return type(self)(self.names, loc if loc is not None else self.loc)
 
     def emit(self, name: str, operands=(), results=(), attrs=(), regions=()) -> tuple[Value, ...]:
         """An op whose results are the given Values (when the caller chose their names)."""

@@ -70,9 +70,6 @@ class _Builder:
     def fail(self, node, msg: str):
         raise KernelSyntaxError(f"{self.file}:{self.loc(node).line}: {msg}")
 
-    def fresh(self, hint: str | None = None) -> str:
-        return self.names.fresh(hint)
-
     def emit(self, node, name, operands=(), types=(), attrs=(), regions=(), hint=None):
         results = tuple(self.names.value(hint, t) for t in types)
         return IRBuilder(self.names, self.loc(node), self.blocks[-1]).emit(
@@ -146,7 +143,7 @@ class _Builder:
             if a.annotation is None:
                 self.fail(a, f"parameter {a.arg!r} needs a type annotation (e.g. f32, Ptr[f32])")
             t = self.eval_annotation(a.annotation)
-            v = Value(self.fresh(a.arg), t)
+            v = self.names.value(a.arg, t)
             params.append(v)
             self.env[a.arg] = v
         self.blocks.append([])
@@ -273,7 +270,7 @@ class _Builder:
             return v
         op = ops[-1]
         self.names.release(v.name)
-        new = Value(self.fresh(name), v.type)
+        new = self.names.value(name, v.type)
         ops[-1] = Op(op.name, op.operands, (new,), op.attrs, op.regions, op.loc)
         return new
 
@@ -338,7 +335,7 @@ class _Builder:
         new = []
         for r, n in zip(results, names):
             self.names.release(r.name)
-            new.append(Value(self.fresh(n), r.type))
+            new.append(self.names.value(n, r.type))
         ops[-1] = Op(op.name, op.operands, tuple(new), op.attrs, op.regions, op.loc)
         for n, v in zip(names, new):
             self.env[n] = v
@@ -386,8 +383,8 @@ class _Builder:
             bounds.append(a)
         carried = self.carried_names(s.body, exclude=(s.target.id,))
         before = dict(self.env)
-        iv = Value(self.fresh(s.target.id), t)
-        args_v = [Value(self.fresh(n), before[n].type) for n in carried]
+        iv = self.names.value(s.target.id, t)
+        args_v = [self.names.value(n, before[n].type) for n in carried]
         self.env[s.target.id] = iv
         for n, a in zip(carried, args_v):
             self.env[n] = a
@@ -423,7 +420,7 @@ class _Builder:
         carried = self.carried_names(s.body)
         before = dict(self.env)
         types = [before[n].type for n in carried]
-        b_args = [Value(self.fresh(n), t) for n, t in zip(carried, types)]
+        b_args = [self.names.value(n, t) for n, t in zip(carried, types)]
         for n, a in zip(carried, b_args):
             self.env[n] = a
 
@@ -432,7 +429,7 @@ class _Builder:
             self.blocks[-1].append(Op("condition", (c, *b_args), loc=self.loc(s)))
             return False
         b_ops, _ = self.region(before_region)
-        a_args = [Value(self.fresh(n), t) for n, t in zip(carried, types)]
+        a_args = [self.names.value(n, t) for n, t in zip(carried, types)]
         for n, a in zip(carried, a_args):
             self.env[n] = a
 

@@ -93,9 +93,6 @@ class _Builder(IRBuilder):
 
     broadcast = None   # set while restoring group-uniform values in kernels with barriers
 
-    def child(self, loc=None) -> "_Builder":
-        return _Builder(self.names, loc if loc is not None else self.loc)
-
     def ctx_index(self, base: Value, word: int) -> Value:
         return self.op("add", (base, self.const(word)), i64, hint="at")
 
