@@ -51,6 +51,14 @@ YIELD_EVERY = 16
 HOLD_S = 0.005
 
 
+def check_ring(slots: int, when_full: str) -> None:
+    """The staging ring's settings, checked where the user gives them (Checkpointer)."""
+    if when_full not in WHEN_FULL:
+        raise ConcordiaError(f"when_full must be one of {', '.join(WHEN_FULL)}, got {when_full!r}")
+    if not isinstance(slots, int) or slots < 1:
+        raise ConcordiaError(f"the staging ring needs at least 1 slot, got {slots!r}")
+
+
 class CheckpointHandle:
     """One asynchronous checkpoint. `result()` waits until it is durable and returns its
     CheckpointStats (or raises the writer's error)."""
@@ -122,10 +130,7 @@ class CheckpointWriter:
 
     def __init__(self, ckpt, slots: int = 4, slot_bytes: int = 16 << 20, when_full: str = "wait",
                  compact_at_bytes: int | None = None):
-        if when_full not in WHEN_FULL:
-            raise ConcordiaError(f"when_full must be one of {', '.join(WHEN_FULL)}, got {when_full!r}")
-        if slots < 1:
-            raise ConcordiaError(f"the staging ring needs at least 1 slot, got {slots}")
+        check_ring(slots, when_full)
         self.ckpt, self.rt, self.when_full = ckpt, ckpt.rt, when_full
         self.compact_at = compact_at_bytes
         self.compactions: list[dict] = []   # seconds, bytes before and after, each time

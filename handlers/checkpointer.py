@@ -24,7 +24,7 @@ from concordia.backends.runtime import DeviceBuffer, _as_kernel
 
 from . import kernels as hk
 from .log import PAGE, DeltaLog, committed_image, compact, scan_log
-from .async_checkpoint import CheckpointHandle, CheckpointWriter
+from .async_checkpoint import CheckpointHandle, CheckpointWriter, check_ring
 from .regions import CheckpointStats, PageStager, Region, check_region
 from concordia_ir.passes.tracking import instrument_stores
 
@@ -103,6 +103,7 @@ class Checkpointer:
                  compact_at_bytes: int | None = None):
         if mode not in MODES:
             raise ConcordiaError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        check_ring(ring_slots, when_full)
         if not regions:
             raise ConcordiaError("a Checkpointer needs at least one region")
         self.rt, self.path, self.mode, self.page_size = runtime, path, mode, page_size

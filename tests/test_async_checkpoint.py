@@ -318,3 +318,15 @@ def test_durable_id_counts_a_synchronous_checkpoint_between_async_ones(tmp_path)
     assert ck.checkpoint_async().result(timeout=10).checkpoint_id == 4
     ck.close()
     np.testing.assert_array_equal(restored(tmp_path / "m.clog")["kv"].numpy(), np.full(N, 3, np.float32))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(when_full="drop"), "when_full must be one of wait, coalesce, got 'drop'"),
+    (dict(ring_slots=0), "the staging ring needs at least 1 slot, got 0"),
+])
+def test_bad_ring_settings_are_refused_at_construction_in_one_line(tmp_path, kwargs, message):
+    rt = Runtime("reference")
+    with pytest.raises(ConcordiaError) as e:
+        Checkpointer(rt, {"kv": rt.zeros(N, np.float32)}, str(tmp_path / "x.clog"), **kwargs)
+    assert str(e.value) == message
+    assert not (tmp_path / "x.clog").exists()   # refused before anything was created

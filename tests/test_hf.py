@@ -59,3 +59,18 @@ def test_the_guard_logs_only_the_new_positions(tmp_path):
     # a step writes one position of 2 sequences x 2 heads in 2 layers' K and V: 16 rows of
     # 64 bytes, in at most 16 pages; plus the tokens and meta pages
     assert all(s.pages <= 16 + 2 for s in stats[1:])
+
+
+def test_a_guard_on_a_cache_generate_never_filled_is_one_line(tmp_path):
+    import torch
+    from transformers import StaticCache
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import hf_generate as H
+    from concordia import ConcordiaError
+    from concordia.hf import GenerationGuard
+    model = H.build("tiny", "cpu")
+    guard = GenerationGuard(StaticCache(config=model.config, max_cache_len=16),
+                            str(tmp_path / "e.clog"))
+    with pytest.raises(ConcordiaError, match=r"^the cache has no tensors yet: pass the StaticCache "
+                                             r"that generate\(past_key_values=\.\.\.\) fills$"):
+        guard(torch.zeros(1, 4, dtype=torch.long), None)
