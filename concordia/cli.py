@@ -308,6 +308,17 @@ def cmd_demo(args) -> int:
     return 0 if result["verified"] else 1
 
 
+def cmd_failover(args) -> int:
+    try:
+        import ray  # noqa: F401
+        import torch
+    except ImportError as e:
+        raise ConcordiaError(f"concordia failover needs Ray and torch ({e.name} is missing): "
+                             "pip install 'concordia[cluster]' torch") from None
+    from concordia.cluster.run import failover_main
+    return failover_main(args)
+
+
 BENCHES = {
     "interpreter": "reference interpreter throughput",
     "kernels": "lowered vs hand-written CUDA, compile, launch",
@@ -404,6 +415,34 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--steps", type=int, help="loop iterations per work-item")
     dm.add_argument("--json", metavar="FILE", help="write the timeline and hashes here")
     dm.set_defaults(func=cmd_demo)
+
+    fo = sub.add_parser("failover", help="decode on Ray workers, SIGKILL some, recover them on "
+                                         "warm standbys; print the recovery timeline")
+    fo.add_argument("--workers", type=int, default=2, help="decode workers, one job each")
+    fo.add_argument("--standby", type=int, default=1, help="warm standbys")
+    fo.add_argument("--kill", type=int, default=1, help="SIGKILL this many times at random steps")
+    fo.add_argument("--hang", type=int, default=0, help="SIGSTOP this many workers (hung: found by "
+                                                       "the heartbeat deadline)")
+    fo.add_argument("--slow", type=int, default=0, help="this many workers sleep each step (a "
+                                                       "slow worker must not be declared dead)")
+    fo.add_argument("--kill-standby", type=int, default=0,
+                    help="SIGKILL this many standbys in the middle of their takeover")
+    fo.add_argument("--tp", type=int, default=1, choices=[1, 2],
+                    help="2: one tensor-parallel job over two ranks (torch.distributed)")
+    fo.add_argument("--backend", help="the workers' backend (default: cuda on a GPU, else "
+                                      "reference)")
+    fo.add_argument("--standby-backend", help="the standbys' backend (default: the workers'); "
+                                              "another vendor's for a cross-vendor recovery")
+    fo.add_argument("--config", default="tiny", help="model size: tiny or qwen3-0.6b")
+    fo.add_argument("--batch", type=int, default=2, help="requests (sequences) per worker")
+    fo.add_argument("--prompt", type=int, default=8, help="prompt tokens per request")
+    fo.add_argument("--tokens", type=int, default=32, help="tokens to generate per request")
+    fo.add_argument("--deadline", type=float, default=2.0,
+                    help="seconds without heartbeat or progress before a worker is declared hung")
+    fo.add_argument("--seed", type=int, default=0, help="the faults' random steps")
+    fo.add_argument("--log-dir", help="keep the workers' logs here (default: a temporary folder)")
+    fo.add_argument("--json", metavar="FILE", help="write the report here")
+    fo.set_defaults(func=cmd_failover)
 
     bn = sub.add_parser("bench", help="run a benchmark (bench/NAME.py); no NAME lists them")
     bn.add_argument("name", nargs="?", help=", ".join(BENCHES))

@@ -1,0 +1,446 @@
+"""The LLM workload: a Qwen3-architecture decode loop whose KV cache, LoRA adapter and scheduler
+state are Concordia regions. `examples/llm_decode.py` is its command line; the Ray workers of
+`concordia.cluster` run it; the benchmarks time it. Needs torch.
+
+The model is built from its configuration with random weights (no download): Qwen3's
+layout — RMSNorm, grouped-query attention with per-head q/k RMSNorm and RoPE (theta 1e6),
+SwiGLU MLP, tied embeddings — at full Qwen3-0.6B size on a GPU or a tiny size for CPU tests.
+Compute and memory traffic are what matter here, not the text.
+
+State that a serving engine would lose in a crash lives in three tensors, each a Concordia
+region wrapped through DLPack (no copy):
+- `kv`: the paged KV cache (layers, K/V, blocks, block_size, kv_heads, head_dim); its dirty
+  pages come from the decode loop's own writes (KVBlockScanner) or the block table on the
+  device (BlockTableScanner);
+- `adapter`: the LoRA factors of q_proj and v_proj, changed every `--adapter-every` steps;
+  its dirty pages are found on the device (AdapterPageScanner: shadow compare);
+- `sched`: the scheduler's state (tokens, lengths, block table, free-block counter).
+
+Greedy decoding: a resumed run's tokens equal an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backends import Runtime, backend_status
+from .handlers import Checkpointer
+from .handlers.log import committed_image, scan_log
+from .handlers.scanners import AdapterPageScanner, BlockTableScanner, KVBlockScanner
+
+
+@dataclass(frozen=True)
+class Qwen3Config:
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rope_theta: float = 1e6
+    eps: float = 1e-6
+    lora_rank: int = 16
+
+
+CONFIGS = {
+    # Qwen3-0.6B (config.json of Qwen/Qwen3-0.6B): 28 layers, 16 q heads, 8 kv heads of 128
+    "qwen3-0.6b": Qwen3Config(vocab=151936, hidden=1024, intermediate=3072, layers=28, heads=16,
+                              kv_heads=8, head_dim=128),
+    "tiny": Qwen3Config(vocab=512, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
+                        head_dim=16, lora_rank=4),
+}
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_WEIGHTS: dict = {}   # (config, device, dtype, seed) -> weights: runs in one process share them
+
+
+class Qwen3Decoder:
+    """Weights as plain tensors; `launch` decodes one token per sequence against the paged cache.
+
+    Every shape is static (the block table spans max_len, attention is masked past `pos`, and
+    pos lives on the device), so that on a GPU one decode step is captured once in a CUDA graph
+    and then replayed: one launch per step instead of ~2,400, and the model, not Python, sets
+    the pace. q/k/v and gate/up are fused into one matmul each."""
+
+    def __init__(self, cfg: Qwen3Config, device, dtype, seed: int, block_size: int,
+                 num_blocks: int, batch: int, max_len: int, graph: bool = True):
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        key = (cfg, str(device), dtype, seed)
+        if key not in _WEIGHTS:
+            _WEIGHTS[key] = self._weights(cfg, device, dtype, seed)
+        self.embed, self.layers, self.norm = _WEIGHTS[key]
+        self._state(cfg, device, dtype, block_size, num_blocks, max_len)
+        self._static(batch, max_len)
+        self.use_graph = graph and device.type == "cuda"
+        self.graph = None
+
+    @staticmethod
+    def _weights(cfg, device, dtype, seed):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+
+        def w(*shape, scale=None):
+            t = torch.randn(*shape, generator=g) * (scale or 1.0 / math.sqrt(shape[-1]))
+            return t.to(device=device, dtype=dtype)
+        c = cfg
+        embed = w(c.vocab, c.hidden, scale=0.02)   # as initialised for training: the residual
+        # stream is then led by the layers, so a token depends on its whole context
+        layers = []
+        for _ in range(c.layers):
+            layers.append(dict(
+                ln1=torch.ones(c.hidden, device=device, dtype=dtype),
+                ln2=torch.ones(c.hidden, device=device, dtype=dtype),
+                qkv=torch.cat([w(c.heads * c.head_dim, c.hidden), w(c.kv_heads * c.head_dim, c.hidden),
+                               w(c.kv_heads * c.head_dim, c.hidden)]),
+                o=w(c.hidden, c.heads * c.head_dim),
+                qn=torch.ones(c.head_dim, device=device, dtype=dtype),
+                kn=torch.ones(c.head_dim, device=device, dtype=dtype),
+                gate_up=torch.cat([w(c.intermediate, c.hidden), w(c.intermediate, c.hidden)]),
+                down=w(c.hidden, c.intermediate)))
+        return embed, layers, torch.ones(c.hidden, device=device, dtype=dtype)
+
+    def _state(self, c, device, dtype, block_size, num_blocks, max_len):
+        inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
+        ang = torch.arange(max_len, dtype=torch.float64)[:, None] * inv[None, :]
+        self.freqs = torch.polar(torch.ones_like(ang), ang).to(device=device, dtype=torch.complex64)
+        # --- the state Concordia protects
+        r = c.lora_rank
+        per_layer = r * c.hidden * 2 + c.heads * c.head_dim * r + c.kv_heads * c.head_dim * r
+        self.adapter = torch.zeros(c.layers * per_layer, device=device, dtype=dtype)
+        self.lora = []
+        off = 0
+        for _ in range(c.layers):
+            views = {}
+            for name, shape in (("qa", (r, c.hidden)), ("qb", (c.heads * c.head_dim, r)),
+                                ("va", (r, c.hidden)), ("vb", (c.kv_heads * c.head_dim, r))):
+                n = shape[0] * shape[1]
+                views[name] = self.adapter[off:off + n].view(shape)
+                off += n
+            self.lora.append(views)
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.kv = torch.zeros(c.layers, 2, num_blocks, block_size, c.kv_heads, c.head_dim,
+                              device=device, dtype=dtype)
+
+    def _static(self, batch, max_len):
+        """The step's inputs live in fixed tensors (what a CUDA graph reads on each replay)."""
+        max_blocks = -(-max_len // self.block_size)
+        self.tokens_in = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        self.pos_in = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.table_in = torch.zeros(batch, max_blocks, dtype=torch.int64, device=self.device)
+        self.positions = torch.arange(max_blocks * self.block_size, device=self.device)
+
+    def adapter_update(self, step: int):
+        """An online adapter change at `step`: a few rows of one layer's factors, from the step
+        number alone (a resumed run makes the same change at the same step)."""
+        c = self.cfg
+        g = torch.Generator(device="cpu").manual_seed(10_000 + step)
+        layer = self.lora[step % c.layers]
+        for name in ("qa", "vb"):
+            t = layer[name]
+            rows = torch.randint(0, t.shape[0], (2,), generator=g)
+            t[rows] = (torch.randn(2, t.shape[1], generator=g) * 0.02).to(t.device, t.dtype)
+
+    def set_table(self, table: np.ndarray):
+        """The block table (unallocated blocks are -1: read as block 0, and masked)."""
+        self.table_in.copy_(torch.from_numpy(np.maximum(table, 0).astype(np.int64)))
+
+    def launch(self, tokens: np.ndarray, pos: int) -> torch.Tensor:
+        """Enqueue one decode step (token `pos` of each sequence in, K/V of `pos` written);
+        returns the next tokens as a device tensor, not yet waited for."""
+        self.tokens_in.copy_(torch.from_numpy(tokens.astype(np.int64)))
+        self.pos_in.fill_(pos)
+        if not self.use_graph:
+            return self.step()
+        if self.graph is None:
+            out = self.step()            # eager once: the real step, and the graph's warm-up
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.next_out = self.step()
+            return out
+        self.graph.replay()
+        return self.next_out
+
+    @torch.inference_mode()
+    def step(self) -> torch.Tensor:
+        """Greedy next token of each sequence, from the static inputs."""
+        c, bs = self.cfg, self.block_size
+        B, H, KV, hd = self.tokens_in.shape[0], c.heads, c.kv_heads, c.head_dim
+        pos, table = self.pos_in, self.table_in
+        T = self.positions.shape[0]
+        h = self.embed[self.tokens_in]                                      # (B, hidden)
+        at = table.gather(1, (pos // bs).expand(B, 1)).view(B) * bs + pos % bs   # cache slots
+        mask = (self.positions <= pos).view(1, 1, 1, T)
+        freq = self.freqs.index_select(0, pos.view(1))                      # (1, hd/2)
+        blocks = table.view(-1)
+        for li, L in enumerate(self.layers):
+            lo = self.lora[li]
+            x = F.rms_norm(h, (c.hidden,), L["ln1"], c.eps)
+            q, k, v = (x @ L["qkv"].T).split([H * hd, KV * hd, KV * hd], dim=-1)
+            q = q + (x @ lo["qa"].T) @ lo["qb"].T
+            v = v + (x @ lo["va"].T) @ lo["vb"].T
+            q = _rope(F.rms_norm(q.reshape(B, H, hd), (hd,), L["qn"], c.eps), freq)
+            k = _rope(F.rms_norm(k.reshape(B, KV, hd), (hd,), L["kn"], c.eps), freq)
+            cache = self.kv[li].view(2, -1, KV, hd)                         # (2, slots, KV, hd)
+            cache[0].index_copy_(0, at, k)
+            cache[1].index_copy_(0, at, v.reshape(B, KV, hd))
+            keys = self.kv[li, 0].index_select(0, blocks).view(B, T, KV, hd).transpose(1, 2)
+            vals = self.kv[li, 1].index_select(0, blocks).view(B, T, KV, hd).transpose(1, 2)
+            att = F.scaled_dot_product_attention(q[:, :, None, :], keys, vals, attn_mask=mask,
+                                                 enable_gqa=True)
+            h = h + att.reshape(B, H * hd) @ L["o"].T
+            x = F.rms_norm(h, (c.hidden,), L["ln2"], c.eps)
+            gate, up = (x @ L["gate_up"].T).chunk(2, dim=-1)
+            h = h + (F.silu(gate) * up) @ L["down"].T
+        h = F.rms_norm(h, (c.hidden,), self.norm, c.eps)
+        return torch.argmax((h @ self.embed.T).float(), dim=-1).to(torch.int32)
+
+
+def _rope(x, freq):
+    """Rotary embedding on interleaved pairs, as one complex multiply."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freq).flatten(-2).to(x.dtype)
+
+
+class Scheduler:
+    """Sequences, their lengths, the block table and the free-block counter, kept in one int32
+    tensor so that the same commit that logs KV pages logs the state that explains them."""
+
+    def __init__(self, batch: int, max_len: int, block_size: int, device):
+        self.batch, self.max_len, self.block_size = batch, max_len, block_size
+        self.max_blocks = -(-max_len // block_size)
+        self.HEAD = 4   # kv_len, length, next free block, batch
+        n = self.HEAD + batch * self.max_blocks + batch * max_len
+        self.state = torch.zeros(n, dtype=torch.int32, device=device)
+        self.host = np.zeros(n, np.int32)
+
+    def table(self):
+        return self.host[self.HEAD:self.HEAD + self.batch * self.max_blocks].reshape(
+            self.batch, self.max_blocks)
+
+    def tokens(self):
+        return self.host[self.HEAD + self.batch * self.max_blocks:].reshape(self.batch, self.max_len)
+
+    def start(self, prompts: np.ndarray):
+        self.host[:] = 0
+        self.host[3] = self.batch
+        self.table()[:] = -1
+        self.tokens()[:, :prompts.shape[1]] = prompts
+        self.host[1] = prompts.shape[1]
+
+    def ensure_block(self, pos: int) -> bool:
+        """Give every sequence a block for position `pos` (interleaved: the table matters)."""
+        if pos % self.block_size or self.table()[0, pos // self.block_size] >= 0:
+            return False
+        for b in range(self.batch):
+            self.table()[b, pos // self.block_size] = self.host[2]
+            self.host[2] += 1
+        return True
+
+    def publish(self):
+        """Host bookkeeping -> the device tensor (what gets checkpointed)."""
+        self.state.copy_(torch.from_numpy(self.host))
+
+    def load(self):
+        self.host[:] = self.state.cpu().numpy()
+
+
+def make_prompts(cfg, batch: int, prompt_len: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, cfg.vocab, (batch, prompt_len)).astype(np.int32)
+
+
+class DecodeRun:
+    """One decode job: model + scheduler + (optionally) a Checkpointer over the three regions."""
+
+    def __init__(self, args):
+        self.args = args
+        self.cfg = CONFIGS[args.config]
+        self.device = torch.device(args.device)
+        dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
+            torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.max_len = args.prompt + args.tokens
+        blocks = args.batch * (-(-self.max_len // args.block_size))
+        self.model = Qwen3Decoder(self.cfg, self.device, dtype, args.seed, args.block_size,
+                                  blocks, args.batch, self.max_len, graph=not args.no_graph)
+        self.sched = Scheduler(args.batch, self.max_len, args.block_size, self.device)
+        self.ckpt = None
+        self.scanner = None
+        self.stats: list[dict] = []
+        self.handles: list = []   # checkpoint_async's handles (durability lag, stats)
+
+    def regions(self, rt):
+        """The three tensors as Concordia regions (DLPack: no copy). bf16 has no IR type, so
+        the KV cache and adapter are seen as int32 words: a region is bytes to Concordia."""
+        def words(t):
+            return rt.from_dlpack(t.view(torch.int32) if t.dtype == torch.bfloat16 else t)
+        return {"kv": words(self.model.kv), "adapter": words(self.model.adapter),
+                "sched": rt.from_dlpack(self.sched.state)}
+
+    def default_backend(self) -> str:
+        """A backend that can wrap this device's tensors: cuda on a GPU; on a CPU the simulated
+        Tenstorrent device where it is installed (its DRAM is host memory), else reference."""
+        if self.device.type == "cuda":
+            return "cuda"
+        return "tenstorrent" if backend_status()["tenstorrent"].ok else "reference"
+
+    def open_checkpointer(self, rt=None):
+        """A Checkpointer over the three regions, logging to --log (on `rt`, an open Runtime,
+        or one of --backend)."""
+        rt = rt or Runtime(self.args.backend or self.default_backend())
+        m, kv = self.model, self.model.kv
+        if self.args.kv_scan == "device" or (self.args.kv_scan == "auto" and rt.backend.streams):
+            # the pages come from the block table on the device: nothing per step on the host
+            self.scanner = BlockTableScanner(tuple(kv.shape), kv.element_size(),
+                                             rt.from_dlpack(m.table_in.view(-1)),
+                                             rt.from_dlpack(m.pos_in.view(1)), self.args.batch)
+        else:
+            self.scanner = KVBlockScanner(tuple(kv.shape), kv.element_size())
+        self.ckpt = Checkpointer(rt, self.regions(rt), self.args.log, fsync=self.args.fsync,
+                                 scanners={"kv": self.scanner, "adapter": AdapterPageScanner()},
+                                 when_full=self.args.when_full,
+                                 compact_at_bytes=self.args.compact_at_mb << 20 if self.args.compact_at_mb else None)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def checkpoint(self, pos: int):
+        """A synchronous checkpoint after step `pos`: wait for the device, log, commit, fsync."""
+        t0 = time.perf_counter()
+        self.sched.publish()
+        self.sync()
+        st = self.ckpt.checkpoint()
+        self.stats.append({"pos": pos, "seconds": time.perf_counter() - t0, "pages": st.pages,
+                           "bytes": st.bytes, "full": st.full})
+
+    def checkpoint_async(self, pos: int):
+        """Enqueued in the decode stream right after step `pos` was launched: the scheduler
+        state published before the step (kv_len = pos) and the cache with pos's K/V. A restore
+        recomputes step pos, which rewrites the same K/V: the pair is consistent."""
+        h = self.ckpt.checkpoint_async()
+        self.handles.append(h)
+        self.stats.append({"pos": pos, "seconds": h.enqueue_s, "full": h.done()})
+
+    def generate(self, start_pos: int | None = None, crash_after: int | None = None,
+                 on_token=None, stop_after: int | None = None):
+        """Decode until every sequence holds prompt + tokens (or `stop_after` new tokens);
+        returns the token array."""
+        s, a, m = self.sched, self.args, self.model
+        if start_pos is None:
+            s.start(make_prompts(self.cfg, a.batch, a.prompt,
+                                 a.seed if a.prompt_seed is None else a.prompt_seed))
+            pos = 0
+            if self.ckpt is not None:
+                s.ensure_block(0)
+                self.checkpoint(0)   # the base image
+        else:
+            pos = start_pos
+        m.set_table(s.table())
+        generated = 0
+        self.step_seconds = []   # per decode step: launch to the next tokens on the host
+        due = lambda p: self.ckpt is not None and a.every and p % a.every == 0   # noqa: E731
+        while pos < self.max_len - 1:
+            if s.ensure_block(pos):
+                m.set_table(s.table())
+            if a.adapter_every and pos % a.adapter_every == 0 and pos > 0:
+                m.adapter_update(pos)
+            t_step = time.perf_counter()
+            if a.async_checkpoints and due(pos):
+                s.host[0] = pos
+                s.publish()
+            nxt_dev = m.launch(s.tokens()[:, pos], pos)
+            if hasattr(self.scanner, "mark"):   # a host scanner: told what the step wrote
+                self.scanner.mark(s.table()[:, pos // a.block_size], np.full(a.batch, pos % a.block_size))
+            if a.async_checkpoints and due(pos):
+                self.checkpoint_async(pos)
+            nxt = nxt_dev.cpu().numpy()
+            pos += 1
+            s.host[0] = pos
+            if pos >= s.host[1]:            # past the prompt: greedy next token
+                self.step_seconds.append(time.perf_counter() - t_step)
+                s.tokens()[:, pos] = nxt
+                s.host[1] = pos + 1
+                generated += 1
+                if on_token:
+                    on_token(pos)
+            if not a.async_checkpoints and due(pos):
+                self.checkpoint(pos)
+            if crash_after is not None and generated >= crash_after:
+                os.kill(os.getpid(), signal.SIGKILL)   # a crash: nothing is flushed or closed
+            if stop_after is not None and generated >= stop_after:
+                break
+        self.sync()
+        return s.tokens().copy()
+
+    def resume(self, restore_backend: str, rt=None) -> dict:
+        """Restore kv/adapter/sched from the log into this process's tensors (on `rt`, an open
+        Runtime, or a new one of `restore_backend`); phases timed."""
+        t0 = time.perf_counter()
+        scan = scan_log(self.args.log)                  # detect: the log's last commit
+        t1 = time.perf_counter()
+        image = committed_image(scan)                   # load: the committed page image
+        t2 = time.perf_counter()
+        rt = rt or Runtime(restore_backend)
+        Checkpointer.restore(self.args.log, rt, into=self.regions(rt), image=image)   # apply
+        self.sync()
+        self.sched.load()
+        t3 = time.perf_counter()
+        return {"detect_s": t1 - t0, "load_log_s": t2 - t1, "apply_s": t3 - t2,
+                "restored_pos": int(self.sched.host[0])}
+
+
+def parse_args(argv=None, prog=None):
+    p = argparse.ArgumentParser(prog=prog, description="A Qwen3-architecture decode loop, "
+                                "checkpointed by Concordia")
+    p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="model and KV dtype (auto: bfloat16 on a GPU, float32 on a CPU); runs "
+                        "that restore each other's logs need the same one")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--prompt", type=int, default=8, help="prompt tokens per sequence")
+    p.add_argument("--tokens", type=int, default=32, help="tokens to generate per sequence")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="the model's weights (and the prompts)")
+    p.add_argument("--prompt-seed", type=int, default=None,
+                   help="the prompts, when they differ from --seed's (one model, many jobs)")
+    p.add_argument("--adapter-every", type=int, default=8, help="adapter change every N steps")
+    p.add_argument("--log", help="delta log path: checkpoint while decoding")
+    p.add_argument("--every", type=int, default=1, help="checkpoint every N decode steps")
+    p.add_argument("--backend", default=None, help="Concordia backend of the checkpoints "
+                   "(default: cuda on a GPU; tenstorrent (simulated) or reference on a CPU)")
+    p.add_argument("--fsync", default="always", choices=["always", "everysec", "no"])
+    p.add_argument("--async", dest="async_checkpoints", action="store_true",
+                   help="checkpoint_async: enqueued in the decode stream, a writer thread logs "
+                        "and fsyncs (group commit); the decode thread never waits for the disk")
+    p.add_argument("--when-full", default="wait", choices=["wait", "coalesce"],
+                   help="--async with every staging slot in flight: wait for one, or fold this "
+                        "checkpoint into the next")
+    p.add_argument("--kv-scan", choices=["auto", "host", "device"], default="auto",
+                   help="KV pages from the host's record of the writes, or listed on the device "
+                        "from the block table (auto: device where the backend has streams)")
+    p.add_argument("--compact-at-mb", type=int, default=0,
+                   help="--async: fold the log into a base image in the background past this size")
+    p.add_argument("--no-graph", action="store_true",
+                   help="on a GPU, run each step eagerly instead of replaying a CUDA graph")
+    p.add_argument("--crash-after", type=int, help="SIGKILL this process after N new tokens")
+    p.add_argument("--resume", action="store_true", help="restore from --log and continue")
+    p.add_argument("--restore-backend", default=None, help="backend that applies the log")
+    p.add_argument("--out", help="write the final tokens (.npy) here")
+    p.add_argument("--json", help="write timings here")
+    a = p.parse_args(argv)
+    if a.resume and not a.log:
+        p.error("--resume needs --log")
+    if min(a.batch, a.prompt, a.tokens, a.block_size) < 1:
+        p.error("--batch, --prompt, --tokens and --block-size must be >= 1")
+    return a
