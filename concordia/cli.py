@@ -311,7 +311,7 @@ def cmd_demo(args) -> int:
 def cmd_failover(args) -> int:
     try:
         import ray  # noqa: F401
-        import torch
+        import torch  # noqa: F401
     except ImportError as e:
         raise ConcordiaError(f"concordia failover needs Ray and torch ({e.name} is missing): "
                              "pip install 'concordia[cluster]' torch") from None

@@ -60,6 +60,38 @@ CONFIGS = {
 }
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This rank's part of a tensor-parallel model (Megatron's split): its q and kv heads
+    (column-parallel q/k/v, row-parallel o), its slice of the MLP's intermediate units
+    (column-parallel gate/up, row-parallel down); `reduce` sums the row-parallel partial
+    results over the ranks (an all-reduce). world 1: the whole model."""
+    rank: int = 0
+    world: int = 1
+    reduce: object = None
+
+    def part(self, n: int) -> slice:
+        return slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+
+    def layers(self, layers: list, c: Qwen3Config) -> list:
+        if self.world == 1:
+            return layers
+        hd, q, kv, i = c.head_dim, self.part(c.heads), self.part(c.kv_heads), self.part(c.intermediate)
+        rows = lambda s, at=0: slice(at + s.start * hd, at + s.stop * hd)   # noqa: E731
+        out = []
+        for L in layers:
+            qkv, gu = L["qkv"], L["gate_up"]
+            out.append(dict(L, qkv=torch.cat([qkv[rows(q)], qkv[rows(kv, c.heads * hd)],
+                                              qkv[rows(kv, (c.heads + c.kv_heads) * hd)]]),
+                            o=L["o"][:, rows(q)].contiguous(),
+                            gate_up=torch.cat([gu[i], gu[c.intermediate + i.start:c.intermediate + i.stop]]),
+                            down=L["down"][:, i].contiguous()))
+        return out
+
+    def all_reduce(self, t):
+        return t if self.reduce is None else self.reduce(t)
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _WEIGHTS: dict = {}   # (config, device, dtype, seed) -> weights: runs in one process share them
 
@@ -73,15 +105,23 @@ class Qwen3Decoder:
     the pace. q/k/v and gate/up are fused into one matmul each."""
 
     def __init__(self, cfg: Qwen3Config, device, dtype, seed: int, block_size: int,
-                 num_blocks: int, batch: int, max_len: int, graph: bool = True):
-        self.cfg, self.device, self.dtype = cfg, device, dtype
+                 num_blocks: int, batch: int, max_len: int, graph: bool = True,
+                 shard: Shard = Shard()):
+        self.cfg, self.device, self.dtype, self.shard = cfg, device, dtype, shard
         key = (cfg, str(device), dtype, seed)
         if key not in _WEIGHTS:
             _WEIGHTS[key] = self._weights(cfg, device, dtype, seed)
-        self.embed, self.layers, self.norm = _WEIGHTS[key]
+        if key + (shard.rank, shard.world) not in _WEIGHTS:
+            embed, layers, norm = _WEIGHTS[key]
+            _WEIGHTS[key + (shard.rank, shard.world)] = embed, shard.layers(layers, cfg), norm
+        self.embed, self.layers, self.norm = _WEIGHTS[key + (shard.rank, shard.world)]
+        # this rank's heads (all of them at world 1); the LoRA factors stay whole on every rank
+        self.H, self.KV = cfg.heads // shard.world, cfg.kv_heads // shard.world
+        self.q_rows = slice(shard.part(cfg.heads).start * cfg.head_dim, shard.part(cfg.heads).stop * cfg.head_dim)
+        self.v_rows = slice(shard.part(cfg.kv_heads).start * cfg.head_dim, shard.part(cfg.kv_heads).stop * cfg.head_dim)
         self._state(cfg, device, dtype, block_size, num_blocks, max_len)
         self._static(batch, max_len)
-        self.use_graph = graph and device.type == "cuda"
+        self.use_graph = graph and device.type == "cuda" and shard.world == 1
         self.graph = None
 
     @staticmethod
@@ -127,7 +167,7 @@ class Qwen3Decoder:
                 off += n
             self.lora.append(views)
         self.block_size, self.num_blocks = block_size, num_blocks
-        self.kv = torch.zeros(c.layers, 2, num_blocks, block_size, c.kv_heads, c.head_dim,
+        self.kv = torch.zeros(c.layers, 2, num_blocks, block_size, self.KV, c.head_dim,
                               device=device, dtype=dtype)
 
     def _static(self, batch, max_len):
@@ -174,7 +214,7 @@ class Qwen3Decoder:
     def step(self) -> torch.Tensor:
         """Greedy next token of each sequence, from the static inputs."""
         c, bs = self.cfg, self.block_size
-        B, H, KV, hd = self.tokens_in.shape[0], c.heads, c.kv_heads, c.head_dim
+        B, H, KV, hd = self.tokens_in.shape[0], self.H, self.KV, c.head_dim
         pos, table = self.pos_in, self.table_in
         T = self.positions.shape[0]
         h = self.embed[self.tokens_in]                                      # (B, hidden)
@@ -186,8 +226,8 @@ class Qwen3Decoder:
             lo = self.lora[li]
             x = F.rms_norm(h, (c.hidden,), L["ln1"], c.eps)
             q, k, v = (x @ L["qkv"].T).split([H * hd, KV * hd, KV * hd], dim=-1)
-            q = q + (x @ lo["qa"].T) @ lo["qb"].T
-            v = v + (x @ lo["va"].T) @ lo["vb"].T
+            q = q + (x @ lo["qa"].T) @ lo["qb"][self.q_rows].T
+            v = v + (x @ lo["va"].T) @ lo["vb"][self.v_rows].T
             q = _rope(F.rms_norm(q.reshape(B, H, hd), (hd,), L["qn"], c.eps), freq)
             k = _rope(F.rms_norm(k.reshape(B, KV, hd), (hd,), L["kn"], c.eps), freq)
             cache = self.kv[li].view(2, -1, KV, hd)                         # (2, slots, KV, hd)
@@ -197,10 +237,10 @@ class Qwen3Decoder:
             vals = self.kv[li, 1].index_select(0, blocks).view(B, T, KV, hd).transpose(1, 2)
             att = F.scaled_dot_product_attention(q[:, :, None, :], keys, vals, attn_mask=mask,
                                                  enable_gqa=True)
-            h = h + att.reshape(B, H * hd) @ L["o"].T
+            h = h + self.shard.all_reduce(att.reshape(B, H * hd) @ L["o"].T)
             x = F.rms_norm(h, (c.hidden,), L["ln2"], c.eps)
             gate, up = (x @ L["gate_up"].T).chunk(2, dim=-1)
-            h = h + (F.silu(gate) * up) @ L["down"].T
+            h = h + self.shard.all_reduce((F.silu(gate) * up) @ L["down"].T)
         h = F.rms_norm(h, (c.hidden,), self.norm, c.eps)
         return torch.argmax((h @ self.embed.T).float(), dim=-1).to(torch.int32)
 
@@ -262,7 +302,7 @@ def make_prompts(cfg, batch: int, prompt_len: int, seed: int) -> np.ndarray:
 class DecodeRun:
     """One decode job: model + scheduler + (optionally) a Checkpointer over the three regions."""
 
-    def __init__(self, args):
+    def __init__(self, args, shard: Shard = Shard()):
         self.args = args
         self.cfg = CONFIGS[args.config]
         self.device = torch.device(args.device)
@@ -271,7 +311,8 @@ class DecodeRun:
         self.max_len = args.prompt + args.tokens
         blocks = args.batch * (-(-self.max_len // args.block_size))
         self.model = Qwen3Decoder(self.cfg, self.device, dtype, args.seed, args.block_size,
-                                  blocks, args.batch, self.max_len, graph=not args.no_graph)
+                                  blocks, args.batch, self.max_len, graph=not args.no_graph,
+                                  shard=shard)
         self.sched = Scheduler(args.batch, self.max_len, args.block_size, self.device)
         self.ckpt = None
         self.scanner = None
@@ -337,6 +378,7 @@ class DecodeRun:
         returns the token array."""
         s, a, m = self.sched, self.args, self.model
         if start_pos is None:
+            m.adapter.zero_()     # a new job starts from the base adapter
             s.start(make_prompts(self.cfg, a.batch, a.prompt,
                                  a.seed if a.prompt_seed is None else a.prompt_seed))
             pos = 0

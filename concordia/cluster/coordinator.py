@@ -85,6 +85,7 @@ class RecoveryCoordinator:
         self.recoveries: list[dict] = []
         self.lost: list[str] = []
         self.standby_kills = plan.kill_standby
+        self.actors: list = []
 
     # -- the timeline
     def event(self, what: str, **kw):
@@ -94,10 +95,17 @@ class RecoveryCoordinator:
 
     # -- actors
     def _actor(self, name: str, backend: str):
-        opts = dict(max_concurrency=4, num_cpus=0, max_restarts=0, name=name)
+        """A DecodeWorker actor (named for the timeline; Ray names would outlive a run)."""
+        opts = dict(max_concurrency=4, num_cpus=0, max_restarts=0)
         if device_of(backend) == "cuda":
             opts["num_gpus"] = self.plan.gpus_per_worker or 1
-        return RemoteDecodeWorker.options(**opts).remote(name, backend, self.plan.spec)
+        actor = RemoteDecodeWorker.options(**opts).remote(name, backend, self.plan.spec)
+        self.actors.append(actor)
+        return actor
+
+    def stop_actors(self):
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
 
     def start_actors(self):
         p = self.plan
@@ -287,7 +295,10 @@ def run_failover(plan: FailoverPlan, say=print) -> dict:
     """Run the plan; the report `concordia failover --json` writes."""
     coord = RecoveryCoordinator(plan, say)
     t = time.time()
-    jobs = coord.run()
+    try:
+        jobs = coord.run()
+    finally:
+        coord.stop_actors()
     wall = time.time() - t
     verified, per_job = True, []
     for job in jobs:

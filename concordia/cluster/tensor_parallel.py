@@ -1,0 +1,305 @@
+"""A tensor-parallel decode job (TP=2) whose ranks are Ray actors joined by torch.distributed
+(NCCL on GPUs, gloo on CPUs). Each rank checkpoints its own shard of the KV cache (with the
+adapter and scheduler state) into its own log.
+
+When a rank dies the communicator is rebuilt, never checkpointed: the survivors abort the
+broken process group (their pending collective fails instead of waiting forever), every rank
+rolls back to the newest step that all ranks hold committed (a survivor may be one step ahead
+of the dead rank's log), a standby takes the dead rank's place and restores its log, and the
+group is formed again under a new rendezvous. Each rank then writes a new log (one writer per
+log, as for single workers).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+from datetime import timedelta
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+from ray.exceptions import RayActorError
+
+from concordia_ir.errors import ConcordiaError
+
+from ..backends import Runtime
+from ..handlers import Checkpointer
+from ..handlers.log import committed_image, scan_log
+from ..llm import DecodeRun, Shard
+from .worker import decode_args, device_of  # noqa: F401
+
+WORLD = 2
+
+
+def _all_reduce(t):
+    dist.all_reduce(t)
+    return t
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TPRank:
+    """A rank of the job, or a warm standby for any rank: weights and both shards loaded,
+    kernels compiled, before it is needed."""
+
+    def __init__(self, name: str, backend: str, spec: dict):
+        torch.set_num_threads(1)
+        self.name, self.backend = name, backend
+        self.rt = Runtime(backend)
+        self.runs = {}
+        for rank in range(WORLD):
+            run = DecodeRun(decode_args(dict(spec, dtype=spec["dtype"]), backend),
+                            Shard(rank, WORLD))
+            self._warm(run)
+            self.runs[rank] = run
+        self.dist_backend = "nccl" if device_of(backend) == "cuda" else "gloo"
+        self._lock, self._aborted = threading.Lock(), False
+        self._status = {"state": "idle", "pos": 0}
+
+    def _warm(self, run):
+        with tempfile.TemporaryDirectory(prefix="concordia-warm-") as tmp:
+            run.args.log = os.path.join(tmp, "warm.clog")
+            run.open_checkpointer(self.rt)
+            run.generate(stop_after=2)     # no collective yet: the shard's partial sums
+            run.ckpt.close()
+            run.resume(self.backend, self.rt)
+        run.ckpt, run.stats, run.handles = None, [], []
+
+    def describe(self) -> dict:
+        return {"name": self.name, "backend": self.backend, "pid": os.getpid()}
+
+    def heartbeat(self) -> dict:
+        with self._lock:
+            return dict(self._status, t=time.time())
+
+    def abort(self) -> bool:
+        """Leave a broken group: its pending collective fails instead of waiting forever."""
+        self._aborted = True
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        try:
+            if abort is not None:
+                abort()
+            else:
+                dist.destroy_process_group()
+        except Exception:   # already torn down by the failed collective
+            pass
+        return True
+
+    def decode(self, rank: int, init_method: str, prompt_seed: int, log_out: str,
+               log_in: str | None = None, checkpoint: int | None = None) -> dict:
+        run, phases = self.runs[rank], {}
+        self._aborted = False
+        start = None
+        if log_in is not None:     # rejoin or take over: roll back to the agreed commit
+            self._status = {"state": "loading", "pos": 0}
+            t0 = time.perf_counter()
+            image = committed_image(scan_log(log_in), checkpoint)
+            t1 = time.perf_counter()
+            Checkpointer.restore(log_in, self.rt, into=run.regions(self.rt), image=image)
+            run.sync()
+            run.sched.load()
+            start = int(run.sched.host[0])
+            phases.update(load_s=t1 - t0, apply_s=time.perf_counter() - t1, restored_pos=start)
+        self._status = {"state": "joining", "pos": start or 0}
+        t_join = time.time()
+        dist.init_process_group(self.dist_backend, init_method=init_method, rank=rank,
+                                world_size=WORLD, timeout=timedelta(seconds=60))
+        phases["join_s"] = time.time() - t_join
+        phases["joined_at"] = time.time()
+        run.model.shard = Shard(rank, WORLD, _all_reduce)
+        run.args.log, run.args.prompt_seed = log_out, prompt_seed
+        if os.path.exists(log_out):
+            os.remove(log_out)
+        run.open_checkpointer(self.rt)
+        first = []
+
+        def tick(pos):
+            if not first:
+                first.append(time.time())
+            self._status = {"state": "decoding", "pos": pos}
+        try:
+            tokens = run.generate(start_pos=start, on_token=tick)
+            run.ckpt.flush()
+        except Exception as e:   # a collective failed: the group is broken (a rank died)
+            self._status = {"state": "aborted", "pos": self._status["pos"]}
+            self.abort()
+            return {"aborted": True, "rank": rank, "error": f"{type(e).__name__}: {e}"[:300]}
+        finally:
+            run.ckpt.close()
+            run.ckpt = None
+        dist.barrier()
+        dist.destroy_process_group()
+        self._status = {"state": "done", "pos": self._status["pos"]}
+        phases["first_token"] = first[0] if first else None
+        return {"aborted": False, "rank": rank, "tokens": tokens.tolist(), "phases": phases,
+                "worker": self.name, "backend": self.backend}
+
+
+RemoteTPRank = ray.remote(TPRank)
+
+
+def commit_for_position(log: str, pos: int) -> int | None:
+    """The checkpoint id of `log`'s newest commit whose scheduler state is at `pos`."""
+    scan = scan_log(log)
+    for cid in reversed(scan.checkpoint_ids):
+        if commit_position(scan, cid) == pos:
+            return cid
+    return None
+
+
+def commit_position(scan, checkpoint: int | None = None) -> int:
+    """The decode position (the scheduler's kv_len) a commit holds."""
+    image = committed_image(scan, checkpoint)
+    sched = next(r for r in image.layout["regions"] if r["name"] == "sched")
+    return int(np.frombuffer(bytes(image.pages[sched["id"]][0][:4]), np.int32)[0])
+
+
+class TPCoordinator:
+    def __init__(self, plan, say=print):
+        self.plan, self.say = plan, say
+        self.rng = np.random.default_rng(plan.seed)
+        self.t0 = time.time()
+        self.timeline, self.recoveries, self.lost, self.actors = [], [], [], []
+
+    def event(self, what: str):
+        t = time.time() - self.t0
+        self.timeline.append({"t": round(t, 4), "event": what})
+        self.say(f"  {t:7.3f}s  {what}")
+
+    def _actor(self, name, backend):
+        opts = dict(max_concurrency=4, num_cpus=0, max_restarts=0)
+        if device_of(backend) == "cuda":
+            opts["num_gpus"] = 1
+        actor = RemoteTPRank.options(**opts).remote(name, backend, self.plan.spec)
+        self.actors.append(actor)
+        return actor
+
+    def start(self):
+        p = self.plan
+        self.ranks = [self._actor(f"rank-{r}", p.backend) for r in range(WORLD)]
+        self.standbys = [self._actor(f"standby-{i}", p.standby_backend or p.backend)
+                         for i in range(p.standby)]
+        infos = ray.get([a.describe.remote() for a in self.ranks + self.standbys])
+        self.info = dict(zip(self.ranks + self.standbys, infos))
+        self.event(f"TP={WORLD} job on {p.backend} ({WORLD} ranks), {p.standby} warm standbys")
+
+    def _launch(self, epoch, logs_in=None, checkpoints=None):
+        init = f"tcp://127.0.0.1:{free_port()}"
+        self.logs = [os.path.join(self.plan.log_dir, f"tp-rank{r}.e{epoch}.clog")
+                     for r in range(WORLD)]
+        return [a.decode.remote(r, init, 77, self.logs[r],
+                                logs_in[r] if logs_in else None,
+                                checkpoints[r] if checkpoints else None)
+                for r, a in enumerate(self.ranks)]
+
+    def run(self, kills: list[int]):
+        epoch, refs = 0, self._launch(0)
+        results, waiting = [None] * WORLD, set(range(WORLD))
+        while waiting:
+            done, _ = ray.wait([refs[r] for r in waiting], num_returns=len(waiting),
+                               timeout=self.plan.heartbeat_s)
+            dead = []
+            for ref in done:
+                r = refs.index(ref)
+                waiting.discard(r)
+                try:
+                    results[r] = ray.get(ref)
+                except RayActorError:
+                    dead.append(r)
+            if dead:
+                epoch += 1
+                refs = self._recover(dead, refs, waiting, epoch)
+                results, waiting = [None] * WORLD, set(range(WORLD))
+            elif any(res is not None and res["aborted"] for res in results) and not waiting:
+                raise ConcordiaError("the TP group broke with no rank dead: "
+                                     + "; ".join(str(res.get("error")) for res in results))
+            elif kills and len(waiting) == WORLD:
+                self._maybe_kill(kills)
+        return results
+
+    def _maybe_kill(self, kills):
+        rank = int(self.rng.integers(0, WORLD))
+        pos = ray.get(self.ranks[rank].heartbeat.remote())["pos"]
+        if pos >= kills[0]:
+            kills.pop(0)
+            os.kill(self.info[self.ranks[rank]]["pid"], signal.SIGKILL)
+            self.fault_at = time.time()
+            self.event(f"SIGKILL rank {rank} ({self.info[self.ranks[rank]]['name']}) "
+                       f"at position {pos}")
+
+    def _recover(self, dead: list[int], refs, waiting, epoch):
+        now = time.time()
+        self.event(f"rank {dead} died: detected in {(now - self.fault_at) * 1e3:.1f} ms")
+        rec = {"job": "tp", "from": self.plan.backend, "rank": dead[0], "failure": "died",
+               "from_worker": ", ".join(self.info[self.ranks[d]]["name"] for d in dead),
+               "detect_s": now - self.fault_at, "failed_standbys": []}
+        for r in waiting:   # survivors still in the broken collective: make them leave it
+            self.ranks[r].abort.remote()
+        for r in waiting:
+            try:
+                ray.get(refs[r], timeout=self.plan.deadline_s)
+            except Exception:
+                raise ConcordiaError(f"rank {r} did not leave the broken group within "
+                                     f"{self.plan.deadline_s} s") from None
+        t_agree = time.time()
+        if len(self.standbys) < len(dead):
+            raise ConcordiaError(f"{len(dead)} TP rank(s) died and {len(self.standbys)} "
+                                 f"standby(s) are left")
+        positions = [commit_position(scan_log(log)) for log in self.logs]
+        target = min(positions)
+        checkpoints = [commit_for_position(log, target) for log in self.logs]
+        if None in checkpoints:
+            raise ConcordiaError(f"no commit at position {target} in every rank's log")
+        self.event(f"rollback point: position {target} (the ranks' last commits: {positions}), "
+                   f"agreed in {(time.time() - t_agree) * 1e3:.1f} ms")
+        for d in dead:
+            self.ranks[d] = self.standbys.pop(0)
+            self.event(f"{self.info[self.ranks[d]]['name']} takes rank {d}; the group is "
+                       f"rebuilt (epoch {epoch})")
+        refs = self._launch(epoch, logs_in=list(self.logs), checkpoints=checkpoints)
+        standby = self.ranks[dead[0]]
+        rec.update(to=self.info[standby]["backend"], to_worker=self.info[standby]["name"],
+                   agree_s=time.time() - t_agree, requests=self.plan.spec["batch"],
+                   fault_at=self.fault_at)
+        self.recoveries.append(rec)
+        return refs
+
+
+def run_tp_failover(plan, say=print) -> dict:
+    """A clean TP pass (the reference tokens), then the same job with `plan.kill` rank kills."""
+    coord = TPCoordinator(plan, say)
+    try:
+        coord.start()
+        t = time.time()
+        clean = coord.run([])
+        coord.event("clean pass done (the reference tokens)")
+        p = plan.spec["prompt"]
+        kills = sorted(int(p + coord.rng.integers(2, plan.spec["tokens"] - 2))
+                       for _ in range(plan.kill))
+        got = coord.run(kills)
+        wall = time.time() - t
+    finally:
+        for actor in coord.actors:
+            ray.kill(actor, no_restart=True)
+    for rec in coord.recoveries:   # the new standby's phases, from the rank that replaced
+        ph = next(g["phases"] for g in got if g["worker"] == rec["to_worker"])
+        rec.update(load_s=ph["load_s"], apply_s=ph["apply_s"], resume_s=ph["first_token"] - ph["joined_at"],
+                   join_s=ph["join_s"], restored_pos=ph["restored_pos"],
+                   total_s=ph["first_token"] - rec.pop("fault_at"))
+    verified = all(np.array_equal(np.asarray(a["tokens"]), np.asarray(b["tokens"]))
+                   for a, b in zip(clean, got)) and \
+        np.array_equal(np.asarray(got[0]["tokens"]), np.asarray(got[1]["tokens"]))
+    return {"verified": bool(verified), "tp": WORLD, "workers": WORLD, "standby": plan.standby,
+            "backend": plan.backend, "standby_backend": plan.standby_backend or plan.backend,
+            "spec": plan.spec, "seconds": wall, "recoveries": coord.recoveries,
+            "lost": coord.lost, "jobs": [{"job": "tp", "verified": bool(verified)}],
+            "timeline": coord.timeline}
