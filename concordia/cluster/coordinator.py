@@ -47,6 +47,8 @@ class FailoverPlan:
     deadline_s: float = 2.0
     heartbeat_s: float = 0.02
     slow_step_s: float = 0.2
+    pace_s: float = 0.0      # every worker sleeps this per step: gives a toy model's few-ms
+    #                          steps a real model's pace, so that faults land mid-job
     seed: int = 0
     log_dir: str = "."
     gpus_per_worker: float = 0.0
@@ -86,6 +88,7 @@ class RecoveryCoordinator:
         self.lost: list[str] = []
         self.standby_kills = plan.kill_standby
         self.actors: list = []
+        self.faults_made = 0
 
     # -- the timeline
     def event(self, what: str, **kw):
@@ -132,6 +135,8 @@ class RecoveryCoordinator:
         rest = order[p.kill:] + order[:p.kill]   # jobs without a kill first
         for i in rest[:p.hang]:
             self.jobs[i].hang_at = pick()
+        for job in self.jobs:
+            job.step_delay = p.pace_s
         for i in (rest[p.hang:] + rest[:p.hang])[:p.slow]:
             self.jobs[i].step_delay = p.slow_step_s
 
@@ -196,12 +201,14 @@ class RecoveryCoordinator:
             return
         if job.kills and pos >= job.kills[0]:
             job.kills.pop(0)
+            self.faults_made += 1
             os.kill(job.info["pid"], signal.SIGKILL)
             job.fault = ("SIGKILL", time.time())
             self.event(f"SIGKILL {job.info['name']} ({job.info['backend']}) of {job.name} "
                        f"at position {pos}")
         elif job.hang_at is not None and pos >= job.hang_at:
             job.hang_at = None
+            self.faults_made += 1
             os.kill(job.info["pid"], signal.SIGSTOP)
             job.fault = ("SIGSTOP", time.time())
             self.event(f"SIGSTOP {job.info['name']} of {job.name} at position {pos} (hung)")
@@ -310,4 +317,5 @@ def run_failover(plan: FailoverPlan, say=print) -> dict:
     return {"verified": bool(verified), "workers": plan.workers, "standby": plan.standby,
             "backend": plan.backend, "standby_backend": plan.standby_backend or plan.backend,
             "spec": plan.spec, "seconds": wall, "recoveries": coord.recoveries,
-            "lost": coord.lost, "jobs": per_job, "timeline": coord.timeline}
+            "lost": coord.lost, "jobs": per_job, "timeline": coord.timeline,
+            "faults_planned": plan.kill + plan.hang, "faults_made": coord.faults_made}

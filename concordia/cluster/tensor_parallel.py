@@ -95,7 +95,8 @@ class TPRank:
         return True
 
     def decode(self, rank: int, init_method: str, prompt_seed: int, log_out: str,
-               log_in: str | None = None, checkpoint: int | None = None) -> dict:
+               log_in: str | None = None, checkpoint: int | None = None,
+               step_delay: float = 0.0) -> dict:
         run, phases = self.runs[rank], {}
         self._aborted = False
         start = None
@@ -126,6 +127,8 @@ class TPRank:
             if not first:
                 first.append(time.time())
             self._status = {"state": "decoding", "pos": pos}
+            if step_delay:
+                time.sleep(step_delay)
         try:
             tokens = run.generate(start_pos=start, on_token=tick)
             run.ckpt.flush()
@@ -198,7 +201,7 @@ class TPCoordinator:
                      for r in range(WORLD)]
         return [a.decode.remote(r, init, 77, self.logs[r],
                                 logs_in[r] if logs_in else None,
-                                checkpoints[r] if checkpoints else None)
+                                checkpoints[r] if checkpoints else None, self.plan.pace_s)
                 for r, a in enumerate(self.ranks)]
 
     def run(self, kills: list[int]):

@@ -1,0 +1,136 @@
+"""Surviving worker failures on Ray: decode workers and warm standbys as actors on the loopback
+address, SIGKILLs at random steps, a standby killed mid-takeover, a hung worker (SIGSTOP), a
+slow one that must survive, a cross-vendor takeover, a tensor-parallel job losing a rank. Every
+run's tokens are compared with an uninterrupted run's. One Ray instance serves the module."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch", reason="the decode workload is PyTorch")
+pytest.importorskip("ray", reason="the cluster needs Ray: pip install 'concordia[cluster]'")
+
+from concordia.backends import backend_status  # noqa: E402
+from concordia.cluster import FailoverPlan, run_failover, start_ray  # noqa: E402
+from concordia.cluster.coordinator import reference_tokens  # noqa: E402
+
+SPEC = dict(config="tiny", batch=2, prompt=6, tokens=30, block_size=8, seed=0, adapter_every=5,
+            dtype="float32", every=1, fsync="always", when_full="wait")
+HAS_TT = backend_status()["tenstorrent"].ok
+
+
+@pytest.fixture(scope="module")
+def ray_up():
+    import ray
+    start_ray()
+    yield
+    ray.shutdown()
+
+
+def plan(tmp_path, **kw):
+    kw.setdefault("pace_s", 0.01)   # the tiny model's sub-ms steps at a real model's pace
+    return FailoverPlan(spec=dict(SPEC), log_dir=str(tmp_path), **kw)
+
+
+def quiet(_):
+    pass
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_kills_and_a_standby_killed_mid_takeover(ray_up, tmp_path, seed):
+    report = run_failover(plan(tmp_path, workers=2, standby=3, kill=2, kill_standby=1, seed=seed),
+                          say=quiet)
+    assert report["verified"], report["jobs"]
+    assert not report["lost"]
+    assert report["faults_made"] == 2
+    assert len(report["recoveries"]) == 2
+    assert sum(len(r["failed_standbys"]) for r in report["recoveries"]) == 1
+    for r in report["recoveries"]:
+        assert r["detect_s"] < 1.0               # a dead actor is seen at once, not by timeout
+        assert r["requests"] == SPEC["batch"]
+        assert SPEC["prompt"] < r["restored_pos"] < SPEC["prompt"] + SPEC["tokens"]
+        for phase in ("load_s", "apply_s", "resume_s", "total_s"):
+            assert r[phase] >= 0
+
+
+def test_hung_worker_is_replaced_and_a_slow_one_is_not(ray_up, tmp_path):
+    p = plan(tmp_path, workers=2, standby=1, hang=1, slow=1, deadline_s=1.5, slow_step_s=0.15)
+    report = run_failover(p, say=quiet)
+    assert report["verified"], report["jobs"]
+    [rec] = report["recoveries"]                 # the hung one only: the slow one survived
+    assert rec["failure"].startswith("hung")
+    assert 1.4 <= rec["detect_s"] < 4.0              # the deadline, from a heartbeat sent at most
+                                                 # one poll before the stop
+    served = {j["job"]: j["served_by"] for j in report["jobs"]}
+    slow_job = next(j for j in served if j != rec["job"])
+    assert served[slow_job].startswith("worker-")
+
+
+@pytest.mark.skipif(not HAS_TT, reason="tt-lang-sim is not installed")
+def test_cross_vendor_takeover(ray_up, tmp_path):
+    """A worker on the (simulated) Tenstorrent device dies; a reference-interpreter standby
+    applies its log on its own backend and continues."""
+    report = run_failover(plan(tmp_path, workers=1, standby=1, kill=1, backend="tenstorrent",
+                               standby_backend="reference"), say=quiet)
+    assert report["verified"]
+    [rec] = report["recoveries"]
+    assert (rec["from"], rec["to"]) == ("tenstorrent", "reference")
+
+
+def test_no_standby_left_is_reported_not_hidden(ray_up, tmp_path):
+    report = run_failover(plan(tmp_path, workers=1, standby=0, kill=1), say=quiet)
+    assert report["lost"] == ["job-0"]
+    assert not report["verified"]
+
+
+def test_the_restored_state_is_what_continues(ray_up, tmp_path):
+    """The comparison has teeth: a job whose prompts differ does not match the reference."""
+    p = plan(tmp_path, workers=1, standby=1, kill=1)
+    report = run_failover(p, say=quiet)
+    assert report["verified"]
+    from concordia.cluster.coordinator import Job
+    other = reference_tokens(p, Job("x", prompt_seed=5))
+    mine = reference_tokens(p, Job("y", prompt_seed=1000))
+    assert not np.array_equal(other, mine)
+
+
+def test_tensor_parallel_rank_dies_and_a_standby_takes_its_place(ray_up, tmp_path):
+    from concordia.cluster.tensor_parallel import run_tp_failover
+    report = run_tp_failover(plan(tmp_path, standby=1, kill=1, seed=3, deadline_s=10.0),
+                             say=quiet)
+    assert report["verified"]
+    [rec] = report["recoveries"]
+    assert rec["to_worker"] == "standby-0"
+    assert SPEC["prompt"] < rec["restored_pos"]
+
+
+def test_failover_command_minimum_surface(tmp_path):
+    out = tmp_path / "f.json"
+    r = subprocess.run([sys.executable, "-m", "concordia", "failover", "--workers", "2",
+                        "--standby", "1", "--kill", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(out.read_text())
+    assert report["verified"] is True
+    [rec] = report["recoveries"]
+    for key in ("from", "to", "detect_s", "load_s", "apply_s", "resume_s", "requests"):
+        assert key in rec
+    assert rec["requests"] == 2
+    assert "verified: every request's tokens equal" in r.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tokens", "3"], "--tokens must be at least 6"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--backend", "nope"], "--backend: no backend 'nope'"),
+    (["--config", "huge"], "--config: no model 'huge'"),
+])
+def test_failover_bad_input_is_one_line(argv, message):
+    r = subprocess.run([sys.executable, "-m", "concordia", "failover", *argv],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert message in r.stderr
