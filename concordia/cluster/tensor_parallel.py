@@ -241,7 +241,8 @@ class TPCoordinator:
 
     def _recover(self, dead: list[int], refs, waiting, epoch):
         now = time.time()
-        self.event(f"rank {dead} died: detected in {(now - self.fault_at) * 1e3:.1f} ms")
+        self.event(f"rank {', '.join(map(str, dead))} died: detected in "
+                   f"{(now - self.fault_at) * 1e3:.1f} ms")
         rec = {"job": "tp", "from": self.plan.backend, "rank": dead[0], "failure": "died",
                "from_worker": ", ".join(self.info[self.ranks[d]]["name"] for d in dead),
                "detect_s": now - self.fault_at, "failed_standbys": []}
