@@ -387,6 +387,8 @@ class DecodeRun:
                 self.checkpoint(0)   # the base image
         else:
             pos = start_pos
+            if self.ckpt is not None and self.ckpt.need_full:
+                self.checkpoint(pos)   # a new log's base image (a takeover's), written whole
         m.set_table(s.table())
         generated = 0
         self.step_seconds = []   # per decode step: launch to the next tokens on the host

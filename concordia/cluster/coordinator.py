@@ -23,9 +23,7 @@ import ray
 from ray._private import ray_constants
 from ray.exceptions import RayActorError
 
-from concordia_ir.errors import ConcordiaError
 
-from ..handlers.log import scan_log
 from .worker import DecodeWorker, decode_args, device_of
 
 
@@ -240,13 +238,12 @@ class RecoveryCoordinator:
             self.event(f"{job.name} lost: no standby left")
             return
         actor, info = self.standbys.pop(0)
-        log_in = self._newest_committed(job)
+        logs_in = list(reversed(job.logs))   # the standby reads the newest with a commit
         log_out = job.next_log(self.plan.log_dir)
         job.actor, job.info = actor, info
-        job.ref = actor.take_over.remote(log_in, log_out, job.step_delay)
+        job.ref = actor.take_over.remote(logs_in, log_out, job.step_delay)
         job.progress_at = time.time()
-        self.event(f"{info['name']} ({info['backend']}) takes over {job.name} from "
-                   f"{os.path.basename(log_in)}")
+        self.event(f"{info['name']} ({info['backend']}) takes over {job.name}")
         if self.standby_kills > 0:
             self.standby_kills -= 1
             time.sleep(float(self.rng.uniform(0.0, 0.005)))   # within its load or apply
@@ -254,21 +251,12 @@ class RecoveryCoordinator:
             job.fault = ("SIGKILL", time.time())
             self.event(f"SIGKILL {info['name']} mid-takeover")
 
-    def _newest_committed(self, job: Job) -> str:
-        """The job's newest log with a commit (a standby that died early may have none)."""
-        for path in reversed(job.logs):
-            try:
-                if scan_log(path).commit_ends:
-                    return path
-            except ConcordiaError:   # never made, or its header torn by the crash
-                continue
-        raise ConcordiaError(f"{job.name}: no log with a committed checkpoint in {job.logs}")
-
     def _recovered(self, job: Job):
         rec, ph = job.pending, job.result["phases"]
         rec.update(to=job.info["backend"], to_worker=job.info["name"], load_s=ph["load_s"],
                    apply_s=ph["apply_s"], resume_s=ph["resume_s"],
                    restored_pos=ph["restored_pos"], requests=self.plan.spec["batch"],
+                   log=os.path.basename(ph["log_in"]),
                    total_s=ph["first_token"] - rec.pop("fault_at"))
         self.recoveries.append(rec)
         job.pending = None

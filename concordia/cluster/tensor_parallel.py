@@ -150,9 +150,8 @@ class TPRank:
 RemoteTPRank = ray.remote(TPRank)
 
 
-def commit_for_position(log: str, pos: int) -> int | None:
-    """The checkpoint id of `log`'s newest commit whose scheduler state is at `pos`."""
-    scan = scan_log(log)
+def commit_for_position(scan, pos: int) -> int | None:
+    """The checkpoint id of the log's newest commit whose scheduler state is at `pos`."""
     for cid in reversed(scan.checkpoint_ids):
         if commit_position(scan, cid) == pos:
             return cid
@@ -255,12 +254,14 @@ class TPCoordinator:
                 raise ConcordiaError(f"rank {r} did not leave the broken group within "
                                      f"{self.plan.deadline_s} s") from None
         t_agree = time.time()
+        self.event(f"the survivors left the broken group in {(t_agree - now) * 1e3:.1f} ms")
         if len(self.standbys) < len(dead):
             raise ConcordiaError(f"{len(dead)} TP rank(s) died and {len(self.standbys)} "
                                  f"standby(s) are left")
-        positions = [commit_position(scan_log(log)) for log in self.logs]
+        scans = [scan_log(log) for log in self.logs]
+        positions = [commit_position(scan) for scan in scans]
         target = min(positions)
-        checkpoints = [commit_for_position(log, target) for log in self.logs]
+        checkpoints = [commit_for_position(scan, target) for scan in scans]
         if None in checkpoints:
             raise ConcordiaError(f"no commit at position {target} in every rank's log")
         self.event(f"rollback point: position {target} (the ranks' last commits: {positions}), "
@@ -272,7 +273,7 @@ class TPCoordinator:
         refs = self._launch(epoch, logs_in=list(self.logs), checkpoints=checkpoints)
         standby = self.ranks[dead[0]]
         rec.update(to=self.info[standby]["backend"], to_worker=self.info[standby]["name"],
-                   agree_s=time.time() - t_agree, requests=self.plan.spec["batch"],
+                   leave_s=t_agree - now, agree_s=time.time() - t_agree, requests=self.plan.spec["batch"],
                    fault_at=self.fault_at)
         self.recoveries.append(rec)
         return refs

@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from concordia_ir.errors import ConcordiaError
+
 from ..backends import Runtime
 from ..llm import DecodeRun, parse_args
 
@@ -90,14 +92,24 @@ class DecodeWorker:
         self.run.args.prompt_seed = prompt_seed
         return self._decode(log, None, step_delay, {})
 
-    def take_over(self, log_in: str, log_out: str, step_delay: float = 0.0) -> dict:
-        """Continue a dead worker's job: load its log, apply it to this worker's tensors on
-        this worker's backend, decode on from the restored step, logging into `log_out`."""
+    def take_over(self, logs_in: list[str], log_out: str, step_delay: float = 0.0) -> dict:
+        """Continue a dead worker's job: load the newest of its logs (`logs_in`, newest first)
+        that holds a commit, apply it to this worker's tensors on this worker's backend, decode
+        on from the restored step, logging into `log_out`."""
         self._set(state="loading", t_start=time.time())
-        self.run.args.log = log_in
-        rec = self.run.resume(self.backend, self.rt)
+        rec = None
+        for log in logs_in:   # a standby that died early may have left a log with no commit
+            self.run.args.log = log
+            try:
+                rec = self.run.resume(self.backend, self.rt)
+                break
+            except ConcordiaError:
+                continue
+        if rec is None:
+            raise ConcordiaError(f"no log with a committed checkpoint among {logs_in}")
         phases = {"load_s": rec["detect_s"] + rec["load_log_s"], "apply_s": rec["apply_s"],
-                  "restored_pos": rec["restored_pos"], "applied_at": time.time()}
+                  "restored_pos": rec["restored_pos"], "applied_at": time.time(),
+                  "log_in": log}
         return self._decode(log_out, rec["restored_pos"], step_delay, phases)
 
     def _decode(self, log: str, start_pos, step_delay: float, phases: dict) -> dict:
