@@ -387,8 +387,11 @@ class DecodeRun:
                 self.checkpoint(0)   # the base image
         else:
             pos = start_pos
-            if self.ckpt is not None and self.ckpt.need_full:
-                self.checkpoint(pos)   # a new log's base image (a takeover's), written whole
+            if self.ckpt is not None:   # a new log for a resumed run (a takeover's)
+                if hasattr(self.scanner, "start_at"):
+                    self.scanner.start_at(pos)   # earlier positions are in the base image
+                if self.ckpt.need_full:
+                    self.checkpoint(pos)         # the base image, written whole
         m.set_table(s.table())
         generated = 0
         self.step_seconds = []   # per decode step: launch to the next tokens on the host
