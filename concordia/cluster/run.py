@@ -14,6 +14,7 @@ from concordia_ir.errors import ConcordiaError
 from ..backends import backend_status
 from ..llm import CONFIGS
 from .coordinator import FailoverPlan, run_failover, start_ray
+from .tensor_parallel import run_tp_failover
 from .worker import device_of
 
 
@@ -75,7 +76,6 @@ def failover_main(args) -> int:
                             pace_s=0.01 if args.config == "tiny" else 0.0)
         try:
             if args.tp == 2:
-                from .tensor_parallel import run_tp_failover
                 report = run_tp_failover(plan)
             else:
                 report = run_failover(plan)
