@@ -222,21 +222,22 @@ def _compile_binary(k, target: str, arch: str | None) -> bytes:
 
 def cmd_log_inspect(args) -> int:
     import datetime
-    from concordia.handlers.log import COMMIT, KIND_NAMES, LAYOUT, PAGE, FORMAT_VERSION, scan_log
+    from concordia.handlers.log import COMMIT, KIND_NAMES, LAYOUT, PAGE, PAGES, scan_log
     scan = scan_log(args.file)
     created = datetime.datetime.fromtimestamp(scan.created, datetime.timezone.utc)
-    print(f"{args.file}: Concordia delta log v{FORMAT_VERSION}, {scan.file_size} bytes, "
+    print(f"{args.file}: Concordia delta log v{scan.version}, {scan.file_size} bytes, "
           f"created {created.isoformat(timespec='seconds')}")
     counts = {k: 0 for k in KIND_NAMES.values()}
-    rows, pages, nbytes = [], 0, 0
+    rows, pages, nbytes, page_size = [], 0, 0, 1
     for r in scan.records:
         counts[KIND_NAMES[r.kind]] += 1
         if r.kind == LAYOUT:
             lay = json.loads(r.payload)
             regs = ", ".join(f"{x['name']} ({x['nbytes']} B, {x['dtype']})" for x in lay["regions"])
             print(f"  layout at byte {r.offset}: page size {lay['page_size']} B; regions: {regs}")
-        elif r.kind == PAGE:
-            pages += 1
+            page_size = lay["page_size"]
+        elif r.kind in (PAGE, PAGES):
+            pages += 1 if r.kind == PAGE else -(-len(r.payload) // page_size)
             nbytes += len(r.payload)
         elif r.kind == COMMIT:
             info = json.loads(r.payload)

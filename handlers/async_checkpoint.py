@@ -39,7 +39,7 @@ import numpy as np
 from concordia_ir.errors import ConcordiaError
 
 from . import kernels as hk
-from .log import PAGE, DeltaLog, compact
+from .log import DeltaLog, compact
 from .regions import CheckpointStats
 
 WHEN_FULL = ("wait", "coalesce")
@@ -411,11 +411,11 @@ class CheckpointWriter:
             while not self.backend.event_done(cap.event):
                 time.sleep(20e-6)
         pieces = cap.pieces if cap.pieces is not None else self._pieces(cap)
-        log, pages, nbytes = self.ckpt.log, 0, 0
+        log, pages, nbytes, page_size = self.ckpt.log, 0, 0, self.ckpt.page_size
         for region_id, items in pieces:
             nbytes += sum(len(d) for _, d in items)
             for first in range(0, len(items), YIELD_EVERY):
-                pages += log.append_many(PAGE, region_id, items[first:first + YIELD_EVERY])
+                pages += log.append_pages(region_id, page_size, items[first:first + YIELD_EVERY])
                 time.sleep(0)   # let the caller's thread have the GIL (see YIELD_EVERY)
         info = {"checkpoint": cap.id, "pages": pages, "bytes": nbytes, "full": False,
                 "time": time.time(), "backend": str(self.rt.spec), "async": True}

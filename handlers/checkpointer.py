@@ -23,7 +23,7 @@ from concordia_ir.types import scalar_for_dtype
 from concordia.backends.runtime import DeviceBuffer, _as_kernel
 
 from . import kernels as hk
-from .log import PAGE, DeltaLog, committed_image, compact, scan_log
+from .log import DeltaLog, committed_image, compact, scan_log
 from .async_checkpoint import CheckpointHandle, CheckpointWriter, check_ring
 from .regions import CheckpointStats, PageStager, Region, check_region
 from concordia_ir.passes.tracking import instrument_stores
@@ -160,7 +160,7 @@ class Checkpointer:
                 for p, data in st.gather(pages):
                     sizes.append(len(data))
                     yield p, data
-            pages_logged += self.log.append_many(PAGE, r.id, logged())
+            pages_logged += self.log.append_pages(r.id, r.page_size, logged())
             bytes_logged += sum(sizes)
         self.checkpoint_id += 1
         info = {"checkpoint": self.checkpoint_id, "pages": pages_logged, "bytes": bytes_logged,

@@ -11,15 +11,19 @@ Header (64 bytes, little-endian):
     reserved  28s  zeros
     crc       u32  CRC32C of the 60 bytes before it
 Record (32-byte head + payload):
-    kind      u16  LAYOUT=1, PAGE=2, COMMIT=3
+    kind      u16  LAYOUT=1, PAGE=2, COMMIT=3, PAGES=4 (format v2)
     reserved  u16
     length    u32  payload bytes
     seq       u64  previous record's seq + 1 (first record: 1)
     region    u32  region id (PAGE), else 0
     crc       u32  CRC32C over (previous record's crc or the salt) + head without crc + payload
-    page      u64  page index (PAGE), checkpoint id (COMMIT), else 0
-Payloads: LAYOUT = JSON of the regions; PAGE = the page's bytes; COMMIT = JSON with the
-checkpoint's per-region SHA-256 and record count.
+    page      u64  page index (PAGE), first page index (PAGES), checkpoint id (COMMIT), else 0
+    region    is the region id for PAGE and PAGES
+Payloads: LAYOUT = JSON of the regions; PAGE = the page's bytes; PAGES = a run of consecutive
+pages back to back (page_size bytes each; only the region's last page may be shorter), so
+that a base image is a few thousand records instead of one per page (reading a log is a loop
+over records); COMMIT = JSON with the checkpoint's per-region SHA-256 and record count.
+A v1 file (no PAGES records) is read as before, and appended to with PAGE records only.
 
 Rules (etcd WAL / Redis AOF): a record counts only if its CRC chain holds; a checkpoint
 counts only once its COMMIT does. Where reading stops, the damage is one of two kinds:
@@ -52,15 +56,16 @@ from concordia_ir.errors import ConcordiaError, LogError
 from .durable import atomic_writer, copy_new, replace_atomically, truncate_durably, write_new
 
 MAGIC = b"CCDLOG\r\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER = struct.Struct("<8sHHIQd28s")      # + u32 crc
 HEADER_SIZE = HEADER.size + 4              # 64
 RECORD = struct.Struct("<HHIQI")           # kind, reserved, length, seq, region (+ crc u32, page u64)
 RECORD_SIZE = RECORD.size + 4 + 8          # 32
 _CRC_INPUT = struct.Struct("<IHHIQIQ")     # previous crc, then RECORD's fields, then page
 _RECORD_HEAD = struct.Struct("<HHIQIIQ")   # RECORD's fields, crc, page: a record's 32-byte head
-LAYOUT, PAGE, COMMIT = 1, 2, 3
-KIND_NAMES = {LAYOUT: "layout", PAGE: "page", COMMIT: "commit"}
+LAYOUT, PAGE, COMMIT, PAGES = 1, 2, 3, 4
+KIND_NAMES = {LAYOUT: "layout", PAGE: "page", COMMIT: "commit", PAGES: "pages"}
+RUN_PAGES = 256   # pages in a PAGES record at most (1 MiB of 4 KiB pages)
 FSYNC_POLICIES = ("always", "everysec", "no")
 MAX_PAYLOAD = 1 << 30
 
@@ -82,6 +87,7 @@ class Scan:
     path: str
     salt: int
     created: float
+    version: int = FORMAT_VERSION
     records: list[Record] = field(default_factory=list)
     commit_ends: list[int] = field(default_factory=list)   # index in records after each COMMIT
     end: int = HEADER_SIZE           # byte offset just after the last sound record
@@ -159,7 +165,8 @@ def encode_header(salt: int, created: float) -> bytes:
     return body + struct.pack("<I", crc32c.crc32c(body))
 
 
-def read_header(path: str, data: bytes) -> tuple[int, float]:
+def read_header(path: str, data: bytes) -> tuple[int, float, int]:
+    """(salt, created, format version) of a log's header; a bad or newer one is refused."""
     if len(data) < len(MAGIC) or data[:len(MAGIC)] != MAGIC:
         raise LogError(path, 0, "not a Concordia delta log (bad magic)")
     if len(data) < HEADER_SIZE:
@@ -171,7 +178,7 @@ def read_header(path: str, data: bytes) -> tuple[int, float]:
                                 f"reads up to v{FORMAT_VERSION}); upgrade to read it")
     if crc != crc32c.crc32c(data[:HEADER.size]) or hsize != HEADER_SIZE:
         raise LogError(path, HEADER.size, "header checksum mismatch (corrupt header)")
-    return salt, created
+    return salt, created, version
 
 
 def scan_log(path: str) -> Scan:
@@ -183,8 +190,8 @@ def scan_log(path: str) -> Scan:
         raise ConcordiaError(f"{path}: no such log") from None
     except OSError as e:
         raise ConcordiaError(f"{path}: cannot read: {e.strerror}") from None
-    salt, created = read_header(path, data)
-    scan = Scan(path, salt, created, file_size=len(data))
+    salt, created, version = read_header(path, data)
+    scan = Scan(path, salt, created, version, file_size=len(data))
     view = memoryview(data)   # page payloads are views of the file's bytes, not copies
     pos, prev, seq = HEADER_SIZE, salt & 0xFFFFFFFF, 0
     while pos < len(data):
@@ -208,7 +215,7 @@ def scan_log(path: str) -> Scan:
             scan.problem = f"sequence {rseq} follows {seq} (duplicated or missing record)"
             break
         scan.records.append(Record(kind, rseq, region, page,
-                                   payload if kind == PAGE else bytes(payload), pos, crc))
+                                   payload if kind in (PAGE, PAGES) else bytes(payload), pos, crc))
         if kind == COMMIT:
             scan.commit_ends.append(len(scan.records))
             scan.committed_end = end
@@ -220,7 +227,7 @@ def scan_log(path: str) -> Scan:
     return scan
 
 
-_RECORD_START = re.compile(rb"[\x01-\x03]\x00\x00\x00")   # kind (u16) then reserved (u16) = 0
+_RECORD_START = re.compile(rb"[\x01-\x04]\x00\x00\x00")   # kind (u16) then reserved (u16) = 0
 
 
 def _records_after(data: bytes, pos: int, seq: int) -> list[tuple[int, int, int, int]]:
@@ -281,6 +288,7 @@ class DeltaLog:
             self.fh.seek(scan.committed_end)
             self.layout = _layout_of(scan, keep)
             self.last_checkpoint = scan.last_checkpoint
+            self.runs = scan.version >= 2   # a v1 file gets no PAGES records
         else:
             self.salt = int.from_bytes(os.urandom(8), "little")
             self.seq, self.prev_crc = 0, self.salt & 0xFFFFFFFF
@@ -290,6 +298,7 @@ class DeltaLog:
             self.fh.seek(0, os.SEEK_END)
             self.layout = None
             self.last_checkpoint = 0
+            self.runs = True
         self._stop = threading.Event()
         self._syncer = None
         if fsync == "everysec":
@@ -317,6 +326,17 @@ class DeltaLog:
                 n += 1
             self.prev_crc, self.seq = prev, seq
             self._dirty = True
+        return n
+
+    def append_pages(self, region: int, page_size: int, items, longest: int = RUN_PAGES) -> int:
+        """Append a region's (page, bytes) items, in page order: consecutive pages as PAGES
+        records (page_runs), one record each in a v1 file. Returns the pages appended."""
+        if not self.runs:
+            return self.append_many(PAGE, region, items)
+        n = 0
+        for kind, first, payload in page_runs(items, page_size, longest):
+            self.append_many(kind, region, ((first, payload),))
+            n += 1 if kind == PAGE else -(-len(payload) // page_size)
         return n
 
     def write_layout(self, layout: dict) -> None:
@@ -447,11 +467,39 @@ def committed_image(scan: Scan, checkpoint: int | None = None) -> CommittedImage
             pages = {}
         elif r.kind == PAGE:
             pages.setdefault(r.region, {})[r.page] = r.payload
+        elif r.kind == PAGES:
+            pages.setdefault(r.region, {}).update(split_run(r, layout["page_size"]))
         elif r.kind == COMMIT:
             info, ckpt = json.loads(r.payload), r.page
     if layout is None:
         raise LogError(scan.path, HEADER_SIZE, "no layout record before the first commit")
     return CommittedImage(layout, pages, ckpt, info)
+
+
+def split_run(record: Record, page_size: int):
+    """(page index, bytes) of each page of a PAGES record (views, not copies)."""
+    p = record.payload
+    return ((record.page + k, p[at:at + page_size])
+            for k, at in enumerate(range(0, len(p), page_size)))
+
+
+def page_runs(items, page_size: int, longest: int = RUN_PAGES):
+    """(kind, first page, payload) records for (page, bytes) items in page order: consecutive
+    whole pages joined into PAGES records of up to `longest` pages, a lone page as PAGE."""
+    run: list = []
+
+    def flush():
+        if len(run) == 1:
+            return (PAGE, run[0][0], run[0][1])
+        return (PAGES, run[0][0], b"".join(d for _, d in run))
+    for page, data in items:
+        if run and (page != run[-1][0] + 1 or len(run[-1][1]) != page_size
+                    or len(run) == longest):
+            yield flush()
+            run = []
+        run.append((page, data))
+    if run:
+        yield flush()
 
 
 def compact(path: str, fsync: bool = True) -> int:
@@ -466,8 +514,10 @@ def compact(path: str, fsync: bool = True) -> int:
         prev, seq = salt & 0xFFFFFFFF, 0
         items = [(LAYOUT, 0, 0, json.dumps(image.layout, sort_keys=True).encode())]
         for rid in sorted(image.pages):
-            for pg in sorted(image.pages[rid]):
-                items.append((PAGE, rid, pg, image.pages[rid][pg]))
+            pages = image.pages[rid]
+            items += [(kind, rid, first, payload) for kind, first, payload in
+                      page_runs(((pg, pages[pg]) for pg in sorted(pages)),
+                                image.layout["page_size"])]
         items.append((COMMIT, 0, image.checkpoint_id,
                       json.dumps({**image.info, "compacted": True}, sort_keys=True).encode()))
         for kind, rid, pg, payload in items:

@@ -11,7 +11,7 @@ import pytest
 from concordia.backends import backend_status
 from concordia import ConcordiaError, Ptr, Runtime, f32, global_id, i32, kernel
 from concordia.handlers import Checkpointer, DeltaLog, LogError, compact, instrument_stores, scan_log
-from concordia.handlers.log import HEADER_SIZE, PAGE, RECORD_SIZE
+from concordia.handlers.log import HEADER, HEADER_SIZE, PAGE, PAGES, RECORD_SIZE, page_runs
 
 BACKENDS = [n for n in ("reference", "opencl", "cuda", "tenstorrent") if backend_status()[n].ok]
 
@@ -188,7 +188,7 @@ def test_mid_file_damage_is_refused_never_dropped(tmp_path):
 def test_damaged_base_image_names_its_record(tmp_path):
     path = tmp_path / "b.clog"
     poked_log(path, commits=3)
-    victim = record_of(scan_log(str(path)), 1)
+    victim = record_of(scan_log(str(path)), 1, kind=PAGES)   # the base image: one run
     flip(path, victim.offset + RECORD_SIZE + 7)
     with pytest.raises(LogError) as e:
         Checkpointer.restore(str(path), Runtime("reference"))
@@ -435,3 +435,57 @@ def test_torch_cuda_tensor_as_region_restores_on_reference(tmp_path, dtype):
     assert got.tobytes() == kv.view(torch.uint8).cpu().numpy().tobytes()
     with pytest.raises(ConcordiaError, match="wraps tensors in host memory; this one is on cuda:0"):
         Runtime("reference").from_dlpack(kv)
+
+
+def test_a_base_image_is_a_few_page_runs_and_reads_back(tmp_path):
+    """Consecutive pages travel as PAGES records (up to 256 pages each): reading a log is a
+    loop over records, so a base image of 1,024 pages is 4 records, not 1,024."""
+    rt = Runtime("reference")
+    data = np.random.default_rng(0).random((1 << 20) + 100, dtype=np.float32)   # short last page
+    kv = rt.to_device(data)
+    path = str(tmp_path / "runs.clog")
+    with Checkpointer(rt, {"kv": kv}, path) as ck:
+        ck.checkpoint()
+        host = kv.numpy()
+        host[[5, 6, 7, 9000]] += 1      # pages 0 (three floats) and 8 (one): two lone pages
+        kv.write(host)
+        assert ck.checkpoint().pages == 2
+    scan = scan_log(path)
+    kinds = [r.kind for r in scan.records]
+    # 1,025 pages: 4 runs of 256, then the short last page alone; the delta's two lone pages
+    assert kinds.count(PAGES) == 4 and kinds.count(PAGE) == 3
+    assert scan.records[5].kind == PAGE and len(scan.records[5].payload) == 400
+    got = Checkpointer.restore(path, Runtime("reference"))["kv"].numpy()
+    assert np.array_equal(got, host)
+    compact(path)
+    assert np.array_equal(Checkpointer.restore(path, Runtime("reference"))["kv"].numpy(), host)
+
+
+def test_page_runs_break_at_gaps_short_pages_and_the_longest_run():
+    pages = [(0, b"a" * 8), (1, b"b" * 8), (2, b"c" * 8), (4, b"d" * 8), (5, b"e" * 3),
+             (6, b"f" * 8)]
+    runs = list(page_runs(pages, 8, longest=2))
+    assert runs == [(PAGES, 0, b"a" * 8 + b"b" * 8), (PAGE, 2, b"c" * 8),
+                    (PAGES, 4, b"d" * 8 + b"e" * 3), (PAGE, 6, b"f" * 8)]
+
+
+def test_a_v1_log_reads_and_takes_single_page_records(tmp_path):
+    """A log written before PAGES records existed (format v1) restores as before, and
+    appending to it writes PAGE records only, so that a v1 reader can still read it."""
+    import crc32c
+    rt = Runtime("reference")
+    kv = rt.to_device(np.arange(1 << 12, dtype=np.float32))
+    path = tmp_path / "v1.clog"
+    log = DeltaLog(str(path))
+    log.close()
+    raw = bytearray(path.read_bytes())
+    fields = list(HEADER.unpack_from(raw))
+    fields[1] = 1                                      # the version
+    body = HEADER.pack(*fields)
+    raw[:HEADER_SIZE] = body + struct.pack("<I", crc32c.crc32c(body))
+    path.write_bytes(bytes(raw))
+    with Checkpointer(rt, {"kv": kv}, str(path)) as ck:
+        ck.checkpoint()
+    scan = scan_log(str(path))
+    assert scan.version == 1 and PAGES not in {r.kind for r in scan.records}
+    assert np.array_equal(Checkpointer.restore(str(path), rt)["kv"].numpy(), kv.numpy())
