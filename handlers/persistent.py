@@ -29,6 +29,7 @@ from concordia_ir.verifier import verify_kernel
 
 
 RECORD_WORDS = 16
+PUBLISH_BATCH = 64   # records written before the head moves
 HEADER_WORDS = 4
 ARG_WORDS = RECORD_WORDS - HEADER_WORDS
 _IDS = {"global_id", "group_id", "num_groups", "global_size", "local_id", "local_size"}
@@ -384,17 +385,11 @@ class PersistentRuntime:
     def submit_many(self, name: str, arg_rows, groups: int, split: int | None = None) -> list[Task]:
         records = self.encode_tasks(name, arg_rows, groups, split)
         h = self.handlers[self.op_id(name)]
-        out, start = [], self.head
-        for k, rec in enumerate(records):
-            seq = start + k
-            self._write(seq, rec)
-            task = Task(seq, name, tuple(rec[HEADER_WORDS:HEADER_WORDS + h.arg_words].tolist()),
-                        tuple(rec[1:HEADER_WORDS].tolist()))
-            self.tasks[seq] = task
-            out.append(task)
-            if (k + 1) % 64 == 0:
-                self._publish(seq + 1)
-        self._publish(start + len(out))
+        out = [Task(self.head + k, name,
+                    tuple(rec[HEADER_WORDS:HEADER_WORDS + h.arg_words].tolist()),
+                    tuple(rec[1:HEADER_WORDS].tolist())) for k, rec in enumerate(records)]
+        self.tasks.update((t.seq, t) for t in out)
+        self.publish(records)
         return out
 
     def encode_tasks(self, name: str, arg_rows, groups: int, split: int | None = None) -> np.ndarray:
@@ -420,27 +415,52 @@ class PersistentRuntime:
         return np.array(recs, np.int32).reshape(-1, RECORD_WORDS)
 
     def publish(self, records: np.ndarray) -> tuple[int, int]:
-        """Publish encoded records; returns the task range [first, end) for wait_range()."""
+        """Publish encoded records; returns the task range [first, end) for wait_range().
+        The host writes them in batches of up to 64 (two slice copies where the ring wraps)
+        and raises the head once a batch: the device starts on the first batch while the host
+        writes the next, and the host's per-record work is not a Python loop."""
         if self.failed is not None:
             raise ConcordiaError(f"the persistent runtime has failed: {self.failed}")
         first, n = self.head, len(records)
-        for k in range(n):
-            self._write(first + k, records[k])
-        self._publish(first + n)
+        ring = self.ring.host.reshape(self.slots, RECORD_WORDS)
+        batch = min(PUBLISH_BATCH, self.slots)
+        for at in range(0, n, batch):
+            chunk = records[at:at + batch]
+            seq0, k = first + at, len(chunk)
+            self._wait_slots(seq0, k)
+            s0 = seq0 % self.slots
+            fit = min(k, self.slots - s0)
+            ring[s0:s0 + fit] = chunk[:fit]
+            ring[:k - fit] = chunk[fit:]
+            self._publish(seq0 + k)
         return first, first + n
 
     def wait_range(self, first: int, end: int) -> None:
-        """Until tasks [first, end) from publish() are complete (spins; watchdog applies)."""
+        """Until tasks [first, end) from publish() are complete (spins; watchdog applies). The
+        completion words are checked together: tasks complete in any order."""
         t0 = time.monotonic()
-        for s in range(first, end):
-            self._spin_until_done(s, t0)
+        if end - first == 1:
+            self._spin_until_done(first, t0)
+            return
+        seqs = np.arange(max(first, end - self.slots), end)   # older ones: their slots reused
+        self._spin_until(seqs % self.slots, seqs + 1, t0)
 
-    def _write(self, seq: int, record: np.ndarray):
-        """A record into its slot, once the slot's previous task is complete (tasks complete
-        in any order: every slot is checked, not only the last)."""
-        self._wait_slot(seq)
-        at = (seq % self.slots) * RECORD_WORDS
-        self.ring.host[at:at + RECORD_WORDS] = record
+    def _wait_slots(self, seq0: int, n: int):
+        """Until the slots of tasks [seq0, seq0 + n) are free: each one's previous occupant
+        (the task `slots` earlier) complete. Tasks complete in any order: every slot counts."""
+        if seq0 + n <= self.slots:
+            return
+        seqs = np.arange(max(seq0, self.slots), seq0 + n)
+        self._spin_until(seqs % self.slots, seqs - self.slots + 1, time.monotonic())
+
+    def _spin_until(self, slots: np.ndarray, want: np.ndarray, since: float):
+        """Until done[slots] >= want everywhere: a short spin, then the liveness checks."""
+        done = self.done.host
+        while True:
+            for _ in range(200):
+                if (done[slots] >= want).all():
+                    return
+            self._check_alive(since)
 
     def _spin_until_done(self, s: int, since: float):
         done, slot, target = self.done.host, s % self.slots, s + 1
@@ -466,15 +486,6 @@ class PersistentRuntime:
             raw = np.asarray(v, dtype=p.type.dtype).reshape(1)
             words.extend(np.pad(raw.view(np.uint8), (0, (-raw.nbytes) % 4)).view(np.int32).tolist())
         return np.array(words, np.int32)
-
-    def _wait_slot(self, seq: int):
-        if seq < self.slots:
-            return
-        want = seq - self.slots + 1
-        slot = seq % self.slots
-        t0 = time.monotonic()
-        while self.done.host[slot] < want:
-            self._check_alive(t0)
 
     def _collect(self):
         if not self.tasks:
