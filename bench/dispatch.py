@@ -177,6 +177,62 @@ def run(backend: str | None, reps: int, blocks: int, small_tasks: int) -> dict:
             "swap": [vars(s) for s in pr.swaps]}
 
 
+def phases(backend: str | None, reps: int, blocks: int) -> dict:
+    """Where a task's time goes, per op and payload: the host's clock around publish() and the
+    completion spin, the device's clock (%globaltimer, the dispatcher built with trace=True)
+    at seen-published, record-read, handler-done and completion-marked. The two clocks are
+    aligned from the runs themselves: the device sees a task after the host published it and
+    marks it before the host sees the mark, which bounds the offset from both sides; the
+    midpoint is used and half the interval is the alignment's error."""
+    rt = Runtime(backend)
+    if rt.backend.name != "cuda":
+        raise SystemExit(f"error: --phases needs the cuda backend (a device clock, read while "
+                         f"the kernel runs), not {rt.backend.name}")
+    pr = PersistentRuntime(rt, blocks=blocks, block_size=BLOCK, ring_slots=4096, watchdog_s=30,
+                           trace=True)
+    cells = []
+    for op, k in OPS.items():
+        for size in PAYLOADS:
+            n = size // 4
+            bufs, scalars = buffers(rt, op, n)
+            pr.register(f"{op}|{size}", k, bufs)
+            cells.append((op, size, -(-n // BLOCK), scalars))
+    pr.start()
+    out = []
+    for op, size, groups, scalars in cells:
+        records = pr.encode_tasks(f"{op}|{size}", [tuple(scalars())], groups,
+                                  -(-groups // pr.blocks))
+        rows = []
+        for r in range(reps + 20):
+            h0 = time.perf_counter_ns()
+            first, end = pr.publish(records)
+            h1 = time.perf_counter_ns()
+            pr.wait_range(first, end)
+            h2 = time.perf_counter_ns()
+            if r >= 20:
+                rows.append((h0, h1, h2, pr.stamps(first, end).astype(np.int64)))
+        lo = max(int(st[:, 4].max()) - h2 for h0, h1, h2, st in rows)   # offset >= this
+        hi = min(int(st[:, 1].min()) - h1 for h0, h1, h2, st in rows)   # offset <= this
+        off = (lo + hi) / 2
+
+        def med(f):
+            return round(float(np.median([f(*row) for row in rows])) / 1e3, 2)
+        out.append({
+            "op": op, "payload_bytes": size, "records": len(records),
+            "total_us": med(lambda h0, h1, h2, st: h2 - h0),
+            "publish_us": med(lambda h0, h1, h2, st: h1 - h0),
+            "to_seen_us": med(lambda h0, h1, h2, st: st[:, 1].min() - off - h1),
+            "record_read_us": med(lambda h0, h1, h2, st: np.median(st[:, 2] - st[:, 1])),
+            "handler_us": med(lambda h0, h1, h2, st: np.median(st[:, 3] - st[:, 2])),
+            "mark_us": med(lambda h0, h1, h2, st: np.median(st[:, 4] - st[:, 3])),
+            "first_seen_to_last_mark_us": med(lambda h0, h1, h2, st: st[:, 4].max() - st[:, 1].min()),
+            "to_observed_us": med(lambda h0, h1, h2, st: h2 - (st[:, 4].max() - off)),
+            "clock_alignment_error_us": round(abs(hi - lo) / 2e3, 2)})
+    assert pr.shutdown() == []
+    return {"backend": rt.backend.name, "device": rt.backend.device_info(), "blocks": pr.blocks,
+            "reps": reps, "phases": out}
+
+
 def heatmap(result: dict, path: str):
     import matplotlib
     matplotlib.use("Agg")
@@ -210,7 +266,17 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--blocks", type=int, default=64)
     p.add_argument("--small-tasks", type=int, default=100000)
+    p.add_argument("--phases", action="store_true",
+                   help="instead: where a task's time goes, by host and device clocks (cuda)")
     a = p.parse_args(argv)
+    if a.phases:
+        result = phases(a.backend, a.reps, a.blocks)
+        result["env"] = environment(str(result["device"].get("device")))
+        write_result(f"dispatch-phases-{result['backend']}", result, a.json)
+        print(table(result["phases"], ["op", "payload_bytes", "records", "total_us", "publish_us",
+                                       "to_seen_us", "record_read_us", "handler_us", "mark_us",
+                                       "first_seen_to_last_mark_us", "to_observed_us"]))
+        return 0
     result = run(a.backend, a.reps, a.blocks, a.small_tasks)
     result["env"] = environment(str(result["device"].get("device")))
     path = write_result(f"dispatch-{result['backend']}", result, a.json)

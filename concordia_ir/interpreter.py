@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+import time
+
 import numpy as np
 
 from .errors import KernelRuntimeError, where
@@ -278,6 +280,8 @@ class Interpreter:
             if name in self.ids:
                 return [self.ids[name][d]]
             return [np.full(1, self.sizes[name][d], dtype=np.int32)]
+        if name == "clock":
+            return [np.full(1, time.monotonic_ns(), dtype=np.uint64)]
         if name == "load":
             return [self.load(op, ins[0], ins[1], mask)]
         if name == "store":

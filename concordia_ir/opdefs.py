@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .ops import Op
-from .types import PtrType, ScalarType, boolean, i32, u32
+from .types import PtrType, ScalarType, boolean, i32, u32, u64
 
 NUMERIC = ("int", "uint", "float")
 INTEGER = ("int", "uint")
@@ -73,6 +73,10 @@ def _const(c, op: Op):
 def _builtin(c, op: Op):
     if op.attr("dim") not in (0, 1, 2):
         c.fail(op, f"dim must be 0, 1 or 2, got {op.attr('dim')!r}")
+
+
+def _clock(c, op: Op):
+    c.result_is(op, u64)
 
 
 def _memory(c, op: Op):
@@ -219,6 +223,8 @@ DECLARATIONS = (
     _id("global_size", "work-items in the grid"),
     _id("local_size", "work-items in a group"),
     _id("num_groups", "work-groups in the grid"),
+    OpDef("clock", "timer", 0, 1, varying=True, verify=_clock,
+          doc="a device timestamp in ns (u64), for measuring only: never part of a result"),
     OpDef("load", "memory", 2, 1, pointers=True, verify=_memory, doc="ptr[index]"),
     OpDef("store", "memory", 3, 0, pointers=True, verify=_memory, doc="ptr[index] = value"),
     _atomic("atomic_add", 3, "ptr[i] += v; the old value"),

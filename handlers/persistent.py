@@ -31,6 +31,7 @@ from concordia_ir.verifier import verify_kernel
 RECORD_WORDS = 16
 PUBLISH_BATCH = 64   # records written before the head moves
 HEADER_WORDS = 4
+TRACE_POINTS = 5     # per task, with trace=True: claimed, seen, record read, ran, marked
 ARG_WORDS = RECORD_WORDS - HEADER_WORDS
 _IDS = {"global_id", "group_id", "num_groups", "global_size", "local_id", "local_size"}
 
@@ -96,10 +97,16 @@ def make_handler(name: str, kernel, buffers) -> Handler:
 
 # ---- the dispatcher, in IR -------------------------------------------------------------------
 
-def build_dispatcher(handlers: list[Handler], ring_slots: int) -> Kernel:
+def build_dispatcher(handlers: list[Handler], ring_slots: int, trace: bool = False) -> Kernel:
+    """The op table's resident loop. With `trace`, work-item 0 stamps each task's phases with
+    the device clock (TRACE_POINTS per slot in `trace`: claimed, seen published, record read,
+    handler done, completion marked); only targets with a device clock lower it."""
     ring, ctrl, done, claim, halt = (Value(n, PtrType(i32)) for n in
                                      ("ring", "ctrl", "done", "claim", "halt"))
     params = [ring, ctrl, done, claim, halt]
+    stamps_out = Value("trace", PtrType(u64)) if trace else None
+    if trace:
+        params.append(stamps_out)
     for k, h in enumerate(handlers):
         params += [Value(f"h{k}.{p.name}", p.type) for p in h.kernel.params
                    if isinstance(p.type, PtrType)]
@@ -110,6 +117,11 @@ def build_dispatcher(handlers: list[Handler], ring_slots: int) -> Kernel:
     shared = b.op("local_alloc", (), PtrType(i32, "local"), (("size", 2 + RECORD_WORDS),))
     zero = c(0)
     is0 = b.op("eq", (lid, zero), boolean)
+    stamps = b.op("local_alloc", (), PtrType(u64, "local"), (("size", 2),)) if trace else None
+
+    def stamp(into: IRBuilder, at: Value):   # the device clock into local stamps[at]
+        if trace:
+            into.op("store", (stamps, at, into.op("clock", (), u64)))
 
     # Work-item 0 claims a task index and waits until it is published or halt is set. Only
     # the group holding the next unpublished index (the leader) polls the host's head over
@@ -117,6 +129,7 @@ def build_dispatcher(handlers: list[Handler], ring_slots: int) -> Kernel:
     # Every group polling the bus at once makes every read slow.
     w = b.child()
     t = w.op("atomic_add", (claim, w.const(0, i32), w.const(1, i32)), i32, hint="task")
+    stamp(w, w.const(0, i32))
     spin = w.child()
     seen = spin.op("load", (claim, spin.const(1, i32)), i32, (("volatile", 1),), hint="seen")
     lead = spin.child()
@@ -130,6 +143,7 @@ def build_dispatcher(handlers: list[Handler], ring_slots: int) -> Kernel:
     spin.condition(waiting)
     w.emit("while", regions=(spin.region(), w.child().region()))
     w.op("fence")   # acquire: the record is read after the head that published it
+    stamp(w, w.const(1, i32))
     seen2 = w.op("load", (claim, w.const(1, i32)), i32, (("volatile", 1),), hint="seen")
     halted = w.op("load", (halt, w.const(0, i32)), i32, (("volatile", 1),), hint="halt")
     nothing = w.op("le", (seen2, t), boolean)
@@ -153,6 +167,15 @@ def build_dispatcher(handlers: list[Handler], ring_slots: int) -> Kernel:
     copy.op("store", (shared, copy.op("add", (lid, copy.const(2, i32)), i32), word))
     run.if_(run.op("lt", (lid, run.const(RECORD_WORDS, i32)), boolean), copy)
     run.op("barrier")
+    if trace:   # claimed, seen, record read: out to the trace buffer
+        tr = run.child()
+        at = tr.op("mul", (slot, tr.const(TRACE_POINTS, i32)), i32)
+        for k in range(2):
+            tr.op("store", (stamps_out, tr.op("add", (at, tr.const(k, i32)), i32),
+                            tr.op("load", (stamps, tr.const(k, i32)), u64)))
+        tr.op("store", (stamps_out, tr.op("add", (at, tr.const(2, i32)), i32),
+                        tr.op("clock", (), u64)))
+        run.if_(is0, tr)
     field_ = lambda n: run.op("load", (shared, run.const(2 + n, i32)), i32)  # noqa: E731
     op_id = field_(0)
     first, count, total = field_(1), field_(2), field_(3)
@@ -160,8 +183,15 @@ def build_dispatcher(handlers: list[Handler], ring_slots: int) -> Kernel:
     _dispatch_chain(run, handlers, 0, op_id, first, end, total, shared)
     run.op("barrier")
     fin = run.child()
+    if trace:
+        at = fin.op("mul", (slot, fin.const(TRACE_POINTS, i32)), i32)
+        fin.op("store", (stamps_out, fin.op("add", (at, fin.const(3, i32)), i32),
+                         fin.op("clock", (), u64)))
     fin.op("fence")   # release: the task's results before its completion mark
     fin.op("store", (done, slot, fin.op("add", (task, fin.const(1, i32)), i32)))
+    if trace:
+        fin.op("store", (stamps_out, fin.op("add", (at, fin.const(4, i32)), i32),
+                         fin.op("clock", (), u64)))
     run.if_(is0, fin)
     loop.if_(loop.op("eq", (q, loop.const(0, i32)), boolean), run)
     loop.yield_(q)
@@ -274,7 +304,7 @@ class PersistentRuntime:
     """
 
     def __init__(self, runtime, blocks: int = 8, block_size: int = 256, ring_slots: int = 1024,
-                 watchdog_s: float = 10.0):
+                 watchdog_s: float = 10.0, trace: bool = False):
         if ring_slots < 1 or blocks < 1:
             raise ConcordiaError("ring_slots and blocks must be >= 1")
         if block_size < RECORD_WORDS:
@@ -290,6 +320,8 @@ class PersistentRuntime:
         self.done = runtime.mapped(ring_slots, np.int32)
         self.claim = runtime.zeros(2, np.int32)   # next index, head seen
         self.halt = DeviceBuffer(runtime, runtime.backend.alloc_control(4), np.int32, 1)
+        # trace: each task's phases stamped by the device clock (where the target has one)
+        self.trace = runtime.zeros(ring_slots * TRACE_POINTS, np.uint64) if trace else None
         self.handlers: list[Handler] = []
         self.kernel: Kernel | None = None
         self.running = None
@@ -307,7 +339,7 @@ class PersistentRuntime:
         at = next((i for i, x in enumerate(self.handlers) if x.name == name), len(handlers))
         handlers.insert(at, h)
         t0 = time.perf_counter()
-        new = build_dispatcher(handlers, self.slots)
+        new = build_dispatcher(handlers, self.slots, trace=self.trace is not None)
         self.rt.backend.prebuild(new)   # compile now; loading waits until the old kernel stops
         stats = SwapStats(time.perf_counter() - t0, tasks_before=self.head)
         if self.running is not None:
@@ -343,6 +375,7 @@ class PersistentRuntime:
         self.claim.write(np.array([self.head, self.head], np.int32))   # claims go on from head
         self.ctrl.host[0] = self.head
         args = [self.ring, self.ctrl, self.done, self.claim, self.halt] + \
+            ([self.trace] if self.trace is not None else []) + \
             [b for h in self.handlers for b in h.buffers]
         k, g, l, handles = self.rt.check_launch(self.kernel, self.blocks * self.block_size,
                                                 self.block_size, args)
@@ -371,6 +404,16 @@ class PersistentRuntime:
         if self.running is not None:
             self._stop_kernel()
         return self.pending()
+
+    def stamps(self, first: int, end: int) -> np.ndarray:
+        """Device-clock stamps (ns) of completed tasks [first, end), one row each: claimed,
+        seen published, record read, handler done, completion marked (trace=True only; the
+        newest `ring_slots` tasks). On cuda they can be read while the kernel runs (a copy
+        on another stream); on the host backends a read waits for the kernel: shutdown first."""
+        if self.trace is None:
+            raise ConcordiaError("stamps() needs PersistentRuntime(..., trace=True)")
+        rows = self.trace.numpy().reshape(self.slots, TRACE_POINTS)
+        return rows[np.arange(first, end) % self.slots]
 
     def pending(self) -> list[Task]:
         self._collect()
@@ -431,7 +474,8 @@ class PersistentRuntime:
             s0 = seq0 % self.slots
             fit = min(k, self.slots - s0)
             ring[s0:s0 + fit] = chunk[:fit]
-            ring[:k - fit] = chunk[fit:]
+            if fit < k:          # the batch wraps around the ring's end
+                ring[:k - fit] = chunk[fit:]
             self._publish(seq0 + k)
         return first, first + n
 
@@ -442,6 +486,9 @@ class PersistentRuntime:
         if end - first == 1:
             self._spin_until_done(first, t0)
             return
+        # records are claimed in order: the last one is the likely last to finish; its word
+        # is one scalar read a spin, the whole range one vector check after it
+        self._spin_until_done(end - 1, t0)
         seqs = np.arange(max(first, end - self.slots), end)   # older ones: their slots reused
         self._spin_until(seqs % self.slots, seqs + 1, t0)
 
@@ -449,6 +496,13 @@ class PersistentRuntime:
         """Until the slots of tasks [seq0, seq0 + n) are free: each one's previous occupant
         (the task `slots` earlier) complete. Tasks complete in any order: every slot counts."""
         if seq0 + n <= self.slots:
+            return
+        if n <= 8:   # a few scalar reads cost less than numpy's per-call overhead
+            done, t0 = self.done.host, time.monotonic()
+            for seq in range(max(seq0, self.slots), seq0 + n):
+                slot, want = seq % self.slots, seq - self.slots + 1
+                while done[slot] < want:
+                    self._check_alive(t0)
             return
         seqs = np.arange(max(seq0, self.slots), seq0 + n)
         self._spin_until(seqs % self.slots, seqs - self.slots + 1, time.monotonic())

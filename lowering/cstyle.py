@@ -70,7 +70,8 @@ class CStyleRenderer:
         return _ENV.get_template(template).render(
             name=kernel.name, source=f"{os.path.basename(src)}:{kernel.loc.line}" if src else None,
             target=self.d.name,
-            preamble=self.d.preamble + (self.d.fp64_preamble if self.uses_f64 else ()),
+            preamble=self.d.preamble + (self.d.fp64_preamble if self.uses_f64 else ())
+            + (self.d.clock_preamble if any(op.name == "clock" for op in kernel.walk()) else ()),
             helpers=list(self.helpers.values()), body=self.lines, **fields)
 
     # -- names and types
@@ -239,6 +240,12 @@ class CStyleRenderer:
         self.block(before, indent + 1, on_condition)
         self.emit(indent, "}")
 
+    def clock_expr(self, op: Op) -> str:
+        if not self.d.clock:
+            raise CompileError(f"{where(op.where)}the {self.d.name} renderer has no spelling for "
+                               f"op 'clock' (this target has no device timestamp)")
+        return self.d.clock
+
     # -- expressions: each op is spelled by its entry in CODE_FOR_OP (below the class)
     def expr(self, op: Op) -> str:
         spell = self.code_for_op.get(op.name)
@@ -383,6 +390,7 @@ def _infix(op: str):
 CODE_FOR_OP = {
     "const": CStyleRenderer.const_expr,
     **{name: (lambda r, op, ins, t: r.d.ids[op.name][op.attr("dim")]) for name in BUILTINS},
+    "clock": lambda r, op, ins, t: r.clock_expr(op),
     "load": CStyleRenderer.load_expr,
     **{name: (lambda r, op, ins, t: r.atomic(op, ins)) for name in ATOMICS},
     **{name: _infix(_INFIX[name]) for name in COMPARE},

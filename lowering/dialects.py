@@ -26,6 +26,8 @@ class Dialect:
     fp64_preamble: tuple[str, ...] = ()   # added when a kernel uses f64
     # popcount32/64, clz32/64 -> format of {x}; each must give clz(0) = the width
     bit_counts: dict[str, str] = field(default_factory=dict)
+    clock: str = ""                       # a u64 ns timestamp expression; "": the target has none
+    clock_preamble: tuple[str, ...] = ()  # added when a kernel reads the clock
 
     def math(self, name: str, type_name: str) -> str:
         return name + (self.float_fn_suffix if type_name == "f32" else "")
@@ -81,6 +83,10 @@ CUDA = Dialect(
          "num_groups": tuple(f"(int)gridDim.{d}" for d in _DIMS)},
     barrier="__syncthreads();",
     fence="__threadfence_system();",
+    clock="cc_clock()",
+    clock_preamble=("static __device__ __forceinline__ unsigned long long cc_clock() "
+                    '{ unsigned long long t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); '
+                    "return t; }",),
     atomics={"atomic_add": "atomicAdd({p}, {v})", "atomic_min": "atomicMin({p}, {v})",
              "atomic_max": "atomicMax({p}, {v})", "atomic_xchg": "atomicExch({p}, {v})",
              "atomic_cas": "atomicCAS({p}, {cmp}, {v})"},
@@ -96,6 +102,7 @@ CUDA = Dialect(
 HIP = replace(
     CUDA,   # the same C++ shape; what differs is below
     name="hip",
+    clock="", clock_preamble=(),   # no device timestamp spelled for AMD yet
     file_ext="hip",
     preamble=(
         "#if defined(__CUDACC_RTC__)",

@@ -516,6 +516,7 @@ _NO_TILE_FORM = {
     "local_alloc": "local memory has no tile form",
     "safepoint": "safepoints run on the scalar tier",
     "fence": "tiles have no memory fence",
+    "clock": "tiles have no device clock",
     "bitcast": "tiles have no in-kernel bit reinterpretation",
     **dict.fromkeys(("and", "or", "xor", "not"), "tiles have no bitwise ops"),
     **dict.fromkeys(("shl", "shr"), "tiles have no shifts"),

@@ -39,6 +39,7 @@ class _MetaliumDialect(Dialect):
 METALIUM = _MetaliumDialect(**{**CUDA.__dict__, **dict(
     name="tt-metalium",
     file_ext="cpp",
+    clock="", clock_preamble=(),
     preamble=(),
     kernel_prefix="void",
     helper_prefix="static inline",

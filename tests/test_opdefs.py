@@ -93,3 +93,30 @@ def test_popcount_and_clz_from_python_match_python_ints():
     assert pc.tolist() == [bin(v).count("1") for v in pattern]
     assert lz.tolist() == [64 - v.bit_length() for v in pattern]
     assert "__popcll" in render_source(bits.kernel, "cuda")
+
+
+CLOCK_IR = """kernel @stamp(%out: ptr<global u64>) {
+  %i = global_id [dim = 0] : i32
+  %t = clock : u64
+  store %out, %i, %t
+  return
+}
+"""
+
+
+def test_clock_is_a_device_timestamp_spelled_where_the_target_has_one():
+    k = parse_module(CLOCK_IR, "clock.ir").kernels[0]
+    verify_kernel(k)
+    from concordia import Runtime
+    rt = Runtime("reference")
+    out = rt.zeros(4, np.uint64)
+    rt.launch(k, 4, 4, (out,))
+    assert (out.numpy() > 0).all()          # the interpreter's clock: the host's monotonic ns
+    assert "%globaltimer" in render_source(k, "cuda")
+    for target in ("opencl", "hip"):
+        with pytest.raises(CompileError, match=rf"clock.ir:3: the {target} renderer has no "
+                                                r"spelling for op 'clock'"):
+            render_source(k, target)
+    bad = CLOCK_IR.replace("%t = clock : u64", "%t = clock : u32").replace("ptr<global u64>", "ptr<global u32>")
+    with pytest.raises(IRVerifyError, match="clock"):
+        verify_kernel(parse_module(bad, "clock.ir").kernels[0])

@@ -198,3 +198,31 @@ def test_a_million_tasks_with_random_hot_swaps_on_cuda():
     xs = np.arange(256, dtype=np.float32)
     for k, (a, b, m) in last.items():
         assert np.array_equal(got[k], expected_axpy(xs, a, b, 256, m))
+
+
+@pytest.mark.parametrize("backend", [b for b in RING_BACKENDS if b in ("reference", "cuda")])
+def test_a_traced_dispatcher_stamps_each_task_in_phase_order(backend):
+    """trace=True: work-item 0 stamps claimed <= seen <= record read <= ran <= marked with
+    the device clock; the tasks' results are the untraced dispatcher's."""
+    rt = Runtime(backend)
+    x = rt.to_device(np.arange(256, dtype=np.float32))
+    out = rt.zeros(256, np.float32)
+    pr = PersistentRuntime(rt, blocks=2, block_size=64, ring_slots=16, trace=True)
+    pr.register("axpy", axpy, [x, out])
+    pr.start()
+    first = pr.head
+    pr.wait(pr.submit("axpy", groups=4, args=(2.0, 1.0, 0, 256), split=1))
+    assert pr.shutdown() == []
+    assert np.array_equal(out.numpy(), 2 * np.arange(256, dtype=np.float32) + 1)
+    st = pr.stamps(first, first + 4).astype(np.int64)
+    assert st.shape == (4, 5) and (st > 0).all()
+    assert (np.diff(st, axis=1) >= 0).all()
+
+
+def test_tracing_needs_a_device_clock():
+    rt = Runtime("opencl") if backend_status()["opencl"].ok else None
+    if rt is None:
+        pytest.skip("no OpenCL here")
+    pr = PersistentRuntime(rt, blocks=1, block_size=32, ring_slots=4, trace=True)
+    with pytest.raises(ConcordiaError, match="the opencl renderer has no spelling for op 'clock'"):
+        pr.register("tick", tick, [rt.zeros(8, np.int32)])
