@@ -185,9 +185,9 @@ def phases(backend: str | None, reps: int, blocks: int) -> dict:
     marks it before the host sees the mark, which bounds the offset from both sides; the
     midpoint is used and half the interval is the alignment's error."""
     rt = Runtime(backend)
-    if rt.backend.name != "cuda":
-        raise SystemExit(f"error: --phases needs the cuda backend (a device clock, read while "
-                         f"the kernel runs), not {rt.backend.name}")
+    if rt.backend.name not in ("cuda", "reference"):
+        raise SystemExit(f"error: --phases needs a backend with a device clock (cuda, or the "
+                         f"reference interpreter's host clock), not {rt.backend.name}")
     pr = PersistentRuntime(rt, blocks=blocks, block_size=BLOCK, ring_slots=4096, watchdog_s=30,
                            trace=True)
     cells = []

@@ -321,7 +321,9 @@ class PersistentRuntime:
         self.claim = runtime.zeros(2, np.int32)   # next index, head seen
         self.halt = DeviceBuffer(runtime, runtime.backend.alloc_control(4), np.int32, 1)
         # trace: each task's phases stamped by the device clock (where the target has one)
-        self.trace = runtime.zeros(ring_slots * TRACE_POINTS, np.uint64) if trace else None
+        # (host-mapped: read while the kernel runs, with no synchronisation that would wait
+        # for it; the stamps' stores cross the bus before the completion mark's fence)
+        self.trace = runtime.mapped(ring_slots * TRACE_POINTS, np.uint64) if trace else None
         self.handlers: list[Handler] = []
         self.kernel: Kernel | None = None
         self.running = None
@@ -408,12 +410,11 @@ class PersistentRuntime:
     def stamps(self, first: int, end: int) -> np.ndarray:
         """Device-clock stamps (ns) of completed tasks [first, end), one row each: claimed,
         seen published, record read, handler done, completion marked (trace=True only; the
-        newest `ring_slots` tasks). On cuda they can be read while the kernel runs (a copy
-        on another stream); on the host backends a read waits for the kernel: shutdown first."""
+        newest `ring_slots` tasks), read from host-mapped memory while the kernel runs."""
         if self.trace is None:
             raise ConcordiaError("stamps() needs PersistentRuntime(..., trace=True)")
-        rows = self.trace.numpy().reshape(self.slots, TRACE_POINTS)
-        return rows[np.arange(first, end) % self.slots]
+        rows = self.trace.host.reshape(self.slots, TRACE_POINTS)
+        return rows[np.arange(first, end) % self.slots].copy()
 
     def pending(self) -> list[Task]:
         self._collect()
