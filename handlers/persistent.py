@@ -328,6 +328,7 @@ class PersistentRuntime:
         self.kernel: Kernel | None = None
         self.running = None
         self.head = 0                         # tasks published
+        self.complete_below = 0               # every task below this one is known complete
         self.tasks: dict[int, Task] = {}      # published, not yet seen complete
         self.failed: TaskError | None = None
         self.swaps: list[SwapStats] = []
@@ -486,17 +487,19 @@ class PersistentRuntime:
         t0 = time.monotonic()
         if end - first == 1:
             self._spin_until_done(first, t0)
-            return
-        # records are claimed in order: the last one is the likely last to finish; its word
-        # is one scalar read a spin, the whole range one vector check after it
-        self._spin_until_done(end - 1, t0)
-        seqs = np.arange(max(first, end - self.slots), end)   # older ones: their slots reused
-        self._spin_until(seqs % self.slots, seqs + 1, t0)
+        else:
+            # records are claimed in order: the last one is the likely last to finish; its
+            # word is one scalar read a spin, the whole range one vector check after it
+            self._spin_until_done(end - 1, t0)
+            seqs = np.arange(max(first, end - self.slots), end)   # older: their slots reused
+            self._spin_until(seqs % self.slots, seqs + 1, t0)
+        if first <= self.complete_below:
+            self.complete_below = max(self.complete_below, end)
 
     def _wait_slots(self, seq0: int, n: int):
         """Until the slots of tasks [seq0, seq0 + n) are free: each one's previous occupant
         (the task `slots` earlier) complete. Tasks complete in any order: every slot counts."""
-        if seq0 + n <= self.slots:
+        if seq0 + n - self.slots <= self.complete_below:   # their previous occupants are done
             return
         if n <= 8:   # a few scalar reads cost less than numpy's per-call overhead
             done, t0 = self.done.host, time.monotonic()
