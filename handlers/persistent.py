@@ -485,8 +485,9 @@ class PersistentRuntime:
         """Until tasks [first, end) from publish() are complete (spins; watchdog applies). The
         completion words are checked together: tasks complete in any order."""
         t0 = time.monotonic()
-        if end - first == 1:
-            self._spin_until_done(first, t0)
+        if end - first <= 8:   # a few scalar spins cost less than numpy's per-call overhead
+            for seq in range(first, end):
+                self._spin_until_done(seq, t0)
         else:
             # records are claimed in order: the last one is the likely last to finish; its
             # word is one scalar read a spin, the whole range one vector check after it
