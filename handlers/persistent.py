@@ -509,8 +509,14 @@ class PersistentRuntime:
                 while done[slot] < want:
                     self._check_alive(t0)
             return
+        t0 = time.monotonic()
+        # the newest previous occupant first, one word (a vector spin over many words keeps
+        # pulling the lines the device is writing its marks into), then the rest at once
+        last = seq0 + n - 1
+        while self.done.host[last % self.slots] < last - self.slots + 1:
+            self._check_alive(t0)
         seqs = np.arange(max(seq0, self.slots), seq0 + n)
-        self._spin_until(seqs % self.slots, seqs - self.slots + 1, time.monotonic())
+        self._spin_until(seqs % self.slots, seqs - self.slots + 1, t0)
 
     def _spin_until(self, slots: np.ndarray, want: np.ndarray, since: float):
         """Until done[slots] >= want everywhere: a short spin, then the liveness checks."""
