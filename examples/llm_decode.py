@@ -1,17 +1,5 @@
-"""A Qwen3-architecture decode loop whose KV cache and LoRA adapter are checkpointed by Concordia.
-
-The model is built from its configuration with random weights (no download): Qwen3's
-layout — RMSNorm, grouped-query attention with per-head q/k RMSNorm and RoPE (theta 1e6),
-SwiGLU MLP, tied embeddings — at full Qwen3-0.6B size on a GPU or a tiny size for CPU tests.
-Compute and memory traffic are what matter here, not the text.
-
-State that a serving engine would lose in a crash lives in three tensors, each a Concordia
-region wrapped through DLPack (no copy):
-- `kv`: the paged KV cache (layers, K/V, blocks, block_size, kv_heads, head_dim); its dirty
-  pages come from the decode loop's own writes (KVBlockScanner);
-- `adapter`: the LoRA factors of q_proj and v_proj, changed every `--adapter-every` steps;
-  its dirty pages are found on the device (AdapterPageScanner: shadow compare);
-- `sched`: the scheduler's state (tokens, lengths, block table, free-block counter).
+"""The command line of the LLM workload (concordia/llm.py): a Qwen3-architecture decode loop
+whose KV cache, LoRA adapter and scheduler state are checkpointed by Concordia.
 
     python examples/llm_decode.py --config tiny --tokens 48 --log run.clog --every 4
     python examples/llm_decode.py --config tiny --tokens 48 --log run.clog --every 4 \\
