@@ -492,10 +492,27 @@ class PersistentRuntime:
             # records are claimed in order: the last one is the likely last to finish; its
             # word is one scalar read a spin, the whole range one vector check after it
             self._spin_until_done(end - 1, t0)
-            seqs = np.arange(max(first, end - self.slots), end)   # older: their slots reused
-            self._spin_until(seqs % self.slots, seqs + 1, t0)
+            first = max(first, end - self.slots)   # older ones: their slots were reused
+            while True:
+                for _ in range(200):
+                    if self._range_done(first, end):
+                        break
+                else:
+                    self._check_alive(t0)
+                    continue
+                break
         if first <= self.complete_below:
             self.complete_below = max(self.complete_below, end)
+
+    def _range_done(self, first: int, end: int) -> bool:
+        """Are tasks [first, end) (at most `slots` of them) complete? A slot's word holds seq + 1
+        of its task once complete, and before that its previous occupant's, which is at most
+        end - slots <= first: so the range is complete exactly when the smallest word of its
+        slots exceeds `first` (one or two slice minima, no index arrays)."""
+        d, s0, n = self.done.host, first % self.slots, end - first
+        if s0 + n <= self.slots:
+            return int(d[s0:s0 + n].min()) > first
+        return int(min(d[s0:].min(), d[:s0 + n - self.slots].min())) > first
 
     def _wait_slots(self, seq0: int, n: int):
         """Until the slots of tasks [seq0, seq0 + n) are free: each one's previous occupant

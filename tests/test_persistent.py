@@ -226,3 +226,30 @@ def test_tracing_needs_a_device_clock():
     pr = PersistentRuntime(rt, blocks=1, block_size=32, ring_slots=4, trace=True)
     with pytest.raises(ConcordiaError, match="the opencl renderer has no spelling for op 'clock'"):
         pr.register("tick", tick, [rt.zeros(8, np.int32)])
+
+
+@kernel
+def bump_rows(counts: Ptr[i32], n: i32):
+    i = global_id(0)
+    if i < n:
+        atomic_add(counts, i, 1)
+
+
+@pytest.mark.parametrize("backend", [b for b in RING_BACKENDS if b in ("reference", "opencl", "cuda")])
+def test_published_batches_wrap_the_ring_and_run_exactly_once(backend):
+    """publish() / wait_range(): tasks of 12 and of 3 records through an 8-slot ring (every
+    batch waits for slots and wraps), each work-item's counter bumped once per task."""
+    rt = Runtime(backend)
+    counts = rt.zeros(12 * 32, np.int32)
+    pr = PersistentRuntime(rt, blocks=4, block_size=32, ring_slots=8, watchdog_s=60)
+    pr.register("bump", bump_rows, [counts])
+    pr.start()
+    wide = pr.encode_tasks("bump", [(12 * 32,)], groups=12, split=1)     # 12 records
+    narrow = pr.encode_tasks("bump", [(3 * 32,)], groups=3, split=1)     # 3 records
+    for _ in range(5):
+        pr.wait_range(*pr.publish(wide))
+        pr.wait_range(*pr.publish(narrow))
+    assert pr.shutdown() == []
+    want = np.full(12 * 32, 5, np.int32)
+    want[:3 * 32] += 5
+    assert np.array_equal(counts.numpy(), want)
