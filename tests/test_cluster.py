@@ -134,3 +134,14 @@ def test_failover_bad_input_is_one_line(argv, message):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]
     assert message in r.stderr
+
+
+def test_a_standby_that_took_over_can_fail_and_be_replaced_in_turn(ray_up, tmp_path):
+    """Two kills of one job: the second hits the standby serving it after its takeover, a
+    recovery of its own (from the standby's log), not a death during the first takeover."""
+    report = run_failover(plan(tmp_path, workers=1, standby=2, kill=2, seed=4), say=quiet)
+    assert report["verified"] and report["faults_made"] == 2
+    first, second = report["recoveries"]
+    assert (first["from_worker"], first["to_worker"]) == ("worker-0", "standby-0")
+    assert (second["from_worker"], second["to_worker"]) == ("standby-0", "standby-1")
+    assert second["log"] == "job-0.e1.clog" and not second["failed_standbys"]

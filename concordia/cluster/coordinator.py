@@ -72,8 +72,14 @@ class Job:
     result: dict | None = None
 
     def next_log(self, log_dir: str) -> str:
-        self.logs.append(os.path.join(log_dir, f"{self.name}.e{len(self.logs)}.clog"))
-        return self.logs[-1]
+        """The job's next epoch file. A file of that name left by an earlier run is removed
+        first: a standby that dies before writing its own must not leave an old run's state
+        to be taken for this job's newest commit."""
+        path = os.path.join(log_dir, f"{self.name}.e{len(self.logs)}.clog")
+        if os.path.exists(path):
+            os.remove(path)
+        self.logs.append(path)
+        return path
 
 
 class RecoveryCoordinator:
@@ -168,8 +174,9 @@ class RecoveryCoordinator:
         except RayActorError:
             self._failed(job, "died")
             return
-        if job.pending is not None:
-            self._recovered(job)
+        if job.pending is not None:   # finished before a heartbeat saw its first token
+            ph = job.result["phases"]
+            self._recovered(job, ph, ph["first_token"])
         self.event(f"{job.name} finished on {job.info['name']}")
 
     def _heartbeat(self, job: Job):
@@ -184,6 +191,9 @@ class RecoveryCoordinator:
                 if st.get("pos", 0) != job.status.get("pos") or st["state"] != "decoding":
                     job.progress_at = now
                 job.status, job.hb_ref = st, None
+                if job.pending is not None and st.get("first_token") and st.get("phases"):
+                    self._recovered(job, st["phases"], st["first_token"])
+                    self.event(f"{job.name} resumed on {job.info['name']}")
             elif now - job.hb_sent > self.plan.deadline_s:
                 self._failed(job, "hung (no heartbeat)")
                 return
@@ -251,13 +261,14 @@ class RecoveryCoordinator:
             job.fault = ("SIGKILL", time.time())
             self.event(f"SIGKILL {info['name']} mid-takeover")
 
-    def _recovered(self, job: Job):
-        rec, ph = job.pending, job.result["phases"]
+    def _recovered(self, job: Job, ph: dict, first_token: float):
+        """The recovery under way is over: its standby produced a token."""
+        rec = job.pending
         rec.update(to=job.info["backend"], to_worker=job.info["name"], load_s=ph["load_s"],
-                   apply_s=ph["apply_s"], resume_s=ph["resume_s"],
+                   apply_s=ph["apply_s"], resume_s=first_token - ph["applied_at"],
                    restored_pos=ph["restored_pos"], requests=self.plan.spec["batch"],
                    log=os.path.basename(ph["log_in"]),
-                   total_s=ph["first_token"] - rec.pop("fault_at"))
+                   total_s=first_token - rec.pop("fault_at"))
         self.recoveries.append(rec)
         job.pending = None
 

@@ -105,5 +105,8 @@ def _summary(report: dict):
         print(f"verified: every request's tokens equal an uninterrupted run's "
               f"({len(report['jobs'])} jobs, {len(report['recoveries'])} recoveries)")
     else:
-        bad = [j["job"] for j in report["jobs"] if not j["verified"]]
-        print(f"NOT verified: {', '.join(bad)} differ from an uninterrupted run")
+        bad = [j["job"] for j in report["jobs"]
+               if not j["verified"] and j["job"] not in report["lost"]]
+        print("NOT verified: " + "; ".join(
+            [f"{', '.join(report['lost'])} lost"] * bool(report["lost"])
+            + [f"{', '.join(bad)} differ from an uninterrupted run"] * bool(bad)))

@@ -110,6 +110,7 @@ class DecodeWorker:
         phases = {"load_s": rec["detect_s"] + rec["load_log_s"], "apply_s": rec["apply_s"],
                   "restored_pos": rec["restored_pos"], "applied_at": time.time(),
                   "log_in": log}
+        self._set(phases=dict(phases))   # the coordinator closes the recovery at first token
         return self._decode(log_out, rec["restored_pos"], step_delay, phases)
 
     def _decode(self, log: str, start_pos, step_delay: float, phases: dict) -> dict:
@@ -125,7 +126,7 @@ class DecodeWorker:
             self._set(state="decoding", pos=pos, generated=self._status["generated"] + 1)
             if step_delay:
                 time.sleep(step_delay)
-        self._set(state="decoding", generated=0, pos=start_pos or 0)
+        self._set(state="decoding", generated=0, pos=start_pos or 0, first_token=None)
         try:
             tokens = run.generate(start_pos=start_pos, on_token=tick)
             run.ckpt.flush()
