@@ -145,3 +145,14 @@ def test_a_standby_that_took_over_can_fail_and_be_replaced_in_turn(ray_up, tmp_p
     assert (first["from_worker"], first["to_worker"]) == ("worker-0", "standby-0")
     assert (second["from_worker"], second["to_worker"]) == ("standby-0", "standby-1")
     assert second["log"] == "job-0.e1.clog" and not second["failed_standbys"]
+
+
+def test_tensor_parallel_standby_dying_before_the_group_forms(ray_up, tmp_path):
+    """The first standby is SIGKILLed before it joins the rebuilt group: the survivor's
+    rendezvous gives up after its timeout, and the next standby takes the rank."""
+    from concordia.cluster.tensor_parallel import run_tp_failover
+    report = run_tp_failover(plan(tmp_path, standby=2, kill=1, kill_standby=1, seed=3,
+                                  deadline_s=1.0), say=quiet)
+    assert report["verified"]
+    [rec] = report["recoveries"]
+    assert rec["failed_standbys"] == ["standby-0"] and rec["to_worker"] == "standby-1"

@@ -92,11 +92,16 @@ class TPRank:
                 dist.destroy_process_group()
         except Exception:   # already torn down by the failed collective
             pass
+        # a rendezvous that failed half-way leaves torch's group counter raised, and the next
+        # group would be named apart from a fresh standby's: start the count again
+        world = getattr(dist.distributed_c10d, "_world", None)
+        if world is not None and not dist.is_initialized():
+            world.group_count = 0
         return True
 
     def decode(self, rank: int, init_method: str, prompt_seed: int, log_out: str,
                log_in: str | None = None, checkpoint: int | None = None,
-               step_delay: float = 0.0) -> dict:
+               step_delay: float = 0.0, join_timeout_s: float = 60.0) -> dict:
         run, phases = self.runs[rank], {}
         self._aborted = False
         start = None
@@ -112,8 +117,13 @@ class TPRank:
             phases.update(load_s=t1 - t0, apply_s=time.perf_counter() - t1, restored_pos=start)
         self._status = {"state": "joining", "pos": start or 0}
         t_join = time.time()
-        dist.init_process_group(self.dist_backend, init_method=init_method, rank=rank,
-                                world_size=WORLD, timeout=timedelta(seconds=60))
+        try:   # a rank that never comes (a standby dead before joining) ends the wait
+            dist.init_process_group(self.dist_backend, init_method=init_method, rank=rank,
+                                    world_size=WORLD, timeout=timedelta(seconds=join_timeout_s))
+        except Exception as e:
+            self._status = {"state": "aborted", "pos": start or 0}
+            self.abort()
+            return {"aborted": True, "rank": rank, "error": f"{type(e).__name__}: {e}"[:300]}
         phases["join_s"] = time.time() - t_join
         phases["joined_at"] = time.time()
         run.model.shard = Shard(rank, WORLD, _all_reduce)
@@ -171,6 +181,10 @@ class TPCoordinator:
         self.rng = np.random.default_rng(plan.seed)
         self.t0 = time.time()
         self.timeline, self.recoveries, self.lost, self.actors = [], [], [], []
+        self.history = [[] for _ in range(WORLD)]   # each rank's logs, oldest first
+        self.pending = None                          # the recovery under way
+        self.standby_kills = plan.kill_standby
+        self.join_timeout_s = 2 * plan.deadline_s    # a rank that never joins: give up then
 
     def event(self, what: str):
         t = time.time() - self.t0
@@ -198,9 +212,14 @@ class TPCoordinator:
         init = f"tcp://127.0.0.1:{free_port()}"
         self.logs = [os.path.join(self.plan.log_dir, f"tp-rank{r}.e{epoch}.clog")
                      for r in range(WORLD)]
+        for r, log in enumerate(self.logs):
+            if os.path.exists(log):    # an earlier run's: never taken for this one's
+                os.remove(log)
+            self.history[r].append(log)
         return [a.decode.remote(r, init, 77, self.logs[r],
                                 logs_in[r] if logs_in else None,
-                                checkpoints[r] if checkpoints else None, self.plan.pace_s)
+                                checkpoints[r] if checkpoints else None, self.plan.pace_s,
+                                self.join_timeout_s)
                 for r, a in enumerate(self.ranks)]
 
     def run(self, kills: list[int]):
@@ -224,9 +243,22 @@ class TPCoordinator:
             elif any(res is not None and res["aborted"] for res in results) and not waiting:
                 raise ConcordiaError("the TP group broke with no rank dead: "
                                      + "; ".join(str(res.get("error")) for res in results))
-            elif kills and len(waiting) == WORLD:
-                self._maybe_kill(kills)
+            elif len(waiting) == WORLD:
+                if self.pending is not None:
+                    self._close_recovery()
+                if kills:
+                    self._maybe_kill(kills)
         return results
+
+    def _close_recovery(self):
+        """The recovery under way is over once every rank decodes in the rebuilt group."""
+        try:
+            states = ray.get([a.heartbeat.remote() for a in self.ranks])
+        except RayActorError:
+            return   # a rank died: its decode call reports it
+        if all(st["state"] == "decoding" for st in states):
+            self.recoveries.append(self.pending)
+            self.pending = None
 
     def _maybe_kill(self, kills):
         rank = int(self.rng.integers(0, WORLD))
@@ -240,43 +272,80 @@ class TPCoordinator:
 
     def _recover(self, dead: list[int], refs, waiting, epoch):
         now = time.time()
-        self.event(f"rank {', '.join(map(str, dead))} died: detected in "
+        names = ", ".join(self.info[self.ranks[d]]["name"] for d in dead)
+        self.event(f"rank {', '.join(map(str, dead))} ({names}) died: detected in "
                    f"{(now - self.fault_at) * 1e3:.1f} ms")
-        rec = {"job": "tp", "from": self.plan.backend, "rank": dead[0], "failure": "died",
-               "from_worker": ", ".join(self.info[self.ranks[d]]["name"] for d in dead),
-               "detect_s": now - self.fault_at, "failed_standbys": []}
-        for r in waiting:   # survivors still in the broken collective: make them leave it
+        if self.pending is not None:    # a standby died before the group was rebuilt
+            self.pending["failed_standbys"].append(names)
+        else:
+            self.pending = {"job": "tp", "from": self.plan.backend, "rank": dead[0],
+                            "failure": "died", "from_worker": names,
+                            "detect_s": now - self.fault_at, "failed_standbys": [],
+                            "fault_at": self.fault_at}
+        for r in waiting:   # survivors in the broken collective (or rendezvous) leave it
             self.ranks[r].abort.remote()
+        # a rendezvous client retries its connection once: up to twice the timeout
+        wait_s = 2.5 * self.join_timeout_s + self.plan.deadline_s
         for r in waiting:
             try:
-                ray.get(refs[r], timeout=self.plan.deadline_s)
+                ray.get(refs[r], timeout=wait_s)
             except Exception:
                 raise ConcordiaError(f"rank {r} did not leave the broken group within "
-                                     f"{self.plan.deadline_s} s") from None
+                                     f"{wait_s:g} s") from None
         t_agree = time.time()
         self.event(f"the survivors left the broken group in {(t_agree - now) * 1e3:.1f} ms")
         if len(self.standbys) < len(dead):
+            self.lost.append("tp")
             raise ConcordiaError(f"{len(dead)} TP rank(s) died and {len(self.standbys)} "
                                  f"standby(s) are left")
-        scans = [scan_log(log) for log in self.logs]
-        positions = [commit_position(scan) for scan in scans]
-        target = min(positions)
-        checkpoints = [commit_for_position(scan, target) for scan in scans]
-        if None in checkpoints:
-            raise ConcordiaError(f"no commit at position {target} in every rank's log")
+        logs_in, checkpoints, target, positions = self._rollback_point()
         self.event(f"rollback point: position {target} (the ranks' last commits: {positions}), "
                    f"agreed in {(time.time() - t_agree) * 1e3:.1f} ms")
         for d in dead:
             self.ranks[d] = self.standbys.pop(0)
             self.event(f"{self.info[self.ranks[d]]['name']} takes rank {d}; the group is "
                        f"rebuilt (epoch {epoch})")
-        refs = self._launch(epoch, logs_in=list(self.logs), checkpoints=checkpoints)
+        refs = self._launch(epoch, logs_in=logs_in, checkpoints=checkpoints)
         standby = self.ranks[dead[0]]
-        rec.update(to=self.info[standby]["backend"], to_worker=self.info[standby]["name"],
-                   leave_s=t_agree - now, agree_s=time.time() - t_agree, requests=self.plan.spec["batch"],
-                   fault_at=self.fault_at)
-        self.recoveries.append(rec)
+        self.pending.update(to=self.info[standby]["backend"], to_worker=self.info[standby]["name"],
+                            leave_s=t_agree - now, agree_s=time.time() - t_agree,
+                            requests=self.plan.spec["batch"])
+        if self.standby_kills > 0:
+            self.standby_kills -= 1
+            time.sleep(float(self.rng.uniform(0.0, 0.005)))
+            os.kill(self.info[standby]["pid"], signal.SIGKILL)
+            self.fault_at = time.time()
+            self.event(f"SIGKILL {self.info[standby]['name']} before the group is rebuilt")
         return refs
+
+    def _rollback_point(self):
+        """Each rank's newest log holding a commit gives its last step; the rollback point is
+        the smallest, and each rank restores the commit at it from the newest of its logs that
+        holds one (a new epoch whose group never formed has none and is passed over)."""
+        scans = []
+        for r in range(WORLD):
+            mine = []
+            for log in reversed(self.history[r]):
+                try:
+                    scan = scan_log(log)
+                except ConcordiaError:   # never written (its rank died before joining)
+                    continue
+                if scan.commit_ends:
+                    mine.append(scan)
+            if not mine:
+                raise ConcordiaError(f"rank {r} has no log with a committed checkpoint")
+            scans.append(mine)
+        positions = [commit_position(mine[0]) for mine in scans]
+        target = min(positions)
+        logs_in, checkpoints = [], []
+        for r, mine in enumerate(scans):
+            found = next(((scan.path, cid) for scan in mine
+                          if (cid := commit_for_position(scan, target)) is not None), None)
+            if found is None:
+                raise ConcordiaError(f"rank {r}: no commit at position {target} in its logs")
+            logs_in.append(found[0])
+            checkpoints.append(found[1])
+        return logs_in, checkpoints, target, positions
 
 
 def run_tp_failover(plan, say=print) -> dict:
@@ -291,12 +360,19 @@ def run_tp_failover(plan, say=print) -> dict:
         kills = sorted(int(p + coord.rng.integers(2, plan.spec["tokens"] - 2))
                        for _ in range(plan.kill))
         got = coord.run(kills)
+        if coord.pending is not None:   # the job ended before a heartbeat saw it decoding
+            coord.recoveries.append(coord.pending)
+            coord.pending = None
         wall = time.time() - t
     finally:
         for actor in coord.actors:
             ray.kill(actor, no_restart=True)
     for rec in coord.recoveries:   # the new standby's phases, from the rank that replaced
-        ph = next(g["phases"] for g in got if g["worker"] == rec["to_worker"])
+        ph = next((g["phases"] for g in got if g["worker"] == rec["to_worker"]), None)
+        if ph is None or "load_s" not in ph:   # replaced again later: its phases are gone
+            rec["total_s"] = None
+            rec.pop("fault_at")
+            continue
         rec.update(load_s=ph["load_s"], apply_s=ph["apply_s"], resume_s=ph["first_token"] - ph["joined_at"],
                    join_s=ph["join_s"], restored_pos=ph["restored_pos"],
                    total_s=ph["first_token"] - rec.pop("fault_at"))
