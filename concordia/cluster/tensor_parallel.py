@@ -31,7 +31,7 @@ from ..backends import Runtime
 from ..handlers import Checkpointer
 from ..handlers.log import committed_image, scan_log
 from ..llm import DecodeRun, Shard
-from .worker import decode_args, device_of  # noqa: F401
+from .worker import decode_args, device_of
 
 WORLD = 2
 
@@ -184,7 +184,11 @@ class TPCoordinator:
         self.history = [[] for _ in range(WORLD)]   # each rank's logs, oldest first
         self.pending = None                          # the recovery under way
         self.standby_kills = plan.kill_standby
-        self.join_timeout_s = 2 * plan.deadline_s    # a rank that never joins: give up then
+        # a rank that never joins: give up then. It is also NCCL's collective timeout (its
+        # watchdog), which must not fire on a first collective's communicator set-up: 10 s there
+        self.join_timeout_s = 2 * plan.deadline_s
+        if device_of(plan.backend) == "cuda" or device_of(plan.standby_backend or plan.backend) == "cuda":
+            self.join_timeout_s = max(self.join_timeout_s, 10.0)
 
     def event(self, what: str):
         t = time.time() - self.t0
