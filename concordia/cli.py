@@ -429,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     fo.add_argument("--kill-standby", type=int, default=0,
                     help="SIGKILL this many standbys in the middle of their takeover")
     fo.add_argument("--tp", type=int, default=1, choices=[1, 2],
-                    help="2: one tensor-parallel job over two ranks (torch.distributed)")
+                    help="2: one tensor-parallel job over two ranks (torch.distributed; "
+                         "--workers is not used)")
     fo.add_argument("--backend", help="the workers' backend (default: cuda on a GPU, else "
                                       "reference)")
     fo.add_argument("--standby-backend", help="the standbys' backend (default: the workers'); "

@@ -127,6 +127,7 @@ def test_failover_command_minimum_surface(tmp_path):
     (["--workers", "0"], "--workers must be at least 1"),
     (["--backend", "nope"], "--backend: no backend 'nope'"),
     (["--config", "huge"], "--config: no model 'huge'"),
+    (["--tp", "2", "--hang", "1"], "--tp 2 injects --kill and --kill-standby only"),
 ])
 def test_failover_bad_input_is_one_line(argv, message):
     r = subprocess.run([sys.executable, "-m", "concordia", "failover", *argv],

@@ -33,6 +33,8 @@ def _check(args):
                              f"{', '.join(sorted(CONFIGS))}")
     if args.deadline <= 0:
         raise ConcordiaError("--deadline must be positive")
+    if args.tp == 2 and (args.hang or args.slow):
+        raise ConcordiaError("--tp 2 injects --kill and --kill-standby only (no --hang or --slow)")
     status = backend_status()
     for flag, b in (("--backend", args.backend), ("--standby-backend", args.standby_backend)):
         st = status.get(b.split(":")[0])
