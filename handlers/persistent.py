@@ -316,6 +316,7 @@ class PersistentRuntime:
         self.rt, self.blocks, self.block_size = runtime, blocks, block_size
         self.slots, self.watchdog_s = ring_slots, watchdog_s
         self.ring = runtime.mapped(ring_slots * RECORD_WORDS, np.int32)
+        self.ring_rows = self.ring.host.reshape(ring_slots, RECORD_WORDS)   # a record a row
         self.ctrl = runtime.mapped(16, np.int32)
         self.done = runtime.mapped(ring_slots, np.int32)
         self.claim = runtime.zeros(2, np.int32)   # next index, head seen
@@ -467,7 +468,11 @@ class PersistentRuntime:
         if self.failed is not None:
             raise ConcordiaError(f"the persistent runtime has failed: {self.failed}")
         first, n = self.head, len(records)
-        ring = self.ring.host.reshape(self.slots, RECORD_WORDS)
+        if n == 1 and first - self.slots < self.complete_below:   # one record, slot known free
+            self.ring_rows[first % self.slots] = records[0]
+            self._publish(first + 1)
+            return first, first + 1
+        ring = self.ring_rows
         batch = min(PUBLISH_BATCH, self.slots)
         for at in range(0, n, batch):
             chunk = records[at:at + batch]
