@@ -468,10 +468,6 @@ class PersistentRuntime:
         if self.failed is not None:
             raise ConcordiaError(f"the persistent runtime has failed: {self.failed}")
         first, n = self.head, len(records)
-        if n == 1 and first - self.slots < self.complete_below:   # one record, slot known free
-            self.ring_rows[first % self.slots] = records[0]
-            self._publish(first + 1)
-            return first, first + 1
         ring = self.ring_rows
         batch = min(PUBLISH_BATCH, self.slots)
         for at in range(0, n, batch):
@@ -487,25 +483,33 @@ class PersistentRuntime:
         return first, first + n
 
     def wait_range(self, first: int, end: int) -> None:
-        """Until tasks [first, end) from publish() are complete (spins; watchdog applies). The
-        completion words are checked together: tasks complete in any order."""
+        """Until tasks [first, end) from publish() are complete (spins; watchdog applies)."""
+        if end > first:
+            self._wait_complete(first, end)
+
+    def _wait_slots(self, seq0: int, n: int):
+        """Until the slots of tasks [seq0, seq0 + n) are free: their previous occupants, the
+        tasks `slots` earlier, complete (unless the watermark already says so)."""
+        end = seq0 + n - self.slots
+        if end > self.complete_below:
+            self._wait_complete(max(0, seq0 - self.slots), end)
+
+    def _wait_complete(self, first: int, end: int) -> None:
+        """Until tasks [first, end) are complete, in any order; then raise the watermark of
+        tasks known complete. Tasks older than the last `slots` are complete already: their
+        slots were reused."""
         t0 = time.monotonic()
-        if end - first <= 8:   # a few scalar spins cost less than numpy's per-call overhead
-            for seq in range(first, end):
+        lo = max(first, end - self.slots)
+        if end - lo <= 8:   # a few scalar spins cost less than numpy's per-call overhead
+            for seq in range(lo, end):
                 self._spin_until_done(seq, t0)
         else:
-            # records are claimed in order: the last one is the likely last to finish; its
-            # word is one scalar read a spin, the whole range one vector check after it
+            # records are claimed in order: the last one is the likely last to finish, and a
+            # vector spin over many words keeps pulling the lines the device writes its marks
+            # into; so one word a spin, then the whole range by its minimum
             self._spin_until_done(end - 1, t0)
-            first = max(first, end - self.slots)   # older ones: their slots were reused
-            while True:
-                for _ in range(200):
-                    if self._range_done(first, end):
-                        break
-                else:
-                    self._check_alive(t0)
-                    continue
-                break
+            while not any(self._range_done(lo, end) for _ in range(200)):
+                self._check_alive(t0)
         if first <= self.complete_below:
             self.complete_below = max(self.complete_below, end)
 
@@ -518,36 +522,6 @@ class PersistentRuntime:
         if s0 + n <= self.slots:
             return int(d[s0:s0 + n].min()) > first
         return int(min(d[s0:].min(), d[:s0 + n - self.slots].min())) > first
-
-    def _wait_slots(self, seq0: int, n: int):
-        """Until the slots of tasks [seq0, seq0 + n) are free: each one's previous occupant
-        (the task `slots` earlier) complete. Tasks complete in any order: every slot counts."""
-        if seq0 + n - self.slots <= self.complete_below:   # their previous occupants are done
-            return
-        if n <= 8:   # a few scalar reads cost less than numpy's per-call overhead
-            done, t0 = self.done.host, time.monotonic()
-            for seq in range(max(seq0, self.slots), seq0 + n):
-                slot, want = seq % self.slots, seq - self.slots + 1
-                while done[slot] < want:
-                    self._check_alive(t0)
-            return
-        t0 = time.monotonic()
-        # the newest previous occupant first, one word (a vector spin over many words keeps
-        # pulling the lines the device is writing its marks into), then the rest at once
-        last = seq0 + n - 1
-        while self.done.host[last % self.slots] < last - self.slots + 1:
-            self._check_alive(t0)
-        seqs = np.arange(max(seq0, self.slots), seq0 + n)
-        self._spin_until(seqs % self.slots, seqs - self.slots + 1, t0)
-
-    def _spin_until(self, slots: np.ndarray, want: np.ndarray, since: float):
-        """Until done[slots] >= want everywhere: a short spin, then the liveness checks."""
-        done = self.done.host
-        while True:
-            for _ in range(200):
-                if (done[slots] >= want).all():
-                    return
-            self._check_alive(since)
 
     def _spin_until_done(self, s: int, since: float):
         done, slot, target = self.done.host, s % self.slots, s + 1
