@@ -429,13 +429,14 @@ class DecodeRun:
         self.sync()
         return s.tokens().copy()
 
-    def resume(self, restore_backend: str, rt=None) -> dict:
+    def resume(self, restore_backend: str, rt=None, checkpoint: int | None = None) -> dict:
         """Restore kv/adapter/sched from the log into this process's tensors (on `rt`, an open
-        Runtime, or a new one of `restore_backend`); phases timed."""
+        Runtime, or a new one of `restore_backend`), as of its last commit or of commit
+        `checkpoint`; phases timed."""
         t0 = time.perf_counter()
         scan = scan_log(self.args.log)                  # detect: the log's last commit
         t1 = time.perf_counter()
-        image = committed_image(scan)                   # load: the committed page image
+        image = committed_image(scan, checkpoint)       # load: the committed page image
         t2 = time.perf_counter()
         rt = rt or Runtime(restore_backend)
         Checkpointer.restore(self.args.log, rt, into=self.regions(rt), image=image)   # apply

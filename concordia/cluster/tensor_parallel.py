@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import tempfile
 import threading
 import time
 from datetime import timedelta
@@ -28,10 +27,9 @@ from ray.exceptions import RayActorError
 from concordia_ir.errors import ConcordiaError
 
 from ..backends import Runtime
-from ..handlers import Checkpointer
 from ..handlers.log import committed_image, scan_log
 from ..llm import DecodeRun, Shard
-from .worker import decode_args, device_of
+from .worker import decode_args, device_of, warm
 
 WORLD = 2
 
@@ -57,22 +55,12 @@ class TPRank:
         self.rt = Runtime(backend)
         self.runs = {}
         for rank in range(WORLD):
-            run = DecodeRun(decode_args(dict(spec, dtype=spec["dtype"]), backend),
-                            Shard(rank, WORLD))
-            self._warm(run)
+            run = DecodeRun(decode_args(spec, backend), Shard(rank, WORLD))
+            warm(run, self.rt, backend)   # no collective yet: the shard's partial sums
             self.runs[rank] = run
         self.dist_backend = "nccl" if device_of(backend) == "cuda" else "gloo"
         self._lock, self._aborted = threading.Lock(), False
         self._status = {"state": "idle", "pos": 0}
-
-    def _warm(self, run):
-        with tempfile.TemporaryDirectory(prefix="concordia-warm-") as tmp:
-            run.args.log = os.path.join(tmp, "warm.clog")
-            run.open_checkpointer(self.rt)
-            run.generate(stop_after=2)     # no collective yet: the shard's partial sums
-            run.ckpt.close()
-            run.resume(self.backend, self.rt)
-        run.ckpt, run.stats, run.handles = None, [], []
 
     def describe(self) -> dict:
         return {"name": self.name, "backend": self.backend, "pid": os.getpid()}
@@ -107,14 +95,11 @@ class TPRank:
         start = None
         if log_in is not None:     # rejoin or take over: roll back to the agreed commit
             self._status = {"state": "loading", "pos": 0}
-            t0 = time.perf_counter()
-            image = committed_image(scan_log(log_in), checkpoint)
-            t1 = time.perf_counter()
-            Checkpointer.restore(log_in, self.rt, into=run.regions(self.rt), image=image)
-            run.sync()
-            run.sched.load()
-            start = int(run.sched.host[0])
-            phases.update(load_s=t1 - t0, apply_s=time.perf_counter() - t1, restored_pos=start)
+            run.args.log = log_in
+            rec = run.resume(self.backend, self.rt, checkpoint)
+            start = rec["restored_pos"]
+            phases.update(load_s=rec["detect_s"] + rec["load_log_s"], apply_s=rec["apply_s"],
+                          restored_pos=start)
         self._status = {"state": "joining", "pos": start or 0}
         t_join = time.time()
         try:   # a rank that never comes (a standby dead before joining) ends the wait

@@ -46,6 +46,18 @@ def decode_args(spec: dict, backend: str):
     return parse_args(argv)
 
 
+def warm(run: DecodeRun, rt, backend: str) -> None:
+    """Run everything a takeover runs once, on a scratch log: a decode step (its CUDA graph
+    captured), checkpoints (the scanners' kernels compiled) and a restore."""
+    with tempfile.TemporaryDirectory(prefix="concordia-warm-") as tmp:
+        run.args.log = os.path.join(tmp, "warm.clog")
+        run.open_checkpointer(rt)
+        run.generate(stop_after=2)
+        run.ckpt.close()
+        run.resume(backend, rt)
+    run.ckpt, run.stats, run.handles = None, [], []
+
+
 class DecodeWorker:
     def __init__(self, name: str, backend: str, spec: dict, threads: int = 1):
         torch.set_num_threads(threads)   # workers share the host's cores
@@ -54,24 +66,12 @@ class DecodeWorker:
         self._status = {"state": "warming", "pos": 0, "generated": 0}
         self.rt = Runtime(backend)
         self.run = DecodeRun(decode_args(spec, backend))
-        self._warm()
+        warm(self.run, self.rt, backend)
         self._set(state="idle")
 
     def _set(self, **kw):
         with self._lock:
             self._status.update(kw)
-
-    def _warm(self):
-        """Run everything a takeover runs once, on a scratch log: a decode step (its CUDA graph
-        captured), checkpoints (the scanners' kernels compiled) and a restore."""
-        run = self.run
-        with tempfile.TemporaryDirectory(prefix="concordia-warm-") as tmp:
-            run.args.log = os.path.join(tmp, "warm.clog")
-            run.open_checkpointer(self.rt)
-            run.generate(stop_after=2)
-            run.ckpt.close()
-            run.resume(self.backend, self.rt)
-        run.ckpt, run.stats, run.handles = None, [], []
 
     # -- what the coordinator calls
     def pid(self) -> int:
@@ -87,8 +87,6 @@ class DecodeWorker:
 
     def start(self, log: str, prompt_seed: int, step_delay: float = 0.0) -> dict:
         """Decode a job from its prompts, checkpointing every step into `log` (a new file)."""
-        if os.path.exists(log):
-            os.remove(log)
         self.run.args.prompt_seed = prompt_seed
         return self._decode(log, None, step_delay, {})
 
@@ -114,7 +112,10 @@ class DecodeWorker:
         return self._decode(log_out, rec["restored_pos"], step_delay, phases)
 
     def _decode(self, log: str, start_pos, step_delay: float, phases: dict) -> dict:
+        """Decode on, logging into `log`, always a new file (a takeover's epoch too)."""
         run = self.run
+        if os.path.exists(log):
+            os.remove(log)
         run.args.log = log
         run.open_checkpointer(self.rt)
         first: list[float] = []
