@@ -82,7 +82,9 @@ class Job:
         return path
 
 
-class RecoveryCoordinator:
+class Coordinator:
+    """What both coordinators share: the plan, the fault dice, the timeline, the actors made."""
+
     def __init__(self, plan: FailoverPlan, say=print):
         self.plan, self.say = plan, say
         self.rng = np.random.default_rng(plan.seed)
@@ -92,27 +94,34 @@ class RecoveryCoordinator:
         self.lost: list[str] = []
         self.standby_kills = plan.kill_standby
         self.actors: list = []
-        self.faults_made = 0
 
-    # -- the timeline
     def event(self, what: str, **kw):
         t = time.time() - self.t0
         self.timeline.append({"t": round(t, 4), "event": what, **kw})
         self.say(f"  {t:7.3f}s  {what}")
 
-    # -- actors
-    def _actor(self, name: str, backend: str):
-        """A DecodeWorker actor (named for the timeline; Ray names would outlive a run)."""
+    def make_actor(self, remote_cls, name: str, backend: str):
+        """A threaded actor of `remote_cls` (named for the timeline only: Ray names would
+        outlive a run), a GPU of its own on cuda."""
         opts = dict(max_concurrency=4, num_cpus=0, max_restarts=0)
         if device_of(backend) == "cuda":
             opts["num_gpus"] = self.plan.gpus_per_worker or 1
-        actor = RemoteDecodeWorker.options(**opts).remote(name, backend, self.plan.spec)
+        actor = remote_cls.options(**opts).remote(name, backend, self.plan.spec)
         self.actors.append(actor)
         return actor
 
     def stop_actors(self):
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+
+
+class RecoveryCoordinator(Coordinator):
+    def __init__(self, plan: FailoverPlan, say=print):
+        super().__init__(plan, say)
+        self.faults_made = 0
+
+    def _actor(self, name: str, backend: str):
+        return self.make_actor(RemoteDecodeWorker, name, backend)
 
     def start_actors(self):
         p = self.plan

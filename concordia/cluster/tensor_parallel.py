@@ -29,6 +29,7 @@ from concordia_ir.errors import ConcordiaError
 from ..backends import Runtime
 from ..handlers.log import committed_image, scan_log
 from ..llm import DecodeRun, Shard
+from .coordinator import Coordinator
 from .worker import decode_args, device_of, warm
 
 WORLD = 2
@@ -160,33 +161,19 @@ def commit_position(scan, checkpoint: int | None = None) -> int:
     return int(np.frombuffer(bytes(image.pages[sched["id"]][0][:4]), np.int32)[0])
 
 
-class TPCoordinator:
+class TPCoordinator(Coordinator):
     def __init__(self, plan, say=print):
-        self.plan, self.say = plan, say
-        self.rng = np.random.default_rng(plan.seed)
-        self.t0 = time.time()
-        self.timeline, self.recoveries, self.lost, self.actors = [], [], [], []
+        super().__init__(plan, say)
         self.history = [[] for _ in range(WORLD)]   # each rank's logs, oldest first
         self.pending = None                          # the recovery under way
-        self.standby_kills = plan.kill_standby
         # a rank that never joins: give up then. It is also NCCL's collective timeout (its
         # watchdog), which must not fire on a first collective's communicator set-up: 10 s there
         self.join_timeout_s = 2 * plan.deadline_s
         if device_of(plan.backend) == "cuda" or device_of(plan.standby_backend or plan.backend) == "cuda":
             self.join_timeout_s = max(self.join_timeout_s, 10.0)
 
-    def event(self, what: str):
-        t = time.time() - self.t0
-        self.timeline.append({"t": round(t, 4), "event": what})
-        self.say(f"  {t:7.3f}s  {what}")
-
     def _actor(self, name, backend):
-        opts = dict(max_concurrency=4, num_cpus=0, max_restarts=0)
-        if device_of(backend) == "cuda":
-            opts["num_gpus"] = 1
-        actor = RemoteTPRank.options(**opts).remote(name, backend, self.plan.spec)
-        self.actors.append(actor)
-        return actor
+        return self.make_actor(RemoteTPRank, name, backend)
 
     def start(self):
         p = self.plan
@@ -354,8 +341,7 @@ def run_tp_failover(plan, say=print) -> dict:
             coord.pending = None
         wall = time.time() - t
     finally:
-        for actor in coord.actors:
-            ray.kill(actor, no_restart=True)
+        coord.stop_actors()
     for rec in coord.recoveries:   # the new standby's phases, from the rank that replaced
         ph = next((g["phases"] for g in got if g["worker"] == rec["to_worker"]), None)
         if ph is None or "load_s" not in ph:   # replaced again later: its phases are gone
