@@ -21,7 +21,6 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 
 from bench.common import environment, table, write_result  # noqa: E402
 
@@ -30,7 +29,7 @@ PAPER = {"tokens_per_s": 108.2, "checkpoint_overhead_ms": 18.9, "overhead_fracti
 
 def run_one(L, base_args: list[str], batch: int, log: str | None, every: int, backend: str | None,
             stop_after: int | None = None, asynchronous: bool = False):
-    args = L.parse([*base_args, "--batch", str(batch),
+    args = L.parse_args([*base_args, "--batch", str(batch),
                     *(["--log", log, "--every", str(every)] if log else []),
                     *(["--async"] if asynchronous else []),
                     *(["--backend", backend] if backend else [])])
@@ -51,7 +50,7 @@ def run_one(L, base_args: list[str], batch: int, log: str | None, every: int, ba
 
 
 def recovery(L, base_args, batch, log, backend):
-    args = L.parse([*base_args, "--batch", str(batch), "--log", log, "--resume"])
+    args = L.parse_args([*base_args, "--batch", str(batch), "--log", log, "--resume"])
     run = L.DecodeRun(args)
     rec = run.resume(backend or run.default_backend())
     t = time.perf_counter()
@@ -168,7 +167,7 @@ def main(argv=None) -> int:
     p.add_argument("--when-full", default="wait", choices=["wait", "coalesce"])
     a = p.parse_args(argv)
     import torch
-    import llm_decode as L
+    from concordia import llm as L
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = [*(["--no-graph"] if a.no_graph else []), "--config", a.config, "--device", device,
             "--when-full", a.when_full, "--prompt", str(a.prompt), "--tokens", str(a.tokens),

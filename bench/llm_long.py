@@ -15,10 +15,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 
 from bench.common import environment, write_result  # noqa: E402
-import llm_decode as L  # noqa: E402
+from concordia import llm as L  # noqa: E402
 
 
 def main() -> int:
@@ -34,7 +33,7 @@ def main() -> int:
     import torch
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     log = os.path.join(tempfile.mkdtemp(prefix="concordia-long-"), "long.clog")
-    args = L.parse(["--config", a.config, "--device", device, "--batch", str(a.batch),
+    args = L.parse_args(["--config", a.config, "--device", device, "--batch", str(a.batch),
                     "--prompt", "16", "--tokens", str(a.tokens), "--log", log, "--every", "1",
                     "--async", "--compact-at-mb", str(a.compact_at_mb),
                     *(["--backend", a.backend] if a.backend else [])])
@@ -51,7 +50,7 @@ def main() -> int:
     run.ckpt.close()
     steps = len(run.step_seconds)
     # recovery: a new DecodeRun (the model is loaded) restores and makes its first token
-    args_r = L.parse(["--config", a.config, "--device", device, "--batch", str(a.batch),
+    args_r = L.parse_args(["--config", a.config, "--device", device, "--batch", str(a.batch),
                       "--prompt", "16", "--tokens", str(a.tokens), "--log", log, "--resume"])
     rec_run = L.DecodeRun(args_r)
     t = time.perf_counter()

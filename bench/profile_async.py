@@ -17,14 +17,13 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 
-import llm_decode as L  # noqa: E402
+from concordia import llm as L  # noqa: E402
 
 
 def one(config, batch, tokens, idle_writer: bool):
     log = os.path.join(tempfile.mkdtemp(), "p.clog")
-    a = L.parse(["--config", config, "--batch", str(batch), "--prompt", "16", "--tokens",
+    a = L.parse_args(["--config", config, "--batch", str(batch), "--prompt", "16", "--tokens",
                  str(tokens), "--log", log, "--every", "1", "--async", "--backend", "cuda"])
     run = L.DecodeRun(a)
     run.open_checkpointer()

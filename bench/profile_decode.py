@@ -21,9 +21,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 
-import llm_decode as L  # noqa: E402
+from concordia import llm as L  # noqa: E402
 
 
 def between_steps(run, pos: int, gap: str):
@@ -100,7 +99,7 @@ def main() -> int:
     summary = {}
     for mode in ("plain", "checkpoint", "plain_again"):
         log = os.path.join(tempfile.mkdtemp(), "p.clog") if mode == "checkpoint" else None
-        a = L.parse(["--config", args.config, "--batch", str(args.batch), "--prompt", "8",
+        a = L.parse_args(["--config", args.config, "--batch", str(args.batch), "--prompt", "8",
                      *(["--no-graph"] if args.no_graph else []),
                      "--tokens", str(args.tokens), *(["--log", log, "--every", "1"] if log else [])])
         run = L.DecodeRun(a)
@@ -128,7 +127,7 @@ def main() -> int:
             fh.write("\n\n")
             fh.write(ka.table(sort_by="self_cuda_time_total", row_limit=25))
     for gap in args.gaps.split(","):
-        a = L.parse(["--config", args.config, "--batch", str(args.batch), "--prompt", "8",
+        a = L.parse_args(["--config", args.config, "--batch", str(args.batch), "--prompt", "8",
                      *(["--no-graph"] if args.no_graph else []), "--tokens", str(args.tokens)])
         rows = timed_generate(L.DecodeRun(a), range(0), None, gap)[10:]
         summary["gap " + gap] = {k: float(np.median([r[k] for r in rows]))

@@ -21,17 +21,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from concordia.llm import (CONFIGS, DecodeRun, Qwen3Config, Qwen3Decoder, Scheduler,  # noqa: E402,F401
-                           make_prompts, parse_args)
-
-
-def parse(argv=None):
-    return parse_args(argv)
+from concordia.llm import DecodeRun, parse_args  # noqa: E402
 
 
 def main(argv=None) -> int:
     from concordia_ir.errors import ConcordiaError
-    a = parse(argv)
+    a = parse_args(argv)
     try:
         run = DecodeRun(a)
         report = {"config": asdict(run.cfg), "batch": a.batch, "device": str(run.device)}

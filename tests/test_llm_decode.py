@@ -79,12 +79,11 @@ def test_async_checkpoints_on_cuda_graph_decode_crash_restore_continue(tmp_path)
 def test_restore_is_what_carries_the_state(tmp_path):
     """The same resume with the KV cache wiped after restoring continues differently: the
     equality above is the restored state's doing, not the model's."""
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    import llm_decode as L
+    from concordia import llm as L
     log = tmp_path / "r.clog"
     r = decode("--log", str(log), "--every", "4", "--backend", "reference", "--crash-after", "20")
     assert r.returncode == -9
-    args = L.parse([*COMMON, "--log", str(log), "--resume"])
+    args = L.parse_args([*COMMON, "--log", str(log), "--resume"])
     run = L.DecodeRun(args)
     rec = run.resume("reference")
     intact = run.generate(start_pos=rec["restored_pos"])
