@@ -114,23 +114,33 @@ def median_us(fn, reps):
     return float(np.median(out)) * 1e6, float(np.percentile(out, 99)) * 1e6
 
 
-def run(backend: str | None, reps: int, blocks: int, small_tasks: int) -> dict:
-    rt = Runtime(backend)
-    name = rt.backend.name
-    cells, setups = [], []
-    pr = PersistentRuntime(rt, blocks=blocks, block_size=BLOCK, ring_slots=4096, watchdog_s=30)
+def register_cells(rt, pr) -> list:
+    """A handler per op x payload on `pr`: (op, size, kernel, buffers, scalars, groups, key)."""
+    cells = []
     for op, k in OPS.items():
         for size in PAYLOADS:
             n = size // 4
-            groups = -(-n // BLOCK)
             bufs, scalars = buffers(rt, op, n)
             key = f"{op}|{size}"
             pr.register(key, k, bufs)
-            setups.append((op, size, k, bufs, scalars, groups, key))
+            cells.append((op, size, k, bufs, scalars, -(-n // BLOCK), key))
+    return cells
+
+
+def cell_records(pr, key: str, scalars, groups: int):
+    """A cell's task as records: split over the resident groups, one record each at most."""
+    return pr.encode_tasks(key, [tuple(scalars())], groups, -(-groups // pr.blocks))
+
+
+def run(backend: str | None, reps: int, blocks: int, small_tasks: int) -> dict:
+    rt = Runtime(backend)
+    name = rt.backend.name
+    cells = []
+    pr = PersistentRuntime(rt, blocks=blocks, block_size=BLOCK, ring_slots=4096, watchdog_s=30)
+    setups = register_cells(rt, pr)
     pr.start()
     for op, size, k, bufs, scalars, groups, key in setups:
-        split = -(-groups // pr.blocks)
-        records = pr.encode_tasks(key, [tuple(scalars())], groups, split)
+        records = cell_records(pr, key, scalars, groups)
 
         def persistent():
             pr.wait_range(*pr.publish(records))
@@ -190,18 +200,11 @@ def phases(backend: str | None, reps: int, blocks: int) -> dict:
                          f"reference interpreter's host clock), not {rt.backend.name}")
     pr = PersistentRuntime(rt, blocks=blocks, block_size=BLOCK, ring_slots=4096, watchdog_s=30,
                            trace=True)
-    cells = []
-    for op, k in OPS.items():
-        for size in PAYLOADS:
-            n = size // 4
-            bufs, scalars = buffers(rt, op, n)
-            pr.register(f"{op}|{size}", k, bufs)
-            cells.append((op, size, -(-n // BLOCK), scalars))
+    cells = register_cells(rt, pr)
     pr.start()
     out = []
-    for op, size, groups, scalars in cells:
-        records = pr.encode_tasks(f"{op}|{size}", [tuple(scalars())], groups,
-                                  -(-groups // pr.blocks))
+    for op, size, k, bufs, scalars, groups, key in cells:
+        records = cell_records(pr, key, scalars, groups)
         rows = []
         for r in range(reps + 20):
             h0 = time.perf_counter_ns()
