@@ -336,7 +336,7 @@ class DeltaLog:
         n = 0
         for kind, first, payload in page_runs(items, page_size, longest):
             self.append_many(kind, region, ((first, payload),))
-            n += 1 if kind == PAGE else -(-len(payload) // page_size)
+            n += pages_in(kind, payload, page_size)
         return n
 
     def write_layout(self, layout: dict) -> None:
@@ -481,6 +481,11 @@ def split_run(record: Record, page_size: int):
     p = record.payload
     return ((record.page + k, p[at:at + page_size])
             for k, at in enumerate(range(0, len(p), page_size)))
+
+
+def pages_in(kind: int, payload, page_size: int) -> int:
+    """How many pages a PAGE or PAGES record holds."""
+    return 1 if kind == PAGE else -(-len(payload) // page_size)
 
 
 def page_runs(items, page_size: int, longest: int = RUN_PAGES):
