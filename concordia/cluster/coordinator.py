@@ -52,6 +52,15 @@ class FailoverPlan:
     gpus_per_worker: float = 0.0
 
 
+def fresh(path: str) -> str:
+    """An epoch's log path with no file left at it by an earlier run: a worker given it writes
+    a new log, and a standby that dies before writing its own leaves nothing that could be
+    taken for this run's newest commit."""
+    if os.path.exists(path):
+        os.remove(path)
+    return path
+
+
 @dataclass
 class Job:
     name: str
@@ -72,14 +81,9 @@ class Job:
     result: dict | None = None
 
     def next_log(self, log_dir: str) -> str:
-        """The job's next epoch file. A file of that name left by an earlier run is removed
-        first: a standby that dies before writing its own must not leave an old run's state
-        to be taken for this job's newest commit."""
-        path = os.path.join(log_dir, f"{self.name}.e{len(self.logs)}.clog")
-        if os.path.exists(path):
-            os.remove(path)
-        self.logs.append(path)
-        return path
+        """The job's next epoch file, cleared (see fresh)."""
+        self.logs.append(fresh(os.path.join(log_dir, f"{self.name}.e{len(self.logs)}.clog")))
+        return self.logs[-1]
 
 
 class Coordinator:

@@ -29,7 +29,7 @@ from concordia_ir.errors import ConcordiaError
 from ..backends import Runtime
 from ..handlers.log import committed_image, scan_log
 from ..llm import DecodeRun, Shard
-from .coordinator import Coordinator
+from .coordinator import Coordinator, fresh
 from .worker import decode_args, device_of, warm
 
 WORLD = 2
@@ -114,8 +114,6 @@ class TPRank:
         phases["joined_at"] = time.time()
         run.model.shard = Shard(rank, WORLD, _all_reduce)
         run.args.log, run.args.prompt_seed = log_out, prompt_seed
-        if os.path.exists(log_out):
-            os.remove(log_out)
         run.open_checkpointer(self.rt)
         first = []
 
@@ -189,9 +187,7 @@ class TPCoordinator(Coordinator):
         self.logs = [os.path.join(self.plan.log_dir, f"tp-rank{r}.e{epoch}.clog")
                      for r in range(WORLD)]
         for r, log in enumerate(self.logs):
-            if os.path.exists(log):    # an earlier run's: never taken for this one's
-                os.remove(log)
-            self.history[r].append(log)
+            self.history[r].append(fresh(log))
         return [a.decode.remote(r, init, 77, self.logs[r],
                                 logs_in[r] if logs_in else None,
                                 checkpoints[r] if checkpoints else None, self.plan.pace_s,

@@ -86,7 +86,7 @@ class DecodeWorker:
             return dict(self._status, t=time.time())
 
     def start(self, log: str, prompt_seed: int, step_delay: float = 0.0) -> dict:
-        """Decode a job from its prompts, checkpointing every step into `log` (a new file)."""
+        """Decode a job from its prompts, checkpointing every step into `log` (no file yet)."""
         self.run.args.prompt_seed = prompt_seed
         return self._decode(log, None, step_delay, {})
 
@@ -112,10 +112,8 @@ class DecodeWorker:
         return self._decode(log_out, rec["restored_pos"], step_delay, phases)
 
     def _decode(self, log: str, start_pos, step_delay: float, phases: dict) -> dict:
-        """Decode on, logging into `log`, always a new file (a takeover's epoch too)."""
+        """Decode on, logging into `log`: a path the coordinator cleared (coordinator.fresh)."""
         run = self.run
-        if os.path.exists(log):
-            os.remove(log)
         run.args.log = log
         run.open_checkpointer(self.rt)
         first: list[float] = []
