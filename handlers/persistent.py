@@ -6,12 +6,15 @@ into the dispatcher's op table and lowered by the same templates as every kernel
 the task done. Registering or replacing a handler builds a new op table and hot-swaps the
 kernel between two tasks. docs/persistent.md gives the memory-ordering argument.
 
-Ring record (i32 words, RECORD_WORDS per slot): op id, first group, group count, total groups
-of the task, then the handler's scalar arguments (64-bit ones as two words, low first).
-ctrl (mapped): [0] head = tasks published. done (mapped): per slot, seq + 1 of the task that
-last completed there. claim (device): [0] the next task index to take, [1] the head as last
-seen by the group that polls the host. halt (device, written beside the running kernel): no
-group starts a task once it is set, so a task is either complete or was never started.
+A record (RECORD_WORDS i32 words): op id, first group, group count, total groups of the task,
+run (how many records from this one on were published together), then the handler's scalar
+arguments (64-bit ones as two words, low first). In the ring (mapped) each word travels as two
+wire words, its 16-bit half under the 16-bit tag (seq + 1) of the task: a record is there when
+every wire word carries its tag. done (mapped): per slot, seq + 1 of the task that last
+completed there. claim (device): [0] the next task index to take, [1] tasks known published
+(raised by the group that finds a run's first record). halt (device, written beside the
+running kernel): no group starts a task once it is set, so a task is either complete or was
+never started.
 """
 from __future__ import annotations
 
@@ -28,11 +31,16 @@ from concordia_ir.types import PtrType, boolean, i32, u32, u64
 from concordia_ir.verifier import verify_kernel
 
 
-RECORD_WORDS = 16
-PUBLISH_BATCH = 64   # records written before the head moves
-HEADER_WORDS = 4
-TRACE_POINTS = 5     # per task, with trace=True: claimed, seen, record read, ran, marked
+PUBLISH_BATCH = 256  # records written per step of a long publish
+RECORD_WORDS = 16    # a record: op id, first group, group count, total groups, run, arguments
+WIRE_WORDS = 2 * RECORD_WORDS   # in the ring: each 16-bit half of a word beside a 16-bit tag
+TAG_MASK = 0xFFFF
+TAGS = np.array([1 << 16, 2 << 16], np.uint32)   # a word's tag, by the parity of its task's lap
+RUNS = np.arange(PUBLISH_BATCH, 0, -1, dtype=np.uint32)   # RUNS[-k:]: a k-record batch's runs
+HEADER_WORDS = 5
+TRACE_POINTS = 5     # per task, with trace=True: claimed, its turn, record in hand, ran, marked
 ARG_WORDS = RECORD_WORDS - HEADER_WORDS
+REC = 3 + WIRE_WORDS  # where the record's words start in the dispatcher's local memory
 _IDS = {"global_id", "group_id", "num_groups", "global_size", "local_id", "local_size"}
 
 
@@ -99,11 +107,10 @@ def make_handler(name: str, kernel, buffers) -> Handler:
 
 def build_dispatcher(handlers: list[Handler], ring_slots: int, trace: bool = False) -> Kernel:
     """The op table's resident loop. With `trace`, work-item 0 stamps each task's phases with
-    the device clock (TRACE_POINTS per slot in `trace`: claimed, seen published, record read,
+    the device clock (TRACE_POINTS per slot in `trace`: claimed, its turn, record in hand,
     handler done, completion marked); only targets with a device clock lower it."""
-    ring, ctrl, done, claim, halt = (Value(n, PtrType(i32)) for n in
-                                     ("ring", "ctrl", "done", "claim", "halt"))
-    params = [ring, ctrl, done, claim, halt]
+    ring, done, claim, halt = (Value(n, PtrType(i32)) for n in ("ring", "done", "claim", "halt"))
+    params = [ring, done, claim, halt]
     stamps_out = Value("trace", PtrType(u64)) if trace else None
     if trace:
         params.append(stamps_out)
@@ -113,76 +120,50 @@ def build_dispatcher(handlers: list[Handler], ring_slots: int, trace: bool = Fal
     b = IRBuilder(Names(taken={p.name for p in params}, prefix="cc."))
     c = lambda v, t=i32: b.const(v, t)   # noqa: E731
     lid = b.op("local_id", (), i32, (("dim", 0),))
-    # [0] task, [1] quit, [2...] the task's record: read once over the bus, kept in local memory
-    shared = b.op("local_alloc", (), PtrType(i32, "local"), (("size", 2 + RECORD_WORDS),))
-    zero = c(0)
-    is0 = b.op("eq", (lid, zero), boolean)
+    # local memory: [0] task, [1] quit, [2] leads, then the record's wire halves, then its words
+    shared = b.op("local_alloc", (), PtrType(i32, "local"), (("size", REC + RECORD_WORDS),))
+    is0 = b.op("eq", (lid, c(0)), boolean)
     stamps = b.op("local_alloc", (), PtrType(u64, "local"), (("size", 2),)) if trace else None
 
-    def stamp(into: IRBuilder, at: Value):   # the device clock into local stamps[at]
+    def stamp(into: IRBuilder, at: int):   # the device clock into local stamps[at]
         if trace:
-            into.op("store", (stamps, at, into.op("clock", (), u64)))
-
-    # Work-item 0 claims a task index and waits until it is published or halt is set. Only
-    # the group holding the next unpublished index (the leader) polls the host's head over
-    # the bus; it mirrors it into device memory (claim[1]), where the other groups wait.
-    # Every group polling the bus at once makes every read slow.
-    w = b.child()
-    t = w.op("atomic_add", (claim, w.const(0, i32), w.const(1, i32)), i32, hint="task")
-    stamp(w, w.const(0, i32))
-    spin = w.child()
-    seen = spin.op("load", (claim, spin.const(1, i32)), i32, (("volatile", 1),), hint="seen")
-    lead = spin.child()
-    head = lead.op("load", (ctrl, lead.const(0, i32)), i32, (("volatile", 1),), hint="head")
-    lead.op("fence")
-    lead.op("atomic_max", (claim, lead.const(1, i32), head), i32)
-    spin.if_(spin.op("eq", (seen, t), boolean), lead)
-    stopped = spin.op("load", (halt, spin.const(0, i32)), i32, (("volatile", 1),), hint="halt")
-    waiting = spin.op("and", (spin.op("le", (seen, t), boolean),
-                              spin.op("eq", (stopped, spin.const(0, i32)), boolean)), boolean)
-    spin.condition(waiting)
-    w.emit("while", regions=(spin.region(), w.child().region()))
-    w.op("fence")   # acquire: the record is read after the head that published it
-    stamp(w, w.const(1, i32))
-    seen2 = w.op("load", (claim, w.const(1, i32)), i32, (("volatile", 1),), hint="seen")
-    halted = w.op("load", (halt, w.const(0, i32)), i32, (("volatile", 1),), hint="halt")
-    nothing = w.op("le", (seen2, t), boolean)
-    quit_ = w.op("select", (w.op("or", (nothing, w.op("ne", (halted, w.const(0, i32)), boolean)),
-                                 boolean), w.const(1, i32), w.const(0, i32)), i32)
-    w.op("store", (shared, w.const(0, i32), t))
-    w.op("store", (shared, w.const(1, i32), quit_))
+            into.op("store", (stamps, into.const(at, i32), into.op("clock", (), u64)))
 
     loop = b.child()
-    loop.if_(is0, w)
+    loop.if_(is0, _claim(loop, claim, halt, shared, stamp))
     loop.op("barrier")
     task = loop.op("load", (shared, loop.const(0, i32)), i32, hint="task")
     q = loop.op("load", (shared, loop.const(1, i32)), i32, hint="quit")
+    leads = loop.op("load", (shared, loop.const(2, i32)), i32, hint="leads")
 
     run = loop.child()
     slot = run.op("rem", (task, run.const(ring_slots, i32)), i32, hint="slot")
-    base = run.op("mul", (slot, run.const(RECORD_WORDS, i32)), i32, hint="base")
-    # the first RECORD_WORDS work-items read one word each: one bus transaction for the record
-    copy = run.child()
-    word = copy.op("load", (ring, copy.op("add", (base, lid), i32)), i32, (("volatile", 1),))
-    copy.op("store", (shared, copy.op("add", (lid, copy.const(2, i32)), i32), word))
-    run.if_(run.op("lt", (lid, run.const(RECORD_WORDS, i32)), boolean), copy)
-    run.op("barrier")
-    if trace:   # claimed, seen, record read: out to the trace buffer
-        tr = run.child()
+    _read_record(run, ring, halt, shared, ring_slots, slot, task, lid)
+    quit2 = run.op("load", (shared, run.const(1, i32)), i32, hint="quit")
+    # the leader lets the groups that claimed the records published with its own go
+    tell = run.child()
+    run_len = tell.op("load", (shared, tell.const(REC + 4, i32)), i32, hint="run")
+    tell.op("atomic_max", (claim, tell.const(1, i32), tell.op("add", (task, run_len), i32)), i32)
+    ok = run.op("eq", (quit2, run.const(0, i32)), boolean)
+    run.if_(run.op("and", (run.op("and", (is0, ok), boolean),
+                           run.op("ne", (leads, run.const(0, i32)), boolean)), boolean), tell)
+    go = run.child()
+    if trace:   # claimed, its turn, record in hand: out to the trace buffer
+        tr = go.child()
         at = tr.op("mul", (slot, tr.const(TRACE_POINTS, i32)), i32)
         for k in range(2):
             tr.op("store", (stamps_out, tr.op("add", (at, tr.const(k, i32)), i32),
                             tr.op("load", (stamps, tr.const(k, i32)), u64)))
         tr.op("store", (stamps_out, tr.op("add", (at, tr.const(2, i32)), i32),
                         tr.op("clock", (), u64)))
-        run.if_(is0, tr)
-    field_ = lambda n: run.op("load", (shared, run.const(2 + n, i32)), i32)  # noqa: E731
+        go.if_(is0, tr)
+    field_ = lambda n: go.op("load", (shared, go.const(REC + n, i32)), i32)  # noqa: E731
     op_id = field_(0)
     first, count, total = field_(1), field_(2), field_(3)
-    end = run.op("add", (first, count), i32)
-    _dispatch_chain(run, handlers, 0, op_id, first, end, total, shared)
-    run.op("barrier")
-    fin = run.child()
+    end = go.op("add", (first, count), i32)
+    _dispatch_chain(go, handlers, 0, op_id, first, end, total, shared)
+    go.op("barrier")
+    fin = go.child()
     if trace:
         at = fin.op("mul", (slot, fin.const(TRACE_POINTS, i32)), i32)
         fin.op("store", (stamps_out, fin.op("add", (at, fin.const(3, i32)), i32),
@@ -192,18 +173,96 @@ def build_dispatcher(handlers: list[Handler], ring_slots: int, trace: bool = Fal
     if trace:
         fin.op("store", (stamps_out, fin.op("add", (at, fin.const(4, i32)), i32),
                          fin.op("clock", (), u64)))
-    run.if_(is0, fin)
-    loop.if_(loop.op("eq", (q, loop.const(0, i32)), boolean), run)
-    loop.yield_(q)
+    go.if_(is0, fin)
+    run.if_(ok, go)
+    run.yield_(quit2)
+    stay = loop.child()
+    stay.yield_(q)
+    quit_all = loop.names.value("quit", i32)
+    loop.if_(loop.op("eq", (q, loop.const(0, i32)), boolean), run, stay, results=(quit_all,))
+    loop.yield_(quit_all)
 
     before = b.child()
     qa = b.names.value("quit", i32)
-    before.condition(before.op("eq", (qa, zero), boolean, hint="go"))
-    b.emit("while", (zero,), regions=(before.region((qa,)), loop.region()))
+    before.condition(before.op("eq", (qa, c(0)), boolean, hint="go"))
+    b.emit("while", (c(0),), regions=(before.region((qa,)), loop.region()))
     b.return_()
     kernel = Kernel("persistent_dispatch", tuple(params), Block((), tuple(b.ops)))
     verify_kernel(kernel)
     return kernel
+
+
+def _spin(b: IRBuilder, turn) -> tuple[Value, ...]:
+    """A loop whose every turn is `turn(builder) -> (go on?, values)`; returns the values of
+    its last turn."""
+    body = b.child()
+    more, values = turn(body)
+    body.condition(more, *values)
+    out = tuple(b.names.value("spun", v.type) for v in values)
+    args = tuple(b.names.value("spun", v.type) for v in values)
+    b.emit("while", (), out, regions=(body.region(), Block(args, (Op("yield"),))))
+    return out
+
+
+def _claim(b: IRBuilder, claim, halt, shared, stamp) -> IRBuilder:
+    """Work-item 0 claims the next task index and waits, on device memory, until the task is
+    published (claim[1], raised by leaders, has passed it), it is the next one whose record
+    nobody has seen (this group leads: it polls the bus), or halt is set. Only leaders read
+    the bus while waiting: every group polling host memory at once makes every read slow."""
+    w = b.child()
+    t = w.op("atomic_add", (claim, w.const(0, i32), w.const(1, i32)), i32, hint="task")
+    stamp(w, 0)
+
+    def turn(s: IRBuilder):
+        seen = s.op("load", (claim, s.const(1, i32)), i32, (("volatile", 1),), hint="seen")
+        stopped = s.op("load", (halt, s.const(0, i32)), i32, (("volatile", 1),), hint="halt")
+        return s.op("and", (s.op("lt", (seen, t), boolean),
+                            s.op("eq", (stopped, s.const(0, i32)), boolean)), boolean), (seen, stopped)
+    seen, stopped = _spin(w, turn)
+    stamp(w, 1)
+    flag = lambda cond: w.op("select", (cond, w.const(1, i32), w.const(0, i32)), i32)  # noqa: E731
+    w.op("store", (shared, w.const(0, i32), t))
+    w.op("store", (shared, w.const(1, i32), flag(w.op("ne", (stopped, w.const(0, i32)), boolean))))
+    w.op("store", (shared, w.const(2, i32), flag(w.op("eq", (seen, t), boolean))))
+    return w
+
+
+def _read_record(b: IRBuilder, ring, halt, shared, slots: int, slot, task, lid):
+    """The first WIRE_WORDS work-items read the task's record, a word each, until every word
+    carries the task's tag (one bus read for a published record; a leader's poll until it is
+    published), then the first RECORD_WORDS rebuild the words from their halves. The tag is 1
+    or 2 by the parity of the task's lap of the ring: a slot's last occupant (the task one lap
+    earlier, or nothing) never has it. A word still stale when halt is set sets quit.
+    docs/persistent.md: why tags and not a head word."""
+    lap = b.op("and", (b.op("div", (task, b.const(slots, i32)), i32), b.const(1, i32)), i32)
+    tag = b.op("bitcast", (b.op("add", (lap, b.const(1, i32)), i32),), u32, hint="tag")
+    base = b.op("mul", (slot, b.const(WIRE_WORDS, i32)), i32, hint="base")
+    rd = b.child()
+    sixteen = rd.const(16, u32)
+    tag_of = lambda into, wv: into.op("shr", (into.op("bitcast", (wv,), u32), sixteen), u32)  # noqa: E731
+
+    def turn(s: IRBuilder):
+        word = s.op("load", (ring, s.op("add", (base, lid), i32)), i32, (("volatile", 1),), hint="wire")
+        stopped = s.op("load", (halt, s.const(0, i32)), i32, (("volatile", 1),), hint="halt")
+        stale = s.op("ne", (tag_of(s, word), tag), boolean)
+        return s.op("and", (stale, s.op("eq", (stopped, s.const(0, i32)), boolean)), boolean), (word,)
+    word, = _spin(rd, turn)
+    rd.op("store", (shared, rd.op("add", (lid, rd.const(3, i32)), i32),
+                    rd.op("and", (word, rd.const(TAG_MASK, i32)), i32)))
+    gave_up = rd.child()
+    gave_up.op("atomic_max", (shared, gave_up.const(1, i32), gave_up.const(1, i32)), i32)
+    rd.if_(rd.op("ne", (tag_of(rd, word), tag), boolean), gave_up)
+    b.if_(b.op("lt", (lid, b.const(WIRE_WORDS, i32)), boolean), rd)
+    b.op("barrier")
+    join = b.child()
+    two_lid = join.op("mul", (lid, join.const(2, i32)), i32)
+    half = lambda k: join.op("bitcast", (join.op("load", (shared, join.op(  # noqa: E731
+        "add", (two_lid, join.const(3 + k, i32)), i32)), i32),), u32)
+    joined = join.op("or", (half(0), join.op("shl", (half(1), join.const(16, u32)), u32)), u32)
+    join.op("store", (shared, join.op("add", (lid, join.const(REC, i32)), i32),
+                      join.op("bitcast", (joined,), i32)))
+    b.if_(b.op("lt", (lid, b.const(RECORD_WORDS, i32)), boolean), join)
+    b.op("barrier")
 
 
 def _dispatch_chain(b: IRBuilder, handlers, k, op_id, first, end, total, record):
@@ -215,7 +274,7 @@ def _dispatch_chain(b: IRBuilder, handlers, k, op_id, first, end, total, record)
     h = handlers[k]
     word = HEADER_WORDS
     for p in h.scalars:
-        at = lambda n: then.const(2 + n, i32)   # noqa: E731
+        at = lambda n: then.const(REC + n, i32)   # noqa: E731
         lo = then.op("load", (record, at(word)), i32)
         dst = Value(f"h{k}.{p.name}", p.type)
         if p.type.bits == 64:
@@ -287,6 +346,13 @@ def _inline(b: IRBuilder, kernel: Kernel, prefix: str, g: Value, total: Value):
 
 # ---- the host side ---------------------------------------------------------------------------
 
+def _wire_forms(records: np.ndarray) -> np.ndarray:
+    """Records (x RECORD_WORDS i32) as the ring holds them, in both tags (x 2 x WIRE_WORDS):
+    wire word 2k holds word k's low 16 bits, 2k + 1 its high 16 bits, each under the tag."""
+    halves = np.ascontiguousarray(records, np.int32).view(np.uint16).astype(np.uint32)
+    return halves[:, None, :] | TAGS[None, :, None]
+
+
 @dataclass
 class _Running:
     kernel: Kernel
@@ -307,19 +373,19 @@ class PersistentRuntime:
                  watchdog_s: float = 10.0, trace: bool = False):
         if ring_slots < 1 or blocks < 1:
             raise ConcordiaError("ring_slots and blocks must be >= 1")
-        if block_size < RECORD_WORDS:
-            raise ConcordiaError(f"block_size must be >= {RECORD_WORDS} (a record is read by that "
+        if block_size < WIRE_WORDS:
+            raise ConcordiaError(f"block_size must be >= {WIRE_WORDS} (a record is read by that "
                                  "many work-items)")
         resident = runtime.backend.resident_groups()
         if resident is not None:   # more would deadlock: a spinning group waits on one that never runs
             blocks = min(blocks, resident)
         self.rt, self.blocks, self.block_size = runtime, blocks, block_size
         self.slots, self.watchdog_s = ring_slots, watchdog_s
-        self.ring = runtime.mapped(ring_slots * RECORD_WORDS, np.int32)
-        self.ring_rows = self.ring.host.reshape(ring_slots, RECORD_WORDS)   # a record a row
-        self.ctrl = runtime.mapped(16, np.int32)
+        self.ring = runtime.mapped(ring_slots * WIRE_WORDS, np.int32)
+        self.wire = self.ring.host.view(np.uint32).reshape(ring_slots, WIRE_WORDS)   # a record a row
         self.done = runtime.mapped(ring_slots, np.int32)
-        self.claim = runtime.zeros(2, np.int32)   # next index, head seen
+        self.done_words = self.done.host
+        self.claim = runtime.zeros(2, np.int32)   # next index, tasks known published
         self.halt = DeviceBuffer(runtime, runtime.backend.alloc_control(4), np.int32, 1)
         # trace: each task's phases stamped by the device clock (where the target has one)
         # (host-mapped: read while the kernel runs, with no synchronisation that would wait
@@ -377,8 +443,7 @@ class PersistentRuntime:
     def _launch(self):
         self.halt.write(np.zeros(1, np.int32))
         self.claim.write(np.array([self.head, self.head], np.int32))   # claims go on from head
-        self.ctrl.host[0] = self.head
-        args = [self.ring, self.ctrl, self.done, self.claim, self.halt] + \
+        args = [self.ring, self.done, self.claim, self.halt] + \
             ([self.trace] if self.trace is not None else []) + \
             [b for h in self.handlers for b in h.buffers]
         k, g, l, handles = self.rt.check_launch(self.kernel, self.blocks * self.block_size,
@@ -429,20 +494,18 @@ class PersistentRuntime:
         return self.submit_many(name, [args], groups, split)
 
     def submit_many(self, name: str, arg_rows, groups: int, split: int | None = None) -> list[Task]:
-        records = self.encode_tasks(name, arg_rows, groups, split)
-        h = self.handlers[self.op_id(name)]
-        out = [Task(self.head + k, name,
-                    tuple(rec[HEADER_WORDS:HEADER_WORDS + h.arg_words].tolist()),
-                    tuple(rec[1:HEADER_WORDS].tolist())) for k, rec in enumerate(records)]
+        records = self._records(name, arg_rows, groups, split)
+        aw = self.handlers[self.op_id(name)].arg_words
+        args = records[:, HEADER_WORDS:HEADER_WORDS + aw].tolist()
+        spans = records[:, 1:HEADER_WORDS].tolist()
+        out = [Task(self.head + k, name, tuple(a), tuple(g)) for k, (a, g) in enumerate(zip(args, spans))]
         self.tasks.update((t.seq, t) for t in out)
-        self.publish(records)
+        self.publish(_wire_forms(records))
         return out
 
-    def encode_tasks(self, name: str, arg_rows, groups: int, split: int | None = None) -> np.ndarray:
-        """Records for tasks: submit_many publishes them at once; publish() takes records built
-        once and published many times (what a serving loop that repeats the same tasks does;
-        also what the dispatch benchmark times: the bus and the kernel, not Python's argument
-        encoding)."""
+    def _records(self, name: str, arg_rows, groups: int, split: int | None = None) -> np.ndarray:
+        """Each row's task as records (x RECORD_WORDS), one after another: groups [0, split),
+        [split, 2 split)..."""
         if self.failed is not None:
             raise ConcordiaError(f"the persistent runtime has failed: {self.failed}")
         op = self.op_id(name)
@@ -450,41 +513,91 @@ class PersistentRuntime:
         if groups < 1:
             raise ConcordiaError("a task needs at least one group")
         split = max(1, min(split or groups, groups))
-        recs = []
-        for row in arg_rows:
-            w = self._encode(h, row)
-            for first in range(0, groups, split):
-                rec = np.zeros(RECORD_WORDS, np.int32)
-                rec[:HEADER_WORDS] = (op, first, min(split, groups - first), groups)
-                rec[HEADER_WORDS:HEADER_WORDS + len(w)] = w
-                recs.append(rec)
-        return np.array(recs, np.int32).reshape(-1, RECORD_WORDS)
+        words = self._encode_rows(h, arg_rows)
+        firsts = np.arange(0, groups, split, dtype=np.int32)
+        recs = np.zeros((len(words), len(firsts), RECORD_WORDS), np.int32)
+        recs[:, :, 0], recs[:, :, 1], recs[:, :, 3] = op, firsts, groups
+        recs[:, :, 2] = np.minimum(split, groups - firsts)
+        recs[:, :, HEADER_WORDS:HEADER_WORDS + words.shape[1]] = words[:, None, :]
+        recs = recs.reshape(-1, RECORD_WORDS)
+        recs[:, 4] = np.minimum(np.arange(len(recs), 0, -1), TAG_MASK)   # runs, as one batch
+        return recs
+
+    def encode_tasks(self, name: str, arg_rows, groups: int, split: int | None = None) -> np.ndarray:
+        """Records for tasks, ready to publish (records x 2 x WIRE_WORDS): each in both of its
+        wire forms, since a slot's tag alternates between its uses. submit_many publishes them
+        at once; publish() takes records built once and published many times (what a serving
+        loop that repeats the same tasks does; also what the dispatch benchmark times: the bus
+        and the kernel, not Python's argument encoding)."""
+        return _wire_forms(self._records(name, arg_rows, groups, split))
 
     def publish(self, records: np.ndarray) -> tuple[int, int]:
-        """Publish encoded records; returns the task range [first, end) for wait_range().
-        The host writes them in batches of up to 64 (two slice copies where the ring wraps)
-        and raises the head once a batch: the device starts on the first batch while the host
-        writes the next, and the host's per-record work is not a Python loop."""
+        """Publish records from encode_tasks(); returns the task range [first, end) for
+        wait_range(). Each record goes into its slot tagged in every word (there is no head
+        word: a record is published once all its words carry its tag), with its run: the
+        records from it to its batch's end, so that the group that finds a batch's first
+        record lets the holders of the rest go. Long publishes go in batches of up to 256."""
         if self.failed is not None:
             raise ConcordiaError(f"the persistent runtime has failed: {self.failed}")
+        if records.ndim != 3 or records.shape[1:] != (2, WIRE_WORDS):
+            raise ConcordiaError(f"publish() takes records from encode_tasks() (records x 2 x "
+                                 f"{WIRE_WORDS}), got an array of shape {records.shape}")
         first, n = self.head, len(records)
-        ring = self.ring_rows
+        # the common case: one batch as encode_tasks made it (its runs right: the first record's
+        # is n, the last one's 1; in lap 0's tag, 1 << 16 | run), its slots known free. Every
+        # statement here is on the dispatch's critical path.
+        if (n <= PUBLISH_BATCH and first + n - self.slots <= self.complete_below
+                and records[0, 0, 8] == 0x10000 | n and (n == 1 or records[-1, 0, 8] == 0x10001)):
+            if n == 1:
+                self.wire[first % self.slots] = records[0, (first // self.slots) & 1]
+            else:
+                self._write_batch(first, records, runs_right=True)
+            self.head = first + n
+            return first, first + n
         batch = min(PUBLISH_BATCH, self.slots)
         for at in range(0, n, batch):
             chunk = records[at:at + batch]
-            seq0, k = first + at, len(chunk)
-            self._wait_slots(seq0, k)
-            s0 = seq0 % self.slots
-            fit = min(k, self.slots - s0)
-            ring[s0:s0 + fit] = chunk[:fit]
-            if fit < k:          # the batch wraps around the ring's end
-                ring[:k - fit] = chunk[fit:]
-            self._publish(seq0 + k)
+            self._wait_slots(first + at, len(chunk))
+            self._write_batch(first + at, chunk, runs_right=False)
+            self.head = first + at + len(chunk)
         return first, first + n
+
+    def _write_batch(self, seq0: int, rows: np.ndarray, runs_right: bool):
+        """Rows for tasks seq0... into their slots, each in its lap's tag; the batch's first
+        record last: on a host that keeps its stores in order, the group that finds it whole
+        finds the others there too (the tags keep it right on any host)."""
+        k, s0 = len(rows), seq0 % self.slots
+        fit, lap = min(k, self.slots - s0), (seq0 // self.slots) & 1
+        here, wrapped = rows[:fit, lap], rows[fit:, lap ^ 1]
+        if not runs_right:
+            here, wrapped = here.copy(), wrapped.copy()
+            here[:, 8] = RUNS[-k:][:fit] | TAGS[lap]
+            wrapped[:, 8] = RUNS[-k:][fit:] | TAGS[lap ^ 1]
+        if fit < k:
+            self.wire[:k - fit] = wrapped
+        if fit > 1:
+            self.wire[s0 + 1:s0 + fit] = here[1:]
+        self.wire[s0] = here[0]
 
     def wait_range(self, first: int, end: int) -> None:
         """Until tasks [first, end) from publish() are complete (spins; watchdog applies)."""
-        if end > first:
+        if end - first == 1:   # one record: spin on its word with no setup first
+            done, slot = self.done_words, first % self.slots
+            for _ in range(2000):
+                if done[slot] > first:
+                    if first <= self.complete_below:
+                        self.complete_below = max(self.complete_below, end)
+                    return
+            self._wait_complete(first, end)   # a long wait: the spin with the watchdog
+        elif end > first:
+            s0, n = first % self.slots, end - first
+            if s0 + n <= self.slots:   # one stretch of slots: its last word, then its minimum
+                done, words = self.done_words, self.done_words[s0:s0 + n]
+                for _ in range(2000):
+                    if done[s0 + n - 1] >= end and words.min() > first:
+                        if first <= self.complete_below:
+                            self.complete_below = max(self.complete_below, end)
+                        return
             self._wait_complete(first, end)
 
     def _wait_slots(self, seq0: int, n: int):
@@ -494,20 +607,23 @@ class PersistentRuntime:
         if end > self.complete_below:
             self._wait_complete(max(0, seq0 - self.slots), end)
 
-    def _wait_complete(self, first: int, end: int) -> None:
+    def _wait_complete(self, first: int, end: int, since: float | None = None) -> None:
         """Until tasks [first, end) are complete, in any order; then raise the watermark of
         tasks known complete. Tasks older than the last `slots` are complete already: their
-        slots were reused."""
-        t0 = time.monotonic()
+        slots were reused. The watchdog counts from `since` (default: now)."""
+        t0 = time.monotonic() if since is None else since
         lo = max(first, end - self.slots)
-        if end - lo <= 8:   # a few scalar spins cost less than numpy's per-call overhead
-            for seq in range(lo, end):
-                self._spin_until_done(seq, t0)
+        # records are claimed in order: the last one is the likely last to finish, and a
+        # vector spin over many words keeps pulling the lines the device writes its marks
+        # into; so one word a spin, then the rest (a few words one by one, more by the
+        # range's minimum, which costs less than numpy's per-call overhead only for many)
+        self._spin_until_done(end - 1, t0)
+        if end - lo <= 8:
+            done, slots = self.done_words, self.slots
+            for seq in range(lo, end - 1):
+                if done[seq % slots] <= seq:
+                    self._spin_until_done(seq, t0)
         else:
-            # records are claimed in order: the last one is the likely last to finish, and a
-            # vector spin over many words keeps pulling the lines the device writes its marks
-            # into; so one word a spin, then the whole range by its minimum
-            self._spin_until_done(end - 1, t0)
             while not any(self._range_done(lo, end) for _ in range(200)):
                 self._check_alive(t0)
         if first <= self.complete_below:
@@ -532,21 +648,20 @@ class PersistentRuntime:
             else:
                 self._check_alive(since)
 
-    def _publish(self, head: int):
-        # x86 and the PCIe bus keep the record stores before this one (docs/persistent.md)
-        self.head = max(self.head, head)
-        self.ctrl.host[0] = self.head
-
-    def _encode(self, h: Handler, row) -> np.ndarray:
-        row = tuple(row)
-        if len(row) != len(h.scalars):
-            raise ConcordiaError(f"handler {h.name!r} takes {len(h.scalars)} scalar arguments "
-                                 f"({', '.join(p.name for p in h.scalars)}), got {len(row)}")
-        words = []
-        for p, v in zip(h.scalars, row):
-            raw = np.asarray(v, dtype=p.type.dtype).reshape(1)
-            words.extend(np.pad(raw.view(np.uint8), (0, (-raw.nbytes) % 4)).view(np.int32).tolist())
-        return np.array(words, np.int32)
+    def _encode_rows(self, h: Handler, arg_rows) -> np.ndarray:
+        """Each row's scalars as record words (rows x h.arg_words), a column at a time: each
+        value in its parameter's dtype, padded to whole words, 64-bit ones low word first."""
+        rows = [tuple(r) for r in arg_rows]
+        for row in rows:
+            if len(row) != len(h.scalars):
+                raise ConcordiaError(f"handler {h.name!r} takes {len(h.scalars)} scalar arguments "
+                                     f"({', '.join(p.name for p in h.scalars)}), got {len(row)}")
+        cols = [np.zeros((len(rows), 0), np.int32)]
+        for j, p in enumerate(h.scalars):
+            raw = np.asarray([r[j] for r in rows], dtype=p.type.dtype).reshape(len(rows), 1)
+            raw = raw.view(np.uint8)
+            cols.append(np.pad(raw, ((0, 0), (0, (-raw.shape[1]) % 4))).view(np.int32))
+        return np.concatenate(cols, axis=1)
 
     def _collect(self):
         if not self.tasks:
@@ -587,14 +702,16 @@ class PersistentRuntime:
         or when one takes longer than the watchdog."""
         if self.failed is not None:
             raise self.failed
-        want = list(self.tasks) if tasks is None else [t.seq for t in tasks]
+        want = sorted(self.tasks) if tasks is None else sorted(t.seq for t in tasks)
         t0 = time.monotonic()
         saved = self.watchdog_s
         if timeout is not None:
             self.watchdog_s = timeout
-        try:
-            for s in sorted(want):
-                self._spin_until_done(s, t0)
+        try:   # runs of consecutive tasks, each waited for as a range
+            cuts = [0, *(np.flatnonzero(np.diff(want) != 1) + 1).tolist(), len(want)] if want else [0]
+            for a, b in zip(cuts, cuts[1:]):
+                self._wait_complete(want[a], want[b - 1] + 1, since=t0)
+            for s in want:
                 self.tasks.pop(s, None)
         finally:
             self.watchdog_s = saved

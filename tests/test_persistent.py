@@ -12,6 +12,7 @@ from concordia import Ptr, Runtime, atomic_add, f32, global_id, i32, i64, kernel
 from concordia_ir.errors import ConcordiaError
 from concordia_ir.ops import Block, Kernel
 from concordia.handlers.persistent import PersistentRuntime, TaskError, build_dispatcher, make_handler
+from concordia.lowering import render_source
 
 STATUS = backend_status()
 RING_BACKENDS = [b for b in ("reference", "opencl", "tenstorrent-scalar-host", "cuda")
@@ -202,7 +203,7 @@ def test_a_million_tasks_with_random_hot_swaps_on_cuda():
 
 @pytest.mark.parametrize("backend", [b for b in RING_BACKENDS if b in ("reference", "cuda")])
 def test_a_traced_dispatcher_stamps_each_task_in_phase_order(backend):
-    """trace=True: work-item 0 stamps claimed <= seen <= record read <= ran <= marked with
+    """trace=True: work-item 0 stamps claimed <= its turn <= record in hand <= ran <= marked with
     the device clock; the tasks' results are the untraced dispatcher's."""
     rt = Runtime(backend)
     x = rt.to_device(np.arange(256, dtype=np.float32))
@@ -219,13 +220,22 @@ def test_a_traced_dispatcher_stamps_each_task_in_phase_order(backend):
     assert (np.diff(st, axis=1) >= 0).all()
 
 
-def test_tracing_needs_a_device_clock():
-    rt = Runtime("opencl") if backend_status()["opencl"].ok else None
-    if rt is None:
-        pytest.skip("no OpenCL here")
-    pr = PersistentRuntime(rt, blocks=1, block_size=32, ring_slots=4, trace=True)
-    with pytest.raises(ConcordiaError, match="the opencl renderer has no spelling for op 'clock'"):
-        pr.register("tick", tick, [rt.zeros(8, np.int32)])
+@pytest.mark.parametrize("target", ["opencl", "hip"])
+def test_tracing_needs_a_device_clock(target):
+    """A traced dispatcher lowers only where the target has a device clock; elsewhere the
+    refusal is one line (rendered here, so it holds whichever devices this machine has)."""
+    rt = Runtime("reference")
+    k = build_dispatcher([make_handler("tick", tick, [rt.zeros(8, np.int32)])], 4, trace=True)
+    with pytest.raises(ConcordiaError, match=f"the {target} renderer has no spelling for op 'clock'"):
+        render_source(k, target)
+
+
+def test_publish_takes_only_encoded_records():
+    rt = Runtime("reference")
+    pr = PersistentRuntime(rt, blocks=1, block_size=32, ring_slots=4)
+    pr.register("tick", tick, [rt.zeros(8, np.int32)])
+    with pytest.raises(ConcordiaError, match=r"publish\(\) takes records from encode_tasks\(\)"):
+        pr.publish(np.zeros((1, 16), np.int32))
 
 
 @kernel
