@@ -222,7 +222,7 @@ def _compile_binary(k, target: str, arch: str | None) -> bytes:
 
 def cmd_log_inspect(args) -> int:
     import datetime
-    from concordia.handlers.log import COMMIT, KIND_NAMES, LAYOUT, PAGE, PAGES, pages_in, scan_log
+    from concordia.handlers.log import COMMIT, KIND_NAMES, LAYOUT, PAGE_KINDS, pages_in, scan_log
     scan = scan_log(args.file)
     created = datetime.datetime.fromtimestamp(scan.created, datetime.timezone.utc)
     print(f"{args.file}: Concordia delta log v{scan.version}, {scan.file_size} bytes, "
@@ -236,7 +236,7 @@ def cmd_log_inspect(args) -> int:
             regs = ", ".join(f"{x['name']} ({x['nbytes']} B, {x['dtype']})" for x in lay["regions"])
             print(f"  layout at byte {r.offset}: page size {lay['page_size']} B; regions: {regs}")
             page_size = lay["page_size"]
-        elif r.kind in (PAGE, PAGES):
+        elif r.kind in PAGE_KINDS:
             pages += pages_in(r.kind, r.payload, page_size)
             nbytes += len(r.payload)
         elif r.kind == COMMIT:

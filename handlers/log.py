@@ -11,19 +11,23 @@ Header (64 bytes, little-endian):
     reserved  28s  zeros
     crc       u32  CRC32C of the 60 bytes before it
 Record (32-byte head + payload):
-    kind      u16  LAYOUT=1, PAGE=2, COMMIT=3, PAGES=4 (format v2)
+    kind      u16  LAYOUT=1, PAGE=2, COMMIT=3, PAGES=4 (format v2), SCATTER=5 (format v3)
     reserved  u16
     length    u32  payload bytes
     seq       u64  previous record's seq + 1 (first record: 1)
     region    u32  region id (PAGE), else 0
     crc       u32  CRC32C over (previous record's crc or the salt) + head without crc + payload
-    page      u64  page index (PAGE), first page index (PAGES), checkpoint id (COMMIT), else 0
-    region    is the region id for PAGE and PAGES
+    page      u64  page index (PAGE), first page index (PAGES), page count (SCATTER),
+                   checkpoint id (COMMIT), else 0
+    region    is the region id for PAGE, PAGES and SCATTER
 Payloads: LAYOUT = JSON of the regions; PAGE = the page's bytes; PAGES = a run of consecutive
 pages back to back (page_size bytes each; only the region's last page may be shorter), so
 that a base image is a few thousand records instead of one per page (reading a log is a loop
-over records); COMMIT = JSON with the checkpoint's per-region SHA-256 and record count.
-A v1 file (no PAGES records) is read as before, and appended to with PAGE records only.
+over records); SCATTER = n page indices (u64 each), then those n whole pages back to back:
+the pages of a delta that are not consecutive (a KV cache's new rows, one per head and
+layer) in one record instead of one each; COMMIT = JSON with the checkpoint's per-region
+SHA-256 and record count. An older file is read as before and appended to with the kinds
+its version knows: PAGE records only in a v1 file, no SCATTER records in a v2 file.
 
 Rules (etcd WAL / Redis AOF): a record counts only if its CRC chain holds; a checkpoint
 counts only once its COMMIT does. Where reading stops, the damage is one of two kinds:
@@ -50,21 +54,23 @@ import time
 from dataclasses import dataclass, field
 
 import crc32c
+import numpy as np
 
 from concordia_ir.errors import ConcordiaError, LogError
 
 from .durable import atomic_writer, copy_new, replace_atomically, truncate_durably, write_new
 
 MAGIC = b"CCDLOG\r\n"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 HEADER = struct.Struct("<8sHHIQd28s")      # + u32 crc
 HEADER_SIZE = HEADER.size + 4              # 64
 RECORD = struct.Struct("<HHIQI")           # kind, reserved, length, seq, region (+ crc u32, page u64)
 RECORD_SIZE = RECORD.size + 4 + 8          # 32
 _CRC_INPUT = struct.Struct("<IHHIQIQ")     # previous crc, then RECORD's fields, then page
 _RECORD_HEAD = struct.Struct("<HHIQIIQ")   # RECORD's fields, crc, page: a record's 32-byte head
-LAYOUT, PAGE, COMMIT, PAGES = 1, 2, 3, 4
-KIND_NAMES = {LAYOUT: "layout", PAGE: "page", COMMIT: "commit", PAGES: "pages"}
+LAYOUT, PAGE, COMMIT, PAGES, SCATTER = 1, 2, 3, 4, 5
+KIND_NAMES = {LAYOUT: "layout", PAGE: "page", COMMIT: "commit", PAGES: "pages", SCATTER: "scatter"}
+PAGE_KINDS = (PAGE, PAGES, SCATTER)
 RUN_PAGES = 256   # pages in a PAGES record at most (1 MiB of 4 KiB pages)
 FSYNC_POLICIES = ("always", "everysec", "no")
 MAX_PAYLOAD = 1 << 30
@@ -215,7 +221,7 @@ def scan_log(path: str) -> Scan:
             scan.problem = f"sequence {rseq} follows {seq} (duplicated or missing record)"
             break
         scan.records.append(Record(kind, rseq, region, page,
-                                   payload if kind in (PAGE, PAGES) else bytes(payload), pos, crc))
+                                   payload if kind in PAGE_KINDS else bytes(payload), pos, crc))
         if kind == COMMIT:
             scan.commit_ends.append(len(scan.records))
             scan.committed_end = end
@@ -227,7 +233,7 @@ def scan_log(path: str) -> Scan:
     return scan
 
 
-_RECORD_START = re.compile(rb"[\x01-\x04]\x00\x00\x00")   # kind (u16) then reserved (u16) = 0
+_RECORD_START = re.compile(rb"[\x01-\x05]\x00\x00\x00")   # kind (u16) then reserved (u16) = 0
 
 
 def _records_after(data: bytes, pos: int, seq: int) -> list[tuple[int, int, int, int]]:
@@ -288,7 +294,8 @@ class DeltaLog:
             self.fh.seek(scan.committed_end)
             self.layout = _layout_of(scan, keep)
             self.last_checkpoint = scan.last_checkpoint
-            self.runs = scan.version >= 2   # a v1 file gets no PAGES records
+            self.runs = scan.version >= 2      # a v1 file gets no PAGES records
+            self.scatter = scan.version >= 3   # a v2 file no SCATTER records
         else:
             self.salt = int.from_bytes(os.urandom(8), "little")
             self.seq, self.prev_crc = 0, self.salt & 0xFFFFFFFF
@@ -298,7 +305,7 @@ class DeltaLog:
             self.fh.seek(0, os.SEEK_END)
             self.layout = None
             self.last_checkpoint = 0
-            self.runs = True
+            self.runs = self.scatter = True
         self._stop = threading.Event()
         self._syncer = None
         if fsync == "everysec":
@@ -330,11 +337,12 @@ class DeltaLog:
 
     def append_pages(self, region: int, page_size: int, items, longest: int = RUN_PAGES) -> int:
         """Append a region's (page, bytes) items, in page order: consecutive pages as PAGES
-        records (page_runs), one record each in a v1 file. Returns the pages appended."""
+        records and the rest as SCATTER records (page_runs), one record each in a v1 file.
+        Returns the pages appended."""
         if not self.runs:
             return self.append_many(PAGE, region, items)
         n = 0
-        for kind, first, payload in page_runs(items, page_size, longest):
+        for kind, first, payload in page_runs(items, page_size, longest, self.scatter):
             self.append_many(kind, region, ((first, payload),))
             n += pages_in(kind, payload, page_size)
         return n
@@ -467,7 +475,7 @@ def committed_image(scan: Scan, checkpoint: int | None = None) -> CommittedImage
             pages = {}
         elif r.kind == PAGE:
             pages.setdefault(r.region, {})[r.page] = r.payload
-        elif r.kind == PAGES:
+        elif r.kind in (PAGES, SCATTER):
             pages.setdefault(r.region, {}).update(split_run(r, layout["page_size"]))
         elif r.kind == COMMIT:
             info, ckpt = json.loads(r.payload), r.page
@@ -477,34 +485,55 @@ def committed_image(scan: Scan, checkpoint: int | None = None) -> CommittedImage
 
 
 def split_run(record: Record, page_size: int):
-    """(page index, bytes) of each page of a PAGES record (views, not copies)."""
+    """(page index, bytes) of each page of a PAGES or SCATTER record (views, not copies)."""
     p = record.payload
+    if record.kind == SCATTER:
+        n = record.page
+        at = np.frombuffer(p[:8 * n], "<u8")
+        return ((int(at[k]), p[8 * n + k * page_size:8 * n + (k + 1) * page_size]) for k in range(n))
     return ((record.page + k, p[at:at + page_size])
             for k, at in enumerate(range(0, len(p), page_size)))
 
 
 def pages_in(kind: int, payload, page_size: int) -> int:
-    """How many pages a PAGE or PAGES record holds."""
+    """How many pages a PAGE, PAGES or SCATTER record holds."""
+    if kind == SCATTER:
+        return len(payload) // (8 + page_size)
     return 1 if kind == PAGE else -(-len(payload) // page_size)
 
 
-def page_runs(items, page_size: int, longest: int = RUN_PAGES):
-    """(kind, first page, payload) records for (page, bytes) items in page order: consecutive
-    whole pages joined into PAGES records of up to `longest` pages, a lone page as PAGE."""
+def page_runs(items, page_size: int, longest: int = RUN_PAGES, scatter: bool = False):
+    """(kind, page, payload) records for (page, bytes) items in page order: consecutive whole
+    pages joined into PAGES records of up to `longest` pages; with `scatter`, the lone whole
+    pages left over gathered into SCATTER records of up to `longest` (page = their count),
+    after the runs; any other page alone as PAGE."""
     run: list = []
+    lone: list = []
 
     def flush():
-        if len(run) == 1:
-            return (PAGE, run[0][0], run[0][1])
-        return (PAGES, run[0][0], b"".join(d for _, d in run))
+        if len(run) > 1:
+            return (PAGES, run[0][0], b"".join(d for _, d in run))
+        if scatter and len(run[0][1]) == page_size:
+            lone.append(run[0])
+            return None
+        return (PAGE, run[0][0], run[0][1])
     for page, data in items:
         if run and (page != run[-1][0] + 1 or len(run[-1][1]) != page_size
                     or len(run) == longest):
-            yield flush()
+            rec = flush()
+            if rec:
+                yield rec
             run = []
         run.append((page, data))
-    if run:
-        yield flush()
+    if run and (rec := flush()):
+        yield rec
+    for at in range(0, len(lone), longest):
+        group = lone[at:at + longest]
+        if len(group) == 1:
+            yield (PAGE, group[0][0], group[0][1])
+        else:
+            yield (SCATTER, len(group), np.array([p for p, _ in group], "<u8").tobytes()
+                   + b"".join(d for _, d in group))
 
 
 def compact(path: str, fsync: bool = True) -> int:
@@ -522,7 +551,7 @@ def compact(path: str, fsync: bool = True) -> int:
             pages = image.pages[rid]
             items += [(kind, rid, first, payload) for kind, first, payload in
                       page_runs(((pg, pages[pg]) for pg in sorted(pages)),
-                                image.layout["page_size"])]
+                                image.layout["page_size"], scatter=True)]
         items.append((COMMIT, 0, image.checkpoint_id,
                       json.dumps({**image.info, "compacted": True}, sort_keys=True).encode()))
         for kind, rid, pg, payload in items:

@@ -11,7 +11,8 @@ import pytest
 from concordia.backends import backend_status
 from concordia import ConcordiaError, Ptr, Runtime, f32, global_id, i32, kernel
 from concordia.handlers import Checkpointer, DeltaLog, LogError, compact, instrument_stores, scan_log
-from concordia.handlers.log import HEADER, HEADER_SIZE, PAGE, PAGES, RECORD_SIZE, page_runs
+from concordia.handlers.log import (COMMIT, HEADER, HEADER_SIZE, PAGE, PAGES, RECORD_SIZE, SCATTER,
+                                    page_runs, split_run)
 
 BACKENDS = [n for n in ("reference", "opencl", "cuda", "tenstorrent") if backend_status()[n].ok]
 
@@ -452,9 +453,12 @@ def test_a_base_image_is_a_few_page_runs_and_reads_back(tmp_path):
         assert ck.checkpoint().pages == 2
     scan = scan_log(path)
     kinds = [r.kind for r in scan.records]
-    # 1,025 pages: 4 runs of 256, then the short last page alone; the delta's two lone pages
-    assert kinds.count(PAGES) == 4 and kinds.count(PAGE) == 3
+    # 1,025 pages: 4 runs of 256, then the short last page alone; the delta's two lone whole
+    # pages (0 and 8) together in one SCATTER record
+    assert kinds.count(PAGES) == 4 and kinds.count(PAGE) == 1 and kinds.count(SCATTER) == 1
     assert scan.records[5].kind == PAGE and len(scan.records[5].payload) == 400
+    scattered = next(r for r in scan.records if r.kind == SCATTER)
+    assert [p for p, _ in split_run(scattered, 4096)] == [0, 8]
     got = Checkpointer.restore(path, Runtime("reference"))["kv"].numpy()
     assert np.array_equal(got, host)
     compact(path)
@@ -467,6 +471,71 @@ def test_page_runs_break_at_gaps_short_pages_and_the_longest_run():
     runs = list(page_runs(pages, 8, longest=2))
     assert runs == [(PAGES, 0, b"a" * 8 + b"b" * 8), (PAGE, 2, b"c" * 8),
                     (PAGES, 4, b"d" * 8 + b"e" * 3), (PAGE, 6, b"f" * 8)]
+    # with scatter, the lone whole pages (2 and 6) go together after the runs
+    runs = list(page_runs(pages, 8, longest=2, scatter=True))
+    assert runs == [(PAGES, 0, b"a" * 8 + b"b" * 8), (PAGES, 4, b"d" * 8 + b"e" * 3),
+                    (SCATTER, 2, struct.pack("<QQ", 2, 6) + b"c" * 8 + b"f" * 8)]
+
+
+def test_scattered_rows_of_a_kv_cache_go_in_one_record_per_checkpoint(tmp_path):
+    """A StaticCache-like layout (batch, heads, positions, head_dim): each step writes one row
+    per head, rows a whole head apart, so a step's pages are never consecutive. They go as one
+    SCATTER record per checkpoint (was one record a page), restore exactly, survive
+    compaction, and a flipped byte inside one is refused with its offset."""
+    rt = Runtime("reference")
+    heads, positions, dim = 8, 64, 1024          # a row is one 4 KiB page of float32
+    kv = rt.to_device(np.zeros((heads, positions, dim), np.float32))
+    path = str(tmp_path / "kv.clog")
+    host = kv.numpy().reshape(heads, positions, dim)
+    with Checkpointer(rt, {"kv": kv}, path) as ck:
+        ck.checkpoint()
+        for pos in range(5):
+            host[:, pos] = pos + 1 + np.arange(heads, dtype=np.float32)[:, None]
+            kv.write(host.reshape(-1))
+            assert ck.checkpoint().pages == heads
+    scan = scan_log(path)
+    deltas = [r for r in scan.records[scan.commit_ends[0]:] if r.kind != COMMIT]
+    assert [r.kind for r in deltas] == [SCATTER] * 5
+    assert [p for p, _ in split_run(deltas[2], 4096)] == [h * positions + 2 for h in range(heads)]
+    assert np.array_equal(Checkpointer.restore(path, Runtime("reference"))["kv"].numpy(), host.reshape(-1))
+    compact(path)
+    assert np.array_equal(Checkpointer.restore(path, Runtime("reference"))["kv"].numpy(), host.reshape(-1))
+    with Checkpointer(rt, {"kv": kv}, path) as ck:   # a compacted file takes SCATTER records too
+        ck.checkpoint()                               # (a reopened log starts with a full image)
+        host[:, 9] = 7
+        kv.write(host.reshape(-1))
+        assert ck.checkpoint().pages == heads
+    victim = [r for r in scan_log(path).records if r.kind == SCATTER][-1]
+    raw = bytearray(open(path, "rb").read())
+    raw[victim.offset + RECORD_SIZE + 8 * heads + 5] ^= 1   # inside its pages, not its index
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(ConcordiaError, match=f"at byte {victim.offset}: checksum mismatch"):
+        Checkpointer.restore(path, Runtime("reference"))
+
+
+def test_a_v2_log_takes_no_scatter_records(tmp_path):
+    """Appending to a log of format v2 (before SCATTER) writes lone pages as PAGE records, so
+    that a v2 reader can still read it."""
+    import crc32c
+    rt = Runtime("reference")
+    kv = rt.to_device(np.zeros(8 * 1024, np.float32))
+    path = tmp_path / "v2.clog"
+    DeltaLog(str(path)).close()
+    raw = bytearray(path.read_bytes())
+    fields = list(HEADER.unpack_from(raw))
+    fields[1] = 2                                      # the version
+    body = HEADER.pack(*fields)
+    raw[:HEADER_SIZE] = body + struct.pack("<I", crc32c.crc32c(body))
+    path.write_bytes(bytes(raw))
+    with Checkpointer(rt, {"kv": kv}, str(path)) as ck:
+        ck.checkpoint()
+        host = kv.numpy()
+        host[[0, 3000, 6000]] = 1                      # pages 0, 2 and 5
+        kv.write(host)
+        assert ck.checkpoint().pages == 3
+    kinds = [r.kind for r in scan_log(str(path)).records]
+    assert SCATTER not in kinds and kinds.count(PAGE) == 3
+    assert np.array_equal(Checkpointer.restore(str(path), rt)["kv"].numpy(), host)
 
 
 def test_a_v1_log_reads_and_takes_single_page_records(tmp_path):
