@@ -18,7 +18,8 @@ in host-mapped memory; it appends them to the log and commits; the checkpoints t
 share one fsync (group commit). The ring of slots is bounded: when every slot is in flight the next
 checkpoint waits for one (backpressure: when_full="wait") or is coalesced into the next one
 (when_full="coalesce": its pages stay dirty, the next checkpoint takes them, and its handle
-resolves with that one). An error in the writer is raised by the next call, never lost; the
+resolves with that one; at most MAX_COALESCE in a row, then the caller waits: a staging slot
+holds a bounded number of steps' pages). An error in the writer is raised by the next call, never lost; the
 checkpoint after it is a full one.
 
 On a backend without streams (reference, PoCL, the Tenstorrent simulator) the same call
@@ -43,6 +44,10 @@ from .log import DeltaLog, compact
 from .regions import CheckpointStats
 
 WHEN_FULL = ("wait", "coalesce")
+# checkpoints coalesced in a row at most; the next one waits for a slot. A coalesced step's
+# pages wait for the next capture, and a staging slot holds a bounded number of steps' worth
+# (a block table's list: 4 steps): unbounded coalescing overflowed it at batch 8
+MAX_COALESCE = 3
 # Records the writer appends between two releases of the GIL. A thread waiting for the GIL gets
 # it only when the holder drops it, after up to sys.getswitchinterval() (5 ms) of pure Python:
 # a decode thread back from its device wait would sit behind the writer for that long.
@@ -226,12 +231,11 @@ class CheckpointWriter:
     def _take(self):
         """A free slot: wait for one (checking the writer's health), or None to coalesce."""
         while True:
+            coalesce = self.when_full == "coalesce" and len(self.coalesced) < MAX_COALESCE
             try:
-                if self.when_full == "wait":
-                    return self.free.get(timeout=0.05)
-                return self.free.get_nowait()
+                return self.free.get_nowait() if coalesce else self.free.get(timeout=0.05)
             except queue.Empty:
-                if self.when_full == "coalesce":
+                if coalesce:
                     return None
                 self.raise_error()
 

@@ -134,6 +134,31 @@ def test_a_full_ring_coalesces_into_the_next_checkpoint(tmp_path):
     np.testing.assert_array_equal(restored(tmp_path / "c.clog")["kv"].numpy(), np.full(N, 7, np.float32))
 
 
+def test_coalescing_is_bounded_then_the_caller_waits(tmp_path):
+    """At most MAX_COALESCE checkpoints in a row are coalesced (a staging slot holds a bounded
+    number of steps' pages: unbounded coalescing overflowed it at batch 8 on the H100); the
+    next one waits for a slot, and the log ends with everything."""
+    from concordia.handlers.async_checkpoint import MAX_COALESCE
+    rt = Runtime("reference")
+    kv = rt.to_device(np.zeros(N, np.float32))
+    ck = Checkpointer(rt, {"kv": kv}, str(tmp_path / "b.clog"), ring_slots=1, when_full="coalesce")
+    ck.checkpoint_async()
+    slow_append(ck, 0.4)
+    ck.checkpoint_async()                 # takes the one slot; the writer is slow
+    for k in range(MAX_COALESCE):
+        kv.write(np.full(N, k + 1, np.float32))
+        t = time.perf_counter()
+        ck.checkpoint_async()             # coalesced: no wait
+        assert time.perf_counter() - t < 0.1
+    kv.write(np.full(N, 9, np.float32))
+    t = time.perf_counter()
+    last = ck.checkpoint_async()          # one more: it waits for the slot
+    assert time.perf_counter() - t > 0.2
+    last.result(timeout=30)
+    ck.close()
+    np.testing.assert_array_equal(restored(tmp_path / "b.clog")["kv"].numpy(), np.full(N, 9, np.float32))
+
+
 def test_ready_checkpoints_share_one_fsync(tmp_path):
     rt = Runtime("reference")
     kv = rt.to_device(np.zeros(N, np.float32))
