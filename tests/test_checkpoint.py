@@ -513,20 +513,25 @@ def test_scattered_rows_of_a_kv_cache_go_in_one_record_per_checkpoint(tmp_path):
         Checkpointer.restore(path, Runtime("reference"))
 
 
-def test_a_v2_log_takes_no_scatter_records(tmp_path):
-    """Appending to a log of format v2 (before SCATTER) writes lone pages as PAGE records, so
-    that a v2 reader can still read it."""
+def empty_log_of_version(path, version: int):
+    """A new, empty log whose header says it was written in format `version`."""
     import crc32c
-    rt = Runtime("reference")
-    kv = rt.to_device(np.zeros(8 * 1024, np.float32))
-    path = tmp_path / "v2.clog"
     DeltaLog(str(path)).close()
     raw = bytearray(path.read_bytes())
     fields = list(HEADER.unpack_from(raw))
-    fields[1] = 2                                      # the version
+    fields[1] = version
     body = HEADER.pack(*fields)
     raw[:HEADER_SIZE] = body + struct.pack("<I", crc32c.crc32c(body))
     path.write_bytes(bytes(raw))
+    return path
+
+
+def test_a_v2_log_takes_no_scatter_records(tmp_path):
+    """Appending to a log of format v2 (before SCATTER) writes lone pages as PAGE records, so
+    that a v2 reader can still read it."""
+    rt = Runtime("reference")
+    kv = rt.to_device(np.zeros(8 * 1024, np.float32))
+    path = empty_log_of_version(tmp_path / "v2.clog", 2)
     with Checkpointer(rt, {"kv": kv}, str(path)) as ck:
         ck.checkpoint()
         host = kv.numpy()
@@ -541,18 +546,9 @@ def test_a_v2_log_takes_no_scatter_records(tmp_path):
 def test_a_v1_log_reads_and_takes_single_page_records(tmp_path):
     """A log written before PAGES records existed (format v1) restores as before, and
     appending to it writes PAGE records only, so that a v1 reader can still read it."""
-    import crc32c
     rt = Runtime("reference")
     kv = rt.to_device(np.arange(1 << 12, dtype=np.float32))
-    path = tmp_path / "v1.clog"
-    log = DeltaLog(str(path))
-    log.close()
-    raw = bytearray(path.read_bytes())
-    fields = list(HEADER.unpack_from(raw))
-    fields[1] = 1                                      # the version
-    body = HEADER.pack(*fields)
-    raw[:HEADER_SIZE] = body + struct.pack("<I", crc32c.crc32c(body))
-    path.write_bytes(bytes(raw))
+    path = empty_log_of_version(tmp_path / "v1.clog", 1)
     with Checkpointer(rt, {"kv": kv}, str(path)) as ck:
         ck.checkpoint()
     scan = scan_log(str(path))
