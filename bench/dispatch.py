@@ -160,7 +160,7 @@ def run(backend: str | None, reps: int, blocks: int, small_tasks: int) -> dict:
     # which writes them in batches while the device runs the ones before); and, for scale,
     # through submit_many(), which also encodes each task's arguments and keeps a Task each
     tiny = next(s for s in setups if s[1] == PAYLOADS[0] and s[0].startswith("bump"))
-    records = np.repeat(pr.encode_tasks(tiny[6], [tuple(tiny[4]())], groups=1), small_tasks, axis=0)
+    records = np.repeat(pr.encode_tasks(tiny[6], [tuple(tiny[4]())], groups=1), small_tasks, axis=1)
     t0 = time.perf_counter()
     pr.wait_range(*pr.publish(records))
     ring_tps = small_tasks / (time.perf_counter() - t0)

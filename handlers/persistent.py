@@ -58,10 +58,11 @@ class SwapStats:
 # ---- the host side ---------------------------------------------------------------------------
 
 def _wire_forms(records: np.ndarray) -> np.ndarray:
-    """Records (x RECORD_WORDS i32) as the ring holds them, in both tags (x 2 x WIRE_WORDS):
-    wire word 2k holds word k's low 16 bits, 2k + 1 its high 16 bits, each under the tag."""
+    """Records (x RECORD_WORDS i32) as the ring holds them, in both tags (2 x records x
+    WIRE_WORDS; each tag's records contiguous, so a batch is one plain copy): wire word 2k
+    holds word k's low 16 bits, 2k + 1 its high 16 bits, each under the tag."""
     halves = np.ascontiguousarray(records, np.int32).view(np.uint16).astype(np.uint32)
-    return halves[:, None, :] | TAGS[None, :, None]
+    return halves[None, :, :] | TAGS[:, None, None]
 
 
 @dataclass
@@ -250,36 +251,36 @@ class PersistentRuntime:
         record lets the holders of the rest go. Long publishes go in batches of up to 256."""
         if self.failed is not None:
             raise ConcordiaError(f"the persistent runtime has failed: {self.failed}")
-        if records.ndim != 3 or records.shape[1:] != (2, WIRE_WORDS):
-            raise ConcordiaError(f"publish() takes records from encode_tasks() (records x 2 x "
+        if records.ndim != 3 or records.shape[0] != 2 or records.shape[2] != WIRE_WORDS:
+            raise ConcordiaError(f"publish() takes records from encode_tasks() (2 x records x "
                                  f"{WIRE_WORDS}), got an array of shape {records.shape}")
-        first, n = self.head, len(records)
+        first, n = self.head, records.shape[1]
         # the common case: one batch as encode_tasks made it (its runs right: the first record's
         # is n, the last one's 1; in lap 0's tag, 1 << 16 | run), its slots known free. Every
         # statement here is on the dispatch's critical path.
         if (n <= PUBLISH_BATCH and first + n - self.slots <= self.complete_below
-                and records[0, 0, 8] == 0x10000 | n and (n == 1 or records[-1, 0, 8] == 0x10001)):
+                and records[0, 0, 8] == 0x10000 | n and (n == 1 or records[0, -1, 8] == 0x10001)):
             if n == 1:
-                self.wire[first % self.slots] = records[0, (first // self.slots) & 1]
+                self.wire[first % self.slots] = records[(first // self.slots) & 1, 0]
             else:
                 self._write_batch(first, records, runs_right=True)
             self.head = first + n
             return first, first + n
         batch = min(PUBLISH_BATCH, self.slots)
         for at in range(0, n, batch):
-            chunk = records[at:at + batch]
-            self._wait_slots(first + at, len(chunk))
+            chunk = records[:, at:at + batch]
+            self._wait_slots(first + at, chunk.shape[1])
             self._write_batch(first + at, chunk, runs_right=False)
-            self.head = first + at + len(chunk)
+            self.head = first + at + chunk.shape[1]
         return first, first + n
 
     def _write_batch(self, seq0: int, rows: np.ndarray, runs_right: bool):
-        """Rows for tasks seq0... into their slots, each in its lap's tag; the batch's first
-        record last: on a host that keeps its stores in order, the group that finds it whole
-        finds the others there too (the tags keep it right on any host)."""
-        k, s0 = len(rows), seq0 % self.slots
+        """Rows (2 x k x WIRE_WORDS) for tasks seq0... into their slots, each in its lap's tag;
+        the batch's first record last: on a host that keeps its stores in order, the group
+        that finds it whole finds the others there too (the tags keep it right on any host)."""
+        k, s0 = rows.shape[1], seq0 % self.slots
         fit, lap = min(k, self.slots - s0), (seq0 // self.slots) & 1
-        here, wrapped = rows[:fit, lap], rows[fit:, lap ^ 1]
+        here, wrapped = rows[lap, :fit], rows[lap ^ 1, fit:]
         if not runs_right:
             here, wrapped = here.copy(), wrapped.copy()
             here[:, 8] = RUNS[-k:][:fit] | TAGS[lap]
@@ -302,14 +303,31 @@ class PersistentRuntime:
             self._wait_complete(first, end)   # a long wait: the spin with the watchdog
         elif end > first:
             s0, n = first % self.slots, end - first
-            if s0 + n <= self.slots:   # one stretch of slots: its last word, then its minimum
-                done, words = self.done_words, self.done_words[s0:s0 + n]
-                for _ in range(2000):
-                    if done[s0 + n - 1] >= end and words.min() > first:
-                        if first <= self.complete_below:
-                            self.complete_below = max(self.complete_below, end)
-                        return
+            if s0 + n <= self.slots and self._stretch_done(first, end):
+                if first <= self.complete_below:
+                    self.complete_below = max(self.complete_below, end)
+                return
             self._wait_complete(first, end)
+
+    def _stretch_done(self, first: int, end: int) -> bool:
+        """Spin until tasks [first, end), in one stretch of slots, are complete; False if it
+        takes long (the caller then waits with the watchdog). The last record's word first,
+        then the stretch's smallest word, and if that one is not there yet a spin on it alone:
+        one numpy reduction a straggler, not one a turn."""
+        s0, n = first % self.slots, end - first
+        done, words = self.done_words, self.done_words[s0:s0 + n]
+        at, want = s0 + n - 1, end
+        for _ in range(64):
+            for _ in range(2000):
+                if done[at] >= want:
+                    break
+            else:
+                return False
+            k = int(words.argmin())
+            if words[k] > first:
+                return True
+            at, want = s0 + k, first + k + 1
+        return False
 
     def _wait_slots(self, seq0: int, n: int):
         """Until the slots of tasks [seq0, seq0 + n) are free: their previous occupants, the

@@ -234,7 +234,8 @@ def test_publish_takes_only_encoded_records():
     rt = Runtime("reference")
     pr = PersistentRuntime(rt, blocks=1, block_size=32, ring_slots=4)
     pr.register("tick", tick, [rt.zeros(8, np.int32)])
-    with pytest.raises(ConcordiaError, match=r"publish\(\) takes records from encode_tasks\(\)"):
+    with pytest.raises(ConcordiaError, match=r"publish\(\) takes records from encode_tasks\(\) "
+                                             r"\(2 x records x 32\), got an array of shape \(1, 16\)"):
         pr.publish(np.zeros((1, 16), np.int32))
 
 
