@@ -244,7 +244,7 @@ def phases(backend: str | None, reps: int, blocks: int) -> dict:
         def med(f):
             return round(float(np.median([f(*row) for row in rows])) / 1e3, 2)
         out.append({
-            "op": op, "payload_bytes": size, "records": len(records),
+            "op": op, "payload_bytes": size, "records": records.shape[1],
             "total_us": med(lambda h0, h1, h2, st: h2 - h0),
             "publish_us": med(lambda h0, h1, h2, st: h1 - h0),
             "to_record_us": med(lambda h0, h1, h2, st: st[:, 2].min() - off - h1),
