@@ -236,8 +236,9 @@ class PersistentRuntime:
         return recs
 
     def encode_tasks(self, name: str, arg_rows, groups: int, split: int | None = None) -> np.ndarray:
-        """Records for tasks, ready to publish (records x 2 x WIRE_WORDS): each in both of its
-        wire forms, since a slot's tag alternates between its uses. submit_many publishes them
+        """Records for tasks, ready to publish (2 x records x WIRE_WORDS): each in both of its
+        wire forms, since a slot's tag alternates between its uses (records[:, a:b] is a
+        part of them; np.repeat(records, k, axis=1) repeats them). submit_many publishes them
         at once; publish() takes records built once and published many times (what a serving
         loop that repeats the same tasks does; also what the dispatch benchmark times: the bus
         and the kernel, not Python's argument encoding)."""
