@@ -222,7 +222,7 @@ def _compile_binary(k, target: str, arch: str | None) -> bytes:
 
 def cmd_log_inspect(args) -> int:
     import datetime
-    from concordia.handlers.log import COMMIT, KIND_NAMES, LAYOUT, PAGE_KINDS, pages_in, scan_log
+    from concordia.handlers.log import COMMIT, KIND_NAMES, LAYOUT, PAGE_KINDS, SCATTER, pages_in, scan_log
     scan = scan_log(args.file)
     created = datetime.datetime.fromtimestamp(scan.created, datetime.timezone.utc)
     print(f"{args.file}: Concordia delta log v{scan.version}, {scan.file_size} bytes, "
@@ -238,7 +238,7 @@ def cmd_log_inspect(args) -> int:
             page_size = lay["page_size"]
         elif r.kind in PAGE_KINDS:
             pages += pages_in(r.kind, r.payload, page_size)
-            nbytes += len(r.payload)
+            nbytes += len(r.payload) - (8 * r.page if r.kind == SCATTER else 0)   # not its index
         elif r.kind == COMMIT:
             info = json.loads(r.payload)
             rows.append((r.page, pages, nbytes, r.offset, "full" if info.get("full") else "delta"))
