@@ -70,34 +70,22 @@ class GenerationGuard:
         self.meta[:6] = torch.tensor([batch, 0, max_len, len(layers), _DTYPES.index(dtype),
                                       input_ids.shape[1]])
         regions = {"meta": rt.from_dlpack(self.meta), "tokens": rt.from_dlpack(self.tokens)}
-        kv = _position_major(layers)
-        if kv is not None:   # one region, a step's rows side by side: one run of pages a step
-            regions["kv"] = rt.from_dlpack(kv)
-            self.scanners = [SequenceCacheScanner((1, 1, max_len, kv[0].numel()),
-                                                  kv.element_size())]
-            scanners, page = {"kv": self.scanners[0]}, 4096
-        else:
-            scanners, page = self._per_layer(rt, layers, regions)
-        self.ckpt = Checkpointer(rt, regions, self.path, page_size=page, fsync=self.fsync,
-                                 scanners=scanners)
-        self.written = 0   # cache positions covered by the last checkpoint
-
-    def _per_layer(self, rt, layers, regions) -> tuple[dict, int]:
-        """A region per layer tensor (caches whose layers cannot be re-pointed), with pages of
-        about a row: a step writes one row (head_dim values) per sequence, head and layer,
-        each a whole head's rows from the next (4 KiB pages logged 16x the bytes written)."""
-        keys = layers[0][0]
-        page = _page_size(keys.shape[-1] * keys.element_size())
         by_shape = {}   # (shape, itemsize) -> region names: one scanner each, computed once
         for i, (k, v, _) in enumerate(layers):
             for name, t in ((f"k{i}", k), (f"v{i}", v)):
                 regions[name] = rt.from_dlpack(t)
                 by_shape.setdefault((tuple(t.shape), t.element_size()), []).append(name)
+        # pages of about a row: a step writes one row (head_dim values) per sequence, head and
+        # layer, each a whole head's rows from the next, so with 4 KiB pages it logged 16x
+        # the bytes it wrote (Qwen3-0.6B: 1.8 MB a token for 115 KB of new keys and values)
+        page = _page_size(keys.shape[-1] * keys.element_size())
         scanners, self.scanners = {}, []
         for (shape, itemsize), names in by_shape.items():
             self.scanners.append(SequenceCacheScanner(shape, itemsize, page, users=len(names)))
             scanners.update(dict.fromkeys(names, self.scanners[-1]))
-        return scanners, page
+        self.ckpt = Checkpointer(rt, regions, self.path, page_size=page, fsync=self.fsync,
+                                 scanners=scanners)
+        self.written = 0   # cache positions covered by the last checkpoint
 
     def __call__(self, input_ids, scores=None, **kwargs):
         import torch
@@ -144,46 +132,14 @@ class GenerationGuard:
         ids = torch.from_numpy(regions["tokens"].numpy().view(np.int64).reshape(batch, max_len + 1)
                                [:, :length].copy()).to(device)
         cache = _static_cache(model, batch, max_len, dtype, device)
-        layers = _layers(cache)
-        tensor = lambda name: torch.frombuffer(  # noqa: E731
-            bytearray(regions[name].numpy().view(np.uint8).tobytes()), dtype=torch.uint8).view(dtype)
-        kv = _position_major(layers) if "kv" in regions else None
-        if kv is not None:
-            kv.copy_(tensor("kv").reshape(kv.shape))
-        for i, (k, v, layer) in enumerate(layers):
-            if kv is None:
-                for name, t in ((f"k{i}", k), (f"v{i}", v)):
-                    t.copy_(tensor(name).reshape(t.shape))
+        for i, (k, v, layer) in enumerate(_layers(cache)):
+            for name, t in ((f"k{i}", k), (f"v{i}", v)):
+                raw = regions[name].numpy().view(np.uint8)
+                t.copy_(torch.frombuffer(bytearray(raw.tobytes()), dtype=torch.uint8)
+                        .view(dtype).reshape(t.shape))
             if layer is not None and hasattr(layer, "cumulative_length"):
                 layer.cumulative_length.fill_(length - 1)
         return ids, cache
-
-
-def _position_major(layers):
-    """Re-point every layer's keys and values at views of one new tensor laid out (position,
-    layer, k/v, batch, head, head_dim), with their current contents, and return it; None
-    where that cannot be done (layers of other shapes, or an older cache without layer
-    objects). A decode step then writes one contiguous row of every layer's keys and values
-    for each position: one region and one run of pages a step, where the layout of the
-    cache's own tensors scattered them over 2 x layers regions (58 for Qwen3-0.6B) and a
-    page per head and layer."""
-    import torch
-    k0 = layers[0][0]
-    same = all(t.shape == k0.shape and t.dtype == k0.dtype and t.device == k0.device
-               for k, v, _ in layers for t in (k, v))
-    if not same or any(layer is None or not hasattr(layer, "keys") for _, _, layer in layers):
-        return None
-    batch, heads, max_len, dim = k0.shape
-    kv = torch.empty((max_len, len(layers), 2, batch, heads, dim), dtype=k0.dtype, device=k0.device)
-    for i, (k, v, layer) in enumerate(layers):
-        kview, vview = (kv[:, i, j].permute(1, 2, 0, 3) for j in (0, 1))   # (batch, heads, pos, dim)
-        kview.copy_(k)
-        vview.copy_(v)
-        layer.keys, layer.values = kview, vview
-        if not torch.compiler.is_compiling():   # cudagraphs keep these addresses (transformers does the same)
-            torch._dynamo.mark_static_address(kview)
-            torch._dynamo.mark_static_address(vview)
-    return kv
 
 
 def _page_size(row_bytes: int) -> int:
