@@ -209,7 +209,7 @@ class PersistentRuntime:
         records = self._records(name, arg_rows, groups, split)
         aw = self.handlers[self.op_id(name)].arg_words
         args = records[:, HEADER_WORDS:HEADER_WORDS + aw].tolist()
-        spans = records[:, 1:HEADER_WORDS].tolist()
+        spans = records[:, 1:4].tolist()   # first group, group count, total (not the run)
         out = [Task(self.head + k, name, tuple(a), tuple(g)) for k, (a, g) in enumerate(zip(args, spans))]
         self.tasks.update((t.seq, t) for t in out)
         self.publish(_wire_forms(records))

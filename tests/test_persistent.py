@@ -117,6 +117,7 @@ def test_watchdog_reports_a_hung_task_and_returns_the_pending_ones(backend):
     with pytest.raises(TaskError, match=r"watchdog: task \d+ \(hang, groups 0\+1\) did not complete") as e:
         pr.wait(timeout=1.0)
     assert [t.seq for t in e.value.pending] == [stuck[0].seq, after[0].seq]
+    assert [t.groups for t in e.value.pending] == [(0, 1, 1), (0, 1, 1)]
     with pytest.raises(ConcordiaError, match="has failed"):
         pr.submit("tick", groups=1, args=(2, 4000000001))
     gate.host[0] = 1                   # released: the hung task ends; no other task starts
