@@ -29,7 +29,11 @@ TAG_MASK = 0xFFFF
 HEADER_WORDS = 5
 TRACE_POINTS = 5     # per task, with trace=True: claimed, its turn, record in hand, ran, marked
 ARG_WORDS = RECORD_WORDS - HEADER_WORDS
-REC = 3 + WIRE_WORDS  # where the record's words start in the dispatcher's local memory
+RUN_WORD = 4          # the record's word that holds its run; wire words 2 x RUN_WORD (+ 1)
+# the dispatcher's local memory (i32 words): the claimed task, quit, whether this group leads,
+# then the record's wire words as read (tags stripped), then its words
+TASK, QUIT, LEADS, HALVES = 0, 1, 2, 3
+REC = HALVES + WIRE_WORDS
 _IDS = {"global_id", "group_id", "num_groups", "global_size", "local_id", "local_size"}
 
 
@@ -101,30 +105,31 @@ def build_dispatcher(handlers: list[Handler], ring_slots: int, trace: bool = Fal
     loop = b.child()
     loop.if_(is0, _claim(loop, claim, halt, shared, stamp))
     loop.op("barrier")
-    task = loop.op("load", (shared, loop.const(0, i32)), i32, hint="task")
-    q = loop.op("load", (shared, loop.const(1, i32)), i32, hint="quit")
-    leads = loop.op("load", (shared, loop.const(2, i32)), i32, hint="leads")
+    task = loop.op("load", (shared, loop.const(TASK, i32)), i32, hint="task")
+    q = loop.op("load", (shared, loop.const(QUIT, i32)), i32, hint="quit")
+    leads = loop.op("load", (shared, loop.const(LEADS, i32)), i32, hint="leads")
 
     run = loop.child()
     slot = run.op("rem", (task, run.const(ring_slots, i32)), i32, hint="slot")
     _read_record(run, ring, halt, shared, ring_slots, slot, task, lid)
-    quit2 = run.op("load", (shared, run.const(1, i32)), i32, hint="quit")
+    quit2 = run.op("load", (shared, run.const(QUIT, i32)), i32, hint="quit")
     # the leader lets the groups that claimed the records published with its own go
     tell = run.child()
-    run_len = tell.op("load", (shared, tell.const(REC + 4, i32)), i32, hint="run")
+    run_len = tell.op("load", (shared, tell.const(REC + RUN_WORD, i32)), i32, hint="run")
     tell.op("atomic_max", (claim, tell.const(1, i32), tell.op("add", (task, run_len), i32)), i32)
     ok = run.op("eq", (quit2, run.const(0, i32)), boolean)
     run.if_(run.op("and", (run.op("and", (is0, ok), boolean),
                            run.op("ne", (leads, run.const(0, i32)), boolean)), boolean), tell)
     go = run.child()
+    def trace_out(into: IRBuilder, point: int, value: Value):   # into the slot's trace row
+        at = into.op("mul", (slot, into.const(TRACE_POINTS, i32)), i32)
+        into.op("store", (stamps_out, into.op("add", (at, into.const(point, i32)), i32), value))
+
     if trace:   # claimed, its turn, record in hand: out to the trace buffer
         tr = go.child()
-        at = tr.op("mul", (slot, tr.const(TRACE_POINTS, i32)), i32)
         for k in range(2):
-            tr.op("store", (stamps_out, tr.op("add", (at, tr.const(k, i32)), i32),
-                            tr.op("load", (stamps, tr.const(k, i32)), u64)))
-        tr.op("store", (stamps_out, tr.op("add", (at, tr.const(2, i32)), i32),
-                        tr.op("clock", (), u64)))
+            trace_out(tr, k, tr.op("load", (stamps, tr.const(k, i32)), u64))
+        trace_out(tr, 2, tr.op("clock", (), u64))
         go.if_(is0, tr)
     field_ = lambda n: go.op("load", (shared, go.const(REC + n, i32)), i32)  # noqa: E731
     op_id = field_(0)
@@ -134,14 +139,11 @@ def build_dispatcher(handlers: list[Handler], ring_slots: int, trace: bool = Fal
     go.op("barrier")
     fin = go.child()
     if trace:
-        at = fin.op("mul", (slot, fin.const(TRACE_POINTS, i32)), i32)
-        fin.op("store", (stamps_out, fin.op("add", (at, fin.const(3, i32)), i32),
-                         fin.op("clock", (), u64)))
+        trace_out(fin, 3, fin.op("clock", (), u64))
     fin.op("fence")   # release: the task's results before its completion mark
     fin.op("store", (done, slot, fin.op("add", (task, fin.const(1, i32)), i32)))
     if trace:
-        fin.op("store", (stamps_out, fin.op("add", (at, fin.const(4, i32)), i32),
-                         fin.op("clock", (), u64)))
+        trace_out(fin, 4, fin.op("clock", (), u64))
     go.if_(is0, fin)
     run.if_(ok, go)
     run.yield_(quit2)
@@ -190,9 +192,9 @@ def _claim(b: IRBuilder, claim, halt, shared, stamp) -> IRBuilder:
     seen, stopped = _spin(w, turn)
     stamp(w, 1)
     flag = lambda cond: w.op("select", (cond, w.const(1, i32), w.const(0, i32)), i32)  # noqa: E731
-    w.op("store", (shared, w.const(0, i32), t))
-    w.op("store", (shared, w.const(1, i32), flag(w.op("ne", (stopped, w.const(0, i32)), boolean))))
-    w.op("store", (shared, w.const(2, i32), flag(w.op("eq", (seen, t), boolean))))
+    w.op("store", (shared, w.const(TASK, i32), t))
+    w.op("store", (shared, w.const(QUIT, i32), flag(w.op("ne", (stopped, w.const(0, i32)), boolean))))
+    w.op("store", (shared, w.const(LEADS, i32), flag(w.op("eq", (seen, t), boolean))))
     return w
 
 
@@ -216,17 +218,17 @@ def _read_record(b: IRBuilder, ring, halt, shared, slots: int, slot, task, lid):
         stale = s.op("ne", (tag_of(s, word), tag), boolean)
         return s.op("and", (stale, s.op("eq", (stopped, s.const(0, i32)), boolean)), boolean), (word,)
     word, = _spin(rd, turn)
-    rd.op("store", (shared, rd.op("add", (lid, rd.const(3, i32)), i32),
+    rd.op("store", (shared, rd.op("add", (lid, rd.const(HALVES, i32)), i32),
                     rd.op("and", (word, rd.const(TAG_MASK, i32)), i32)))
     gave_up = rd.child()
-    gave_up.op("atomic_max", (shared, gave_up.const(1, i32), gave_up.const(1, i32)), i32)
+    gave_up.op("atomic_max", (shared, gave_up.const(QUIT, i32), gave_up.const(1, i32)), i32)
     rd.if_(rd.op("ne", (tag_of(rd, word), tag), boolean), gave_up)
     b.if_(b.op("lt", (lid, b.const(WIRE_WORDS, i32)), boolean), rd)
     b.op("barrier")
     join = b.child()
     two_lid = join.op("mul", (lid, join.const(2, i32)), i32)
     half = lambda k: join.op("bitcast", (join.op("load", (shared, join.op(  # noqa: E731
-        "add", (two_lid, join.const(3 + k, i32)), i32)), i32),), u32)
+        "add", (two_lid, join.const(HALVES + k, i32)), i32)), i32),), u32)
     joined = join.op("or", (half(0), join.op("shl", (half(1), join.const(16, u32)), u32)), u32)
     join.op("store", (shared, join.op("add", (lid, join.const(REC, i32)), i32),
                       join.op("bitcast", (joined,), i32)))

@@ -25,13 +25,14 @@ from concordia_ir.errors import ConcordiaError, TaskError
 from concordia_ir.ops import Kernel
 from concordia.backends.runtime import DeviceBuffer
 from concordia.handlers.dispatcher import (ARG_WORDS, HEADER_WORDS, RECORD_WORDS,  # noqa: F401
-                                           TAG_MASK, TRACE_POINTS, WIRE_WORDS, Handler,
+                                           RUN_WORD, TAG_MASK, TRACE_POINTS, WIRE_WORDS, Handler,
                                            build_dispatcher, make_handler)
 
 
 PUBLISH_BATCH = 256  # records written per step of a long publish
 TAGS = np.array([1 << 16, 2 << 16], np.uint32)   # a word's tag, by the parity of its task's lap
 RUNS = np.arange(PUBLISH_BATCH, 0, -1, dtype=np.uint32)   # RUNS[-k:]: a k-record batch's runs
+_RUN_LOW = 2 * RUN_WORD   # the wire word with the run's low half (runs stay below 1 << 16)
 
 
 @dataclass
@@ -209,7 +210,7 @@ class PersistentRuntime:
         records = self._records(name, arg_rows, groups, split)
         aw = self.handlers[self.op_id(name)].arg_words
         args = records[:, HEADER_WORDS:HEADER_WORDS + aw].tolist()
-        spans = records[:, 1:4].tolist()   # first group, group count, total (not the run)
+        spans = records[:, 1:RUN_WORD].tolist()   # first group, group count, total groups
         out = [Task(self.head + k, name, tuple(a), tuple(g)) for k, (a, g) in enumerate(zip(args, spans))]
         self.tasks.update((t.seq, t) for t in out)
         self.publish(_wire_forms(records))
@@ -232,7 +233,7 @@ class PersistentRuntime:
         recs[:, :, 2] = np.minimum(split, groups - firsts)
         recs[:, :, HEADER_WORDS:HEADER_WORDS + words.shape[1]] = words[:, None, :]
         recs = recs.reshape(-1, RECORD_WORDS)
-        recs[:, 4] = np.minimum(np.arange(len(recs), 0, -1), TAG_MASK)   # runs, as one batch
+        recs[:, RUN_WORD] = np.minimum(np.arange(len(recs), 0, -1), TAG_MASK)   # runs, as one batch
         return recs
 
     def encode_tasks(self, name: str, arg_rows, groups: int, split: int | None = None) -> np.ndarray:
@@ -260,7 +261,8 @@ class PersistentRuntime:
         # is n, the last one's 1; in lap 0's tag, 1 << 16 | run), its slots known free. Every
         # statement here is on the dispatch's critical path.
         if (n <= PUBLISH_BATCH and first + n - self.slots <= self.complete_below
-                and records[0, 0, 8] == 0x10000 | n and (n == 1 or records[0, -1, 8] == 0x10001)):
+                and records[0, 0, _RUN_LOW] == 0x10000 | n
+                and (n == 1 or records[0, -1, _RUN_LOW] == 0x10001)):
             if n == 1:
                 self.wire[first % self.slots] = records[(first // self.slots) & 1, 0]
             else:
@@ -284,8 +286,8 @@ class PersistentRuntime:
         here, wrapped = rows[lap, :fit], rows[lap ^ 1, fit:]
         if not runs_right:
             here, wrapped = here.copy(), wrapped.copy()
-            here[:, 8] = RUNS[-k:][:fit] | TAGS[lap]
-            wrapped[:, 8] = RUNS[-k:][fit:] | TAGS[lap ^ 1]
+            here[:, _RUN_LOW] = RUNS[-k:][:fit] | TAGS[lap]
+            wrapped[:, _RUN_LOW] = RUNS[-k:][fit:] | TAGS[lap ^ 1]
         if fit < k:
             self.wire[:k - fit] = wrapped
         if fit > 1:
@@ -298,15 +300,13 @@ class PersistentRuntime:
             done, slot = self.done_words, first % self.slots
             for _ in range(2000):
                 if done[slot] > first:
-                    if first <= self.complete_below:
-                        self.complete_below = max(self.complete_below, end)
+                    self._known_complete(first, end)
                     return
             self._wait_complete(first, end)   # a long wait: the spin with the watchdog
         elif end > first:
             s0, n = first % self.slots, end - first
             if s0 + n <= self.slots and self._stretch_done(first, end):
-                if first <= self.complete_below:
-                    self.complete_below = max(self.complete_below, end)
+                self._known_complete(first, end)
                 return
             self._wait_complete(first, end)
 
@@ -356,6 +356,10 @@ class PersistentRuntime:
         else:
             while not any(self._range_done(lo, end) for _ in range(200)):
                 self._check_alive(t0)
+        self._known_complete(first, end)
+
+    def _known_complete(self, first: int, end: int):
+        """Tasks [first, end) are complete: raise the watermark if it reaches them."""
         if first <= self.complete_below:
             self.complete_below = max(self.complete_below, end)
 
@@ -364,13 +368,13 @@ class PersistentRuntime:
         of its task once complete, and before that its previous occupant's, which is at most
         end - slots <= first: so the range is complete exactly when the smallest word of its
         slots exceeds `first` (one or two slice minima, no index arrays)."""
-        d, s0, n = self.done.host, first % self.slots, end - first
+        d, s0, n = self.done_words, first % self.slots, end - first
         if s0 + n <= self.slots:
             return int(d[s0:s0 + n].min()) > first
         return int(min(d[s0:].min(), d[:s0 + n - self.slots].min())) > first
 
     def _spin_until_done(self, s: int, since: float):
-        done, slot, target = self.done.host, s % self.slots, s + 1
+        done, slot, target = self.done_words, s % self.slots, s + 1
         while done[slot] < target:
             for _ in range(2000):          # a short spin first: latency is the point
                 if done[slot] >= target:
@@ -397,7 +401,7 @@ class PersistentRuntime:
         if not self.tasks:
             return
         seqs = np.fromiter(self.tasks.keys(), np.int64)
-        fin = self.done.host[seqs % self.slots] >= seqs + 1
+        fin = self.done_words[seqs % self.slots] >= seqs + 1
         for s in seqs[fin]:
             del self.tasks[int(s)]
 
