@@ -64,9 +64,9 @@ class DirectLaunch:
     """cuLaunchKernel / CUDA graph of one kernel on a stream of its own (cuda), or the
     backend's own launch + synchronize elsewhere."""
 
-    def __init__(self, rt, k, bufs, scalars, groups):
+    def __init__(self, rt, k, bufs, scalars, groups, block: int = BLOCK):
         self.rt = rt
-        kk, g, l, handles = rt.check_launch(k, groups * BLOCK, BLOCK, [*bufs, *scalars])
+        kk, g, l, handles = rt.check_launch(k, groups * block, block, [*bufs, *scalars])
         self.args = (kk, handles, g, l)
         self.cuda = rt.backend.name in ("cuda", "hip-on-cuda")
         if self.cuda:
@@ -115,7 +115,7 @@ def median_us(fn, reps):
     return float(np.median(out)) * 1e6, float(np.percentile(out, 99)) * 1e6
 
 
-def register_cells(rt, pr) -> list:
+def register_cells(rt, pr, block: int = BLOCK) -> list:
     """A handler per op x payload on `pr`: (op, size, kernel, buffers, scalars, groups, key)."""
     cells = []
     for op, k in OPS.items():
@@ -124,7 +124,7 @@ def register_cells(rt, pr) -> list:
             bufs, scalars = buffers(rt, op, n)
             key = f"{op}|{size}"
             pr.register(key, k, bufs)
-            cells.append((op, size, k, bufs, scalars, -(-n // BLOCK), key))
+            cells.append((op, size, k, bufs, scalars, -(-n // block), key))
     return cells
 
 
@@ -140,12 +140,12 @@ def cell_records(pr, key: str, scalars, groups: int):
     return pr.encode_tasks(key, [tuple(scalars())], groups, max(PER_RECORD, -(-groups // pr.blocks)))
 
 
-def run(backend: str | None, reps: int, blocks: int, small_tasks: int) -> dict:
+def run(backend: str | None, reps: int, blocks: int, small_tasks: int, block: int = BLOCK) -> dict:
     rt = Runtime(backend)
     name = rt.backend.name
     cells = []
-    pr = PersistentRuntime(rt, blocks=blocks, block_size=BLOCK, ring_slots=4096, watchdog_s=30)
-    setups = register_cells(rt, pr)
+    pr = PersistentRuntime(rt, blocks=blocks, block_size=block, ring_slots=4096, watchdog_s=30)
+    setups = register_cells(rt, pr, block)
     pr.start()
     for op, size, k, bufs, scalars, groups, key in setups:
         records = cell_records(pr, key, scalars, groups)
@@ -171,7 +171,7 @@ def run(backend: str | None, reps: int, blocks: int, small_tasks: int) -> dict:
     assert pr.shutdown() == []
     launches = {}
     for cell, (op, size, k, bufs, scalars, groups, key) in zip(cells, setups):
-        dl = DirectLaunch(rt, k, bufs, scalars(), groups)
+        dl = DirectLaunch(rt, k, bufs, scalars(), groups, block)
         l50, l99 = median_us(dl.launch, reps)
         cell.update(launch_us=round(l50, 2), launch_p99_us=round(l99, 2))
         if dl.cuda:
@@ -197,7 +197,7 @@ def run(backend: str | None, reps: int, blocks: int, small_tasks: int) -> dict:
         c["target_ratio"] = TARGET_SMALL if c["payload_bytes"] <= 4096 else TARGET_LARGE
         c["target_met"] = c["persistent_vs_launch"] <= c["target_ratio"]
     return {"backend": name, "device": rt.backend.device_info(), "blocks": pr.blocks,
-            "block_size": BLOCK, "reps": reps, "cells": cells,
+            "block_size": block, "reps": reps, "cells": cells,
             "median_ratio_persistent_vs_launch": round(float(np.median(ratios)), 3),
             "target": f"ring <= {TARGET_SMALL} x cuLaunchKernel up to 4 KiB, <= {TARGET_LARGE} x "
                       f"above; small tasks >= {TARGET_RATE} x launches per second",
@@ -209,7 +209,7 @@ def run(backend: str | None, reps: int, blocks: int, small_tasks: int) -> dict:
             "swap": [vars(s) for s in pr.swaps]}
 
 
-def phases(backend: str | None, reps: int, blocks: int) -> dict:
+def phases(backend: str | None, reps: int, blocks: int, block: int = BLOCK) -> dict:
     """Where a task's time goes, per op and payload: the host's clock around publish() and the
     completion spin, the device's clock (%globaltimer, the dispatcher built with trace=True)
     at record-in-hand (a leader's poll of its record included), handler-done and
@@ -221,9 +221,9 @@ def phases(backend: str | None, reps: int, blocks: int) -> dict:
     if rt.backend.name not in ("cuda", "reference"):
         raise SystemExit(f"error: --phases needs a backend with a device clock (cuda, or the "
                          f"reference interpreter's host clock), not {rt.backend.name}")
-    pr = PersistentRuntime(rt, blocks=blocks, block_size=BLOCK, ring_slots=4096, watchdog_s=30,
+    pr = PersistentRuntime(rt, blocks=blocks, block_size=block, ring_slots=4096, watchdog_s=30,
                            trace=True)
-    cells = register_cells(rt, pr)
+    cells = register_cells(rt, pr, block)
     pr.start()
     out = []
     for op, size, k, bufs, scalars, groups, key in cells:
@@ -293,20 +293,22 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="FILE", help="result file (default bench/results/dispatch-<backend>.json)")
     p.add_argument("--backend", default=None)
     p.add_argument("--reps", type=int, default=200)
-    p.add_argument("--blocks", type=int, default=64)
+    p.add_argument("--blocks", type=int, default=64, help="the dispatcher's resident groups")
+    p.add_argument("--block-size", type=int, default=BLOCK,
+                   help="work-items a group (the ring's and the launches' alike)")
     p.add_argument("--small-tasks", type=int, default=100000)
     p.add_argument("--phases", action="store_true",
                    help="instead: where a task's time goes, by host and device clocks (cuda)")
     a = p.parse_args(argv)
     if a.phases:
-        result = phases(a.backend, a.reps, a.blocks)
+        result = phases(a.backend, a.reps, a.blocks, a.block_size)
         result["env"] = environment(str(result["device"].get("device")))
         write_result(f"dispatch-phases-{result['backend']}", result, a.json)
         print(table(result["phases"], ["op", "payload_bytes", "records", "total_us", "publish_us",
                                        "to_record_us", "handler_us", "mark_us",
                                        "first_record_to_last_mark_us", "to_observed_us"]))
         return 0
-    result = run(a.backend, a.reps, a.blocks, a.small_tasks)
+    result = run(a.backend, a.reps, a.blocks, a.small_tasks, a.block_size)
     result["env"] = environment(str(result["device"].get("device")))
     path = write_result(f"dispatch-{result['backend']}", result, a.json)
     heatmap(result, os.path.splitext(path)[0] + ".png")

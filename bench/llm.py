@@ -42,6 +42,7 @@ def run_one(L, base_args: list[str], batch: int, log: str | None, every: int, ba
     t0 = time.perf_counter()
     run.generate(on_token=lambda pos: stamps.append(time.perf_counter()), stop_after=stop_after)
     total = time.perf_counter() - t0
+    run.writer = run.ckpt and run.ckpt._writer   # its busy time, read after the close
     if run.ckpt is not None:
         run.ckpt.close()   # async: waits for the writer (after the stamps: not in the rate)
     # steady state: from the first generated token to the last (prompt and base image excluded)
@@ -101,6 +102,7 @@ def measure_batch(L, a, base, batch, kinds, log) -> dict:
     rates = {k: [] for k in kinds}
     step_s = {k: [] for k in kinds}
     runs = {}
+    busy, busy_steps = {}, 0
     for rep in range(a.repeats):
         order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
         for kind in order:
@@ -113,6 +115,9 @@ def measure_batch(L, a, base, batch, kinds, log) -> dict:
             if kind == "async":
                 hs = [h for h in run.handles if h.stats is not None]
                 runs["async_handles"] = runs.get("async_handles", []) + hs
+                for part, sec in run.writer.busy.items():   # the writer's time by part
+                    busy[part] = busy.get(part, 0.0) + sec
+                busy_steps += len(run.step_seconds)
     row = {"batch": batch}
     for k in kinds:
         row[f"tok_s_{k}"] = round(float(np.median(rates[k])), 1)
@@ -132,7 +137,9 @@ def measure_batch(L, a, base, batch, kinds, log) -> dict:
                    lag_checkpoints_median=float(np.median([h.lag_checkpoints for h in hs])),
                    bytes_per_step=int(np.median([h.stats.bytes for h in hs])),
                    pages_per_step=int(np.median([h.stats.pages for h in hs])),
-                   group_commit_checkpoints=len(hs))
+                   group_commit_checkpoints=len(hs),
+                   writer_ms_per_step={k: round(v * 1e3 / max(1, busy_steps), 3)
+                                       for k, v in busy.items()})
     if "sync" in kinds:
         steps = [s for s in runs["sync"].stats if not s["full"]]
         ms = np.array([s["seconds"] for s in steps]) * 1e3
@@ -165,18 +172,20 @@ def main(argv=None) -> int:
                         "step), sync (checkpoint() every step)")
     p.add_argument("--no-graph", action="store_true", help="eager decode steps (no CUDA graph)")
     p.add_argument("--when-full", default="wait", choices=["wait", "coalesce"])
+    p.add_argument("--page-size", type=int, default=0,
+                   help="the log's page in bytes (default: the decode loop's, about a KV row)")
     a = p.parse_args(argv)
     import torch
     from concordia import llm as L
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = [*(["--no-graph"] if a.no_graph else []), "--config", a.config, "--device", device,
             "--when-full", a.when_full, "--prompt", str(a.prompt), "--tokens", str(a.tokens),
-            "--fsync", a.fsync]
+            "--page-size", str(a.page_size), "--fsync", a.fsync]
     kinds = a.kinds.split(",")
     with tempfile.TemporaryDirectory(prefix="concordia-llm-") as tmp:
         log = os.path.join(tmp, "decode.clog")
         for kind in kinds:   # warm-up: graphs captured, kernels compiled, allocator primed
-            run_one(L, [*base[:-6], "--tokens", "8", "--fsync", a.fsync], 1,
+            run_one(L, [*base, "--tokens", "8"], 1,
                     log if kind != "plain" else None, 1, a.backend, asynchronous=kind == "async")
         rows = []
         for batch in (int(x) for x in a.batches.split(",")):
@@ -187,7 +196,7 @@ def main(argv=None) -> int:
     name = a.name or f"llm-{a.config}"
     result = {"env": env, "config": a.config, "backend": a.backend or "default",
               "prompt": a.prompt, "tokens": a.tokens, "fsync": a.fsync, "kinds": kinds,
-              "cuda_graph": not a.no_graph, "repeats": a.repeats, "when_full": a.when_full,
+              "cuda_graph": not a.no_graph, "page_size": a.page_size, "repeats": a.repeats, "when_full": a.when_full,
               "checkpoint_every_steps": 1, "paper": PAPER,
               "targets": {"overhead_pct": "< 2", "recovery_s": "< 1.5"}, "rows": rows}
     path = write_result(name, result)

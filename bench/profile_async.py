@@ -46,13 +46,61 @@ def one(config, batch, tokens, idle_writer: bool):
     return out
 
 
+# the device work of a capture, by the names its kernels and copies carry in a trace
+CAPTURE_WORK = ("scan_pages", "gather_counted", "list_kv_pages", "advance_kv_pages", "Memset")
+
+
+def trace(config, batch, tokens, page_size, out):
+    """torch.profiler over a steady stretch of a checkpointed decode: the device time a step
+    spends in the capture's kernels and copies, against the decode's own."""
+    from torch.profiler import ProfilerActivity, profile
+    log = os.path.join(tempfile.mkdtemp(), "t.clog")
+    a = L.parse_args(["--config", config, "--batch", str(batch), "--prompt", "16", "--tokens",
+                      str(tokens), "--log", log, "--every", "1", "--async", "--backend", "cuda",
+                      "--page-size", str(page_size)])
+    run = L.DecodeRun(a)
+    run.open_checkpointer()
+    steps = tokens - 1
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run.generate()
+    run.ckpt.close()
+    rows = {}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t:
+            rows[e.key] = rows.get(e.key, 0.0) + t
+    capture = {k: v for k, v in rows.items() if any(w in k for w in CAPTURE_WORK)}
+    name = f"trace-b{batch}-p{page_size}"
+    with open(os.path.join(out, name + ".txt"), "w") as fh:
+        for k, v in sorted(rows.items(), key=lambda kv: -kv[1])[:40]:
+            fh.write(f"{v / steps:10.1f} us/step  {k}\n")
+    total = sum(rows.values()) / steps
+    cap = sum(capture.values()) / steps
+    return {"device_us_per_step": round(total, 1), "capture_us_per_step": round(cap, 1),
+            "capture_pct": round(100 * cap / total, 2),
+            "capture_parts_us_per_step": {k: round(v / steps, 1) for k, v in capture.items()}}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="qwen3-0.6b")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--tokens", type=int, default=96)
     p.add_argument("--out", default=tempfile.mkdtemp())
+    p.add_argument("--trace", action="store_true",
+                   help="instead: torch.profiler's device time of the capture per step")
+    p.add_argument("--page-sizes", default="4096")
     a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    if a.trace:
+        res = {}
+        for b in (int(x) for x in a.batches.split(",")):
+            for ps in (int(x) for x in a.page_sizes.split(",")):
+                res[f"batch {b}, page {ps}"] = r = trace(a.config, b, a.tokens, ps, a.out)
+                print(f"batch {b}, page {ps}", r, flush=True)
+        with open(os.path.join(a.out, "profile_async_trace.json"), "w") as fh:
+            json.dump(res, fh, indent=1)
+        return
     one(a.config, 1, 8, False)   # warm-up
     res = {}
     for b in (int(x) for x in a.batches.split(",")):

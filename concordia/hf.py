@@ -25,7 +25,7 @@ from concordia_ir.errors import ConcordiaError
 from .backends import Runtime
 from .handlers import Checkpointer
 from .handlers.log import scan_log
-from .handlers.scanners import SequenceCacheScanner
+from .handlers.scanners import SequenceCacheScanner, row_page_size
 
 META_WORDS = 8   # batch, tokens so far, max_cache_len, layers, dtype code, prompt length
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -78,7 +78,7 @@ class GenerationGuard:
         # pages of about a row: a step writes one row (head_dim values) per sequence, head and
         # layer, each a whole head's rows from the next, so with 4 KiB pages it logged 16x
         # the bytes it wrote (Qwen3-0.6B: 1.8 MB a token for 115 KB of new keys and values)
-        page = _page_size(keys.shape[-1] * keys.element_size())
+        page = row_page_size(keys.shape[-1] * keys.element_size())
         scanners, self.scanners = {}, []
         for (shape, itemsize), names in by_shape.items():
             self.scanners.append(SequenceCacheScanner(shape, itemsize, page, users=len(names)))
@@ -140,12 +140,6 @@ class GenerationGuard:
             if layer is not None and hasattr(layer, "cumulative_length"):
                 layer.cumulative_length.fill_(length - 1)
         return ids, cache
-
-
-def _page_size(row_bytes: int) -> int:
-    """The log's page for a cache of rows of `row_bytes`: the largest power of two not above
-    a row, from 256 B (smaller pages make a base image of too many pages) to 4 KiB."""
-    return max(256, min(4096, 1 << (max(1, row_bytes).bit_length() - 1)))
 
 
 def _static_cache(model, batch: int, max_len: int, dtype, device):

@@ -31,10 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from concordia_ir.errors import ConcordiaError
+
 from .backends import Runtime, backend_status
 from .handlers import Checkpointer
 from .handlers.log import committed_image, scan_log
-from .handlers.scanners import AdapterPageScanner, BlockTableScanner, KVBlockScanner
+from .handlers.scanners import AdapterPageScanner, BlockTableScanner, KVBlockScanner, row_page_size
 
 
 @dataclass(frozen=True)
@@ -258,7 +260,7 @@ class Scheduler:
     def __init__(self, batch: int, max_len: int, block_size: int, device):
         self.batch, self.max_len, self.block_size = batch, max_len, block_size
         self.max_blocks = -(-max_len // block_size)
-        self.HEAD = 4   # kv_len, length, next free block, batch
+        self.HEAD = 5   # kv_len, length, next free block, batch, round
         n = self.HEAD + batch * self.max_blocks + batch * max_len
         self.state = torch.zeros(n, dtype=torch.int32, device=device)
         self.host = np.zeros(n, np.int32)
@@ -270,10 +272,14 @@ class Scheduler:
     def tokens(self):
         return self.host[self.HEAD + self.batch * self.max_blocks:].reshape(self.batch, self.max_len)
 
-    def start(self, prompts: np.ndarray):
+    def start(self, prompts: np.ndarray, round_no: int = 0):
+        """Round 0: a new job. A later round: the next request of every slot, in the blocks
+        the last round held (the table and the block counter stay)."""
+        table, blocks = self.table().copy(), self.host[2]
         self.host[:] = 0
-        self.host[3] = self.batch
-        self.table()[:] = -1
+        self.host[3], self.host[4] = self.batch, round_no
+        self.table()[:] = table if round_no else -1
+        self.host[2] = blocks if round_no else 0
         self.tokens()[:, :prompts.shape[1]] = prompts
         self.host[1] = prompts.shape[1]
 
@@ -339,14 +345,23 @@ class DecodeRun:
         or one of --backend)."""
         rt = rt or Runtime(self.args.backend or self.default_backend())
         m, kv = self.model, self.model.kv
-        if self.args.kv_scan == "device" or (self.args.kv_scan == "auto" and rt.backend.streams):
+        row = kv[0, 0, 0, 0].numel() * kv.element_size()   # one slot's K (or V) row
+        page = self.args.page_size or row_page_size(row)
+        listable = page % row == 0
+        if self.args.kv_scan == "device" and not listable:
+            raise ConcordiaError(f"--kv-scan device needs a page that a KV row ({row} B) divides, "
+                                 f"not --page-size {page}")
+        if self.args.kv_scan == "device" or (self.args.kv_scan == "auto" and rt.backend.streams
+                                             and listable):
             # the pages come from the block table on the device: nothing per step on the host
             self.scanner = BlockTableScanner(tuple(kv.shape), kv.element_size(),
                                              rt.from_dlpack(m.table_in.view(-1)),
-                                             rt.from_dlpack(m.pos_in.view(1)), self.args.batch)
+                                             rt.from_dlpack(m.pos_in.view(1)), self.args.batch,
+                                             page_size=page)
         else:
-            self.scanner = KVBlockScanner(tuple(kv.shape), kv.element_size())
+            self.scanner = KVBlockScanner(tuple(kv.shape), kv.element_size(), page)
         self.ckpt = Checkpointer(rt, self.regions(rt), self.args.log, fsync=self.args.fsync,
+                                 page_size=page,
                                  scanners={"kv": self.scanner, "adapter": AdapterPageScanner()},
                                  when_full=self.args.when_full,
                                  compact_at_bytes=self.args.compact_at_mb << 20 if self.args.compact_at_mb else None)
@@ -372,15 +387,20 @@ class DecodeRun:
         self.handles.append(h)
         self.stats.append({"pos": pos, "seconds": h.enqueue_s, "full": h.done()})
 
+    def prompts(self, round_no: int) -> np.ndarray:
+        """The prompts of round `round_no` (each round is the next request of every slot)."""
+        a = self.args
+        seed = a.seed if a.prompt_seed is None else a.prompt_seed
+        return make_prompts(self.cfg, a.batch, a.prompt, seed + 7919 * round_no)
+
     def generate(self, start_pos: int | None = None, crash_after: int | None = None,
                  on_token=None, stop_after: int | None = None):
-        """Decode until every sequence holds prompt + tokens (or `stop_after` new tokens);
-        returns the token array."""
+        """Decode until every sequence holds prompt + tokens, --rounds times over (or
+        `stop_after` new tokens); returns the last round's token array."""
         s, a, m = self.sched, self.args, self.model
         if start_pos is None:
             m.adapter.zero_()     # a new job starts from the base adapter
-            s.start(make_prompts(self.cfg, a.batch, a.prompt,
-                                 a.seed if a.prompt_seed is None else a.prompt_seed))
+            s.start(self.prompts(0))
             pos = 0
             if self.ckpt is not None:
                 s.ensure_block(0)
@@ -393,8 +413,21 @@ class DecodeRun:
                 if self.ckpt.need_full:
                     self.checkpoint(pos)         # the base image, written whole
         m.set_table(s.table())
-        generated = 0
+        self.generated = 0
         self.step_seconds = []   # per decode step: launch to the next tokens on the host
+        while not self._decode_round(pos, crash_after, on_token, stop_after):
+            if s.host[4] + 1 >= a.rounds:
+                break
+            # the next round: a new request in every slot, in the same blocks (the rows past
+            # a position are the last round's, masked until the new round writes them)
+            s.start(self.prompts(int(s.host[4]) + 1), int(s.host[4]) + 1)
+            pos = 0
+        self.sync()
+        return s.tokens().copy()
+
+    def _decode_round(self, pos: int, crash_after, on_token, stop_after) -> bool:
+        """The current round's steps from `pos` to its end; True if stopped (stop_after)."""
+        s, a, m = self.sched, self.args, self.model
         due = lambda p: self.ckpt is not None and a.every and p % a.every == 0   # noqa: E731
         while pos < self.max_len - 1:
             if s.ensure_block(pos):
@@ -417,17 +450,16 @@ class DecodeRun:
                 self.step_seconds.append(time.perf_counter() - t_step)
                 s.tokens()[:, pos] = nxt
                 s.host[1] = pos + 1
-                generated += 1
+                self.generated += 1
                 if on_token:
                     on_token(pos)
             if not a.async_checkpoints and due(pos):
                 self.checkpoint(pos)
-            if crash_after is not None and generated >= crash_after:
+            if crash_after is not None and self.generated >= crash_after:
                 os.kill(os.getpid(), signal.SIGKILL)   # a crash: nothing is flushed or closed
-            if stop_after is not None and generated >= stop_after:
-                break
-        self.sync()
-        return s.tokens().copy()
+            if stop_after is not None and self.generated >= stop_after:
+                return True
+        return False
 
     def resume(self, restore_backend: str, rt=None, checkpoint: int | None = None) -> dict:
         """Restore kv/adapter/sched from the log into this process's tensors (on `rt`, an open
@@ -459,6 +491,9 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--prompt", type=int, default=8, help="prompt tokens per sequence")
     p.add_argument("--tokens", type=int, default=32, help="tokens to generate per sequence")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="requests per slot, one after another (a serving loop): each round "
+                        "decodes new prompts in the blocks of the last")
     p.add_argument("--seed", type=int, default=0, help="the model's weights (and the prompts)")
     p.add_argument("--prompt-seed", type=int, default=None,
                    help="the prompts, when they differ from --seed's (one model, many jobs)")
@@ -467,6 +502,9 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--every", type=int, default=1, help="checkpoint every N decode steps")
     p.add_argument("--backend", default=None, help="Concordia backend of the checkpoints "
                    "(default: cuda on a GPU; tenstorrent (simulated) or reference on a CPU)")
+    p.add_argument("--page-size", type=int, default=0,
+                   help="the log's page in bytes, a power of two (default: about one KV row, "
+                        "256 B to 4 KiB)")
     p.add_argument("--fsync", default="always", choices=["always", "everysec", "no"])
     p.add_argument("--async", dest="async_checkpoints", action="store_true",
                    help="checkpoint_async: enqueued in the decode stream, a writer thread logs "
@@ -489,6 +527,8 @@ def parse_args(argv=None, prog=None):
     a = p.parse_args(argv)
     if a.resume and not a.log:
         p.error("--resume needs --log")
-    if min(a.batch, a.prompt, a.tokens, a.block_size) < 1:
-        p.error("--batch, --prompt, --tokens and --block-size must be >= 1")
+    if min(a.batch, a.prompt, a.tokens, a.block_size, a.rounds) < 1:
+        p.error("--batch, --prompt, --tokens, --block-size and --rounds must be >= 1")
+    if a.page_size and (a.page_size < 256 or a.page_size & (a.page_size - 1)):
+        p.error(f"--page-size must be a power of two >= 256, got {a.page_size}")
     return a

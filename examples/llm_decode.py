@@ -38,7 +38,7 @@ def main(argv=None) -> int:
                                   on_token=lambda pos: first.append(time.perf_counter() - t))
             rec["resume_s"] = first[0] if first else 0.0
             report["recovery"] = rec
-            print(f"resumed at position {rec['restored_pos']} "
+            print(f"resumed at position {rec['restored_pos']} of round {int(run.sched.host[4])} "
                   f"(detect {rec['detect_s'] * 1e3:.1f} ms, load {rec['load_log_s'] * 1e3:.1f} ms, "
                   f"apply {rec['apply_s'] * 1e3:.1f} ms, first token {rec['resume_s'] * 1e3:.1f} ms)")
         else:

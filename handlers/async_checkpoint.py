@@ -159,6 +159,8 @@ class CheckpointWriter:
         self.processed_id = ckpt.checkpoint_id   # the newest the writer is done with (or failed)
         self.flushing = False                    # a flush is waiting: no holding back
         self.coalesced: list[CheckpointHandle] = []
+        # the writer's seconds by part, summed (profiling: which part keeps it behind)
+        self.busy = dict.fromkeys(("device", "pieces", "append", "commit", "sync"), 0.0)
         self.thread = threading.Thread(target=self._run, name="concordia-checkpoint-writer",
                                        daemon=True)
         self.thread.start()
@@ -176,11 +178,13 @@ class CheckpointWriter:
         if _device_listed(st):   # a device list has one entry per written slot, repeats and all:
             # room for the slot budget, and for at least 4 steps' entries whatever it is
             cap = max(slot_bytes // r.page_size, 4 * st.scanner.planes * st.scanner.batch)
-        # the gathers write straight into host memory (zero-copy): the writer copies nothing
+        # the gathers write straight into host memory (zero-copy): the writer copies nothing.
+        # (Gathering into device memory and copying out on the writer's stream was measured
+        # slower on an H100: the writer's copy waited a decode step's length; docs/checkpointing.md)
         staging = rt.mapped(cap * r.words_per_page, np.uint32)
+        host_data = staging.host.view(np.uint8)
         rs = _RegionSlot(cap, rt.empty(cap, np.int32), rt.zeros(1, np.int32), staging,
-                         b.pinned(cap * 4).view(np.int32), b.pinned(4).view(np.int32),
-                         staging.host.view(np.uint8))
+                         b.pinned(cap * 4).view(np.int32), b.pinned(4).view(np.int32), host_data)
         rs.host_count[0] = 0
         counted = hk.counted_page_gatherer(r.words_per_page, r.n_words)
         if st.scanner is not None:   # the list comes from the scanner: no shadow to update
@@ -338,7 +342,9 @@ class CheckpointWriter:
                 for nxt in self._queued(self.pending.qsize(), ready=self.streams):
                     group.append(nxt)
                     self._write(nxt)
+                t = time.perf_counter()
                 self.ckpt.log.sync()
+                self.busy["sync"] += time.perf_counter() - t
             except BaseException as e:   # surfaced by the caller's next call
                 self._fail(group, e)
                 continue
@@ -414,16 +420,30 @@ class CheckpointWriter:
         if cap.pieces is None:
             while not self.backend.event_done(cap.event):
                 time.sleep(20e-6)
+        t_device = time.perf_counter()
         pieces = cap.pieces if cap.pieces is not None else self._pieces(cap)
+        t_pieces = time.perf_counter()
         log, pages, nbytes, page_size = self.ckpt.log, 0, 0, self.ckpt.page_size
         for region_id, items in pieces:
+            if isinstance(items, _Rows):
+                nbytes += items.nbytes
+                pages += log.append_scatter(region_id, page_size, items.pages, items.rows)
+                pages += log.append_pages(region_id, page_size, items.tail)
+                time.sleep(0)   # let the caller's thread have the GIL (see YIELD_EVERY)
+                continue
             nbytes += sum(len(d) for _, d in items)
             for first in range(0, len(items), YIELD_EVERY):
                 pages += log.append_pages(region_id, page_size, items[first:first + YIELD_EVERY])
                 time.sleep(0)   # let the caller's thread have the GIL (see YIELD_EVERY)
+        t_append = time.perf_counter()
         info = {"checkpoint": cap.id, "pages": pages, "bytes": nbytes, "full": False,
                 "time": time.time(), "backend": str(self.rt.spec), "async": True}
         log.commit(cap.id, info, sync=False)
+        busy, now = self.busy, time.perf_counter()
+        busy["device"] += t_device - t_write
+        busy["pieces"] += t_pieces - t_device
+        busy["append"] += t_append - t_pieces
+        busy["commit"] += now - t_append
         cap.handle.phases["write"] = time.perf_counter() - t_write
         self.free.put(cap.slot)
         cap.released = True
@@ -431,7 +451,8 @@ class CheckpointWriter:
                                            time.perf_counter() - cap.handle._enqueued_at, False)
 
     def _pieces(self, cap: _Capture) -> list:
-        """A graph capture, its event passed: counts, lists and pages are in host memory."""
+        """A graph capture, its event passed: counts, lists and pages are in host memory. Each
+        region's pages as _Rows (arrays, for append_scatter: no Python per page)."""
         out = []
         for st, rs, n in zip(self.ckpt.states, cap.slot.regions, cap.counts):
             r = st.region
@@ -440,15 +461,37 @@ class CheckpointWriter:
                 continue
             n = int(rs.host_count[0]) if n is None else n
             _check_capacity(r, n, rs.capacity)
-            listed = rs.host_pages[:n]
+            listed, size = rs.host_pages[:n], r.page_size
+            staged = rs.host_data[:rs.capacity * size].reshape(rs.capacity, size)
             if _device_listed(st):   # a device list may name a page twice (two slots of it)
                 listed, slots = np.unique(listed, return_index=True)
-            else:
-                slots = range(n)
-            data, size = memoryview(rs.host_data), r.page_size
-            out.append((r.id, [(p, data[k * size:k * size + r.page_bytes(p)])
-                               for k, p in zip(slots, listed.tolist())]))
+                rows = staged[slots]
+            else:                    # staged in list order, each page once: no copy
+                rows = staged[:n]
+            out.append((r.id, _Rows.of(r, listed, rows)))
         return out
+
+
+@dataclass
+class _Rows:
+    """A region's captured pages as arrays: their indices and bytes, row k holding page
+    pages[k]; a short last page (a region's size need not be whole pages) apart, as a piece."""
+    pages: np.ndarray
+    rows: np.ndarray
+    tail: list
+
+    @classmethod
+    def of(cls, region, pages: np.ndarray, rows: np.ndarray) -> "_Rows":
+        last = region.n_pages - 1
+        short = region.page_bytes(last)
+        if short == region.page_size or not (hit := np.flatnonzero(pages == last)).size:
+            return cls(pages, rows, [])
+        keep = pages != last
+        return cls(pages[keep], rows[keep], [(last, bytes(rows[hit[0], :short]))])
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes + sum(len(d) for _, d in self.tail)
 
 
 def _device_listed(st) -> bool:

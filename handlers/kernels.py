@@ -204,7 +204,8 @@ def state_counter(record_words: int, slots: int):
 def block_table_lister(planes: int, blocks: int, block_size: int, batch: int, max_blocks: int,
                        row_bytes: int, page_size: int, capacity: int):
     """The pages a paged KV cache's decode steps wrote, listed on the device from its block
-    table: for every (plane, sequence) and every position from last[0] to pos[0], the page of
+    table: for every (plane, sequence) and every position from last[0] to pos[0] (from 0 if
+    pos[0] < last[0]: positions began again, a new round of requests), the page of
     slot (plane, table[seq, position // block_size], position % block_size). Item k of
     position index j goes to pages[j * planes * batch + k]; a list longer than `capacity` is
     cut there (its count, from block_table_advance, tells the host)."""
@@ -218,7 +219,10 @@ def block_table_lister(planes: int, blocks: int, block_size: int, batch: int, ma
             plane = i64(g // B)
             seq = i64(g % B)
             j = i64(0)
-            for p in range(last[0], pos[0] + i64(1)):
+            first = last[0]
+            if first > pos[0]:   # positions began again (a new round of requests): from 0
+                first = i64(0)
+            for p in range(first, pos[0] + i64(1)):
                 blk = table[seq * i64(MB) + p // i64(BS)]
                 slot = (plane * i64(BL) + blk) * i64(BS) + p % i64(BS)
                 at = j * i64(PB) + i64(g)
@@ -237,6 +241,9 @@ def block_table_advance(planes: int, batch: int):
     @kernel
     def advance_kv_pages(pos: Ptr[i64], last: Ptr[i64], count: Ptr[i32]):
         if global_id(0) == 0:
-            count[0] = i32((pos[0] + i64(1) - last[0]) * i64(PB))
+            first = last[0]
+            if first > pos[0]:   # as list_kv_pages: positions began again
+                first = i64(0)
+            count[0] = i32((pos[0] + i64(1) - first) * i64(PB))
             last[0] = pos[0] + i64(1)
     return advance_kv_pages

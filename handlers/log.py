@@ -357,6 +357,32 @@ class DeltaLog:
             n += pages_in(kind, payload, page_size)
         return n
 
+    def append_scatter(self, region: int, page_size: int, pages: np.ndarray, rows: np.ndarray,
+                       longest: int = RUN_PAGES) -> int:
+        """Append whole pages given as arrays: `pages` (n page indices, none twice) and `rows`
+        (n x page_size bytes, row k holding page pages[k]), as SCATTER records of up to
+        `longest` pages, with no Python per page (a checkpoint writer's staging, as the device
+        left it). A file older than v3 gets them through append_pages. Returns n."""
+        n = len(pages)
+        if not self.scatter or n < 2:
+            return self.append_pages(region, page_size, sorted(
+                zip(pages.tolist(), (rows[k] for k in range(n)))))
+        crc_input, record_head, crc = _CRC_INPUT.pack, _RECORD_HEAD.pack, crc32c.crc32c
+        index = np.asarray(pages, "<u8")
+        with self._lock:
+            write, prev, seq = self.fh.write, self.prev_crc, self.seq
+            for at in range(0, n, longest):
+                ids, data = index[at:at + longest], rows[at:at + longest]
+                seq += 1
+                size, count = ids.nbytes + data.nbytes, len(ids)
+                prev = crc(data, crc(ids, crc(crc_input(prev, SCATTER, 0, size, seq, region, count))))
+                write(record_head(SCATTER, 0, size, seq, region, prev, count))
+                write(ids)
+                write(data)
+            self.prev_crc, self.seq = prev, seq
+            self._dirty = True
+        return n
+
     def write_layout(self, layout: dict) -> None:
         self.append(LAYOUT, json.dumps(layout, sort_keys=True).encode())
         self.layout = layout

@@ -58,6 +58,28 @@ def test_async_checkpoints_crash_restore_continue(tmp_path, kv_scan):
     assert np.array_equal(np.load(want), np.load(got))
 
 
+@pytest.mark.parametrize("kv_scan", ["host", "device"])
+def test_a_serving_loop_of_rounds_resumes_in_the_right_round(tmp_path, kv_scan):
+    """--rounds: each slot takes the next request when one ends, in the same blocks (KV rows
+    overwritten, positions from 0 again). Killed in the third round, the resumed run restores
+    the round and its position and ends with the uninterrupted run's last tokens."""
+    want, got, log = tmp_path / "want.npy", tmp_path / "got.npy", tmp_path / "r.clog"
+    rounds = ["--rounds", "3", "--tokens", "12"]
+    assert decode(*rounds, "--out", str(want)).returncode == 0
+    r = decode(*rounds, "--log", str(log), "--every", "1", "--async", "--backend", "reference",
+               "--kv-scan", kv_scan, "--crash-after", "30")
+    assert r.returncode == -9, r.stderr
+    r = decode(*rounds, "--log", str(log), "--resume", "--restore-backend", "reference",
+               "--out", str(got))
+    assert r.returncode == 0, r.stderr
+    assert " of round 2 " in r.stdout, r.stdout
+    restored_at = int(r.stdout.split("resumed at position ")[1].split()[0])
+    assert 6 <= restored_at < 6 + 12
+    a, b = np.load(want), np.load(got)
+    assert len(set(a[:, 6:].ravel().tolist())) > 10
+    assert np.array_equal(a, b)
+
+
 @pytest.mark.skipif(not backend_status()["cuda"].ok or not torch.cuda.is_available(),
                     reason="needs a CUDA device and torch with CUDA")
 def test_async_checkpoints_on_cuda_graph_decode_crash_restore_continue(tmp_path):
@@ -116,9 +138,10 @@ def test_checkpoints_log_only_what_changed(tmp_path):
     ck = json.load(open(js))["checkpoints"]
     full, deltas = ck[0], ck[1:]
     assert full["full"] and not any(c["full"] for c in deltas)
-    # a step writes one slot per sequence per layer per K/V (3 x 2 x 2 = 12 slots of 128 B):
-    # at most 12 KV pages, plus the scheduler page and, on adapter steps, adapter pages
-    assert max(c["pages"] for c in deltas) <= 12 + 1 + 4
+    # a step writes one slot per sequence per layer per K/V (3 x 2 x 2 = 12 slots of 128 B,
+    # in pages of 256 B): at most 12 KV pages, plus the scheduler's header page and a page
+    # per sequence's new token, and on adapter steps the pages of 2 rows of 2 factors
+    assert max(c["pages"] for c in deltas) <= 12 + 1 + 3 + 4
     assert max(c["pages"] for c in deltas) < full["pages"]
 
 
