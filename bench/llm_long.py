@@ -2,7 +2,10 @@
 time (it must stay bounded), compactions, and recovery time at the end (from process start
 with the model loaded to the first new token).
 
-    python bench/llm_long.py --config qwen3-0.6b --batch 8 --tokens 1000 --compact-at-mb 600
+A serving loop: --rounds requests per slot, one after another in the same KV blocks (the
+state stays the size of one round's; the log would grow without bound but for compaction).
+
+    python bench/llm_long.py --config qwen3-0.6b --batch 8 --tokens 240 --rounds 40 --compact-at-mb 600
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
@@ -26,32 +30,40 @@ def main() -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--backend", default=None)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=1000)
+    p.add_argument("--tokens", type=int, default=240, help="tokens per request")
+    p.add_argument("--rounds", type=int, default=1, help="requests per slot, one after another")
     p.add_argument("--compact-at-mb", type=int, default=600)
     p.add_argument("--name", default=None)
     a = p.parse_args()
     import torch
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     log = os.path.join(tempfile.mkdtemp(prefix="concordia-long-"), "long.clog")
-    args = L.parse_args(["--config", a.config, "--device", device, "--batch", str(a.batch),
-                    "--prompt", "16", "--tokens", str(a.tokens), "--log", log, "--every", "1",
-                    "--async", "--compact-at-mb", str(a.compact_at_mb),
+    common = ["--config", a.config, "--device", device, "--batch", str(a.batch), "--prompt", "16",
+              "--tokens", str(a.tokens), "--rounds", str(a.rounds), "--log", log]
+    args = L.parse_args([*common, "--every", "1", "--async", "--when-full", "coalesce",
+                    "--compact-at-mb", str(a.compact_at_mb),
                     *(["--backend", a.backend] if a.backend else [])])
+    plain = L.DecodeRun(L.parse_args([*common[:-2]]))   # the same loop, no checkpoints
+    t0 = time.perf_counter()
+    plain.generate()
+    plain_tok_s = len(plain.step_seconds) * a.batch / (time.perf_counter() - t0)
     run = L.DecodeRun(args)
     run.open_checkpointer()
     sizes, t0 = [], time.perf_counter()
+    every = max(1, a.rounds * a.tokens // 200)   # about 200 samples
 
     def on_token(pos):
-        if pos % 25 == 0:
-            sizes.append((pos, round(time.perf_counter() - t0, 3), os.path.getsize(log)))
+        if run.generated % every == 0:   # (steps so far, seconds, log bytes)
+            sizes.append((len(run.step_seconds), round(time.perf_counter() - t0, 3),
+                          os.path.getsize(log)))
     run.generate(on_token=on_token)
     seconds = time.perf_counter() - t0
     writer = run.ckpt._writer
     run.ckpt.close()
     steps = len(run.step_seconds)
+    live = sum(t.numel() * t.element_size() for t in (run.model.kv, run.model.adapter, run.sched.state))
     # recovery: a new DecodeRun (the model is loaded) restores and makes its first token
-    args_r = L.parse_args(["--config", a.config, "--device", device, "--batch", str(a.batch),
-                      "--prompt", "16", "--tokens", str(a.tokens), "--log", log, "--resume"])
+    args_r = L.parse_args([*common, "--resume"])
     rec_run = L.DecodeRun(args_r)
     t = time.perf_counter()
     rec = rec_run.resume(a.backend or rec_run.default_backend())
@@ -60,8 +72,15 @@ def main() -> int:
                      stop_after=1)
     recovery_s = first[0] - t
     result = {"env": environment(torch.cuda.get_device_name() if device == "cuda" else "cpu"),
-              "config": a.config, "batch": a.batch, "steps": steps, "seconds": round(seconds, 2),
-              "tok_s": round(steps * a.batch / seconds, 1), "compact_at_mb": a.compact_at_mb,
+              "config": a.config, "batch": a.batch, "rounds": a.rounds, "tokens_per_round": a.tokens,
+              "steps": steps, "seconds": round(seconds, 2),
+              "tok_s": round(steps * a.batch / seconds, 1), "tok_s_plain": round(plain_tok_s, 1),
+              "overhead_pct": round(100 * (1 - steps * a.batch / seconds / plain_tok_s), 2),
+              "compact_at_mb": a.compact_at_mb,
+              "live_state_bytes": live,
+              "step_ms_median": round(float(np.median(run.step_seconds)) * 1e3, 3),
+              "step_ms_p99": round(float(np.percentile(run.step_seconds, 99)) * 1e3, 3),
+              "step_ms_max": round(float(np.max(run.step_seconds)) * 1e3, 3),
               "log_bytes_max": max(s for _, _, s in sizes), "log_bytes_end": os.path.getsize(log),
               "compactions": writer.compactions, "log_size_over_time": sizes,
               "recovery": {k: round(v * 1e3, 2) for k, v in rec.items() if k.endswith("_s")},

@@ -267,11 +267,11 @@ class Checkpointer:
                                      f"{desc['dtype']}; the buffer to restore into is "
                                      f"{buf.size} x {buf.dtype.str}")
             region = Region(desc["id"], desc["name"], buf, image.layout["page_size"])
-            pages = image.pages.get(region.id, {})
-            if len(pages) != region.n_pages:
-                raise ConcordiaError(f"{path}: region {region.name!r} has {len(pages)} of "
+            held = int(image.present[region.id].sum())
+            if held != region.n_pages:
+                raise ConcordiaError(f"{path}: region {region.name!r} has {held} of "
                                      f"{region.n_pages} pages in the log (no full base image)")
-            apply_pages(runtime, region, pages)
+            apply_image(runtime, region, image.rows[region.id].reshape(-1))
             if verify and "sha256" in image.info:
                 got = region.content_hash()
                 if got != image.info["sha256"][region.name]:

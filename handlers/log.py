@@ -486,11 +486,26 @@ def _layout_of(scan: Scan, upto: int) -> dict | None:
 
 @dataclass
 class CommittedImage:
-    """The regions' bytes as of the last commit of a log."""
+    """The regions' bytes as of a commit. Each region's pages are the rows of one array (row p
+    holds page p; past the region's end, zeros), filled record by record, later records over
+    earlier ones: a page costs no Python, so a log of a million pages folds in one pass."""
     layout: dict
-    pages: dict[int, dict[int, bytes]]   # region id -> page index -> bytes
+    rows: dict[int, np.ndarray]      # region id -> (pages, page_size) uint8
+    present: dict[int, np.ndarray]   # region id -> bool per page: the log held it
     checkpoint_id: int
     info: dict
+
+    @property
+    def pages(self) -> dict[int, dict[int, memoryview]]:
+        """region id -> page index -> bytes (views) of the pages the log held, the last one
+        cut to the region's size (a per-page view, for tools; restore uses the rows)."""
+        out = {}
+        for desc in self.layout["regions"]:
+            rid, rows, size = desc["id"], self.rows[desc["id"]], self.layout["page_size"]
+            flat = memoryview(rows.reshape(-1))[:desc["nbytes"]]
+            out[rid] = {int(p): flat[p * size:(p + 1) * size]
+                        for p in np.flatnonzero(self.present[rid])}
+        return out
 
 
 def committed_image(scan: Scan, checkpoint: int | None = None) -> CommittedImage:
@@ -504,20 +519,43 @@ def committed_image(scan: Scan, checkpoint: int | None = None) -> CommittedImage
         why = f" ({scan.problem})" if scan.problem else ""
         raise LogError(scan.path, where, f"the log holds no committed checkpoint{why}")
     upto = scan.commit_ends[-1] if checkpoint is None else scan.commit_index(checkpoint)
-    layout, pages, info, ckpt = None, {}, {}, 0
+    layout, rows, present, info, ckpt = None, {}, {}, {}, 0
     for r in scan.records[:upto]:
-        if r.kind == LAYOUT:
+        if r.kind == LAYOUT:   # a new layout: a new base image follows
             layout = json.loads(r.payload)
-            pages = {}
-        elif r.kind == PAGE:
-            pages.setdefault(r.region, {})[r.page] = r.payload
-        elif r.kind in (PAGES, SCATTER):
-            pages.setdefault(r.region, {}).update(split_run(r, layout["page_size"]))
+            size = layout["page_size"]
+            rows = {d["id"]: np.zeros((-(-d["nbytes"] // size), size), np.uint8)
+                    for d in layout["regions"]}
+            present = {rid: np.zeros(len(a), bool) for rid, a in rows.items()}
+        elif r.kind in PAGE_KINDS:
+            if r.region not in rows:
+                raise LogError(scan.path, r.offset, f"a {KIND_NAMES[r.kind]} record of region "
+                               f"{r.region}, which the layout before it does not hold")
+            _fold(scan.path, r, rows[r.region], present[r.region], layout["page_size"])
         elif r.kind == COMMIT:
             info, ckpt = json.loads(r.payload), r.page
     if layout is None:
         raise LogError(scan.path, HEADER_SIZE, "no layout record before the first commit")
-    return CommittedImage(layout, pages, ckpt, info)
+    return CommittedImage(layout, rows, present, ckpt, info)
+
+
+def _fold(path: str, r: Record, rows: np.ndarray, present: np.ndarray, size: int) -> None:
+    """One page record's pages into a region's rows."""
+    data = np.frombuffer(r.payload, np.uint8)
+    try:
+        if r.kind == SCATTER:
+            at = np.frombuffer(r.payload[:8 * r.page], "<u8").astype(np.int64)
+            rows[at] = data[8 * r.page:].reshape(r.page, size)
+            present[at] = True
+        else:
+            n = -(-len(data) // size)
+            if r.page + n > len(rows):
+                raise IndexError
+            rows.reshape(-1)[r.page * size:r.page * size + len(data)] = data
+            present[r.page:r.page + n] = True
+    except (IndexError, ValueError):
+        raise LogError(path, r.offset, f"a {KIND_NAMES[r.kind]} record's pages lie outside "
+                       f"its region ({len(rows)} pages)") from None
 
 
 def split_run(record: Record, page_size: int):
@@ -579,19 +617,31 @@ def compact(path: str, fsync: bool = True) -> int:
     scan = scan_log(path)
     image = committed_image(scan)
     salt = int.from_bytes(os.urandom(8), "little")
+    size = image.layout["page_size"]
     with atomic_writer(path, fsync) as fh:
         fh.write(encode_header(salt, time.time()))
         prev, seq = salt & 0xFFFFFFFF, 0
         items = [(LAYOUT, 0, 0, json.dumps(image.layout, sort_keys=True).encode())]
-        for rid in sorted(image.pages):
-            pages = image.pages[rid]
-            items += [(kind, rid, first, payload) for kind, first, payload in
-                      page_runs(((pg, pages[pg]) for pg in sorted(pages)),
-                                image.layout["page_size"], scatter=True)]
+        for desc in sorted(image.layout["regions"], key=lambda d: d["id"]):
+            rid = desc["id"]
+            flat = image.rows[rid].reshape(-1)[:desc["nbytes"]]
+            for first, end in _stretches(image.present[rid], RUN_PAGES):
+                payload = flat[first * size:end * size]
+                items.append((PAGES if end - first > 1 else PAGE, rid, first, payload))
         items.append((COMMIT, 0, image.checkpoint_id,
                       json.dumps({**image.info, "compacted": True}, sort_keys=True).encode()))
         for kind, rid, pg, payload in items:
             seq += 1
-            rec, prev = encode_record(prev, kind, seq, rid, pg, payload)
-            fh.write(rec)
+            head = RECORD.pack(kind, 0, len(payload), seq, rid)
+            prev = _record_crc(prev, head, pg, payload)
+            fh.write(head + struct.pack("<IQ", prev, pg))
+            fh.write(payload)
     return os.path.getsize(path)
+
+
+def _stretches(present: np.ndarray, longest: int):
+    """[first, end) of each stretch of True in `present`, cut at `longest`."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], present.astype(np.int8), [0]))))
+    for first, end in zip(edges[::2].tolist(), edges[1::2].tolist()):
+        for at in range(first, end, longest):
+            yield at, min(end, at + longest)

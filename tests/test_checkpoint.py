@@ -566,7 +566,9 @@ def test_append_scatter_writes_pages_from_arrays(tmp_path, version):
     pages = rng.permutation(2000)[:600].astype(np.int32)
     rows = rng.integers(0, 256, (600, 256), dtype=np.uint8)
     with DeltaLog(path) as log:
-        log.write_layout({"format": "concordia-regions/1", "page_size": 256, "regions": []})
+        log.write_layout({"format": "concordia-regions/1", "page_size": 256, "regions": [
+            {"id": 3, "name": "r", "dtype": "|u1", "size": 2000 * 256, "nbytes": 2000 * 256,
+             "page_size": 256}]})
         assert log.append_scatter(3, 256, pages, rows, longest=250) == 600
         log.commit(1, {})
     scan = scan_log(path)
