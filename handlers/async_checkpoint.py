@@ -29,7 +29,6 @@ way on every backend.
 """
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -40,7 +39,7 @@ import numpy as np
 from concordia_ir.errors import ConcordiaError
 
 from . import kernels as hk
-from .log import DeltaLog, compact
+from .compaction import BackgroundCompaction
 from .regions import CheckpointStats
 
 WHEN_FULL = ("wait", "coalesce")
@@ -140,6 +139,7 @@ class CheckpointWriter:
         self.compact_at = compact_at_bytes
         self.compactions: list[dict] = []   # seconds, bytes before and after, each time
         self.compacting = threading.Lock()  # held while the log is being swapped
+        self.compaction: BackgroundCompaction | None = None   # one under way
         self.backend = self.rt.backend
         # stream-ordered capture where the backend has streams and graphs (cuda); else at once
         self.streams = self.backend.streams and self.backend.graphs and any(
@@ -324,6 +324,13 @@ class CheckpointWriter:
         finally:
             self.pending.put(None)
             self.thread.join()
+            if self.compaction is not None:   # one under way ends whole, or not at all
+                job, self.compaction = self.compaction, None
+                try:
+                    self.ckpt.log = job.finish()
+                    self.compactions.append(job.stats())
+                except Exception as e:   # the old log is whole and stays in use
+                    self.compactions.append({"error": str(e)})
 
     # -- the writer's side
     def _run(self):
@@ -358,22 +365,19 @@ class CheckpointWriter:
                 self.error = e
 
     def _maybe_compact(self):
-        """Bounded log: past compact_at_bytes, fold it into one base image, here in the writer
-        while the caller goes on enqueueing (crash-safe: the new file is written beside the old,
-        fsynced and renamed over it)."""
-        path = self.ckpt.path
-        if not self.compact_at or os.path.getsize(path) <= self.compact_at:
+        """Bounded log: past compact_at_bytes, a BackgroundCompaction folds it into one base
+        image while this writer goes on appending; after a later group, once it is done, the
+        writer swaps the logs (the only pause of its appends: the last records and a rename)."""
+        job = self.compaction
+        if job is not None:
+            if job.done.is_set():
+                self.compaction = None
+                with self.compacting:
+                    self.ckpt.log = job.finish()   # on an error the old log stays in use
+                self.compactions.append(job.stats())
             return
-        t, before = time.perf_counter(), os.path.getsize(path)
-        with self.compacting:
-            log = self.ckpt.log
-            log.close()
-            try:
-                after = compact(path)
-            finally:
-                self.ckpt.log = DeltaLog(path, log.fsync)
-        self.compactions.append({"seconds": time.perf_counter() - t, "bytes_before": before,
-                                 "bytes_after": after, "checkpoint": self.durable_id})
+        if self.compact_at and self.ckpt.log.synced[0] > self.compact_at:
+            self.compaction = BackgroundCompaction(self.ckpt.log)
 
     def _hold(self, cap: _Capture):
         """Start on a capture once the caller has enqueued the next one (or HOLD_S passed, or

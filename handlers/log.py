@@ -198,49 +198,69 @@ def _map(path: str):
         return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
 
 
-def scan_log(path: str) -> Scan:
-    """Read a whole log; never raises for damage after the header (see Scan.problem)."""
+def scan_log(path: str, end: int | None = None) -> Scan:
+    """Read a whole log (or its first `end` bytes); never raises for damage after the header
+    (see Scan.problem)."""
     try:
         data = _map(path)
     except FileNotFoundError:
         raise ConcordiaError(f"{path}: no such log") from None
     except OSError as e:
         raise ConcordiaError(f"{path}: cannot read: {e.strerror}") from None
+    if end is not None:
+        data = memoryview(data)[:end]
     salt, created, version = read_header(path, data)
     scan = Scan(path, salt, created, version, file_size=len(data))
-    view = memoryview(data)   # page payloads are views of the file's bytes, not copies
-    pos, prev, seq = HEADER_SIZE, salt & 0xFFFFFFFF, 0
-    while pos < len(data):
-        if len(data) - pos < RECORD_SIZE:
-            scan.problem = f"torn tail: {len(data) - pos} bytes of an incomplete record header"
-            break
-        kind, _, length, rseq, region = RECORD.unpack_from(data, pos)
-        crc, page = struct.unpack_from("<IQ", data, pos + RECORD.size)
-        if kind not in KIND_NAMES or length > MAX_PAYLOAD:
-            scan.problem = f"bad record header (kind {kind}, length {length})"
-            break
-        end = pos + RECORD_SIZE + length
-        if end > len(data):
-            scan.problem = f"torn tail: record of {length} payload bytes is cut short"
-            break
-        payload = view[pos + RECORD_SIZE:end]
-        if _record_crc(prev, data[pos:pos + RECORD.size], page, payload) != crc:
-            scan.problem = "checksum mismatch (corrupt, reordered or foreign record)"
-            break
-        if rseq != seq + 1:
-            scan.problem = f"sequence {rseq} follows {seq} (duplicated or missing record)"
-            break
-        scan.records.append(Record(kind, rseq, region, page,
-                                   payload if kind in PAGE_KINDS else bytes(payload), pos, crc))
-        if kind == COMMIT:
+    pos, seq = HEADER_SIZE, 0
+    reader = read_records(data, HEADER_SIZE, salt & 0xFFFFFFFF, 0)
+    for rec, rec_end in reader:
+        scan.records.append(rec)
+        if rec.kind == COMMIT:
             scan.commit_ends.append(len(scan.records))
-            scan.committed_end = end
-        pos, prev, seq = end, crc, rseq
-        scan.end = end
+            scan.committed_end = rec_end
+        pos, seq = rec_end, rec.seq
+        scan.end = rec_end
+    scan.problem = reader.problem
     if scan.problem is not None:
         scan.problem_offset = pos
-        _classify_damage(scan, data, pos, seq)
+        _classify_damage(scan, bytes(data) if isinstance(data, memoryview) else data, pos, seq)
     return scan
+
+
+class read_records:
+    """(Record, end offset) of each record from `pos` of `data` whose CRC chain (from `prev`)
+    and sequence (from `seq`) hold; where they stop holding, `problem` says why."""
+
+    def __init__(self, data, pos: int, prev: int, seq: int):
+        self.data, self.pos, self.prev, self.seq = data, pos, prev, seq
+        self.problem: str | None = None
+
+    def __iter__(self):
+        data, pos, prev, seq = self.data, self.pos, self.prev, self.seq
+        view = memoryview(data)   # page payloads are views of the file's bytes, not copies
+        while pos < len(data):
+            if len(data) - pos < RECORD_SIZE:
+                self.problem = f"torn tail: {len(data) - pos} bytes of an incomplete record header"
+                return
+            kind, _, length, rseq, region = RECORD.unpack_from(data, pos)
+            crc, page = struct.unpack_from("<IQ", data, pos + RECORD.size)
+            if kind not in KIND_NAMES or length > MAX_PAYLOAD:
+                self.problem = f"bad record header (kind {kind}, length {length})"
+                return
+            end = pos + RECORD_SIZE + length
+            if end > len(data):
+                self.problem = f"torn tail: record of {length} payload bytes is cut short"
+                return
+            payload = view[pos + RECORD_SIZE:end]
+            if _record_crc(prev, view[pos:pos + RECORD.size], page, payload) != crc:
+                self.problem = "checksum mismatch (corrupt, reordered or foreign record)"
+                return
+            if rseq != seq + 1:
+                self.problem = f"sequence {rseq} follows {seq} (duplicated or missing record)"
+                return
+            yield Record(kind, rseq, region, page,
+                         payload if kind in PAGE_KINDS else bytes(payload), pos, crc), end
+            pos, prev, seq = end, crc, rseq
 
 
 _RECORD_START = re.compile(rb"[\x01-\x05]\x00\x00\x00")   # kind (u16) then reserved (u16) = 0
@@ -316,11 +336,32 @@ class DeltaLog:
             self.layout = None
             self.last_checkpoint = 0
             self.runs = self.scatter = True
+        self._start()
+
+    def _start(self):
+        # where the file was last made whole (flushed, synced per policy): offset, seq, crc
+        self.synced = (self.fh.tell(), self.seq, self.prev_crc)
         self._stop = threading.Event()
         self._syncer = None
-        if fsync == "everysec":
+        if self.fsync == "everysec":
             self._syncer = threading.Thread(target=self._sync_loop, daemon=True)
             self._syncer.start()
+
+    @classmethod
+    def continuing(cls, path: str, fsync: str, salt: int, seq: int, prev_crc: int,
+                   layout: dict | None, last_checkpoint: int) -> "DeltaLog":
+        """A log this process has just written whole and made durable (a compaction's new
+        file), opened for append at its end from the chain state it left, without reading it
+        again."""
+        self = cls.__new__(cls)
+        self.path, self.fsync, self._lock, self._dirty = path, fsync, threading.Lock(), False
+        self.cut_backup, self.salt, self.seq, self.prev_crc = None, salt, seq, prev_crc
+        self.fh = open(path, "r+b", buffering=WRITE_BUFFER)
+        self.fh.seek(0, os.SEEK_END)
+        self.layout, self.last_checkpoint = layout, last_checkpoint
+        self.runs = self.scatter = True
+        self._start()
+        return self
 
     def append(self, kind: int, payload: bytes, region: int = 0, page: int = 0) -> None:
         self.append_many(kind, region, ((page, payload),))
@@ -401,6 +442,7 @@ class DeltaLog:
             if self.fsync == "always":
                 os.fsync(self.fh.fileno())
                 self._dirty = False
+            self.synced = (self.fh.tell(), self.seq, self.prev_crc)
 
     def _sync_loop(self):
         while not self._stop.wait(1.0):
@@ -614,29 +656,41 @@ def compact(path: str, fsync: bool = True) -> int:
     """Rewrite the log as one base image (layout + every page + commit). The new file is
     written beside the old, fsynced, then renamed over it: a crash leaves one or the other.
     Returns the new size in bytes."""
-    scan = scan_log(path)
-    image = committed_image(scan)
+    image = committed_image(scan_log(path))
+    with atomic_writer(path, fsync) as fh:
+        write_base(fh, image)
+    return os.path.getsize(path)
+
+
+def write_base(fh, image: CommittedImage) -> tuple[int, int, int]:
+    """A new log holding `image` as one base image (header, layout, its pages as runs, the
+    commit) into the open file `fh`; returns its chain state (salt, seq, crc) for appends."""
     salt = int.from_bytes(os.urandom(8), "little")
     size = image.layout["page_size"]
-    with atomic_writer(path, fsync) as fh:
-        fh.write(encode_header(salt, time.time()))
-        prev, seq = salt & 0xFFFFFFFF, 0
-        items = [(LAYOUT, 0, 0, json.dumps(image.layout, sort_keys=True).encode())]
-        for desc in sorted(image.layout["regions"], key=lambda d: d["id"]):
-            rid = desc["id"]
-            flat = image.rows[rid].reshape(-1)[:desc["nbytes"]]
-            for first, end in _stretches(image.present[rid], RUN_PAGES):
-                payload = flat[first * size:end * size]
-                items.append((PAGES if end - first > 1 else PAGE, rid, first, payload))
-        items.append((COMMIT, 0, image.checkpoint_id,
-                      json.dumps({**image.info, "compacted": True}, sort_keys=True).encode()))
-        for kind, rid, pg, payload in items:
-            seq += 1
-            head = RECORD.pack(kind, 0, len(payload), seq, rid)
-            prev = _record_crc(prev, head, pg, payload)
-            fh.write(head + struct.pack("<IQ", prev, pg))
-            fh.write(payload)
-    return os.path.getsize(path)
+    fh.write(encode_header(salt, time.time()))
+    prev, seq = salt & 0xFFFFFFFF, 0
+    items = [(LAYOUT, 0, 0, json.dumps(image.layout, sort_keys=True).encode())]
+    for desc in sorted(image.layout["regions"], key=lambda d: d["id"]):
+        rid = desc["id"]
+        flat = image.rows[rid].reshape(-1)[:desc["nbytes"]]
+        for first, end in _stretches(image.present[rid], RUN_PAGES):
+            items.append((PAGES if end - first > 1 else PAGE, rid, first,
+                          flat[first * size:end * size]))
+    items.append((COMMIT, 0, image.checkpoint_id,
+                  json.dumps({**image.info, "compacted": True}, sort_keys=True).encode()))
+    for kind, rid, pg, payload in items:
+        seq += 1
+        prev = write_record(fh, prev, kind, seq, rid, pg, payload)
+    return salt, seq, prev
+
+
+def write_record(fh, prev: int, kind: int, seq: int, region: int, page: int, payload) -> int:
+    """One record, chained after `prev`, into `fh`; returns its crc."""
+    head = RECORD.pack(kind, 0, len(payload), seq, region)
+    crc = _record_crc(prev, head, page, payload)
+    fh.write(head + struct.pack("<IQ", crc, page))
+    fh.write(payload)
+    return crc
 
 
 def _stretches(present: np.ndarray, longest: int):

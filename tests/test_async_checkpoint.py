@@ -2,6 +2,7 @@
 present; the ring applies backpressure or coalesces; a writer error surfaces on the next call;
 ready checkpoints share an fsync; a SIGKILL never loses a checkpoint reported durable; on cuda
 the capture is ordered in the caller's stream (a write enqueued after it is not in it)."""
+import json
 import os
 import signal
 import subprocess
@@ -355,3 +356,46 @@ def test_bad_ring_settings_are_refused_at_construction_in_one_line(tmp_path, kwa
         Checkpointer(rt, {"kv": rt.zeros(N, np.float32)}, str(tmp_path / "x.clog"), **kwargs)
     assert str(e.value) == message
     assert not (tmp_path / "x.clog").exists()   # refused before anything was created
+
+
+def test_compaction_beside_the_appends_keeps_every_commit(tmp_path, monkeypatch):
+    """A BackgroundCompaction folds the durable prefix while checkpoints go on into the old
+    file; its thread copies them over in rounds (a tiny catch-up bound forces them) and finish()
+    copies the rest and swaps: the new log holds every commit, restores to the last state and
+    takes appends; abandoning one instead leaves the old log whole and no stray file."""
+    from concordia.handlers import compaction as hc
+    from concordia.handlers.log import COMMIT
+    monkeypatch.setattr(hc, "CATCH_UP_BYTES", 1)
+    rt = Runtime("reference")
+    kv = rt.to_device(np.zeros(N, np.float32))
+    path = str(tmp_path / "c.clog")
+    ck = Checkpointer(rt, {"kv": kv}, path)
+    host = np.zeros(N, np.float32)
+
+    def steps(first, end):
+        for s in range(first, end):
+            host[(s * 1024) % N] = s + 1
+            kv.write(host)
+            ck.checkpoint()
+    steps(0, 30)
+    job = hc.BackgroundCompaction(ck.log)
+    steps(30, 60)                       # appends go on while it runs
+    assert job.done.wait(60) and job.error is None
+    ck.log = job.finish()
+    steps(60, 65)                       # the new file takes appends
+    ck.close()
+    scan = scan_log(path)
+    assert scan.problem is None and scan.last_checkpoint == ck.checkpoint_id == 65
+    commits = [r for r in scan.records if r.kind == COMMIT]
+    assert json.loads(commits[0].payload)["compacted"] and commits[0].page == 30   # the prefix
+    assert [r.page for r in commits[1:]] == list(range(31, 66))   # then each one, re-chained
+    np.testing.assert_array_equal(restored(path)["kv"].numpy(), host)
+    assert not os.path.exists(path + ".compacting")
+    ck = Checkpointer(rt, {"kv": kv}, path)
+    job = hc.BackgroundCompaction(ck.log)
+    assert job.done.wait(60)
+    job.abandon()
+    steps(65, 67)
+    ck.close()
+    assert not os.path.exists(path + ".compacting")
+    np.testing.assert_array_equal(restored(path)["kv"].numpy(), host)

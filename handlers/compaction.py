@@ -1,0 +1,115 @@
+"""Compaction beside the appends (Redis's AOF rewrite): the log folds into one base image
+while the checkpoint writer goes on appending to it.
+
+A thread reads the log's durable prefix (up to `DeltaLog.synced`, which no append touches
+again), folds it into a base image and writes it to `<log>.compacting`. Then it copies what
+the writer appended meanwhile into the new file, each record verified on its old chain and
+re-chained on the new one, in rounds, until what is left is small. The writer ends the job
+between two group commits: the last few records, an fsync, and a rename over the log
+(`finish`): only that much stops the appends.
+
+A crash at any point leaves a whole log: before the rename the old one (and a stale
+`.compacting` file, rewritten by the next compaction), after it the new one, which holds
+every record that was durable in the old.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+from concordia_ir.errors import LogError
+
+from .durable import fsync_dir
+from .log import (COMMIT, LAYOUT, DeltaLog, committed_image, read_records, scan_log, write_base,
+                  write_record)
+
+# appended bytes the writer copies itself at the swap at most (the rest the thread copies)
+CATCH_UP_BYTES = 16 << 20
+
+
+class BackgroundCompaction:
+    """One compaction of `log` (a DeltaLog the caller keeps appending to): started at once;
+    `done` is set when the writer may `finish()` it."""
+
+    def __init__(self, log: DeltaLog):
+        self.log, self.path, self.new_path = log, log.path, log.path + ".compacting"
+        self.copied, seq, prev = log.synced   # the prefix folded; the old chain's state there
+        self.old_chain = (seq, prev)
+        self.bytes_before, self.started = self.copied, time.perf_counter()
+        self.swap_s = 0.0
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.fh = None
+        self.thread = threading.Thread(target=self._run, name="concordia-compaction", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            image = committed_image(scan_log(self.path, end=self.copied))
+            self.layout, self.last_checkpoint = image.layout, image.checkpoint_id
+            self.fh = open(self.new_path, "wb")
+            self.salt, self.seq, self.prev = write_base(self.fh, image)
+            while self.log.synced[0] - self.copied > CATCH_UP_BYTES:
+                self._copy_tail(self.log.synced[0])
+        except BaseException as e:   # surfaced by finish(); the old log is untouched
+            self.error = e
+        finally:
+            self.done.set()
+
+    def _copy_tail(self, end: int) -> None:
+        """The old log's records in [copied, end), verified and re-chained into the new file."""
+        with open(self.path, "rb") as f:
+            f.seek(self.copied)
+            data = f.read(end - self.copied)
+        seq, prev = self.old_chain
+        reader, at = read_records(data, 0, prev, seq), 0
+        for rec, at in reader:
+            self.seq += 1
+            self.prev = write_record(self.fh, self.prev, rec.kind, self.seq, rec.region, rec.page,
+                                     rec.payload)
+            seq, prev = rec.seq, rec.crc
+            if rec.kind == LAYOUT:
+                self.layout = json.loads(rec.payload)
+            elif rec.kind == COMMIT:
+                self.last_checkpoint = rec.page
+        if at != len(data):
+            raise LogError(self.path, self.copied + at, f"compaction stopped: {reader.problem}")
+        self.copied, self.old_chain = end, (seq, prev)
+
+    def finish(self) -> DeltaLog:
+        """In the writer, with no append under way: the records left, fsync, rename over the
+        log; returns the new log, open for append. On an error the old log stays in use (the
+        caller keeps its DeltaLog) and the error is raised."""
+        self.thread.join()
+        t0 = time.perf_counter()
+        try:
+            if self.error is not None:
+                raise self.error
+            self._copy_tail(self.log.synced[0])
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()
+        except BaseException:
+            self.abandon()
+            raise
+        self.log.close()
+        os.replace(self.new_path, self.path)
+        fsync_dir(self.path)
+        self.swap_s = time.perf_counter() - t0
+        return DeltaLog.continuing(self.path, self.log.fsync, self.salt, self.seq, self.prev,
+                                   self.layout, self.last_checkpoint)
+
+    def abandon(self) -> None:
+        """Drop the new file (the old log is whole and stays)."""
+        self.thread.join()
+        if self.fh is not None and not self.fh.closed:
+            self.fh.close()
+        if os.path.exists(self.new_path):
+            os.remove(self.new_path)
+
+    def stats(self) -> dict:
+        return {"seconds": time.perf_counter() - self.started, "swap_seconds": self.swap_s,
+                "bytes_before": self.bytes_before, "bytes_copied": self.copied,
+                "bytes_after": os.path.getsize(self.path), "checkpoint": self.last_checkpoint}
