@@ -23,7 +23,11 @@ from bench.common import environment, table, write_result  # noqa: E402
 from concordia import Ptr, Runtime, f32, global_id, i32, kernel, u32  # noqa: E402
 from concordia.handlers.persistent import PersistentRuntime  # noqa: E402
 
-BLOCK = 256
+# work-items a group, the ring's and the launches' alike. 512 from H100 runs: with 256, a
+# 1 MiB task (16 virtual groups a record) missed 1.0x a launch in 2 of 3 runs (up to 1.18x);
+# with 1024 the smallest tasks crept up to 0.47-0.50x; 512 met every cell in both of its runs
+# (1 MiB at 0.82-0.995x; bench/results/dispatch-h100-block*.json)
+BLOCK = 512
 PAYLOADS = (256, 4096, 65536, 1 << 20)          # bytes a task touches
 TARGET_SMALL, TARGET_LARGE, TARGET_RATE = 0.5, 1.0, 3.0
 

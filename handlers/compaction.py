@@ -51,12 +51,18 @@ class BackgroundCompaction:
             self.layout, self.last_checkpoint = image.layout, image.checkpoint_id
             self.fh = open(self.new_path, "wb")
             self.salt, self.seq, self.prev = write_base(self.fh, image)
+            self._sync()
             while self.log.synced[0] - self.copied > CATCH_UP_BYTES:
                 self._copy_tail(self.log.synced[0])
+                self._sync()   # here, not in finish: the swap flushes only its last records
         except BaseException as e:   # surfaced by finish(); the old log is untouched
             self.error = e
         finally:
             self.done.set()
+
+    def _sync(self):
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
 
     def _copy_tail(self, end: int) -> None:
         """The old log's records in [copied, end), verified and re-chained into the new file."""
@@ -88,8 +94,7 @@ class BackgroundCompaction:
             if self.error is not None:
                 raise self.error
             self._copy_tail(self.log.synced[0])
-            self.fh.flush()
-            os.fsync(self.fh.fileno())
+            self._sync()
             self.fh.close()
         except BaseException:
             self.abandon()

@@ -226,7 +226,10 @@ def test_sigkill_never_loses_a_checkpoint_reported_durable(tmp_path, seed):
     reported = []
     reader = threading.Thread(target=lambda: reported.extend(int(x) for x in child.stdout))
     reader.start()
-    time.sleep(1.0 + (seed * 7919 % 997) / 997)   # spread over a second of checkpoints
+    start = time.monotonic()   # the kill lands after the child's first report (its imports
+    while not reported and child.poll() is None and time.monotonic() - start < 120:   # vary)
+        time.sleep(0.01)
+    time.sleep((seed * 7919 % 997) / 997)   # spread over a second of checkpoints
     child.send_signal(signal.SIGKILL)
     child.wait()
     reader.join()
