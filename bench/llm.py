@@ -196,7 +196,8 @@ def main(argv=None) -> int:
     name = a.name or f"llm-{a.config}"
     result = {"env": env, "config": a.config, "backend": a.backend or "default",
               "prompt": a.prompt, "tokens": a.tokens, "fsync": a.fsync, "kinds": kinds,
-              "cuda_graph": not a.no_graph, "page_size": a.page_size, "repeats": a.repeats, "when_full": a.when_full,
+              "cuda_graph": not a.no_graph, "page_size": a.page_size, "repeats": a.repeats,
+              "when_full": a.when_full,
               "checkpoint_every_steps": 1, "paper": PAPER,
               "targets": {"overhead_pct": "< 2", "recovery_s": "< 1.5"}, "rows": rows}
     path = write_result(name, result)

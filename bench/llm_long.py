@@ -39,11 +39,11 @@ def main() -> int:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     log = os.path.join(tempfile.mkdtemp(prefix="concordia-long-"), "long.clog")
     common = ["--config", a.config, "--device", device, "--batch", str(a.batch), "--prompt", "16",
-              "--tokens", str(a.tokens), "--rounds", str(a.rounds), "--log", log]
-    args = L.parse_args([*common, "--every", "1", "--async", "--when-full", "coalesce",
-                    "--compact-at-mb", str(a.compact_at_mb),
-                    *(["--backend", a.backend] if a.backend else [])])
-    plain = L.DecodeRun(L.parse_args([*common[:-2]]))   # the same loop, no checkpoints
+              "--tokens", str(a.tokens), "--rounds", str(a.rounds)]
+    args = L.parse_args([*common, "--log", log, "--every", "1", "--async", "--when-full",
+                         "coalesce", "--compact-at-mb", str(a.compact_at_mb),
+                         *(["--backend", a.backend] if a.backend else [])])
+    plain = L.DecodeRun(L.parse_args(common))   # the same loop, no checkpoints
     t0 = time.perf_counter()
     plain.generate()
     plain_tok_s = len(plain.step_seconds) * a.batch / (time.perf_counter() - t0)
@@ -63,7 +63,7 @@ def main() -> int:
     steps = len(run.step_seconds)
     live = sum(t.numel() * t.element_size() for t in (run.model.kv, run.model.adapter, run.sched.state))
     # recovery: a new DecodeRun (the model is loaded) restores and makes its first token
-    args_r = L.parse_args([*common, "--resume"])
+    args_r = L.parse_args([*common, "--log", log, "--resume"])
     rec_run = L.DecodeRun(args_r)
     t = time.perf_counter()
     rec = rec_run.resume(a.backend or rec_run.default_backend())

@@ -60,7 +60,7 @@ def trace(config, batch, tokens, page_size, out):
                       "--page-size", str(page_size)])
     run = L.DecodeRun(a)
     run.open_checkpointer()
-    steps = tokens - 1
+    steps = run.max_len - 1   # every decode step, the prompt's included, is in the trace
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run.generate()
     run.ckpt.close()

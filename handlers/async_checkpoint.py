@@ -182,9 +182,9 @@ class CheckpointWriter:
         # (Gathering into device memory and copying out on the writer's stream was measured
         # slower on an H100: the writer's copy waited a decode step's length; docs/checkpointing.md)
         staging = rt.mapped(cap * r.words_per_page, np.uint32)
-        host_data = staging.host.view(np.uint8)
         rs = _RegionSlot(cap, rt.empty(cap, np.int32), rt.zeros(1, np.int32), staging,
-                         b.pinned(cap * 4).view(np.int32), b.pinned(4).view(np.int32), host_data)
+                         b.pinned(cap * 4).view(np.int32), b.pinned(4).view(np.int32),
+                         staging.host.view(np.uint8))
         rs.host_count[0] = 0
         counted = hk.counted_page_gatherer(r.words_per_page, r.n_words)
         if st.scanner is not None:   # the list comes from the scanner: no shadow to update
@@ -325,10 +325,8 @@ class CheckpointWriter:
             self.pending.put(None)
             self.thread.join()
             if self.compaction is not None:   # one under way ends whole, or not at all
-                job, self.compaction = self.compaction, None
                 try:
-                    self.ckpt.log = job.finish()
-                    self.compactions.append(job.stats())
+                    self._end_compaction()
                 except Exception as e:   # the old log is whole and stays in use
                     self.compactions.append({"error": str(e)})
 
@@ -368,16 +366,18 @@ class CheckpointWriter:
         """Bounded log: past compact_at_bytes, a BackgroundCompaction folds it into one base
         image while this writer goes on appending; after a later group, once it is done, the
         writer swaps the logs (the only pause of its appends: the last records and a rename)."""
-        job = self.compaction
-        if job is not None:
-            if job.done.is_set():
-                self.compaction = None
-                with self.compacting:
-                    self.ckpt.log = job.finish()   # on an error the old log stays in use
-                self.compactions.append(job.stats())
-            return
-        if self.compact_at and self.ckpt.log.synced[0] > self.compact_at:
+        if self.compaction is not None:
+            if self.compaction.done.is_set():
+                self._end_compaction()
+        elif self.compact_at and self.ckpt.log.synced[0] > self.compact_at:
             self.compaction = BackgroundCompaction(self.ckpt.log)
+
+    def _end_compaction(self):
+        """Swap in the compacted log (on an error the old log stays in use, and it raises)."""
+        job, self.compaction = self.compaction, None
+        with self.compacting:
+            self.ckpt.log = job.finish()
+        self.compactions.append(job.stats())
 
     def _hold(self, cap: _Capture):
         """Start on a capture once the caller has enqueued the next one (or HOLD_S passed, or

@@ -73,8 +73,8 @@ class BackgroundCompaction:
         reader, at = read_records(data, 0, prev, seq), 0
         for rec, at in reader:
             self.seq += 1
-            self.prev = write_record(self.fh, self.prev, rec.kind, self.seq, rec.region, rec.page,
-                                     rec.payload)
+            self.prev = write_record(self.fh.write, self.prev, rec.kind, self.seq, rec.region,
+                                     rec.page, rec.payload)
             seq, prev = rec.seq, rec.crc
             if rec.kind == LAYOUT:
                 self.layout = json.loads(rec.payload)

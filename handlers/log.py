@@ -160,11 +160,19 @@ def _record_crc(prev: int, head: bytes, page: int, payload: bytes) -> int:
     return crc32c.crc32c(payload, c)
 
 
-def encode_record(prev_crc: int, kind: int, seq: int, region: int, page: int,
-                  payload: bytes) -> tuple[bytes, int]:
-    head = RECORD.pack(kind, 0, len(payload), seq, region)
-    crc = _record_crc(prev_crc, head, page, payload)
-    return head + struct.pack("<IQ", crc, page) + payload, crc
+def write_record(write, prev: int, kind: int, seq: int, region: int, page: int, *parts) -> int:
+    """One record, chained after the crc `prev`, through `write` (a file's write): its head,
+    then its payload's `parts` (bytes-like, one byte an item) as they are, with no copy; two
+    CRC calls and a write a part. Returns its crc. Every writer of records goes through here
+    (the CRC input prev|head|page is packed at once: the same bytes _record_crc reads)."""
+    size = sum(len(part) for part in parts)
+    crc = crc32c.crc32c(_CRC_INPUT.pack(prev, kind, 0, size, seq, region, page))
+    for part in parts:
+        crc = crc32c.crc32c(part, crc)
+    write(_RECORD_HEAD.pack(kind, 0, size, seq, region, crc, page))
+    for part in parts:
+        write(part)
+    return crc
 
 
 def encode_header(salt: int, created: float) -> bytes:
@@ -370,17 +378,11 @@ class DeltaLog:
         """Append (page, payload) records of one kind and region; returns how many. Head and
         payload are written separately into the file's buffer: no copy of the payload."""
         n = 0
-        # the hot loop of a checkpoint writer: two CRC calls and two writes a record (the CRC
-        # input prev|head|page packed at once: the same bytes _record_crc reads)
-        crc_input, record_head, crc = _CRC_INPUT.pack, _RECORD_HEAD.pack, crc32c.crc32c
         with self._lock:
             write, prev, seq = self.fh.write, self.prev_crc, self.seq
             for page, payload in items:
                 seq += 1
-                size = len(payload)
-                prev = crc(payload, crc(crc_input(prev, kind, 0, size, seq, region, page)))
-                write(record_head(kind, 0, size, seq, region, prev, page))
-                write(payload)
+                prev = write_record(write, prev, kind, seq, region, page, payload)
                 n += 1
             self.prev_crc, self.seq = prev, seq
             self._dirty = True
@@ -408,18 +410,14 @@ class DeltaLog:
         if not self.scatter or n < 2:
             return self.append_pages(region, page_size, sorted(
                 zip(pages.tolist(), (rows[k] for k in range(n)))))
-        crc_input, record_head, crc = _CRC_INPUT.pack, _RECORD_HEAD.pack, crc32c.crc32c
         index = np.asarray(pages, "<u8")
         with self._lock:
             write, prev, seq = self.fh.write, self.prev_crc, self.seq
             for at in range(0, n, longest):
-                ids, data = index[at:at + longest], rows[at:at + longest]
+                ids = index[at:at + longest]
                 seq += 1
-                size, count = ids.nbytes + data.nbytes, len(ids)
-                prev = crc(data, crc(ids, crc(crc_input(prev, SCATTER, 0, size, seq, region, count))))
-                write(record_head(SCATTER, 0, size, seq, region, prev, count))
-                write(ids)
-                write(data)
+                prev = write_record(write, prev, SCATTER, seq, region, len(ids),
+                                    ids.view(np.uint8), rows[at:at + longest].reshape(-1))
             self.prev_crc, self.seq = prev, seq
             self._dirty = True
         return n
@@ -536,18 +534,6 @@ class CommittedImage:
     present: dict[int, np.ndarray]   # region id -> bool per page: the log held it
     checkpoint_id: int
     info: dict
-
-    @property
-    def pages(self) -> dict[int, dict[int, memoryview]]:
-        """region id -> page index -> bytes (views) of the pages the log held, the last one
-        cut to the region's size (a per-page view, for tools; restore uses the rows)."""
-        out = {}
-        for desc in self.layout["regions"]:
-            rid, rows, size = desc["id"], self.rows[desc["id"]], self.layout["page_size"]
-            flat = memoryview(rows.reshape(-1))[:desc["nbytes"]]
-            out[rid] = {int(p): flat[p * size:(p + 1) * size]
-                        for p in np.flatnonzero(self.present[rid])}
-        return out
 
 
 def committed_image(scan: Scan, checkpoint: int | None = None) -> CommittedImage:
@@ -680,17 +666,8 @@ def write_base(fh, image: CommittedImage) -> tuple[int, int, int]:
                   json.dumps({**image.info, "compacted": True}, sort_keys=True).encode()))
     for kind, rid, pg, payload in items:
         seq += 1
-        prev = write_record(fh, prev, kind, seq, rid, pg, payload)
+        prev = write_record(fh.write, prev, kind, seq, rid, pg, payload)
     return salt, seq, prev
-
-
-def write_record(fh, prev: int, kind: int, seq: int, region: int, page: int, payload) -> int:
-    """One record, chained after `prev`, into `fh`; returns its crc."""
-    head = RECORD.pack(kind, 0, len(payload), seq, region)
-    crc = _record_crc(prev, head, page, payload)
-    fh.write(head + struct.pack("<IQ", crc, page))
-    fh.write(payload)
-    return crc
 
 
 def _stretches(present: np.ndarray, longest: int):

@@ -21,14 +21,15 @@ def pages_touched(start: np.ndarray, nbytes: int, page_size: int) -> np.ndarray:
     return np.unique(pages[pages <= last[:, None]]).astype(np.int32)
 
 
-
 def row_page_size(row_bytes: int) -> int:
     """The log's page for a cache written a row of `row_bytes` at a time: the largest power of
     two not above a row, from 256 B (smaller pages make a base image of too many pages) to
     4 KiB. A page of about a row logs what a decode step wrote, not the rows around it: at
-    batch 8 on an H100, 2 KiB rows in 4 KiB pages doubled the bytes and cost 13 % of the
-    decode rate where 2 KiB pages cost 4 % (bench/results/llm-qwen3-0.6b-*-h100.json)."""
+    batch 8 on an H100, Qwen3-0.6B's 2 KiB rows in 4 KiB pages logged 1.84 MB a step, in 2 KiB
+    pages 0.92 MB, and the capture's gather over the bus fell by 41 % (profile_async --trace;
+    bench/results/profile_async-trace-h100.json)."""
     return max(256, min(4096, 1 << (max(1, row_bytes).bit_length() - 1)))
+
 
 class KVBlockScanner:
     """Dirty pages of a paged KV cache, from the decode loop's own writes.

@@ -148,3 +148,7 @@ def test_checkpoints_log_only_what_changed(tmp_path):
 def test_bad_arguments_are_one_line():
     r = decode("--resume")
     assert r.returncode == 2 and "--resume needs --log" in r.stderr and "Traceback" not in r.stderr
+    for bad, says in ((["--page-size", "1000"], "--page-size must be a power of two >= 256"),
+                      (["--rounds", "0"], "and --rounds must be >= 1")):
+        r = decode(*bad)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr

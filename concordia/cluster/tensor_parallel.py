@@ -156,7 +156,7 @@ def commit_position(scan, checkpoint: int | None = None) -> int:
     """The decode position (the scheduler's kv_len) a commit holds."""
     image = committed_image(scan, checkpoint)
     sched = next(r for r in image.layout["regions"] if r["name"] == "sched")
-    return int(np.frombuffer(bytes(image.pages[sched["id"]][0][:4]), np.int32)[0])
+    return int(image.rows[sched["id"]][0, :4].view(np.int32)[0])
 
 
 class TPCoordinator(Coordinator):
