@@ -95,8 +95,9 @@ class Backend(ABC):
 
     graphs = False   # capture / launch_graph exist
 
-    def capture(self, record):
-        """What `record(stream)` enqueues, as one replayable graph (backends with graphs)."""
+    def capture(self, *records):
+        """What each `record(stream)` enqueues, as one replayable graph whose records run as
+        parallel branches, joined at its end (backends with graphs)."""
         raise NotImplementedError(f"backend {self.name!r} has no graphs")
 
     def launch_graph(self, graph, stream) -> None:

@@ -6,6 +6,7 @@ hip_on_cuda.h: it checks the HIP text's semantics on NVIDIA hardware until AMD h
 from __future__ import annotations
 
 import ctypes
+import gc
 
 import os
 
@@ -284,17 +285,40 @@ class CUDABackend(Backend):
 
     graphs = True
 
-    def capture(self, record):
-        """What `record(stream)` enqueues, captured once as a CUDA graph and instantiated:
+    def capture(self, *records):
+        """What each `record(stream)` enqueues, captured once as a CUDA graph and instantiated:
         launch_graph replays it with one call (the buffers and pinned sources it names are
-        read again at each replay)."""
+        read again at each replay). Each record is a branch of its own, forked from the
+        graph's start and joined at its end: independent chains run side by side instead of
+        one node after another."""
         driver = _driver()
         stream = self.new_stream()
+        if not hasattr(self, "_branch_streams"):
+            self._branch_streams = []
+        while len(self._branch_streams) < len(records) - 1:
+            self._branch_streams.append(self.new_stream())
         mode = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+        # no collection while capturing: a finalizer it runs in this thread (another library's
+        # pinned-memory free, event destroy) is an unsafe call that invalidates the capture
+        # (seen on an H100: CUDA_ERROR_STREAM_CAPTURE_INVALIDATED, now and then)
+        collecting = gc.isenabled()
+        gc.collect()
+        gc.disable()
         _check(driver.cuStreamBeginCapture(stream, mode), "cuStreamBeginCapture")
         try:
-            record(stream)
+            fork = self.record_event(stream)
+            joins = []
+            for record, branch in zip(records[1:], self._branch_streams):
+                _check(driver.cuStreamWaitEvent(branch, fork, 0), "cuStreamWaitEvent")
+                record(branch)
+                joins.append(self.record_event(branch))
+            if records:
+                records[0](stream)
+            for join in joins:
+                _check(driver.cuStreamWaitEvent(stream, join, 0), "cuStreamWaitEvent")
         finally:
+            if collecting:
+                gc.enable()
             graph = _check(driver.cuStreamEndCapture(stream), "cuStreamEndCapture")
         return _check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
 

@@ -176,6 +176,10 @@ class Qwen3Decoder:
         """The step's inputs live in fixed tensors (what a CUDA graph reads on each replay)."""
         max_blocks = -(-max_len // self.block_size)
         self.tokens_in = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        # the next tokens come back through pinned memory, behind the step in its stream
+        cuda = self.device.type == "cuda"
+        self.out_host = torch.empty(batch, dtype=torch.int32, pin_memory=cuda)
+        self.out_ready = torch.cuda.Event() if cuda else None
         self.pos_in = torch.zeros((), dtype=torch.int64, device=self.device)
         self.table_in = torch.zeros(batch, max_blocks, dtype=torch.int64, device=self.device)
         self.positions = torch.arange(max_blocks * self.block_size, device=self.device)
@@ -211,6 +215,17 @@ class Qwen3Decoder:
             return out
         self.graph.replay()
         return self.next_out
+
+    def read_back(self, out: torch.Tensor):
+        """Start copying a step's next tokens to the host; the returned callable waits for them.
+        The copy is enqueued at once, behind the step: work enqueued after it (a checkpoint's
+        capture) then runs while the host handles the tokens and launches the next step,
+        instead of before the host can have them."""
+        if self.out_ready is None:
+            return lambda: out.cpu().numpy()
+        self.out_host.copy_(out, non_blocking=True)
+        self.out_ready.record()
+        return lambda: (self.out_ready.synchronize(), self.out_host.numpy().copy())[1]
 
     @torch.inference_mode()
     def step(self) -> torch.Tensor:
@@ -264,6 +279,10 @@ class Scheduler:
         n = self.HEAD + batch * self.max_blocks + batch * max_len
         self.state = torch.zeros(n, dtype=torch.int32, device=device)
         self.host = np.zeros(n, np.int32)
+        # publish's source: pinned, so the copy is enqueued and the host goes on (a pageable
+        # copy holds the host until it is done, while the device waits for the next step)
+        self.staged = torch.empty(n, dtype=torch.int32, pin_memory=True) \
+            if torch.device(device).type == "cuda" else None
 
     def table(self):
         return self.host[self.HEAD:self.HEAD + self.batch * self.max_blocks].reshape(
@@ -293,8 +312,14 @@ class Scheduler:
         return True
 
     def publish(self):
-        """Host bookkeeping -> the device tensor (what gets checkpointed)."""
-        self.state.copy_(torch.from_numpy(self.host))
+        """Host bookkeeping -> the device tensor (what gets checkpointed). The pinned copy is
+        read when the stream reaches it: the decode loop writes it again only after it has
+        waited for a later point of that stream (the step's tokens)."""
+        if self.staged is None:
+            self.state.copy_(torch.from_numpy(self.host))
+            return
+        self.staged.numpy()[:] = self.host
+        self.state.copy_(self.staged, non_blocking=True)
 
     def load(self):
         self.host[:] = self.state.cpu().numpy()
@@ -438,12 +463,12 @@ class DecodeRun:
             if a.async_checkpoints and due(pos):
                 s.host[0] = pos
                 s.publish()
-            nxt_dev = m.launch(s.tokens()[:, pos], pos)
+            tokens = m.read_back(m.launch(s.tokens()[:, pos], pos))
             if hasattr(self.scanner, "mark"):   # a host scanner: told what the step wrote
                 self.scanner.mark(s.table()[:, pos // a.block_size], np.full(a.batch, pos % a.block_size))
             if a.async_checkpoints and due(pos):
                 self.checkpoint_async(pos)
-            nxt = nxt_dev.cpu().numpy()
+            nxt = tokens()
             pos += 1
             s.host[0] = pos
             if pos >= s.host[1]:            # past the prompt: greedy next token

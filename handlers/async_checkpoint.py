@@ -150,7 +150,7 @@ class CheckpointWriter:
                 self.free.put(_Slot([]))
                 continue
             slot = _Slot([self._region_slot(st, slot_bytes) for st in ckpt.states])
-            slot.graph = self.backend.capture(lambda stream, slot=slot: self._record(slot, stream))
+            slot.graph = self.backend.capture(*self._branches(slot))
             self.free.put(slot)
         self.pending: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
@@ -247,30 +247,32 @@ class CheckpointWriter:
         """A synchronous checkpoint (Checkpointer.checkpoint) was committed: it is the newest."""
         self.durable_id = self.enqueued_id = self.processed_id = checkpoint_id
 
-    def _record(self, slot: _Slot, stream):
-        """The slot's device work, as its graph holds it: page lists and counts from the slot's
-        pinned memory (read at each replay), scans and gathers over the capacity (groups past
-        a list's count idle)."""
-        b = self.backend
-        for st, rs in zip(self.ckpt.states, slot.regions):
-            if rs is None:
-                continue
-            if _device_listed(st):   # the block table names the pages; the device keeps `last`
-                rs.launches["list"](stream)
-                rs.launches["advance"](1, stream)
-                rs.launches["gather"](rs.capacity, stream)
-                b.copy_out_on(stream, rs.count.handle, rs.host_count)
-                b.copy_out_on(stream, rs.pages.handle, rs.host_pages)
-            elif st.scanner is not None:
-                b.copy_in_on(stream, rs.count.handle, rs.host_count)
-                b.copy_in_on(stream, rs.pages.handle, rs.host_pages)
-                rs.launches["gather"](rs.capacity, stream)
-            else:
-                b.memset32_on(stream, rs.count.handle, 0, 1)
-                rs.launches["scan"](st.region.n_pages, stream)
-                rs.launches["gather"](rs.capacity, stream)
-                b.copy_out_on(stream, rs.count.handle, rs.host_count)   # what the scan found
-                b.copy_out_on(stream, rs.pages.handle, rs.host_pages)
+    def _branches(self, slot: _Slot) -> list:
+        """The slot's device work, as its graph holds it: a branch per region (regions are
+        independent, so their chains run side by side). Page lists and counts come from the
+        slot's pinned memory (read at each replay) or from the device; the gathers stride
+        over the list (hk.GATHER_GROUPS groups at most)."""
+        return [lambda stream, st=st, rs=rs: self._record_region(st, rs, stream)
+                for st, rs in zip(self.ckpt.states, slot.regions) if rs is not None]
+
+    def _record_region(self, st, rs: _RegionSlot, stream):
+        b, groups = self.backend, min(rs.capacity, hk.GATHER_GROUPS)
+        if _device_listed(st):   # the block table names the pages; the device keeps `last`
+            rs.launches["list"](stream)
+            rs.launches["advance"](1, stream)
+            rs.launches["gather"](groups, stream)
+            b.copy_out_on(stream, rs.count.handle, rs.host_count)
+            b.copy_out_on(stream, rs.pages.handle, rs.host_pages)
+        elif st.scanner is not None:
+            b.copy_in_on(stream, rs.count.handle, rs.host_count)
+            b.copy_in_on(stream, rs.pages.handle, rs.host_pages)
+            rs.launches["gather"](groups, stream)
+        else:
+            b.memset32_on(stream, rs.count.handle, 0, 1)
+            rs.launches["scan"](st.region.n_pages, stream)
+            rs.launches["gather"](groups, stream)
+            b.copy_out_on(stream, rs.count.handle, rs.host_count)   # what the scan found
+            b.copy_out_on(stream, rs.pages.handle, rs.host_pages)
 
     def _capture_with_graph(self, cap: _Capture, stream):
         """Fill the slot's pinned page lists, replay its graph, record its event: the whole

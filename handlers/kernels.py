@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from concordia_ir import (Ptr, atomic_add, atomic_max, barrier, global_id, group_id, i32, i64,
-                          kernel, local_array, local_id, u32)
+                          kernel, local_array, local_id, num_groups, u32)
 
 GROUP = 256  # work-items per page; every handler is launched with groups of this size
 
@@ -131,19 +131,24 @@ def page_gatherer(words_per_page: int, n_words: int):
     return gather_pages
 
 
+# work-groups of a counted gather: about as many as an H100 holds at once (132 SMs x 8 groups
+# of 256), so one pass takes every page; a launch over the list's capacity (8,192 groups for
+# 16 MiB of 2 KiB pages) spent its time starting groups that found nothing to copy
+GATHER_GROUPS = 1024
+
+
 @lru_cache(maxsize=None)
 def counted_page_gatherer(words_per_page: int, n_words: int):
     """page_gatherer for a page list whose length is on the device (count[0], written by a
-    scan in the same stream): launched over the list's capacity, groups past the count idle.
-    The asynchronous checkpoint uses it so that the host never waits to learn the count."""
+    scan in the same stream): a fixed grid (at most GATHER_GROUPS groups) strides over the
+    list, so the host never waits to learn the count. The asynchronous checkpoint uses it."""
     WPP, NW, STEP = words_per_page, n_words, GROUP
     WHOLE = n_words % words_per_page == 0
 
     @kernel
     def gather_counted(cur: Ptr[u32], shadow: Ptr[u32], pages: Ptr[i32], count: Ptr[i32],
                        staging: Ptr[u32], update_shadow: i32):
-        slot = group_id(0)
-        if slot < count[0]:
+        for slot in range(group_id(0), count[0], num_groups(0)):
             base = i64(pages[slot]) * WPP
             out = i64(slot) * WPP
             for w in range(local_id(0), WPP, STEP):

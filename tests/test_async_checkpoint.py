@@ -402,3 +402,25 @@ def test_compaction_beside_the_appends_keeps_every_commit(tmp_path, monkeypatch)
     ck.close()
     assert not os.path.exists(path + ".compacting")
     np.testing.assert_array_equal(restored(path)["kv"].numpy(), host)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_counted_gather_strides_over_a_list_longer_than_its_grid(backend):
+    """Three groups take seven listed pages (and leave the staging past the count alone)."""
+    from concordia.handlers import kernels as hk
+    rt = Runtime(backend)
+    wpp, n_pages = 64, 12
+    src = np.arange(wpp * n_pages, dtype=np.uint32)
+    listed = np.array([9, 2, 11, 0, 5, 7, 3, 1], np.int32)   # the count says 7: the last is not
+    cur, pages, count = rt.to_device(src), rt.to_device(listed), rt.to_device(np.array([7], np.int32))
+    staging = rt.to_device(np.full(8 * wpp, 0xDEAD, np.uint32))
+    shadow = rt.to_device(np.zeros_like(src))
+    gather = hk.counted_page_gatherer(wpp, src.size)
+    rt.launch(gather, global_size=3 * hk.GROUP, local_size=hk.GROUP,
+              args=(cur, shadow, pages, count, staging, np.int32(1)))
+    got = staging.numpy().reshape(8, wpp)
+    np.testing.assert_array_equal(got[:7], src.reshape(n_pages, wpp)[listed[:7]])
+    assert (got[7] == 0xDEAD).all()
+    sh = shadow.numpy().reshape(n_pages, wpp)   # update_shadow: the gathered pages, only those
+    np.testing.assert_array_equal(sh[listed[:7]], src.reshape(n_pages, wpp)[listed[:7]])
+    assert not sh[[4, 6, 8, 10]].any()
