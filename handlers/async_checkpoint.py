@@ -140,6 +140,7 @@ class CheckpointWriter:
         self.compactions: list[dict] = []   # seconds, bytes before and after, each time
         self.compacting = threading.Lock()  # held while the log is being swapped
         self.compaction: BackgroundCompaction | None = None   # one under way
+        self.reapers: list[threading.Thread] = []   # old logs being removed
         self.backend = self.rt.backend
         # stream-ordered capture where the backend has streams and graphs (cuda); else at once
         self.streams = self.backend.streams and self.backend.graphs and any(
@@ -331,6 +332,8 @@ class CheckpointWriter:
                     self._end_compaction()
                 except Exception as e:   # the old log is whole and stays in use
                     self.compactions.append({"error": str(e)})
+            for reaper in self.reapers:   # the old logs' space is given back before close returns
+                reaper.join()
 
     # -- the writer's side
     def _run(self):
@@ -380,6 +383,7 @@ class CheckpointWriter:
         with self.compacting:
             self.ckpt.log = job.finish()
         self.compactions.append(job.stats())
+        self.reapers = [t for t in self.reapers if t.is_alive()] + [job.reaper] * bool(job.reaper)
 
     def _hold(self, cap: _Capture):
         """Start on a capture once the caller has enqueued the next one (or HOLD_S passed, or

@@ -27,6 +27,14 @@ from .log import (COMMIT, LAYOUT, DeltaLog, committed_image, read_records, scan_
 
 # appended bytes the writer copies itself at the swap at most (the rest the thread copies)
 CATCH_UP_BYTES = 16 << 20
+RETIRED = ".retired"   # the old log's name while its blocks are being freed
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:   # gone already, or left for the next compaction
+        pass
 
 
 class BackgroundCompaction:
@@ -39,6 +47,8 @@ class BackgroundCompaction:
         self.old_chain = (seq, prev)
         self.bytes_before, self.started = self.copied, time.perf_counter()
         self.swap_s = 0.0
+        self.swap_parts: dict = {}
+        self.reaper: threading.Thread | None = None   # frees the old log's blocks
         self.error: BaseException | None = None
         self.done = threading.Event()
         self.fh = None
@@ -93,18 +103,45 @@ class BackgroundCompaction:
         try:
             if self.error is not None:
                 raise self.error
+            before = self.copied
             self._copy_tail(self.log.synced[0])
+            t1 = time.perf_counter()
             self._sync()
             self.fh.close()
         except BaseException:
             self.abandon()
             raise
+        t2 = time.perf_counter()
         self.log.close()
+        t3 = time.perf_counter()
+        retired = self._retire_old()
         os.replace(self.new_path, self.path)
         fsync_dir(self.path)
+        if retired:   # its blocks are freed beside the appends, not in the writer's pause
+            self.reaper = threading.Thread(target=_remove_quietly, args=(retired,),
+                                           name="concordia-compaction-reaper", daemon=True)
+            self.reaper.start()
         self.swap_s = time.perf_counter() - t0
+        # the swap's parts (where the writer's pause goes)
+        self.swap_parts = {"tail_bytes": self.copied - before, "copy_s": t1 - t0,
+                           "sync_s": t2 - t1, "close_old_s": t3 - t2,
+                           "rename_s": time.perf_counter() - t3}
         return DeltaLog.continuing(self.path, self.log.fsync, self.salt, self.seq, self.prev,
                                    self.layout, self.last_checkpoint)
+
+    def _retire_old(self) -> str | None:
+        """A second name for the old log, so that the rename over it does not free its blocks
+        (on ext4 a rename over a closed 800 MB file took 183 ms, all of it the writer's pause);
+        None where the file system has no hard links. A crash leaves the second name behind:
+        the next compaction removes it."""
+        retired = self.path + RETIRED
+        try:
+            if os.path.exists(retired):
+                os.remove(retired)
+            os.link(self.path, retired)
+        except OSError:
+            return None
+        return retired
 
     def abandon(self) -> None:
         """Drop the new file (the old log is whole and stays)."""
@@ -116,5 +153,6 @@ class BackgroundCompaction:
 
     def stats(self) -> dict:
         return {"seconds": time.perf_counter() - self.started, "swap_seconds": self.swap_s,
+                "swap_parts": self.swap_parts,
                 "bytes_before": self.bytes_before, "bytes_copied": self.copied,
                 "bytes_after": os.path.getsize(self.path), "checkpoint": self.last_checkpoint}

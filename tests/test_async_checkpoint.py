@@ -290,6 +290,7 @@ def test_background_compaction_keeps_the_log_bounded(tmp_path):
     writer = ck._writer
     ck.close()
     assert writer.compactions and max(sizes) < 200_000 + 3 * (N * 4)
+    assert not os.path.exists(str(path) + ".retired")   # the old logs are gone by close()
     assert scan_log(str(path)).last_checkpoint == 60
     np.testing.assert_array_equal(restored(path)["kv"].numpy(), host)
 
@@ -384,7 +385,11 @@ def test_compaction_beside_the_appends_keeps_every_commit(tmp_path, monkeypatch)
     job = hc.BackgroundCompaction(ck.log)
     steps(30, 60)                       # appends go on while it runs
     assert job.done.wait(60) and job.error is None
+    open(path + ".retired", "wb").write(b"left by a crash")   # removed by the swap
     ck.log = job.finish()
+    assert job.swap_parts["tail_bytes"] >= 0 and job.reaper is not None
+    job.reaper.join()                   # the old log, freed beside the appends
+    assert not os.path.exists(path + ".retired")
     steps(60, 65)                       # the new file takes appends
     ck.close()
     scan = scan_log(path)
