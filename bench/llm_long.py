@@ -24,6 +24,15 @@ from bench.common import environment, write_result  # noqa: E402
 from concordia import llm as L  # noqa: E402
 
 
+def slow_steps(run, over: float) -> dict:
+    """Steps that took longer than `over` seconds: how many, the time they took past the
+    median step, and how much of it the decode thread spent in checkpoint_async."""
+    step, enq = np.array(run.step_seconds), np.array(run.step_enqueue_s)
+    slow = step > over
+    return {"count": int(slow.sum()), "excess_s": round(float((step[slow] - np.median(step)).sum()), 3),
+            "in_checkpoint_async_s": round(float(enq[slow].sum()), 3)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="tiny")
@@ -61,6 +70,7 @@ def main() -> int:
     writer = run.ckpt._writer
     run.ckpt.close()
     steps = len(run.step_seconds)
+    enq = np.array([h.enqueue_s for h in run.handles])
     live = sum(t.numel() * t.element_size() for t in (run.model.kv, run.model.adapter, run.sched.state))
     # recovery: a new DecodeRun (the model is loaded) restores and makes its first token
     args_r = L.parse_args([*common, "--log", log, "--resume"])
@@ -81,6 +91,12 @@ def main() -> int:
               "step_ms_median": round(float(np.median(run.step_seconds)) * 1e3, 3),
               "step_ms_p99": round(float(np.percentile(run.step_seconds, 99)) * 1e3, 3),
               "step_ms_max": round(float(np.max(run.step_seconds)) * 1e3, 3),
+              # where a slow step's time went: the decode thread in checkpoint_async (a full
+              # ring: backpressure) or elsewhere (the device, the GIL)
+              "slow_steps": slow_steps(run, 10e-3),
+              "enqueue_ms": {q: round(float(np.percentile(enq, p)) * 1e3, 3)
+                             for q, p in (("median", 50), ("p99", 99), ("max", 100))},
+              "writer_ms_per_step": {k: round(v * 1e3 / steps, 3) for k, v in writer.busy.items()},
               "log_bytes_max": max(s for _, _, s in sizes), "log_bytes_end": os.path.getsize(log),
               "compactions": writer.compactions, "log_size_over_time": sizes,
               "recovery": {k: round(v * 1e3, 2) for k, v in rec.items() if k.endswith("_s")},

@@ -410,6 +410,7 @@ class DecodeRun:
         recomputes step pos, which rewrites the same K/V: the pair is consistent."""
         h = self.ckpt.checkpoint_async()
         self.handles.append(h)
+        self.enqueue_s = h.enqueue_s
         self.stats.append({"pos": pos, "seconds": h.enqueue_s, "full": h.done()})
 
     def prompts(self, round_no: int) -> np.ndarray:
@@ -440,6 +441,7 @@ class DecodeRun:
         m.set_table(s.table())
         self.generated = 0
         self.step_seconds = []   # per decode step: launch to the next tokens on the host
+        self.step_enqueue_s = []   # per decode step: of that, the time in checkpoint_async
         while not self._decode_round(pos, crash_after, on_token, stop_after):
             if s.host[4] + 1 >= a.rounds:
                 break
@@ -459,7 +461,7 @@ class DecodeRun:
                 m.set_table(s.table())
             if a.adapter_every and pos % a.adapter_every == 0 and pos > 0:
                 m.adapter_update(pos)
-            t_step = time.perf_counter()
+            t_step, self.enqueue_s = time.perf_counter(), 0.0
             if a.async_checkpoints and due(pos):
                 s.host[0] = pos
                 s.publish()
@@ -473,6 +475,7 @@ class DecodeRun:
             s.host[0] = pos
             if pos >= s.host[1]:            # past the prompt: greedy next token
                 self.step_seconds.append(time.perf_counter() - t_step)
+                self.step_enqueue_s.append(self.enqueue_s)
                 s.tokens()[:, pos] = nxt
                 s.host[1] = pos + 1
                 self.generated += 1

@@ -43,9 +43,10 @@ from .compaction import BackgroundCompaction
 from .regions import CheckpointStats
 
 WHEN_FULL = ("wait", "coalesce")
-# checkpoints coalesced in a row at most; the next one waits for a slot. A coalesced step's
-# pages wait for the next capture, and a staging slot holds a bounded number of steps' worth
-# (a block table's list: 4 steps): unbounded coalescing overflowed it at batch 8
+# checkpoints coalesced in a row at most where a host scanner lists pages; the next one waits
+# for a slot. A coalesced step's pages wait for the next capture, and a staging slot holds a
+# bounded number of steps' worth: unbounded coalescing overflowed it at batch 8. Where every
+# list is the device's, the bound is what a slot holds (CheckpointWriter._coalesce_bound)
 MAX_COALESCE = 3
 # Records the writer appends between two releases of the GIL. A thread waiting for the GIL gets
 # it only when the holder drops it, after up to sys.getswitchinterval() (5 ms) of pure Python:
@@ -153,6 +154,7 @@ class CheckpointWriter:
             slot = _Slot([self._region_slot(st, slot_bytes) for st in ckpt.states])
             slot.graph = self.backend.capture(*self._branches(slot))
             self.free.put(slot)
+        self.max_coalesce = self._coalesce_bound(slot_bytes) if self.streams else MAX_COALESCE
         self.pending: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.durable_id = ckpt.checkpoint_id
@@ -166,6 +168,19 @@ class CheckpointWriter:
                                        daemon=True)
         self.thread.start()
 
+    def _coalesce_bound(self, slot_bytes: int) -> int:
+        """Checkpoints coalesced in a row at most. Where every list is a device list (a block
+        table's: a known number of entries a step) or a device scan (at most the region), as
+        many as a slot's lists hold, less the step that ends them; where a host scanner lists
+        pages (any number a step), MAX_COALESCE."""
+        steps = []
+        for st in self.ckpt.states:
+            if _device_listed(st):
+                steps.append(_list_capacity(st, slot_bytes) // _entries_a_step(st) - 1)
+            elif st.scanner is not None and self._streamable(st):
+                return MAX_COALESCE
+        return max(MAX_COALESCE, min(steps)) if steps else MAX_COALESCE
+
     @staticmethod
     def _streamable(st) -> bool:
         return st.scanner is not None or (st.mode == "shadow" and st.native is None)
@@ -178,7 +193,7 @@ class CheckpointWriter:
         cap = r.n_pages if st.scanner is None else max(1, min(r.n_pages, slot_bytes // r.page_size))
         if _device_listed(st):   # a device list has one entry per written slot, repeats and all:
             # room for the slot budget, and for at least 4 steps' entries whatever it is
-            cap = max(slot_bytes // r.page_size, 4 * st.scanner.planes * st.scanner.batch)
+            cap = _list_capacity(st, slot_bytes)
         # the gathers write straight into host memory (zero-copy): the writer copies nothing.
         # (Gathering into device memory and copying out on the writer's stream was measured
         # slower on an H100: the writer's copy waited a decode step's length; docs/checkpointing.md)
@@ -236,7 +251,7 @@ class CheckpointWriter:
     def _take(self):
         """A free slot: wait for one (checking the writer's health), or None to coalesce."""
         while True:
-            coalesce = self.when_full == "coalesce" and len(self.coalesced) < MAX_COALESCE
+            coalesce = self.when_full == "coalesce" and len(self.coalesced) < self.max_coalesce
             try:
                 return self.free.get_nowait() if coalesce else self.free.get(timeout=0.05)
             except queue.Empty:
@@ -507,6 +522,16 @@ class _Rows:
 def _device_listed(st) -> bool:
     """A region whose scanner lists its pages on the device (BlockTableScanner)."""
     return getattr(st.scanner, "device_lister", False)
+
+
+def _entries_a_step(st) -> int:
+    """A device list's entries for one decode step (a slot per plane and sequence)."""
+    return st.scanner.planes * st.scanner.batch
+
+
+def _list_capacity(st, slot_bytes: int) -> int:
+    """A device list's room in a slot: the slot budget, and at least 4 steps' entries."""
+    return max(slot_bytes // st.region.page_size, 4 * _entries_a_step(st))
 
 
 def _capture_region_now(st) -> list:
