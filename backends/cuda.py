@@ -76,6 +76,7 @@ class CUDABackend(Backend):
         self._mapped: dict[int, object] = {}   # device pointer -> host allocation (alloc_mapped)
         self.control_stream = None        # non-blocking streams, made on first use
         self.detached_stream = None
+        self.detached: list = []   # detached launches not yet seen finished
         self._control_pin = None
         self._pinned_blocks: list = []   # page-locked host memory handed out by pinned()
         driver = _driver()
@@ -224,7 +225,9 @@ class CUDABackend(Backend):
                         return False
                     time.sleep(50e-6)
                 return True
-        return Run()
+        run = Run()
+        self.detached.append(run)
+        return run
 
     def prepare(self, kernel):
         self.compile(kernel)
@@ -320,7 +323,12 @@ class CUDABackend(Backend):
             if collecting:
                 gc.enable()
             graph = _check(driver.cuStreamEndCapture(stream), "cuStreamEndCapture")
-        return _check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+        # instantiated and uploaded now: either may wait for the device to be idle, which it
+        # never is once a resident kernel runs (seen on an H100: instantiate hung beside one)
+        exe = _check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+        _check(driver.cuGraphUpload(exe, stream), "cuGraphUpload")
+        _check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        return exe
 
     def launch_graph(self, graph, stream):
         _check(_driver().cuGraphLaunch(graph, stream), "cuGraphLaunch")
@@ -370,8 +378,15 @@ class CUDABackend(Backend):
         return _host_view(ptr, max(nbytes, 1))
 
     def synchronize(self):
+        """Wait for the device; while a detached (persistent) kernel is resident, for the
+        legacy stream only: that kernel never ends by itself, so a context-wide wait would
+        never return (every launch and copy of this backend's own is on the legacy stream)."""
         self.activate()
-        _check(_driver().cuCtxSynchronize(), "cuCtxSynchronize")
+        self.detached = [run for run in self.detached if not run.done()]
+        if self.detached:
+            _check(_driver().cuStreamSynchronize(0), "cuStreamSynchronize")
+        else:
+            _check(_driver().cuCtxSynchronize(), "cuCtxSynchronize")
 
 
 def _param_block(args):

@@ -27,11 +27,14 @@ from bench.common import environment, table, write_result  # noqa: E402
 PAPER = {"tokens_per_s": 108.2, "checkpoint_overhead_ms": 18.9, "overhead_fraction": "< 4 %"}
 
 
+ASYNC_KINDS = {"async": "stream", "ring": "ring"}   # checkpoint_async runs: their device side
+
+
 def run_one(L, base_args: list[str], batch: int, log: str | None, every: int, backend: str | None,
-            stop_after: int | None = None, asynchronous: bool = False):
+            stop_after: int | None = None, asynchronous: str | None = None):
     args = L.parse_args([*base_args, "--batch", str(batch),
                     *(["--log", log, "--every", str(every)] if log else []),
-                    *(["--async"] if asynchronous else []),
+                    *(["--async", "--device-side", asynchronous] if asynchronous else []),
                     *(["--backend", backend] if backend else [])])
     run = L.DecodeRun(args)
     if log:
@@ -69,8 +72,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     b = [r["batch"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     labels = {"plain": "no checkpoints", "async": "checkpoint_async every step",
-              "sync": "checkpoint() every step"}
-    for kind, mark in (("plain", "o-"), ("async", "s-"), ("sync", "^--")):
+              "ring": "checkpoint_async, gather on the ring", "sync": "checkpoint() every step"}
+    for kind, mark in (("plain", "o-"), ("async", "s-"), ("ring", "d-"), ("sync", "^--")):
         if f"tok_s_{kind}" in rows[0]:
             a1.plot(b, [r[f"tok_s_{kind}"] for r in rows], mark, label=labels[kind])
     a1.set_xlabel("batch size")
@@ -95,6 +98,23 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def async_stats(hs, busy: dict, steps: int, suffix: str) -> dict:
+    """A checkpoint_async kind's figures (keys end in `suffix`): the decode thread's time in
+    the call, durability lag, bytes, the writer's time by part."""
+    enq = np.array([h.enqueue_s for h in hs]) * 1e6
+    lag = [h.lag_s for h in hs]
+    out = dict(enqueue_us_median=round(float(np.median(enq)), 1),
+               enqueue_us_p99=round(float(np.percentile(enq, 99)), 1),
+               lag_ms_median=round(float(np.median(lag)) * 1e3, 3),
+               lag_ms_p99=round(float(np.percentile(lag, 99)) * 1e3, 3),
+               lag_checkpoints_median=float(np.median([h.lag_checkpoints for h in hs])),
+               bytes_per_step=int(np.median([h.stats.bytes for h in hs])),
+               pages_per_step=int(np.median([h.stats.pages for h in hs])),
+               group_commit_checkpoints=len(hs),
+               writer_ms_per_step={k: round(v * 1e3 / max(1, steps), 3) for k, v in busy.items()})
+    return {k + suffix: v for k, v in out.items()}
+
+
 def measure_batch(L, a, base, batch, kinds, log) -> dict:
     """The kinds of run interleaved in one process (clocks and caches drift as a process goes
     on), `repeats` times each, in a rotating order. Checkpointed runs stop 8 tokens short, as a
@@ -102,22 +122,23 @@ def measure_batch(L, a, base, batch, kinds, log) -> dict:
     rates = {k: [] for k in kinds}
     step_s = {k: [] for k in kinds}
     runs = {}
-    busy, busy_steps = {}, 0
+    busy, busy_steps = {}, {}
     for rep in range(a.repeats):
         order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
         for kind in order:
             run, _, rate = run_one(L, base, batch, log if kind != "plain" else None, 1, a.backend,
                                    stop_after=a.tokens - 8 if kind != "plain" else None,
-                                   asynchronous=kind == "async")
+                                   asynchronous=ASYNC_KINDS.get(kind))
             rates[kind].append(rate)
             step_s[kind] += run.step_seconds
             runs[kind] = run
-            if kind == "async":
+            if kind in ASYNC_KINDS:
                 hs = [h for h in run.handles if h.stats is not None]
-                runs["async_handles"] = runs.get("async_handles", []) + hs
+                runs[kind + "_handles"] = runs.get(kind + "_handles", []) + hs
                 for part, sec in run.writer.busy.items():   # the writer's time by part
-                    busy[part] = busy.get(part, 0.0) + sec
-                busy_steps += len(run.step_seconds)
+                    busy.setdefault(kind, {})
+                    busy[kind][part] = busy[kind].get(part, 0.0) + sec
+                busy_steps[kind] = busy_steps.get(kind, 0) + len(run.step_seconds)
     row = {"batch": batch}
     for k in kinds:
         row[f"tok_s_{k}"] = round(float(np.median(rates[k])), 1)
@@ -127,26 +148,16 @@ def measure_batch(L, a, base, batch, kinds, log) -> dict:
     for k in kinds:
         if k != "plain" and plain:
             row[f"overhead_pct_{k}"] = round(100 * (plain - row[f"tok_s_{k}"]) / plain, 2)
-    if "async" in kinds:
-        hs = runs["async_handles"]
-        enq = np.array([h.enqueue_s for h in hs]) * 1e6
-        row.update(enqueue_us_median=round(float(np.median(enq)), 1),
-                   enqueue_us_p99=round(float(np.percentile(enq, 99)), 1),
-                   lag_ms_median=round(float(np.median([h.lag_s for h in hs])) * 1e3, 3),
-                   lag_ms_p99=round(float(np.percentile([h.lag_s for h in hs], 99)) * 1e3, 3),
-                   lag_checkpoints_median=float(np.median([h.lag_checkpoints for h in hs])),
-                   bytes_per_step=int(np.median([h.stats.bytes for h in hs])),
-                   pages_per_step=int(np.median([h.stats.pages for h in hs])),
-                   group_commit_checkpoints=len(hs),
-                   writer_ms_per_step={k: round(v * 1e3 / max(1, busy_steps), 3)
-                                       for k, v in busy.items()})
+    for kind in (k for k in kinds if k in ASYNC_KINDS):
+        row.update(async_stats(runs[kind + "_handles"], busy[kind], busy_steps[kind],
+                               "" if kind == "async" else "_" + kind))
     if "sync" in kinds:
         steps = [s for s in runs["sync"].stats if not s["full"]]
         ms = np.array([s["seconds"] for s in steps]) * 1e3
         row.update(ckpt_ms_median=round(float(np.median(ms)), 3),
                    ckpt_ms_p99=round(float(np.percentile(ms, 99)), 3),
                    bytes_per_ckpt=int(np.median([s["bytes"] for s in steps])))
-    last = "async" if "async" in kinds else ("sync" if "sync" in kinds else None)
+    last = next((k for k in ("async", "ring", "sync") if k in kinds), None)
     if last:
         row["base_image_bytes"] = runs[last].stats[0].get("bytes")
         row["recovery_ms"] = {k[:-2]: round(v * 1e3, 2) for k, v in
@@ -169,12 +180,15 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None, help="result name (default llm-<config>)")
     p.add_argument("--kinds", default="plain,async,sync",
                    help="runs to compare: plain (no checkpoints), async (checkpoint_async every "
-                        "step), sync (checkpoint() every step)")
+                        "step, its gather in the decode stream), ring (the same, its KV gather "
+                        "on the persistent kernel), sync (checkpoint() every step)")
     p.add_argument("--no-graph", action="store_true", help="eager decode steps (no CUDA graph)")
     p.add_argument("--when-full", default="wait", choices=["wait", "coalesce"])
     p.add_argument("--page-size", type=int, default=0,
                    help="the log's page in bytes (default: the decode loop's, about a KV row)")
     a = p.parse_args(argv)
+    if "ring" in a.kinds.split(","):   # ring_gather's condition, for every kind alike
+        os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
     import torch
     from concordia import llm as L
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -186,7 +200,8 @@ def main(argv=None) -> int:
         log = os.path.join(tmp, "decode.clog")
         for kind in kinds:   # warm-up: graphs captured, kernels compiled, allocator primed
             run_one(L, [*base, "--tokens", "8"], 1,
-                    log if kind != "plain" else None, 1, a.backend, asynchronous=kind == "async")
+                    log if kind != "plain" else None, 1, a.backend,
+                    asynchronous=ASYNC_KINDS.get(kind))
         rows = []
         for batch in (int(x) for x in a.batches.split(",")):
             rows.append(measure_batch(L, a, base, batch, kinds, log))

@@ -208,7 +208,7 @@ class Qwen3Decoder:
             return self.step()
         if self.graph is None:
             out = self.step()            # eager once: the real step, and the graph's warm-up
-            torch.cuda.synchronize()
+            torch.cuda.current_stream().synchronize()
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.next_out = self.step()
@@ -388,12 +388,14 @@ class DecodeRun:
         self.ckpt = Checkpointer(rt, self.regions(rt), self.args.log, fsync=self.args.fsync,
                                  page_size=page,
                                  scanners={"kv": self.scanner, "adapter": AdapterPageScanner()},
-                                 when_full=self.args.when_full,
+                                 when_full=self.args.when_full, device_side=self.args.device_side,
                                  compact_at_bytes=self.args.compact_at_mb << 20 if self.args.compact_at_mb else None)
 
     def sync(self):
+        """Wait for the decode's stream (not the whole device: a resident persistent kernel,
+        --device-side ring's, never ends, and a device-wide wait would wait for it)."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.current_stream().synchronize()
 
     def checkpoint(self, pos: int):
         """A synchronous checkpoint after step `pos`: wait for the device, log, commit, fsync."""
@@ -540,6 +542,10 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--when-full", default="wait", choices=["wait", "coalesce"],
                    help="--async with every staging slot in flight: wait for one, or fold this "
                         "checkpoint into the next")
+    p.add_argument("--device-side", choices=["stream", "ring"], default="stream",
+                   help="--async: gather the KV pages in the decode stream (stream), or on the "
+                        "persistent kernel beside the next step, started by a device-side "
+                        "trigger (ring; cuda, with the block table's device list)")
     p.add_argument("--kv-scan", choices=["auto", "host", "device"], default="auto",
                    help="KV pages from the host's record of the writes, or listed on the device "
                         "from the block table (auto: device where the backend has streams)")

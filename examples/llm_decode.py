@@ -20,6 +20,8 @@ from dataclasses import asdict
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if "ring" in sys.argv:   # --device-side ring: every kernel loaded before the resident one starts
+    os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
 
 from concordia.llm import DecodeRun, parse_args  # noqa: E402
 

@@ -41,8 +41,10 @@ from concordia_ir.errors import ConcordiaError
 from . import kernels as hk
 from .compaction import BackgroundCompaction
 from .regions import CheckpointStats
+from .ring_gather import RingGather
 
 WHEN_FULL = ("wait", "coalesce")
+DEVICE_SIDES = ("stream", "ring")   # where a capture's gather runs (module docstring, ring_gather)
 # checkpoints coalesced in a row at most where a host scanner lists pages; the next one waits
 # for a slot. A coalesced step's pages wait for the next capture, and a staging slot holds a
 # bounded number of steps' worth: unbounded coalescing overflowed it at batch 8. Where every
@@ -56,8 +58,26 @@ YIELD_EVERY = 16
 HOLD_S = 0.005
 
 
-def check_ring(slots: int, when_full: str) -> None:
+def check_device_side(rt, states, device_side: str) -> None:
+    """device_side="ring" where it can run: a backend with streams and a resident kernel, and
+    a region it may gather beside the stream (ring_gather's docstring)."""
+    if device_side != "ring":
+        return
+    b = rt.backend
+    if not (b.streams and b.graphs and b.resident_groups() is not None):
+        raise ConcordiaError(f"device_side='ring' needs a backend with streams, graphs and a "
+                             f"resident kernel (cuda); {b.name} has none")
+    if not any(_ring_gathered(st) for st in states):
+        raise ConcordiaError("device_side='ring' gathers only regions whose pages the steps after "
+                             "a checkpoint do not write: a BlockTableScanner's KV cache with one "
+                             "slot a page (none here)")
+
+
+def check_ring(slots: int, when_full: str, device_side: str = "stream") -> None:
     """The staging ring's settings, checked where the user gives them (Checkpointer)."""
+    if device_side not in DEVICE_SIDES:
+        raise ConcordiaError(f"device_side must be one of {', '.join(DEVICE_SIDES)}, "
+                             f"got {device_side!r}")
     if when_full not in WHEN_FULL:
         raise ConcordiaError(f"when_full must be one of {', '.join(WHEN_FULL)}, got {when_full!r}")
     if not isinstance(slots, int) or slots < 1:
@@ -114,6 +134,7 @@ class _Slot:
     """One place in the bounded ring. On a stream it holds each region's staging (None for a
     region captured at once) and its graph; otherwise it is only a token of the bound."""
     regions: list              # _RegionSlot or None per region
+    index: int = 0
     event: object = None       # recorded again by each capture that uses the slot
     graph: object = None       # the capture's device work as one graph
 
@@ -128,14 +149,15 @@ class _Capture:
     pieces: list | None = None      # (region id, [(page, bytes)]) for captures made at once
     coalesced: list = field(default_factory=list)
     released: bool = False          # its slot is back in the ring
+    ring_tasks: list = field(default_factory=list)   # its gathers on the persistent kernel
 
 
 class CheckpointWriter:
     """The staging ring and the writer thread of one Checkpointer (see the module docstring)."""
 
     def __init__(self, ckpt, slots: int = 4, slot_bytes: int = 16 << 20, when_full: str = "wait",
-                 compact_at_bytes: int | None = None):
-        check_ring(slots, when_full)
+                 compact_at_bytes: int | None = None, device_side: str = "stream"):
+        check_ring(slots, when_full, device_side)
         self.ckpt, self.rt, self.when_full = ckpt, ckpt.rt, when_full
         self.compact_at = compact_at_bytes
         self.compactions: list[dict] = []   # seconds, bytes before and after, each time
@@ -147,13 +169,16 @@ class CheckpointWriter:
         self.streams = self.backend.streams and self.backend.graphs and any(
             self._streamable(st) for st in ckpt.states)
         self.free: queue.Queue = queue.Queue()   # the ring: captures in flight hold its slots
-        for _ in range(slots):
-            if not self.streams:
-                self.free.put(_Slot([]))
-                continue
-            slot = _Slot([self._region_slot(st, slot_bytes) for st in ckpt.states])
-            slot.graph = self.backend.capture(*self._branches(slot))
+        ring = [_Slot([self._region_slot(st, slot_bytes) for st in ckpt.states] if self.streams
+                      else [], index=i) for i in range(slots)]
+        check_device_side(self.rt, ckpt.states, device_side)
+        self.gather_ring = self._gather_ring(device_side, ring)
+        for slot in ring:
+            if self.streams:
+                slot.graph = self.backend.capture(*self._branches(slot))
             self.free.put(slot)
+        if self.gather_ring is not None:   # the graphs are ready: the resident kernel may start
+            self.gather_ring.launch()
         self.max_coalesce = self._coalesce_bound(slot_bytes) if self.streams else MAX_COALESCE
         self.pending: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
@@ -167,6 +192,16 @@ class CheckpointWriter:
         self.thread = threading.Thread(target=self._run, name="concordia-checkpoint-writer",
                                        daemon=True)
         self.thread.start()
+
+    def _gather_ring(self, device_side: str, ring: list):
+        """Design (b): a RingGather for the regions whose pages it may gather beside the
+        stream (append-only device lists); None for design (a) or when no region is one."""
+        if device_side != "ring":
+            return None
+        picked = [j for j, st in enumerate(self.ckpt.states) if _ring_gathered(st)]
+        self.ring_regions = {j: k for k, j in enumerate(picked)}
+        return RingGather(self.rt, [self.ckpt.states[j] for j in picked],
+                          [[slot.regions[j] for j in picked] for slot in ring])
 
     def _coalesce_bound(self, slot_bytes: int) -> int:
         """Checkpoints coalesced in a row at most. Where every list is a device list (a block
@@ -268,17 +303,21 @@ class CheckpointWriter:
         independent, so their chains run side by side). Page lists and counts come from the
         slot's pinned memory (read at each replay) or from the device; the gathers stride
         over the list (hk.GATHER_GROUPS groups at most)."""
-        return [lambda stream, st=st, rs=rs: self._record_region(st, rs, stream)
-                for st, rs in zip(self.ckpt.states, slot.regions) if rs is not None]
+        return [lambda stream, j=j, rs=rs: self._record_region(j, rs, stream)
+                for j, rs in enumerate(slot.regions) if rs is not None]
 
-    def _record_region(self, st, rs: _RegionSlot, stream):
-        b, groups = self.backend, min(rs.capacity, hk.GATHER_GROUPS)
+    def _record_region(self, j: int, rs: _RegionSlot, stream):
+        st, b, groups = self.ckpt.states[j], self.backend, min(rs.capacity, hk.GATHER_GROUPS)
+        ring = self.gather_ring is not None and j in self.ring_regions
         if _device_listed(st):   # the block table names the pages; the device keeps `last`
             rs.launches["list"](stream)
             rs.launches["advance"](1, stream)
-            rs.launches["gather"](groups, stream)
+            if not ring:
+                rs.launches["gather"](groups, stream)
             b.copy_out_on(stream, rs.count.handle, rs.host_count)
             b.copy_out_on(stream, rs.pages.handle, rs.host_pages)
+            if ring:   # the persistent kernel gathers once the stream gets here
+                self.gather_ring.record_trigger(self.ring_regions[j], stream)
         elif st.scanner is not None:
             b.copy_in_on(stream, rs.count.handle, rs.host_count)
             b.copy_in_on(stream, rs.pages.handle, rs.host_pages)
@@ -314,7 +353,12 @@ class CheckpointWriter:
         self.backend.launch_graph(slot.graph, stream)
         t2 = time.perf_counter()
         cap.event = slot.event = self.backend.record_event(stream, slot.event)
-        cap.handle.phases.update(lists=t1 - t0, graph=t2 - t1, event=time.perf_counter() - t2)
+        t3 = time.perf_counter()
+        if self.gather_ring is not None:   # after the replay: its trigger is on its way
+            cap.ring_tasks = [self.gather_ring.publish(slot.index, k)
+                              for k in self.ring_regions.values()]
+        cap.handle.phases.update(lists=t1 - t0, graph=t2 - t1, event=t3 - t2,
+                                 ring=time.perf_counter() - t3)
 
     def flush(self, timeout: float | None = None) -> int:
         """Wait until every checkpoint enqueued so far is durable; returns durable_id."""
@@ -349,6 +393,8 @@ class CheckpointWriter:
                     self.compactions.append({"error": str(e)})
             for reaper in self.reapers:   # the old logs' space is given back before close returns
                 reaper.join()
+            if self.gather_ring is not None:
+                self.gather_ring.close()
 
     # -- the writer's side
     def _run(self):
@@ -445,6 +491,8 @@ class CheckpointWriter:
         if cap.pieces is None:
             while not self.backend.event_done(cap.event):
                 time.sleep(20e-6)
+            for tasks in cap.ring_tasks:
+                self.gather_ring.wait(tasks)
         t_device = time.perf_counter()
         pieces = cap.pieces if cap.pieces is not None else self._pieces(cap)
         t_pieces = time.perf_counter()
@@ -517,6 +565,11 @@ class _Rows:
     @property
     def nbytes(self) -> int:
         return self.rows.nbytes + sum(len(d) for _, d in self.tail)
+
+
+def _ring_gathered(st) -> bool:
+    """A region design (b) may gather beside the stream (ring_gather's docstring)."""
+    return _device_listed(st) and getattr(st.scanner, "append_only", False)
 
 
 def _device_listed(st) -> bool:

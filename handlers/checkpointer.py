@@ -24,7 +24,7 @@ from concordia.backends.runtime import DeviceBuffer, _as_kernel
 
 from . import kernels as hk
 from .log import DeltaLog, committed_image, compact, scan_log
-from .async_checkpoint import CheckpointHandle, CheckpointWriter, check_ring
+from .async_checkpoint import CheckpointHandle, CheckpointWriter, check_device_side, check_ring
 from .regions import CheckpointStats, PageStager, Region, check_region
 from concordia_ir.passes.tracking import instrument_stores
 
@@ -100,10 +100,10 @@ class Checkpointer:
     def __init__(self, runtime, regions: dict, path: str, page_size: int = 4096,
                  mode: str = "shadow", fsync: str = "always", scanners: dict | None = None,
                  ring_slots: int = 4, slot_bytes: int = 16 << 20, when_full: str = "wait",
-                 compact_at_bytes: int | None = None):
+                 compact_at_bytes: int | None = None, device_side: str = "stream"):
         if mode not in MODES:
             raise ConcordiaError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        check_ring(ring_slots, when_full)
+        check_ring(ring_slots, when_full, device_side)
         if not regions:
             raise ConcordiaError("a Checkpointer needs at least one region")
         self.rt, self.path, self.mode, self.page_size = runtime, path, mode, page_size
@@ -124,11 +124,16 @@ class Checkpointer:
         if unknown:
             raise ConcordiaError(f"scanners for unknown regions: {', '.join(sorted(unknown))}")
         self.states = [_RegionState(runtime, r, mode, scanners.get(r.name)) for r in self.regions]
+        try:
+            check_device_side(runtime, self.states, device_side)
+        except ConcordiaError:
+            self.log.close()
+            raise
         self.need_full = True
         self._tracked: dict = {}
         # checkpoint_async's staging ring and writer thread, made by its first call
         self._ring = dict(slots=ring_slots, slot_bytes=slot_bytes, when_full=when_full,
-                          compact_at_bytes=compact_at_bytes)
+                          compact_at_bytes=compact_at_bytes, device_side=device_side)
         self._writer: CheckpointWriter | None = None
 
     # -- checkpoints

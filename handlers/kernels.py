@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from concordia_ir import (Ptr, atomic_add, atomic_max, barrier, global_id, group_id, i32, i64,
-                          kernel, local_array, local_id, num_groups, u32)
+from concordia_ir import (Ptr, atomic_add, atomic_max, barrier, fence, global_id, group_id, i32,
+                          i64, kernel, local_array, local_id, num_groups, u32)
 
 GROUP = 256  # work-items per page; every handler is launched with groups of this size
 
@@ -252,3 +252,48 @@ def block_table_advance(planes: int, batch: int):
             count[0] = i32((pos[0] + i64(1) - first) * i64(PB))
             last[0] = pos[0] + i64(1)
     return advance_kv_pages
+
+
+@lru_cache(maxsize=None)
+def ring_page_gatherer(words_per_page: int, n_words: int):
+    """counted_page_gatherer as a persistent-kernel handler (design (b) of asynchronous
+    checkpoints): it waits until trigger[at] reaches `ticket` (raised in the caller's stream
+    by trigger_bump once the page list is made), then gathers the listed pages into host-mapped
+    staging, while the caller's stream goes on. Work-item 0 waits with atomic reads (they go
+    to the device-wide cache, never a stale copy); after the barrier every work-item fences
+    (acquire: the list's and the pages' writes, made before the bump in stream order, are seen
+    after it) and reads the count atomically. (A handler has no local arrays of its own: the
+    dispatcher's op table holds the only ones.)"""
+    WPP, NW, STEP = words_per_page, n_words, GROUP
+    WHOLE = n_words % words_per_page == 0
+
+    @kernel
+    def gather_ring(cur: Ptr[u32], pages: Ptr[i32], count: Ptr[i32], staging: Ptr[u32],
+                    trigger: Ptr[i32], at: i32, ticket: i32):
+        if local_id(0) == 0:   # one poll a group: the rest wait at the barrier
+            t = atomic_add(trigger, at, 0)
+            while t < ticket:
+                t = atomic_add(trigger, at, 0)
+        barrier()
+        fence()
+        n = atomic_add(count, 0, 0)
+        for slot in range(group_id(0), n, num_groups(0)):
+            base = i64(pages[slot]) * WPP
+            out = i64(slot) * WPP
+            for w in range(local_id(0), WPP, STEP):
+                at_w = base + i64(w)
+                if WHOLE or at_w < NW:
+                    staging[out + i64(w)] = cur[at_w]
+    return gather_ring
+
+
+@lru_cache(maxsize=None)
+def trigger_bump():
+    """The device-side trigger of a ring gather: enqueued in the caller's stream after the page
+    list, it raises trigger[at] by one (the kernels before it in the stream are complete)."""
+    @kernel
+    def bump_trigger(trigger: Ptr[i32], at: i32):
+        if global_id(0) == 0:
+            fence()
+            atomic_add(trigger, at, 1)
+    return bump_trigger

@@ -117,10 +117,18 @@ class PersistentRuntime:
     def register(self, name: str, kernel, buffers) -> SwapStats:
         """Add or replace a handler. While running, the kernel is hot-swapped between tasks:
         the new op table is compiled first, then the ring drains and the kernels switch."""
-        h = make_handler(name, kernel, buffers)
-        handlers = [x for x in self.handlers if x.name != name]
-        at = next((i for i, x in enumerate(self.handlers) if x.name == name), len(handlers))
-        handlers.insert(at, h)
+        return self.register_many([(name, kernel, buffers)])
+
+    def register_many(self, items) -> SwapStats:
+        """register() for several (name, kernel, buffers) at once: one op table, one compile."""
+        handlers = list(self.handlers)
+        for name, kernel, buffers in items:
+            h = make_handler(name, kernel, buffers)
+            at = next((i for i, x in enumerate(handlers) if x.name == name), None)
+            if at is None:
+                handlers.append(h)
+            else:
+                handlers[at] = h
         t0 = time.perf_counter()
         new = build_dispatcher(handlers, self.slots, trace=self.trace is not None)
         self.rt.backend.prebuild(new)   # compile now; loading waits until the old kernel stops

@@ -133,6 +133,9 @@ class BlockTableScanner:
         self.rt, self.table, self.pos, self.page_size = table.runtime, table, pos, page_size
         self.last = self.rt.zeros(1, np.int64)
         self.device_lister = True
+        # a page holds one slot: the pages a list names are not written by the steps after it
+        # (they write later positions), so a gather may run beside them (ring_gather)
+        self.append_only = page_size == self.row_bytes
 
     def kernels(self, capacity: int):
         """(list kernel, its work-groups of 64, advance kernel) for a list of `capacity`."""

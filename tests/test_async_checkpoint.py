@@ -429,3 +429,90 @@ def test_the_counted_gather_strides_over_a_list_longer_than_its_grid(backend):
     sh = shadow.numpy().reshape(n_pages, wpp)   # update_shadow: the gathered pages, only those
     np.testing.assert_array_equal(sh[listed[:7]], src.reshape(n_pages, wpp)[listed[:7]])
     assert not sh[[4, 6, 8, 10]].any()
+
+
+@needs_cuda
+@pytest.mark.skipif(os.environ.get("CUDA_MODULE_LOADING", "").upper() != "EAGER",
+                    reason="device_side='ring' needs CUDA_MODULE_LOADING=EAGER in this process")
+def test_ring_gather_holds_each_step_while_the_stream_writes_the_next(tmp_path):
+    """device_side="ring": the KV pages are gathered by the persistent kernel, started by a
+    trigger in the stream, while the stream goes on (a busy matmul, then the next position's
+    rows). Every checkpoint restores to the cache as of its step, in two rounds of positions."""
+    torch = pytest.importorskip("torch")
+    from concordia.handlers.scanners import BlockTableScanner
+    rt = Runtime("cuda")
+    stream = torch.cuda.Stream()
+    shape, batch, max_blocks = (3, 2, 8, 4, 64), 2, 4    # 256-byte rows: one a page
+    kv = torch.zeros(shape, dtype=torch.float32, device="cuda")
+    table = torch.tensor([[0, 2, 4, 6], [1, 3, 5, 7]], dtype=torch.int64, device="cuda")
+    pos = torch.zeros(1, dtype=torch.int64, device="cuda")
+    scanner = BlockTableScanner(shape, 4, rt.from_dlpack(table.view(-1)), rt.from_dlpack(pos),
+                                batch, page_size=256)
+    ck = Checkpointer(rt, {"kv": rt.from_dlpack(kv)}, str(tmp_path / "r.clog"), page_size=256,
+                      scanners={"kv": scanner}, device_side="ring", when_full="coalesce")
+    busy = torch.randn(2048, 2048, device="cuda")
+    with torch.cuda.stream(stream):   # every kernel once before the resident one starts
+        busy @ busy
+        kv[:, :, table[:, 0], 0] = 0.0
+        pos.fill_(0)
+    stream.synchronize()
+    mirror, expected = np.zeros(shape, np.float32), []
+    ck.checkpoint_async(stream)   # the base image
+    expected.append(mirror.copy())
+    with torch.cuda.stream(stream):
+        for step in range(2 * max_blocks * 4):   # two rounds of 16 positions
+            p = step % (max_blocks * 4)
+            value = float(step + 1)
+            blocks = table[:, p // 4]
+            kv[:, :, blocks, p % 4] = value
+            for b in table[:, p // 4].tolist():
+                mirror[:, :, b, p % 4] = value
+            pos.fill_(p)
+            ck.checkpoint_async(stream)
+            expected.append(mirror.copy())
+            busy @ busy   # the gather runs beside this
+    ck.flush()
+    writer = ck._writer
+    assert writer.gather_ring is not None and writer.gather_ring.tickets[0] > 0
+    ck.close()
+    for k, want in enumerate(expected, start=1):
+        got = restored(tmp_path / "r.clog", checkpoint=k)["kv"].numpy().reshape(shape)
+        np.testing.assert_array_equal(got, want, err_msg=f"checkpoint {k}")
+
+
+def test_device_side_ring_is_refused_where_it_cannot_run_in_one_line(tmp_path):
+    rt = Runtime("reference")
+    x = rt.to_device(np.zeros(N, np.float32))
+    with pytest.raises(ConcordiaError, match=r"needs a backend with streams.*reference has none"):
+        Checkpointer(rt, {"x": x}, str(tmp_path / "a.clog"), device_side="ring")
+    with pytest.raises(ConcordiaError, match="device_side must be one of stream, ring, got 'gpu'"):
+        Checkpointer(rt, {"x": x}, str(tmp_path / "b.clog"), device_side="gpu")
+    from concordia.handlers.ring_gather import RingGather
+    if os.environ.get("CUDA_MODULE_LOADING", "").upper() != "EAGER":
+        with pytest.raises(ConcordiaError, match="needs CUDA_MODULE_LOADING=EAGER"):
+            RingGather(rt, [], [])
+
+
+@pytest.mark.parametrize("backend", [b for b in ("reference", "opencl", "cuda") if b in BACKENDS])
+def test_the_ring_gather_handler_copies_the_listed_pages_once_triggered(backend):
+    """Design (b)'s handler on the persistent kernel of every backend that runs one: its ticket
+    reached, three groups stride over seven listed pages into the staging."""
+    from concordia.handlers import kernels as hk
+    from concordia.handlers.persistent import PersistentRuntime
+    rt = Runtime(backend)
+    wpp, n_pages = 64, 12
+    src = np.arange(wpp * n_pages, dtype=np.uint32)
+    listed = np.array([9, 2, 11, 0, 5, 7, 3, 1], np.int32)
+    cur, pages, count = rt.to_device(src), rt.to_device(listed), rt.to_device(np.array([7], np.int32))
+    staging = rt.to_device(np.zeros(8 * wpp, np.uint32))
+    trigger = rt.to_device(np.array([0, 5], np.int32))   # trigger[1] has reached ticket 5
+    pr = PersistentRuntime(rt, blocks=2, block_size=hk.GROUP, ring_slots=16)
+    pr.register_many([("g", hk.ring_page_gatherer(wpp, src.size), [cur, pages, count, staging, trigger])])
+    pr.start()
+    try:
+        pr.wait_range(*pr.publish(pr.encode_tasks("g", [(1, 5)], groups=3, split=1)))
+    finally:
+        assert pr.shutdown() == []
+    got = staging.numpy().reshape(8, wpp)
+    np.testing.assert_array_equal(got[:7], src.reshape(n_pages, wpp)[listed[:7]])
+    assert not got[7].any()

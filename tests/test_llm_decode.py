@@ -98,6 +98,28 @@ def test_async_checkpoints_on_cuda_graph_decode_crash_restore_continue(tmp_path)
     assert np.array_equal(np.load(want), np.load(got))
 
 
+@pytest.mark.skipif(not backend_status()["cuda"].ok or not torch.cuda.is_available(),
+                    reason="needs a CUDA device and torch with CUDA")
+def test_ring_gathered_checkpoints_of_a_real_size_decode_resume_exactly(tmp_path):
+    """--device-side ring on the 0.6B config (2 KiB KV rows: one a page), two rounds: the KV
+    pages gathered by the persistent kernel beside the next step; killed in the second round,
+    restored on cuda, the tokens are the uninterrupted run's."""
+    args = [sys.executable, SCRIPT, "--config", "qwen3-0.6b", "--device", "cuda", "--batch", "4",
+            "--prompt", "6", "--tokens", "20", "--rounds", "2"]
+    env = {**os.environ, "CUDA_MODULE_LOADING": "EAGER"}   # what ring_gather needs
+    run = lambda *extra: subprocess.run([*args, *extra], capture_output=True, text=True,  # noqa: E731
+                                        timeout=300, env=env)
+    want, got, log = tmp_path / "want.npy", tmp_path / "got.npy", tmp_path / "g.clog"
+    assert run("--out", str(want)).returncode == 0
+    r = run("--log", str(log), "--every", "1", "--async", "--backend", "cuda", "--device-side",
+            "ring", "--when-full", "coalesce", "--crash-after", "30")
+    assert r.returncode == -9, r.stderr
+    r = run("--log", str(log), "--resume", "--restore-backend", "cuda", "--out", str(got))
+    assert r.returncode == 0, r.stderr
+    assert " of round 1 " in r.stdout, r.stdout
+    assert np.array_equal(np.load(want), np.load(got))
+
+
 def test_restore_is_what_carries_the_state(tmp_path):
     """The same resume with the KV cache wiped after restoring continues differently: the
     equality above is the restored state's doing, not the model's."""
