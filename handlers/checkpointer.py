@@ -129,6 +129,11 @@ class Checkpointer:
         except ConcordiaError:
             self.log.close()
             raise
+        if runtime.backend.streams:   # recovery's scatter built now, into the disk cache: a
+            # recovery on this machine loads it (its first compile took ~160 ms of an H100
+            # recovery's apply, profiled)
+            for r in self.regions:
+                runtime.backend.prebuild(_as_kernel(hk.page_scatterer(r.words_per_page, r.n_words)))
         self.need_full = True
         self._tracked: dict = {}
         # checkpoint_async's staging ring and writer thread, made by its first call
