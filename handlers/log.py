@@ -527,8 +527,9 @@ def _layout_of(scan: Scan, upto: int) -> dict | None:
 @dataclass
 class CommittedImage:
     """The regions' bytes as of a commit. Each region's pages are the rows of one array (row p
-    holds page p; past the region's end, zeros), filled record by record, later records over
-    earlier ones: a page costs no Python, so a log of a million pages folds in one pass."""
+    holds page p; past the region's end, zeros), filled record by record, newest first, each
+    page from the last record that holds it: a page costs no Python, so a log of a million
+    pages folds in one pass."""
     layout: dict
     rows: dict[int, np.ndarray]      # region id -> (pages, page_size) uint8
     present: dict[int, np.ndarray]   # region id -> bool per page: the log held it
@@ -547,40 +548,60 @@ def committed_image(scan: Scan, checkpoint: int | None = None) -> CommittedImage
         why = f" ({scan.problem})" if scan.problem else ""
         raise LogError(scan.path, where, f"the log holds no committed checkpoint{why}")
     upto = scan.commit_ends[-1] if checkpoint is None else scan.commit_index(checkpoint)
-    layout, rows, present, info, ckpt = None, {}, {}, {}, 0
-    for r in scan.records[:upto]:
-        if r.kind == LAYOUT:   # a new layout: a new base image follows
-            layout = json.loads(r.payload)
-            size = layout["page_size"]
-            rows = {d["id"]: np.zeros((-(-d["nbytes"] // size), size), np.uint8)
-                    for d in layout["regions"]}
-            present = {rid: np.zeros(len(a), bool) for rid, a in rows.items()}
-        elif r.kind in PAGE_KINDS:
-            if r.region not in rows:
-                raise LogError(scan.path, r.offset, f"a {KIND_NAMES[r.kind]} record of region "
-                               f"{r.region}, which the layout before it does not hold")
-            _fold(scan.path, r, rows[r.region], present[r.region], layout["page_size"])
-        elif r.kind == COMMIT:
-            info, ckpt = json.loads(r.payload), r.page
-    if layout is None:
+    records = scan.records[:upto]
+    # the image starts at the last layout record (a new layout: a new base image follows);
+    # folded newest first, a page is copied once, from the last record that holds it, and
+    # the rest of the log is only looked at: a log several times its live state folds in
+    # about the time of one copy of that state
+    start = next((i for i in range(len(records) - 1, -1, -1) if records[i].kind == LAYOUT), None)
+    if start is None:
         raise LogError(scan.path, HEADER_SIZE, "no layout record before the first commit")
+    layout = json.loads(records[start].payload)
+    size = layout["page_size"]
+    rows = {d["id"]: np.zeros((-(-d["nbytes"] // size), size), np.uint8) for d in layout["regions"]}
+    present = {rid: np.zeros(len(a), bool) for rid, a in rows.items()}
+    info, ckpt = {}, 0
+    for r in records[start + 1:]:
+        if r.kind in PAGE_KINDS and r.region not in rows:
+            raise LogError(scan.path, r.offset, f"a {KIND_NAMES[r.kind]} record of region "
+                           f"{r.region}, which the layout before it does not hold")
+        if r.kind == COMMIT:
+            info, ckpt = json.loads(r.payload), r.page
+    for r in reversed(records[start + 1:]):
+        if r.kind in PAGE_KINDS:
+            _fold_under(scan.path, r, rows[r.region], present[r.region], size)
     return CommittedImage(layout, rows, present, ckpt, info)
 
 
-def _fold(path: str, r: Record, rows: np.ndarray, present: np.ndarray, size: int) -> None:
-    """One page record's pages into a region's rows."""
+def _fold_under(path: str, r: Record, rows: np.ndarray, present: np.ndarray, size: int) -> None:
+    """One page record's pages into a region's rows where no later record put them (the fold
+    goes newest first): only those pages are copied."""
     data = np.frombuffer(r.payload, np.uint8)
     try:
         if r.kind == SCATTER:
             at = np.frombuffer(r.payload[:8 * r.page], "<u8").astype(np.int64)
-            rows[at] = data[8 * r.page:].reshape(r.page, size)
-            present[at] = True
-        else:
-            n = -(-len(data) // size)
-            if r.page + n > len(rows):
-                raise IndexError
+            # a page twice in one record: its last entry is the newer one
+            at, last = np.unique(at[::-1], return_index=True)
+            k = r.page - 1 - last
+            fresh = ~present[at]
+            if not fresh.any():
+                return
+            rows[at[fresh]] = data[8 * r.page:].reshape(r.page, size)[k[fresh]]
+            present[at[fresh]] = True
+            return
+        n = -(-len(data) // size)
+        if r.page + n > len(rows):
+            raise IndexError
+        fresh = ~present[r.page:r.page + n]
+        if fresh.all():
             rows.reshape(-1)[r.page * size:r.page * size + len(data)] = data
-            present[r.page:r.page + n] = True
+        elif fresh.any():
+            whole = len(data) // size
+            k = np.flatnonzero(fresh[:whole])
+            rows[r.page + k] = data[:whole * size].reshape(whole, size)[k]
+            if n > whole and fresh[-1]:   # a short last page (the region's end)
+                rows[r.page + whole, :len(data) - whole * size] = data[whole * size:]
+        present[r.page:r.page + n] = True
     except (IndexError, ValueError):
         raise LogError(path, r.offset, f"a {KIND_NAMES[r.kind]} record's pages lie outside "
                        f"its region ({len(rows)} pages)") from None

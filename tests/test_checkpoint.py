@@ -580,3 +580,57 @@ def test_append_scatter_writes_pages_from_arrays(tmp_path, version):
     image = committed_image(scan)
     assert np.flatnonzero(image.present[3]).tolist() == sorted(pages.tolist())
     np.testing.assert_array_equal(image.rows[3][pages], rows)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_newest_first_fold_is_the_logs_pages_in_order(tmp_path, seed):
+    """committed_image folds newest first, copying each page once; the oracle applies every
+    record in log order, later over earlier. Random PAGE, PAGES (a short last page at the
+    region's end) and SCATTER records (a page twice in one record: its later entry wins), two
+    layouts (the image starts at the second), and a commit of an older checkpoint asked for.
+    Bytes past a region's end (a short last page's padding) are not the region's: not compared."""
+    rng = np.random.default_rng(seed)
+    size, n_pages, nbytes = 256, 40, 40 * 256 - 100
+    path = str(tmp_path / "f.clog")
+    layout = {"format": "concordia-regions/1", "page_size": size, "regions": [
+        {"id": 0, "name": "a", "dtype": "|u1", "size": nbytes, "nbytes": nbytes, "page_size": size},
+        {"id": 1, "name": "b", "dtype": "|u1", "size": 8 * size, "nbytes": 8 * size, "page_size": size}]}
+    oracle, images = {}, {}
+    with DeltaLog(path, "no") as log:
+        log.write_layout(layout)
+        log.append(PAGE, b"\x07" * size, region=0, page=3)   # before the second layout: gone
+        log.commit(1, {})
+        log.write_layout(layout)
+        oracle = {0: np.zeros((n_pages, size), np.uint8), 1: np.zeros((8, size), np.uint8)}
+        for c in range(2, 12):
+            for _ in range(3):
+                rid = int(rng.integers(0, 2))
+                pages = len(oracle[rid])
+                kind = rng.integers(0, 3)
+                if kind == 0:   # a run of pages, maybe up to the region's short end
+                    first = int(rng.integers(0, pages))
+                    n = int(rng.integers(1, pages - first + 1))
+                    end = min((first + n) * size, nbytes if rid == 0 else pages * size)
+                    data = rng.integers(0, 256, end - first * size, dtype=np.uint8)
+                    log.append_many(PAGES if n > 1 else PAGE, rid, [(first, data.tobytes())])
+                    oracle[rid].reshape(-1)[first * size:end] = data
+                else:           # scattered pages, one of them twice
+                    at = rng.choice(pages, 5, replace=False)
+                    at = np.concatenate([at, at[:1]])
+                    rows = rng.integers(0, 256, (6, size), dtype=np.uint8)
+                    body = np.asarray(at, "<u8").tobytes() + rows.tobytes()
+                    log.append_many(SCATTER, rid, [(len(at), body)])
+                    for k, p in enumerate(at):
+                        oracle[rid][p] = rows[k]
+            log.commit(c, {"c": c})
+            images[c] = {rid: a.copy() for rid, a in oracle.items()}
+    scan = scan_log(path)
+    for asked in (None, 5):
+        image = committed_image(scan, asked)
+        want = images[asked or 11]
+        assert image.checkpoint_id == (asked or 11) and image.info == {"c": asked or 11}
+        for rid, limit in ((0, nbytes), (1, 8 * size)):   # the regions' bytes (not a page's
+            held = np.repeat(image.present[rid], size)[:limit]   # padding past the end)
+            np.testing.assert_array_equal(image.rows[rid].reshape(-1)[:limit][held],
+                                          want[rid].reshape(-1)[:limit][held])
+        assert image.rows[0][3][0] != 7 or image.present[0][3]   # the first layout's page is not in it
