@@ -516,3 +516,8 @@ def test_the_ring_gather_handler_copies_the_listed_pages_once_triggered(backend)
     got = staging.numpy().reshape(8, wpp)
     np.testing.assert_array_equal(got[:7], src.reshape(n_pages, wpp)[listed[:7]])
     assert not got[7].any()
+    from concordia.handlers.ring_gather import with_ticket   # the publish's pre-encoded records
+    records = pr.encode_tasks("g", [(1, 0)], groups=16, split=1)
+    for ticket in (1, 70_000, 2**31 - 5):
+        np.testing.assert_array_equal(with_ticket(records, ticket),
+                                      pr.encode_tasks("g", [(1, ticket)], groups=16, split=1))
