@@ -126,9 +126,8 @@ def register_cells(rt, pr, block: int = BLOCK) -> list:
         for size in PAYLOADS:
             n = size // 4
             bufs, scalars = buffers(rt, op, n)
-            key = f"{op}|{size}"
-            pr.register(key, k, bufs)
-            cells.append((op, size, k, bufs, scalars, -(-n // block), key))
+            cells.append((op, size, k, bufs, scalars, -(-n // block), f"{op}|{size}"))
+    pr.register_many([(key, k, bufs) for _, _, k, bufs, _, _, key in cells])   # one op table
     return cells
 
 
