@@ -28,6 +28,27 @@ from .log import (COMMIT, LAYOUT, DeltaLog, committed_image, read_records, scan_
 # appended bytes the writer copies itself at the swap at most (the rest the thread copies)
 CATCH_UP_BYTES = 16 << 20
 RETIRED = ".retired"   # the old log's name while its blocks are being freed
+# the new file is fsynced every PACE_BYTES as it is written. Left to one fsync at the end, its
+# hundreds of MB of dirty pages went into the same ext4 journal commit as the writer's next
+# fsync: on the CPU box another thread's 1 MB fsync rose to p99 73-108 ms (max 163) while
+# 240 MB were written at once, and to p99 13-14 ms (max 55) written this way
+PACE_BYTES = 16 << 20
+
+
+class _Paced:
+    """A file's write(), fsyncing every PACE_BYTES bytes."""
+
+    def __init__(self, fh):
+        self.fh, self.since = fh, 0
+
+    def write(self, data) -> int:
+        n = self.fh.write(data)
+        self.since += n
+        if self.since >= PACE_BYTES:
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.since = 0
+        return n
 
 
 def _remove_quietly(path: str) -> None:
@@ -60,7 +81,8 @@ class BackgroundCompaction:
             image = committed_image(scan_log(self.path, end=self.copied))
             self.layout, self.last_checkpoint = image.layout, image.checkpoint_id
             self.fh = open(self.new_path, "wb")
-            self.salt, self.seq, self.prev = write_base(self.fh, image)
+            self.paced = _Paced(self.fh)
+            self.salt, self.seq, self.prev = write_base(self.paced, image)
             self._sync()
             while self.log.synced[0] - self.copied > CATCH_UP_BYTES:
                 self._copy_tail(self.log.synced[0])
@@ -83,7 +105,7 @@ class BackgroundCompaction:
         reader, at = read_records(data, 0, prev, seq), 0
         for rec, at in reader:
             self.seq += 1
-            self.prev = write_record(self.fh.write, self.prev, rec.kind, self.seq, rec.region,
+            self.prev = write_record(self.paced.write, self.prev, rec.kind, self.seq, rec.region,
                                      rec.page, rec.payload)
             seq, prev = rec.seq, rec.crc
             if rec.kind == LAYOUT:

@@ -521,3 +521,17 @@ def test_the_ring_gather_handler_copies_the_listed_pages_once_triggered(backend)
     for ticket in (1, 70_000, 2**31 - 5):
         np.testing.assert_array_equal(with_ticket(records, ticket),
                                       pr.encode_tasks("g", [(1, ticket)], groups=16, split=1))
+
+
+def test_the_compaction_fsyncs_its_new_file_as_it_writes(tmp_path, monkeypatch):
+    """Every PACE_BYTES written, an fsync: the new file never holds much unsynced data for the
+    writer's next fsync to wait behind (one journal commit takes both)."""
+    from concordia.handlers import compaction as hc
+    monkeypatch.setattr(hc, "PACE_BYTES", 16 << 10)
+    synced = []
+    monkeypatch.setattr(hc.os, "fsync", lambda fd: synced.append(os.fstat(fd).st_size))
+    with open(tmp_path / "n", "wb") as fh:
+        paced = hc._Paced(fh)
+        for _ in range(10):
+            paced.write(b"x" * (6 << 10))
+    assert synced == [18 << 10, 36 << 10, 54 << 10]   # whole on disk up to there, each time
