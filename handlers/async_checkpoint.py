@@ -41,7 +41,7 @@ from concordia_ir.errors import ConcordiaError
 from . import kernels as hk
 from .compaction import BackgroundCompaction
 from .regions import CheckpointStats
-from .ring_gather import RingGather
+from .ring_gather import RingGather, check_eager_loading
 
 WHEN_FULL = ("wait", "coalesce")
 DEVICE_SIDES = ("stream", "ring")   # where a capture's gather runs (module docstring, ring_gather)
@@ -71,6 +71,7 @@ def check_device_side(rt, states, device_side: str) -> None:
         raise ConcordiaError("device_side='ring' gathers only regions whose pages the steps after "
                              "a checkpoint do not write: a BlockTableScanner's KV cache with one "
                              "slot a page (none here)")
+    check_eager_loading()
 
 
 def check_ring(slots: int, when_full: str, device_side: str = "stream") -> None:

@@ -50,10 +50,7 @@ class RingGather:
     def __init__(self, rt, regions: list, slots: list, groups: int = RING_GROUPS):
         """`regions`: the ring-gathered regions' states; `slots[i][j]`: ring slot i's
         _RegionSlot for region j (its page list, count and staging)."""
-        if os.environ.get("CUDA_MODULE_LOADING", "").upper() != "EAGER":
-            raise ConcordiaError("device_side='ring' needs CUDA_MODULE_LOADING=EAGER set before "
-                                 "CUDA starts: a kernel loaded lazily while the resident kernel "
-                                 "runs waits for it to end, which it never does")
+        check_eager_loading()
         self.rt, self.groups = rt, groups
         self.pr = PersistentRuntime(rt, blocks=groups, block_size=hk.GROUP, ring_slots=RING_SLOTS,
                                     watchdog_s=WATCHDOG_S)
@@ -113,3 +110,11 @@ def with_ticket(records: np.ndarray, ticket: int) -> np.ndarray:
     records[:, :, TICKET_LOW] = (ticket & 0xFFFF) | TAGS[:, None]
     records[:, :, TICKET_LOW + 1] = (ticket >> 16) | TAGS[:, None]
     return records
+
+
+def check_eager_loading() -> None:
+    """The resident kernel's condition on cuda (the module docstring)."""
+    if os.environ.get("CUDA_MODULE_LOADING", "").upper() != "EAGER":
+        raise ConcordiaError("device_side='ring' needs CUDA_MODULE_LOADING=EAGER set before "
+                             "CUDA starts: a kernel loaded lazily while the resident kernel "
+                             "runs may wait for it to end, which it never does")
