@@ -77,6 +77,7 @@ class CUDABackend(Backend):
         self.control_stream = None        # non-blocking streams, made on first use
         self.detached_stream = None
         self.detached: list = []   # detached launches not yet seen finished
+        self._branch_streams: list = []   # capture's branches beyond the first, made on demand
         self._control_pin = None
         self._pinned_blocks: list = []   # page-locked host memory handed out by pinned()
         driver = _driver()
@@ -296,8 +297,6 @@ class CUDABackend(Backend):
         one node after another."""
         driver = _driver()
         stream = self.new_stream()
-        if not hasattr(self, "_branch_streams"):
-            self._branch_streams = []
         while len(self._branch_streams) < len(records) - 1:
             self._branch_streams.append(self.new_stream())
         mode = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL

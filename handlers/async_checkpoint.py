@@ -172,8 +172,7 @@ class CheckpointWriter:
         self.free: queue.Queue = queue.Queue()   # the ring: captures in flight hold its slots
         ring = [_Slot([self._region_slot(st, slot_bytes) for st in ckpt.states] if self.streams
                       else [], index=i) for i in range(slots)]
-        check_device_side(self.rt, ckpt.states, device_side)
-        self.gather_ring = self._gather_ring(device_side, ring)
+        self.gather_ring = self._gather_ring(device_side, ring)   # checked by the Checkpointer
         for slot in ring:
             if self.streams:
                 slot.graph = self.backend.capture(*self._branches(slot))
@@ -197,10 +196,11 @@ class CheckpointWriter:
     def _gather_ring(self, device_side: str, ring: list):
         """Design (b): a RingGather for the regions whose pages it may gather beside the
         stream (append-only device lists); None for design (a) or when no region is one."""
-        if device_side != "ring":
-            return None
         picked = [j for j, st in enumerate(self.ckpt.states) if _ring_gathered(st)]
-        self.ring_regions = {j: k for k, j in enumerate(picked)}
+        # region index -> its index in the RingGather (none for design (a))
+        self.ring_regions = {j: k for k, j in enumerate(picked)} if device_side == "ring" else {}
+        if not self.ring_regions:
+            return None
         return RingGather(self.rt, [self.ckpt.states[j] for j in picked],
                           [[slot.regions[j] for j in picked] for slot in ring])
 
@@ -309,7 +309,7 @@ class CheckpointWriter:
 
     def _record_region(self, j: int, rs: _RegionSlot, stream):
         st, b, groups = self.ckpt.states[j], self.backend, min(rs.capacity, hk.GATHER_GROUPS)
-        ring = self.gather_ring is not None and j in self.ring_regions
+        ring = j in self.ring_regions
         if _device_listed(st):   # the block table names the pages; the device keeps `last`
             rs.launches["list"](stream)
             rs.launches["advance"](1, stream)

@@ -45,10 +45,13 @@ class _Paced:
         n = self.fh.write(data)
         self.since += n
         if self.since >= PACE_BYTES:
-            self.fh.flush()
-            os.fsync(self.fh.fileno())
-            self.since = 0
+            self.sync()
         return n
+
+    def sync(self) -> None:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.since = 0
 
 
 def _remove_quietly(path: str) -> None:
@@ -83,18 +86,14 @@ class BackgroundCompaction:
             self.fh = open(self.new_path, "wb")
             self.paced = _Paced(self.fh)
             self.salt, self.seq, self.prev = write_base(self.paced, image)
-            self._sync()
+            self.paced.sync()
             while self.log.synced[0] - self.copied > CATCH_UP_BYTES:
                 self._copy_tail(self.log.synced[0])
-                self._sync()   # here, not in finish: the swap flushes only its last records
+                self.paced.sync()   # here, not in finish: the swap flushes only its last records
         except BaseException as e:   # surfaced by finish(); the old log is untouched
             self.error = e
         finally:
             self.done.set()
-
-    def _sync(self):
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
 
     def _copy_tail(self, end: int) -> None:
         """The old log's records in [copied, end), verified and re-chained into the new file."""
@@ -128,7 +127,7 @@ class BackgroundCompaction:
             before = self.copied
             self._copy_tail(self.log.synced[0])
             t1 = time.perf_counter()
-            self._sync()
+            self.paced.sync()
             self.fh.close()
         except BaseException:
             self.abandon()
