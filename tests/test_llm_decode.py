@@ -174,3 +174,12 @@ def test_bad_arguments_are_one_line():
                       (["--rounds", "0"], "and --rounds must be >= 1")):
         r = decode(*bad)
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_device_side_ring_where_it_cannot_run_is_one_line(tmp_path):
+    """--device-side ring on a backend without streams: the reason, in one line."""
+    r = decode("--device-side", "ring", "--async", "--log", str(tmp_path / "r.clog"),
+               "--backend", "reference")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "device_side='ring' needs a backend with streams" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
