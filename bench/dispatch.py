@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bench.common import environment, table, write_result  # noqa: E402
 from concordia import Ptr, Runtime, f32, global_id, i32, kernel, u32  # noqa: E402
+from concordia.handlers import kernels as hk  # noqa: E402
 from concordia.handlers.persistent import PersistentRuntime  # noqa: E402
 
 # work-items a group, the ring's and the launches' alike. 512 from H100 runs: with 256, a
@@ -53,15 +55,71 @@ def bump(counter: Ptr[i32], n: i32):
         counter[i] = counter[i] + 1
 
 
-OPS = {"scale (compute)": scale, "page_copy (checkpoint)": page_copy, "bump (read-modify-write)": bump}
+# a checkpoint's device work, as the asynchronous checkpoint runs it (handlers/kernels.py):
+# list a decode step's KV pages from the block table (the page scan of a paged cache), and
+# gather listed pages of 2 KiB (the decode loop's page: one KV row) into host-mapped staging
+KV_PAGE = 2048
 
 
-def buffers(rt, name, n):
-    if name.startswith("scale"):
-        return [rt.to_device(np.ones(n, np.float32)), rt.zeros(n, np.float32)], lambda: (np.float32(1.5), np.int32(n))
-    if name.startswith("page_copy"):
-        return [rt.to_device(np.arange(n, dtype=np.uint32)), rt.zeros(n, np.uint32)], lambda: (np.int32(n),)
-    return [rt.zeros(n, np.int32)], lambda: (np.int32(n),)
+@dataclass
+class Cell:
+    """One op at one payload: its kernel, buffers, scalar arguments, virtual groups, and the
+    check that its output is what the op computes."""
+    kernel: object
+    bufs: list
+    scalars: object            # () -> the scalar arguments
+    groups: int
+    check: object = None       # () -> None: raises if the output is wrong, else clears it
+
+
+def _elementwise(rt, op: str, n: int, block: int) -> Cell:
+    groups = -(-n // block)
+    if op.startswith("scale"):
+        return Cell(scale, [rt.to_device(np.ones(n, np.float32)), rt.zeros(n, np.float32)],
+                    lambda: (np.float32(1.5), np.int32(n)), groups)
+    if op.startswith("page_copy"):
+        return Cell(page_copy, [rt.to_device(np.arange(n, dtype=np.uint32)), rt.zeros(n, np.uint32)],
+                    lambda: (np.int32(n),), groups)
+    return Cell(bump, [rt.zeros(n, np.int32)], lambda: (np.int32(n),), groups)
+
+
+def _kv_list(rt, op: str, n: int, block: int) -> Cell:
+    """A block-table list of one decode step for n (layer plane x sequence) rows: n entries."""
+    position, block_size = 5, 16
+    lister = hk.block_table_lister(planes=n, blocks=1, block_size=block_size, batch=1,
+                                   max_blocks=1, row_bytes=KV_PAGE, page_size=KV_PAGE, capacity=n)
+    one = [rt.to_device(np.array([x], np.int64)) for x in (0, position, position)]
+    pages = rt.to_device(np.full(n, -1, np.int32))
+
+    def check():
+        want = np.arange(n, dtype=np.int32) * block_size + position
+        assert np.array_equal(pages.numpy(), want), "kv_list listed the wrong pages"
+        pages.write(np.full(n, -1, np.int32))
+    return Cell(lister, [*one, pages], lambda: (), -(-n // block), check)
+
+
+def _gather(rt, op: str, n: int, block: int) -> Cell:
+    """counted_page_gatherer: n words in pages of up to KV_PAGE bytes, every fourth page of a
+    region four times as large (listed last first), into host-mapped staging."""
+    wpp = min(n, KV_PAGE // 4)
+    count = n // wpp
+    region = rt.to_device(np.arange(4 * n, dtype=np.uint32))
+    listed = (np.arange(count, dtype=np.int32) * 4)[::-1].copy()
+    staging = rt.mapped(n, np.uint32)
+    staging.host[:] = 0
+    bufs = [region, staging, rt.to_device(listed), rt.to_device(np.array([count], np.int32)), staging]
+
+    def check():
+        want = (listed[:, None].astype(np.int64) * wpp + np.arange(wpp)).reshape(-1)
+        assert np.array_equal(staging.host, want.astype(np.uint32)), "the gather copied wrong words"
+        staging.host[:] = 0
+    return Cell(hk.counted_page_gatherer(wpp, 4 * n, group=block), bufs, lambda: (np.int32(0),),
+                count, check)
+
+
+OPS = {"scale (compute)": _elementwise, "page_copy (checkpoint)": _elementwise,
+       "bump (read-modify-write)": _elementwise, "kv_list (checkpoint scan)": _kv_list,
+       "gather to host (checkpoint)": _gather}
 
 
 class DirectLaunch:
@@ -119,15 +177,15 @@ def median_us(fn, reps):
     return float(np.median(out)) * 1e6, float(np.percentile(out, 99)) * 1e6
 
 
-def register_cells(rt, pr, block: int = BLOCK) -> list:
-    """A handler per op x payload on `pr`: (op, size, kernel, buffers, scalars, groups, key)."""
+def register_cells(rt, pr, block: int = BLOCK, payloads=PAYLOADS) -> list:
+    """A handler per op x payload on `pr`: (op, size, kernel, buffers, scalars, groups, key,
+    check)."""
     cells = []
-    for op, k in OPS.items():
-        for size in PAYLOADS:
-            n = size // 4
-            bufs, scalars = buffers(rt, op, n)
-            cells.append((op, size, k, bufs, scalars, -(-n // block), f"{op}|{size}"))
-    pr.register_many([(key, k, bufs) for _, _, k, bufs, _, _, key in cells])   # one op table
+    for op, make in OPS.items():
+        for size in payloads:
+            c = make(rt, op, size // 4, block)
+            cells.append((op, size, c.kernel, c.bufs, c.scalars, c.groups, f"{op}|{size}", c.check))
+    pr.register_many([(key, k, bufs) for _, _, k, bufs, _, _, key, _ in cells])   # one op table
     return cells
 
 
@@ -143,14 +201,15 @@ def cell_records(pr, key: str, scalars, groups: int):
     return pr.encode_tasks(key, [tuple(scalars())], groups, max(PER_RECORD, -(-groups // pr.blocks)))
 
 
-def run(backend: str | None, reps: int, blocks: int, small_tasks: int, block: int = BLOCK) -> dict:
+def run(backend: str | None, reps: int, blocks: int, small_tasks: int, block: int = BLOCK,
+        payloads=PAYLOADS) -> dict:
     rt = Runtime(backend)
     name = rt.backend.name
     cells = []
     pr = PersistentRuntime(rt, blocks=blocks, block_size=block, ring_slots=4096, watchdog_s=30)
-    setups = register_cells(rt, pr, block)
+    setups = register_cells(rt, pr, block, payloads)
     pr.start()
-    for op, size, k, bufs, scalars, groups, key in setups:
+    for op, size, k, bufs, scalars, groups, key, check in setups:
         records = cell_records(pr, key, scalars, groups)
 
         def persistent():
@@ -162,7 +221,7 @@ def run(backend: str | None, reps: int, blocks: int, small_tasks: int, block: in
     # timed: arguments encoded once, then only the dispatch (one publish() of every record,
     # which writes them in batches while the device runs the ones before); and, for scale,
     # through submit_many(), which also encodes each task's arguments and keeps a Task each
-    tiny = next(s for s in setups if s[1] == PAYLOADS[0] and s[0].startswith("bump"))
+    tiny = next(s for s in setups if s[1] == payloads[0] and s[0].startswith("bump"))
     records = np.repeat(pr.encode_tasks(tiny[6], [tuple(tiny[4]())], groups=1), small_tasks, axis=1)
     t0 = time.perf_counter()
     pr.wait_range(*pr.publish(records))
@@ -172,10 +231,15 @@ def run(backend: str | None, reps: int, blocks: int, small_tasks: int, block: in
     pr.wait()
     submit_tps = small_tasks / (time.perf_counter() - t0)
     assert pr.shutdown() == []
+    for *_, check in setups:   # the ring ran each op right (read once it has stopped: a read
+        if check is not None:  # waits for the device, which the resident kernel never leaves)
+            check()
     launches = {}
-    for cell, (op, size, k, bufs, scalars, groups, key) in zip(cells, setups):
+    for cell, (op, size, k, bufs, scalars, groups, key, check) in zip(cells, setups):
         dl = DirectLaunch(rt, k, bufs, scalars(), groups, block)
         l50, l99 = median_us(dl.launch, reps)
+        if check is not None:
+            check()
         cell.update(launch_us=round(l50, 2), launch_p99_us=round(l99, 2))
         if dl.cuda:
             dl.make_graph()
@@ -229,7 +293,7 @@ def phases(backend: str | None, reps: int, blocks: int, block: int = BLOCK) -> d
     cells = register_cells(rt, pr, block)
     pr.start()
     out = []
-    for op, size, k, bufs, scalars, groups, key in cells:
+    for op, size, k, bufs, scalars, groups, key, _ in cells:
         records = cell_records(pr, key, scalars, groups)
         rows = []
         for r in range(reps + 20):
@@ -300,6 +364,8 @@ def main(argv=None) -> int:
     p.add_argument("--block-size", type=int, default=BLOCK,
                    help="work-items a group (the ring's and the launches' alike)")
     p.add_argument("--small-tasks", type=int, default=100000)
+    p.add_argument("--payloads", default=",".join(map(str, PAYLOADS)),
+                   help="bytes a task touches, comma-separated (multiples of 256)")
     p.add_argument("--phases", action="store_true",
                    help="instead: where a task's time goes, by host and device clocks (cuda)")
     a = p.parse_args(argv)
@@ -311,7 +377,13 @@ def main(argv=None) -> int:
                                        "to_record_us", "handler_us", "mark_us",
                                        "first_record_to_last_mark_us", "to_observed_us"]))
         return 0
-    result = run(a.backend, a.reps, a.blocks, a.small_tasks, a.block_size)
+    try:
+        payloads = tuple(int(x) for x in a.payloads.split(","))
+    except ValueError:
+        payloads = ()
+    if not payloads or any(x < 256 or x % 256 for x in payloads):
+        p.error(f"--payloads takes byte counts that are multiples of 256, got {a.payloads!r}")
+    result = run(a.backend, a.reps, a.blocks, a.small_tasks, a.block_size, payloads)
     result["env"] = environment(str(result["device"].get("device")))
     path = write_result(f"dispatch-{result['backend']}", result, a.json)
     heatmap(result, os.path.splitext(path)[0] + ".png")

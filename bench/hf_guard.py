@@ -20,6 +20,35 @@ sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 from bench.common import environment, table, write_result  # noqa: E402
 
 
+class Timed:
+    """A stopping criterion, its calls timed (the decode thread's time in the guard)."""
+    def __init__(self, inner, seconds: list):
+        self.inner, self.seconds = inner, seconds
+
+    def __call__(self, input_ids, scores=None, **kw):
+        t = time.perf_counter()
+        out = self.inner(input_ids, scores, **kw)
+        self.seconds.append((time.perf_counter() - t) * 1e6)
+        return out
+
+
+class HookOnly:
+    """The guard's own tensor work at each call (the tokens so far and their count copied on
+    the device), no checkpoint: what a stopping criterion of this kind costs by itself."""
+    def __init__(self, cache):
+        self.tokens = self.meta = None
+
+    def __call__(self, input_ids, scores=None, **kw):
+        import torch
+        if self.tokens is None:
+            self.tokens = torch.zeros(input_ids.shape[0], 4096, dtype=torch.int64,
+                                      device=input_ids.device)
+            self.meta = torch.zeros(8, dtype=torch.int64, device=input_ids.device)
+        self.tokens[:, :input_ids.shape[1]].copy_(input_ids)
+        self.meta[1] = input_ids.shape[1]
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def main() -> int:
     import torch
     from transformers import StaticCache
@@ -31,20 +60,27 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--kinds", default="plain,guard",
+                   help="runs to compare: plain, guard, and calls (a stopping criterion doing "
+                        "the guard's own tensor work, no checkpoint: what the hook alone costs)")
     a = p.parse_args()
+    kinds = a.kinds.split(",")
     model = H.build(a.size, a.device)
     ids = torch.randint(0, model.config.vocab_size, (a.batch, 16),
                         generator=torch.Generator().manual_seed(1)).to(a.device)
     log = os.path.join(tempfile.mkdtemp(), "hf.clog")
-    rates, enqueue_us = {"plain": [], "guard": []}, []
+    rates, enqueue_us = {k: [] for k in kinds}, []
+    call_us, phases, busy = [], {}, {}
 
-    def once(guarded: bool):
+    def once(kind: str):
         cache = StaticCache(config=model.config, max_cache_len=16 + a.tokens + 1)
         guard = None
-        if guarded:
+        if kind == "guard":
             if os.path.exists(log):
                 os.remove(log)
-            guard = GenerationGuard(cache, log)
+            guard = Timed(GenerationGuard(cache, log), call_us)
+        elif kind == "calls":
+            guard = HookOnly(cache)
         if a.device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -53,26 +89,42 @@ def main() -> int:
         if a.device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t
-        if guard:
-            guard.close()
-            enqueue_us.extend(h.enqueue_s * 1e6 for h in guard.handles[1:])
+        if kind == "guard":
+            g = guard.inner
+            writer = g.ckpt._writer
+            g.close()
+            enqueue_us.extend(h.enqueue_s * 1e6 for h in g.handles[1:])
+            for h in g.handles[1:]:
+                for part, sec in h.phases.items():
+                    phases.setdefault(part, []).append(sec * 1e6)
+            for part, sec in (writer.busy.items() if writer else ()):
+                busy[part] = busy.get(part, 0.0) + sec / (a.tokens * a.repeats)
         return a.tokens * a.batch / seconds
-    once(False), once(True)   # warm-up
+    for kind in kinds:   # warm-up
+        once(kind)
+    call_us.clear(), phases.clear(), busy.clear()
     for rep in range(a.repeats):
-        for kind in (("plain", "guard") if rep % 2 == 0 else ("guard", "plain")):
-            rates[kind].append(once(kind == "guard"))
+        for kind in (kinds if rep % 2 == 0 else kinds[::-1]):
+            rates[kind].append(once(kind))
     row = {"size": a.size, "batch": a.batch, "tokens": a.tokens,
-           "tok_s_plain": round(float(np.median(rates["plain"])), 2),
-           "tok_s_guard": round(float(np.median(rates["guard"])), 2),
-           "runs": {k: [round(x, 2) for x in v] for k, v in rates.items()},
-           "enqueue_us_median": round(float(np.median(enqueue_us)), 1)}
-    row["overhead_pct"] = round(100 * (row["tok_s_plain"] - row["tok_s_guard"]) / row["tok_s_plain"], 2)
+           **{f"tok_s_{k}": round(float(np.median(v)), 2) for k, v in rates.items()},
+           "runs": {k: [round(x, 2) for x in v] for k, v in rates.items()}}
+    for k in kinds[1:]:
+        row[f"overhead_pct_{k}"] = round(100 * (1 - row[f"tok_s_{k}"] / row["tok_s_plain"]), 2)
+    if "guard" in kinds:
+        row["overhead_pct"] = row["overhead_pct_guard"]
+        row.update(enqueue_us_median=round(float(np.median(enqueue_us)), 1),
+                   guard_call_us_median=round(float(np.median(call_us)), 1),
+                   enqueue_phases_us_median={k: round(float(np.median(v)), 1)
+                                             for k, v in phases.items()},
+                   writer_ms_per_token={k: round(v * 1e3, 3) for k, v in busy.items()})
     env = environment(torch.cuda.get_device_name() if a.device == "cuda" else "cpu")
     import transformers
     env.update(torch=torch.__version__, transformers=transformers.__version__)
     write_result(f"hf-guard-{a.size}", {"env": env, **row})
-    print(table([row], ["size", "batch", "tok_s_plain", "tok_s_guard", "overhead_pct",
-                        "enqueue_us_median"]))
+    print(row)
+    print(table([row], ["size", "batch", *(f"tok_s_{k}" for k in kinds),
+                        *(f"overhead_pct_{k}" for k in kinds[1:]), "enqueue_us_median"]))
     return 0
 
 

@@ -138,11 +138,13 @@ GATHER_GROUPS = 1024
 
 
 @lru_cache(maxsize=None)
-def counted_page_gatherer(words_per_page: int, n_words: int):
+def counted_page_gatherer(words_per_page: int, n_words: int, group: int = GROUP):
     """page_gatherer for a page list whose length is on the device (count[0], written by a
     scan in the same stream): a fixed grid (at most GATHER_GROUPS groups) strides over the
-    list, so the host never waits to learn the count. The asynchronous checkpoint uses it."""
-    WPP, NW, STEP = words_per_page, n_words, GROUP
+    list, so the host never waits to learn the count. The asynchronous checkpoint uses it.
+    `group`: the work-items a group it is launched with (the dispatch benchmark's ring runs
+    wider groups than the checkpoint's launches)."""
+    WPP, NW, STEP = words_per_page, n_words, group
     WHOLE = n_words % words_per_page == 0
 
     @kernel

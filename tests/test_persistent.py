@@ -265,3 +265,31 @@ def test_published_batches_wrap_the_ring_and_run_exactly_once(backend):
     want = np.full(12 * 32, 5, np.int32)
     want[:3 * 32] += 5
     assert np.array_equal(counts.numpy(), want)
+
+
+@pytest.mark.parametrize("backend", [b for b in RING_BACKENDS if b in ("reference", "opencl", "cuda")])
+def test_the_dispatch_benchmarks_checkpoint_tasks_compute_the_checkpoint(backend):
+    """bench/dispatch.py times the asynchronous checkpoint's device work (a block-table page
+    list, a gather into host-mapped staging) through the ring and through launches: both give
+    the pages a checkpoint needs (each cell's check fails before anything ran)."""
+    from bench import dispatch
+    rt = Runtime(backend)
+    pr = PersistentRuntime(rt, blocks=2, block_size=64, ring_slots=64, watchdog_s=60)
+    ops = {k: v for k, v in dispatch.OPS.items() if k.startswith(("kv_list", "gather"))}
+    assert len(ops) == 2
+    cells = []
+    for op, make in ops.items():
+        for size in (256, 4096):
+            c = make(rt, op, size // 4, 64)
+            with pytest.raises(AssertionError):   # nothing computed yet
+                c.check()
+            cells.append((f"{op}|{size}", c))
+    pr.register_many([(key, c.kernel, c.bufs) for key, c in cells])
+    pr.start()
+    for key, c in cells:
+        pr.wait_range(*pr.publish(dispatch.cell_records(pr, key, c.scalars, c.groups)))
+    assert pr.shutdown() == []
+    for key, c in cells:   # read after the resident kernel stopped; each check clears its output
+        c.check()
+        dispatch.DirectLaunch(rt, c.kernel, c.bufs, c.scalars(), c.groups, 64).launch()
+        c.check()
