@@ -54,6 +54,14 @@ MAX_COALESCE = 3
 # it only when the holder drops it, after up to sys.getswitchinterval() (5 ms) of pure Python:
 # a decode thread back from its device wait would sit behind the writer for that long.
 YIELD_EVERY = 16
+# ... or bytes: a region's scatter record is one call whatever its size (its CRC and copy hold
+# the GIL for its bytes); a yield after each region was one after each of the Hugging Face
+# guard's 58 small regions, and each could wait a switch interval to get the GIL back
+YIELD_BYTES = 256 << 10
+# branches of a capture's graph at most: regions are independent, so their chains run side by
+# side (a branch each was 2-3x faster at batch 1 with three regions), but each branch costs the
+# graph's launch a fork and a join, on the caller's thread (the guard's 58 regions: 428 us)
+MAX_BRANCHES = 8
 # How long the writer holds a fresh capture back, waiting for the caller's next one (see _hold).
 HOLD_S = 0.005
 
@@ -300,12 +308,15 @@ class CheckpointWriter:
         self.durable_id = self.enqueued_id = self.processed_id = checkpoint_id
 
     def _branches(self, slot: _Slot) -> list:
-        """The slot's device work, as its graph holds it: a branch per region (regions are
-        independent, so their chains run side by side). Page lists and counts come from the
-        slot's pinned memory (read at each replay) or from the device; the gathers stride
-        over the list (hk.GATHER_GROUPS groups at most)."""
-        return [lambda stream, j=j, rs=rs: self._record_region(j, rs, stream)
-                for j, rs in enumerate(slot.regions) if rs is not None]
+        """The slot's device work, as its graph holds it: a branch per region, or per group of
+        regions past MAX_BRANCHES (regions are independent, so their chains run side by
+        side). Page lists and counts come from the slot's pinned memory (read at each replay)
+        or from the device; the gathers stride over the list (hk.GATHER_GROUPS groups at
+        most)."""
+        chains = [j for j, rs in enumerate(slot.regions) if rs is not None]
+        branches = [chains[k::MAX_BRANCHES] for k in range(min(len(chains), MAX_BRANCHES))]
+        return [lambda stream, js=js: [self._record_region(j, slot.regions[j], stream) for j in js]
+                for js in branches]
 
     def _record_region(self, j: int, rs: _RegionSlot, stream):
         st, b, groups = self.ckpt.states[j], self.backend, min(rs.capacity, hk.GATHER_GROUPS)
@@ -498,17 +509,20 @@ class CheckpointWriter:
         pieces = cap.pieces if cap.pieces is not None else self._pieces(cap)
         t_pieces = time.perf_counter()
         log, pages, nbytes, page_size = self.ckpt.log, 0, 0, self.ckpt.page_size
+        gil = _Yielder()
         for region_id, items in pieces:
             if isinstance(items, _Rows):
                 nbytes += items.nbytes
                 pages += log.append_scatter(region_id, page_size, items.pages, items.rows)
                 pages += log.append_pages(region_id, page_size, items.tail)
-                time.sleep(0)   # let the caller's thread have the GIL (see YIELD_EVERY)
+                gil.wrote(1 + len(items.tail), items.nbytes)
                 continue
-            nbytes += sum(len(d) for _, d in items)
             for first in range(0, len(items), YIELD_EVERY):
-                pages += log.append_pages(region_id, page_size, items[first:first + YIELD_EVERY])
-                time.sleep(0)   # let the caller's thread have the GIL (see YIELD_EVERY)
+                part = items[first:first + YIELD_EVERY]
+                pages += log.append_pages(region_id, page_size, part)
+                size = sum(len(d) for _, d in part)
+                nbytes += size
+                gil.wrote(len(part), size)
         t_append = time.perf_counter()
         info = {"checkpoint": cap.id, "pages": pages, "bytes": nbytes, "full": False,
                 "time": time.time(), "backend": str(self.rt.spec), "async": True}
@@ -544,6 +558,21 @@ class CheckpointWriter:
                 rows = staged[:n]
             out.append((r.id, _Rows.of(r, listed, rows)))
         return out
+
+
+class _Yielder:
+    """Lets the caller's thread have the GIL after every YIELD_EVERY records or YIELD_BYTES
+    bytes the writer appended (see YIELD_EVERY)."""
+
+    def __init__(self):
+        self.records = self.bytes = 0
+
+    def wrote(self, records: int, nbytes: int) -> None:
+        self.records += records
+        self.bytes += nbytes
+        if self.records >= YIELD_EVERY or self.bytes >= YIELD_BYTES:
+            self.records = self.bytes = 0
+            time.sleep(0)
 
 
 @dataclass
