@@ -95,9 +95,10 @@ class Backend(ABC):
 
     graphs = False   # capture / launch_graph exist
 
-    def capture(self, *records):
+    def capture(self, *records, first=None):
         """What each `record(stream)` enqueues, as one replayable graph whose records run as
-        parallel branches, joined at its end (backends with graphs)."""
+        parallel branches, joined at its end, after `first(stream)` if given (backends with
+        graphs)."""
         raise NotImplementedError(f"backend {self.name!r} has no graphs")
 
     def launch_graph(self, graph, stream) -> None:

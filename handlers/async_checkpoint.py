@@ -136,6 +136,9 @@ class _RegionSlot:
     host_count: np.ndarray     # pinned i32[1]
     host_data: np.ndarray      # pinned u8[capacity * page_size]
     launches: dict = field(default_factory=dict)
+    # a host scanner's list: the first of its regions in the slot owns it (fills it, copies it
+    # to the device); the others share its four buffers (the guard's 56 KV tensors: one list)
+    owns_list: bool = True
 
 
 @dataclass
@@ -178,12 +181,13 @@ class CheckpointWriter:
         self.streams = self.backend.streams and self.backend.graphs and any(
             self._streamable(st) for st in ckpt.states)
         self.free: queue.Queue = queue.Queue()   # the ring: captures in flight hold its slots
-        ring = [_Slot([self._region_slot(st, slot_bytes) for st in ckpt.states] if self.streams
-                      else [], index=i) for i in range(slots)]
+        ring = [_Slot(self._region_slots(slot_bytes) if self.streams else [], index=i)
+                for i in range(slots)]
         self.gather_ring = self._gather_ring(device_side, ring)   # checked by the Checkpointer
         for slot in ring:
             if self.streams:
-                slot.graph = self.backend.capture(*self._branches(slot))
+                slot.graph = self.backend.capture(*self._branches(slot),
+                                                  first=self._lists_in(slot))
             self.free.put(slot)
         if self.gather_ring is not None:   # the graphs are ready: the resident kernel may start
             self.gather_ring.launch()
@@ -229,7 +233,12 @@ class CheckpointWriter:
     def _streamable(st) -> bool:
         return st.scanner is not None or (st.mode == "shadow" and st.native is None)
 
-    def _region_slot(self, st, slot_bytes: int) -> _RegionSlot | None:
+    def _region_slots(self, slot_bytes: int) -> list:
+        """A ring slot's share for each region; regions of one host scanner share its list."""
+        lists: dict = {}   # (scanner, capacity) -> the _RegionSlot that owns its list
+        return [self._region_slot(st, slot_bytes, lists) for st in self.ckpt.states]
+
+    def _region_slot(self, st, slot_bytes: int, lists: dict) -> _RegionSlot | None:
         if not self._streamable(st):   # captured at once: nothing to stage in the ring
             return None
         r, rt, b = st.region, self.rt, self.backend
@@ -242,10 +251,18 @@ class CheckpointWriter:
         # (Gathering into device memory and copying out on the writer's stream was measured
         # slower on an H100: the writer's copy waited a decode step's length; docs/checkpointing.md)
         staging = rt.mapped(cap * r.words_per_page, np.uint32)
-        rs = _RegionSlot(cap, rt.empty(cap, np.int32), rt.zeros(1, np.int32), staging,
-                         b.pinned(cap * 4).view(np.int32), b.pinned(4).view(np.int32),
-                         staging.host.view(np.uint8))
-        rs.host_count[0] = 0
+        hosted = st.scanner is not None and not _device_listed(st)
+        shared = lists.get((id(st.scanner), cap)) if hosted else None
+        if shared is not None:
+            rs = _RegionSlot(cap, shared.pages, shared.count, staging, shared.host_pages,
+                             shared.host_count, staging.host.view(np.uint8), owns_list=False)
+        else:
+            rs = _RegionSlot(cap, rt.empty(cap, np.int32), rt.zeros(1, np.int32), staging,
+                             b.pinned(cap * 4).view(np.int32), b.pinned(4).view(np.int32),
+                             staging.host.view(np.uint8))
+            rs.host_count[0] = 0
+            if hosted:
+                lists[id(st.scanner), cap] = rs
         counted = hk.counted_page_gatherer(r.words_per_page, r.n_words)
         if st.scanner is not None:   # the list comes from the scanner: no shadow to update
             rs.launches["gather"] = rt.bind(counted, hk.GROUP, (r.words(), rs.staging, rs.pages,
@@ -318,6 +335,18 @@ class CheckpointWriter:
         return [lambda stream, js=js: [self._record_region(j, slot.regions[j], stream) for j in js]
                 for js in branches]
 
+    def _lists_in(self, slot: _Slot):
+        """The graph's first nodes: each host scanner's list and count, from the slot's pinned
+        memory to the device, once for all the regions that share it."""
+        owners = [rs for st, rs in zip(self.ckpt.states, slot.regions) if rs is not None
+                  and st.scanner is not None and not _device_listed(st) and rs.owns_list]
+
+        def record(stream):
+            for rs in owners:
+                self.backend.copy_in_on(stream, rs.count.handle, rs.host_count)
+                self.backend.copy_in_on(stream, rs.pages.handle, rs.host_pages)
+        return record if owners else None
+
     def _record_region(self, j: int, rs: _RegionSlot, stream):
         st, b, groups = self.ckpt.states[j], self.backend, min(rs.capacity, hk.GATHER_GROUPS)
         ring = j in self.ring_regions
@@ -330,9 +359,7 @@ class CheckpointWriter:
             b.copy_out_on(stream, rs.pages.handle, rs.host_pages)
             if ring:   # the persistent kernel gathers once the stream gets here
                 self.gather_ring.record_trigger(self.ring_regions[j], stream)
-        elif st.scanner is not None:
-            b.copy_in_on(stream, rs.count.handle, rs.host_count)
-            b.copy_in_on(stream, rs.pages.handle, rs.host_pages)
+        elif st.scanner is not None:   # its list came in before the branches (_lists_in)
             rs.launches["gather"](groups, stream)
         else:
             b.memset32_on(stream, rs.count.handle, 0, 1)
@@ -355,8 +382,9 @@ class CheckpointWriter:
                 pages = st.scanner.dirty_pages()
                 n = len(pages)
                 _check_capacity(st.region, n, rs.capacity)
-                rs.host_pages[:n] = pages
-                rs.host_count[0] = n
+                if rs.owns_list:
+                    rs.host_pages[:n] = pages
+                    rs.host_count[0] = n
                 st.scanner.committed()
                 cap.counts.append(n)
             else:
