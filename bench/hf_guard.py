@@ -35,8 +35,9 @@ class Timed:
 class HookOnly:
     """The guard's own tensor work at each call (the tokens so far and their count copied on
     the device), no checkpoint: what a stopping criterion of this kind costs by itself."""
-    def __init__(self, cache):
+    def __init__(self, cache, assign: bool = False):
         self.tokens = self.meta = None
+        self.assign = assign   # the count set by item assignment, as the guard did at first
 
     def __call__(self, input_ids, scores=None, **kw):
         import torch
@@ -45,7 +46,10 @@ class HookOnly:
                                       device=input_ids.device)
             self.meta = torch.zeros(8, dtype=torch.int64, device=input_ids.device)
         self.tokens[:, :input_ids.shape[1]].copy_(input_ids)
-        self.meta[1] = input_ids.shape[1]
+        if self.assign:
+            self.meta[1] = input_ids.shape[1]
+        else:
+            self.meta[1:2].fill_(input_ids.shape[1])
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -62,7 +66,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--kinds", default="plain,guard",
                    help="runs to compare: plain, guard, and calls (a stopping criterion doing "
-                        "the guard's own tensor work, no checkpoint: what the hook alone costs)")
+                        "the guard's own tensor work, no checkpoint: what the hook alone costs; "
+                        "calls-assign: the same with the count set by item assignment)")
     a = p.parse_args()
     kinds = a.kinds.split(",")
     model = H.build(a.size, a.device)
@@ -79,8 +84,8 @@ def main() -> int:
             if os.path.exists(log):
                 os.remove(log)
             guard = Timed(GenerationGuard(cache, log), call_us)
-        elif kind == "calls":
-            guard = HookOnly(cache)
+        elif kind in ("calls", "calls-assign"):
+            guard = HookOnly(cache, assign=kind == "calls-assign")
         if a.device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()

@@ -98,7 +98,9 @@ class GenerationGuard:
                 s.mark(self.written, length - 2)
             self.written = length - 1
             self.tokens[:, :length].copy_(input_ids)
-            self.meta[1] = length
+            # fill_, not `meta[1] = length`: item assignment copies a host scalar in from
+            # pageable memory, which waits for the stream (the decode's own work) first
+            self.meta[1:2].fill_(length)
             self.handles.append(self.ckpt.checkpoint_async())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
