@@ -13,19 +13,31 @@ pytest.importorskip("transformers", reason="the guard wraps transformers: pip in
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "examples", "hf_generate.py")
 
 
-def run(*args):
-    return subprocess.run([sys.executable, SCRIPT, "--device", "cpu", "--tokens", "24", *args],
+def run(*args, device="cpu"):
+    return subprocess.run([sys.executable, SCRIPT, "--device", device, "--tokens", "24", *args],
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("crash_after", [3, 12])
-def test_generate_resumes_with_identical_tokens(tmp_path, crash_after):
+def _cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@pytest.mark.parametrize("crash_after,device", [
+    (3, "cpu"), (12, "cpu"),
+    # on cuda the guard's checkpoints go through the stream path: the layers' keys and values
+    # share one page list per ring slot, copied in before the graph's branches
+    pytest.param(12, "cuda", marks=pytest.mark.skipif(not _cuda(), reason="needs a CUDA device"))])
+def test_generate_resumes_with_identical_tokens(tmp_path, crash_after, device):
     want, got, log = tmp_path / "want.npy", tmp_path / "got.npy", tmp_path / "g.clog"
-    r = run("--out", str(want))
+    r = run("--out", str(want), device=device)
     assert r.returncode == 0, r.stderr
-    r = run("--log", str(log), "--crash-after", str(crash_after))
+    r = run("--log", str(log), "--crash-after", str(crash_after), device=device)
     assert r.returncode == -9, r.stderr
-    r = run("--log", str(log), "--resume", "--out", str(got))
+    r = run("--log", str(log), "--resume", "--out", str(got), device=device)
     assert r.returncode == 0, r.stderr
     resumed = int(r.stdout.split("resumed with ")[1].split()[0])
     assert 8 < resumed <= 8 + crash_after          # mid-generation
