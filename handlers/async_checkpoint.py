@@ -251,7 +251,7 @@ class CheckpointWriter:
         # (Gathering into device memory and copying out on the writer's stream was measured
         # slower on an H100: the writer's copy waited a decode step's length; docs/checkpointing.md)
         staging = rt.mapped(cap * r.words_per_page, np.uint32)
-        hosted = st.scanner is not None and not _device_listed(st)
+        hosted = _host_listed(st)
         shared = lists.get((id(st.scanner), cap)) if hosted else None
         if shared is not None:
             rs = _RegionSlot(cap, shared.pages, shared.count, staging, shared.host_pages,
@@ -331,15 +331,19 @@ class CheckpointWriter:
         or from the device; the gathers stride over the list (hk.GATHER_GROUPS groups at
         most)."""
         chains = [j for j, rs in enumerate(slot.regions) if rs is not None]
-        branches = [chains[k::MAX_BRANCHES] for k in range(min(len(chains), MAX_BRANCHES))]
-        return [lambda stream, js=js: [self._record_region(j, slot.regions[j], stream) for j in js]
-                for js in branches]
+
+        def branch(js):
+            def record(stream):
+                for j in js:
+                    self._record_region(j, slot.regions[j], stream)
+            return record
+        return [branch(chains[k::MAX_BRANCHES]) for k in range(min(len(chains), MAX_BRANCHES))]
 
     def _lists_in(self, slot: _Slot):
         """The graph's first nodes: each host scanner's list and count, from the slot's pinned
         memory to the device, once for all the regions that share it."""
-        owners = [rs for st, rs in zip(self.ckpt.states, slot.regions) if rs is not None
-                  and st.scanner is not None and not _device_listed(st) and rs.owns_list]
+        owners = [rs for st, rs in zip(self.ckpt.states, slot.regions)
+                  if rs is not None and _host_listed(st) and rs.owns_list]
 
         def record(stream):
             for rs in owners:
@@ -633,6 +637,11 @@ def _ring_gathered(st) -> bool:
 def _device_listed(st) -> bool:
     """A region whose scanner lists its pages on the device (BlockTableScanner)."""
     return getattr(st.scanner, "device_lister", False)
+
+
+def _host_listed(st) -> bool:
+    """A region whose pages a host scanner lists (the list goes to the device by copy)."""
+    return st.scanner is not None and not _device_listed(st)
 
 
 def _entries_a_step(st) -> int:

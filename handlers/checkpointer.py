@@ -132,8 +132,9 @@ class Checkpointer:
         if runtime.backend.streams:   # recovery's scatter built now, into the disk cache: a
             # recovery on this machine loads it (its first compile took ~160 ms of an H100
             # recovery's apply, profiled)
-            for r in self.regions:
-                runtime.backend.prebuild(_as_kernel(hk.page_scatterer(r.words_per_page, r.n_words)))
+            # (one per page and region size: the guard's 56 same-shaped KV tensors share one)
+            for shape in {(r.words_per_page, r.n_words) for r in self.regions}:
+                runtime.backend.prebuild(_as_kernel(hk.page_scatterer(*shape)))
         self.need_full = True
         self._tracked: dict = {}
         # checkpoint_async's staging ring and writer thread, made by its first call
