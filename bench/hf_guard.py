@@ -20,6 +20,9 @@ sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 from bench.common import environment, table, write_result  # noqa: E402
 
 
+KINDS = ("plain", "guard", "calls", "calls-assign")   # --kinds
+
+
 class Timed:
     """A stopping criterion, its calls timed (the decode thread's time in the guard)."""
     def __init__(self, inner, seconds: list):
@@ -35,7 +38,7 @@ class Timed:
 class HookOnly:
     """The guard's own tensor work at each call (the tokens so far and their count copied on
     the device), no checkpoint: what a stopping criterion of this kind costs by itself."""
-    def __init__(self, cache, assign: bool = False):
+    def __init__(self, assign: bool = False):
         self.tokens = self.meta = None
         self.assign = assign   # the count set by item assignment, as the guard did at first
 
@@ -70,6 +73,9 @@ def main() -> int:
                         "calls-assign: the same with the count set by item assignment)")
     a = p.parse_args()
     kinds = a.kinds.split(",")
+    if kinds[0] != "plain" or not set(kinds) <= set(KINDS) or len(set(kinds)) < len(kinds):
+        p.error(f"--kinds takes plain first, then any of {', '.join(KINDS[1:])}, each once; "
+                f"got {a.kinds!r}")
     model = H.build(a.size, a.device)
     ids = torch.randint(0, model.config.vocab_size, (a.batch, 16),
                         generator=torch.Generator().manual_seed(1)).to(a.device)
@@ -85,7 +91,7 @@ def main() -> int:
                 os.remove(log)
             guard = Timed(GenerationGuard(cache, log), call_us)
         elif kind in ("calls", "calls-assign"):
-            guard = HookOnly(cache, assign=kind == "calls-assign")
+            guard = HookOnly(assign=kind == "calls-assign")
         if a.device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()

@@ -88,3 +88,13 @@ def test_a_guard_on_a_cache_generate_never_filled_is_one_line(tmp_path):
     with pytest.raises(ConcordiaError, match=r"^the cache has no tensors yet: pass the StaticCache "
                                              r"that generate\(past_key_values=\.\.\.\) fills$"):
         guard(torch.zeros(1, 4, dtype=torch.long), None)
+
+
+@pytest.mark.parametrize("kinds", ["guard", "plain,gaurd", "plain,guard,guard"])
+def test_the_guard_benchmark_refuses_bad_kinds_in_one_line(kinds):
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "hf_guard.py")
+    r = subprocess.run([sys.executable, script, "--device", "cpu", "--kinds", kinds],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "--kinds takes plain first, then any of guard, calls, calls-assign" in \
+        r.stderr.splitlines()[-1]

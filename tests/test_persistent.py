@@ -2,6 +2,7 @@
 memory, an op table of IR handlers, hot-swaps between tasks, the watchdog. On the GPU machine
 the same tests run on cuda, and a million-task run with random hot-swaps (marked gpu)."""
 import dataclasses
+import os
 import random
 
 import numpy as np
@@ -293,3 +294,14 @@ def test_the_dispatch_benchmarks_checkpoint_tasks_compute_the_checkpoint(backend
         c.check()
         dispatch.DirectLaunch(rt, c.kernel, c.bufs, c.scalars(), c.groups, 64).launch()
         c.check()
+
+
+@pytest.mark.parametrize("payloads", ["100", "256,x", ""])
+def test_the_dispatch_benchmark_refuses_bad_payloads_in_one_line(payloads):
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "dispatch.py")
+    r = subprocess.run([sys.executable, script, "--backend", "reference", "--payloads", payloads],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "--payloads takes byte counts that are multiples of 256" in r.stderr.splitlines()[-1]
