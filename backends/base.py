@@ -132,6 +132,12 @@ class Backend(ABC):
     def event_done(self, event) -> bool:
         return True
 
+    def wait_event(self, event) -> None:
+        """Block until `event` has passed, asleep and without the GIL. (A thread that polls
+        instead takes the GIL at each wake-up, and the caller's thread, which gives it up at
+        every torch op, then waits to get it back: that was most of the Hugging Face
+        guard's cost.)"""
+
     def pinned(self, nbytes: int) -> np.ndarray:
         """Host memory the device copies to and from asynchronously (page-locked)."""
         return np.empty(max(nbytes, 1), np.uint8)

@@ -358,11 +358,16 @@ class CUDABackend(Backend):
     def record_event(self, stream, event=None):
         driver = _driver()
         self.activate()
-        if event is None:
-            event = _check(driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING),
-                           "cuEventCreate")
+        if event is None:   # a blocking-sync event: its waiter sleeps instead of spinning
+            flags = (driver.CUevent_flags.CU_EVENT_DISABLE_TIMING
+                     | driver.CUevent_flags.CU_EVENT_BLOCKING_SYNC)
+            event = _check(driver.cuEventCreate(flags), "cuEventCreate")
         _check(driver.cuEventRecord(event, stream), "cuEventRecord")
         return event
+
+    def wait_event(self, event) -> None:
+        self.activate()
+        _check(_driver().cuEventSynchronize(event), "cuEventSynchronize")   # the GIL released
 
     def event_done(self, event) -> bool:
         driver = _driver()

@@ -64,6 +64,11 @@ YIELD_BYTES = 256 << 10
 MAX_BRANCHES = 8
 # How long the writer holds a fresh capture back, waiting for the caller's next one (see _hold).
 HOLD_S = 0.005
+# Steps of pages a slot holds for a host scanner that says how many pages a step touches
+# (pages_a_step): sized to the region instead, the Hugging Face guard's ring pinned 130 MB
+# for 256 tokens and its second call took 0.14 s. A list longer than that is checkpointed
+# at once (CheckpointWriter.overflows), never lost.
+HOST_LIST_STEPS = 4 * (MAX_COALESCE + 1)
 
 
 def check_device_side(rt, states, device_side: str) -> None:
@@ -136,6 +141,8 @@ class _RegionSlot:
     host_count: np.ndarray     # pinned i32[1]
     host_data: np.ndarray      # pinned u8[capacity * page_size]
     launches: dict = field(default_factory=dict)
+    rows: np.ndarray | None = None   # host_data as capacity x page_size (row k: listed page k)
+    short_last: bool = False         # the region's last page is short (its size is not pages)
     # a host scanner's list: the first of its regions in the slot owns it (fills it, copies it
     # to the device); the others share its four buffers (the guard's 56 KV tensors: one list)
     owns_list: bool = True
@@ -184,6 +191,9 @@ class CheckpointWriter:
         ring = [_Slot(self._region_slots(slot_bytes) if self.streams else [], index=i)
                 for i in range(slots)]
         self.gather_ring = self._gather_ring(device_side, ring)   # checked by the Checkpointer
+        # each bounded host scanner once, with its share's capacity (the same in every slot)
+        self.bounded = list({id(st.scanner): (st.scanner, rs.capacity) for st, rs in
+                             zip(ckpt.states, ring[0].regions) if _host_bounded(st)}.values())
         for slot in ring:
             if self.streams:
                 slot.graph = self.backend.capture(*self._branches(slot),
@@ -244,6 +254,8 @@ class CheckpointWriter:
         r, rt, b = st.region, self.rt, self.backend
         # a device scan may find every page: its slot holds the whole region
         cap = r.n_pages if st.scanner is None else max(1, min(r.n_pages, slot_bytes // r.page_size))
+        if _host_bounded(st):   # a known number of pages a step: room for HOST_LIST_STEPS
+            cap = min(cap, HOST_LIST_STEPS * st.scanner.pages_a_step)
         if _device_listed(st):   # a device list has one entry per written slot, repeats and all:
             # room for the slot budget, and for at least 4 steps' entries whatever it is
             cap = _list_capacity(st, slot_bytes)
@@ -263,6 +275,8 @@ class CheckpointWriter:
             rs.host_count[0] = 0
             if hosted:
                 lists[id(st.scanner), cap] = rs
+        rs.rows = rs.host_data[:cap * r.page_size].reshape(cap, r.page_size)
+        rs.short_last = r.page_bytes(r.n_pages - 1) != r.page_size
         counted = hk.counted_page_gatherer(r.words_per_page, r.n_words)
         if st.scanner is not None:   # the list comes from the scanner: no shadow to update
             rs.launches["gather"] = rt.bind(counted, hk.GROUP, (r.words(), rs.staging, rs.pages,
@@ -281,6 +295,11 @@ class CheckpointWriter:
         return rs
 
     # -- the caller's side
+    def overflows(self) -> bool:
+        """A host scanner lists more pages than its share of a slot holds (after a long
+        pause between checkpoints): the Checkpointer takes this one at once instead."""
+        return any(len(scanner.dirty_pages()) > cap for scanner, cap in self.bounded)
+
     def enqueue(self, stream) -> CheckpointHandle:
         t0 = time.perf_counter()
         self.raise_error()
@@ -407,7 +426,9 @@ class CheckpointWriter:
     def flush(self, timeout: float | None = None) -> int:
         """Wait until every checkpoint enqueued so far is durable; returns durable_id."""
         target, end = self.enqueued_id, None if timeout is None else time.monotonic() + timeout
-        self.flushing = True
+        with self.pending.not_empty:   # a writer holding a capture back starts on it now
+            self.flushing = True
+            self.pending.not_empty.notify_all()
         while self.processed_id < target:
             if end is not None and time.monotonic() > end:
                 raise ConcordiaError(f"checkpoints up to {target} are not durable after {timeout} s")
@@ -493,11 +514,13 @@ class CheckpointWriter:
     def _hold(self, cap: _Capture):
         """Start on a capture once the caller has enqueued the next one (or HOLD_S passed, or
         a flush asks): the caller is then waiting for its device, with the GIL released, so
-        the writer's Python does not compete with the caller's next step for it."""
-        end = cap.handle._enqueued_at + HOLD_S
-        while (not self.pending.qsize() and not self.flushing
-               and time.perf_counter() < end):
-            time.sleep(50e-6)
+        the writer's Python does not compete with the caller's next step for it. It waits
+        asleep on the queue's condition, which put() and flush() notify: a wait that polled
+        every 50 us took the GIL from the caller's thread at each wake-up (see wait_event)."""
+        left = cap.handle._enqueued_at + HOLD_S - time.perf_counter()
+        arrived = self.pending.not_empty   # the Condition of Queue.put, on the queue's mutex
+        with arrived:
+            arrived.wait_for(lambda: self.pending.queue or self.flushing, max(0.0, left))
 
     def _queued(self, limit: int | None = None, ready: bool = False):
         """The captures queued now (at most `limit`; with `ready`, only while the device has
@@ -533,32 +556,17 @@ class CheckpointWriter:
     def _write(self, cap: _Capture):
         t_write = time.perf_counter()
         if cap.pieces is None:
-            while not self.backend.event_done(cap.event):
-                time.sleep(20e-6)
+            self.backend.wait_event(cap.event)   # asleep, not polling: see wait_event
             for tasks in cap.ring_tasks:
                 self.gather_ring.wait(tasks)
         t_device = time.perf_counter()
         pieces = cap.pieces if cap.pieces is not None else self._pieces(cap)
         t_pieces = time.perf_counter()
-        log, pages, nbytes, page_size = self.ckpt.log, 0, 0, self.ckpt.page_size
-        gil = _Yielder()
-        for region_id, items in pieces:
-            if isinstance(items, _Rows):
-                nbytes += items.nbytes
-                pages += log.append_scatter(region_id, page_size, items.pages, items.rows)
-                pages += log.append_pages(region_id, page_size, items.tail)
-                gil.wrote(1 + len(items.tail), items.nbytes)
-                continue
-            for first in range(0, len(items), YIELD_EVERY):
-                part = items[first:first + YIELD_EVERY]
-                pages += log.append_pages(region_id, page_size, part)
-                size = sum(len(d) for _, d in part)
-                nbytes += size
-                gil.wrote(len(part), size)
+        pages, nbytes = self._append(pieces)
         t_append = time.perf_counter()
         info = {"checkpoint": cap.id, "pages": pages, "bytes": nbytes, "full": False,
                 "time": time.time(), "backend": str(self.rt.spec), "async": True}
-        log.commit(cap.id, info, sync=False)
+        self.ckpt.log.commit(cap.id, info, sync=False)
         busy, now = self.busy, time.perf_counter()
         busy["device"] += t_device - t_write
         busy["pieces"] += t_pieces - t_device
@@ -570,25 +578,55 @@ class CheckpointWriter:
         cap.handle.stats = CheckpointStats(cap.id, pages, nbytes,
                                            time.perf_counter() - cap.handle._enqueued_at, False)
 
+    def _append(self, pieces: list) -> tuple[int, int]:
+        """A capture's pieces into the log: pages and bytes appended. The regions' arrays go
+        in together (DeltaLog.append_scatters), YIELD_BYTES at a time: the writer's Python
+        per region is what the caller's thread waits for the GIL behind (the Hugging Face
+        guard's 58 regions a token)."""
+        log, page_size = self.ckpt.log, self.ckpt.page_size
+        pages = nbytes = size = 0
+        gil, arrays = _Yielder(), []
+        for region_id, items in pieces:
+            if isinstance(items, _Rows):
+                arrays.append((region_id, items.pages, items.rows))
+                size += items.rows.nbytes
+                if items.tail:   # a short last page
+                    pages += log.append_pages(region_id, page_size, items.tail)
+                    size += len(items.tail[0][1])
+                if size >= YIELD_BYTES:
+                    pages += log.append_scatters(page_size, arrays)
+                    gil.wrote(len(arrays), size)
+                    nbytes, arrays, size = nbytes + size, [], 0
+                continue
+            for first in range(0, len(items), YIELD_EVERY):
+                part = items[first:first + YIELD_EVERY]
+                pages += log.append_pages(region_id, page_size, part)
+                part_bytes = sum(len(d) for _, d in part)
+                nbytes += part_bytes
+                gil.wrote(len(part), part_bytes)
+        return pages + log.append_scatters(page_size, arrays), nbytes + size
+
     def _pieces(self, cap: _Capture) -> list:
         """A graph capture, its event passed: counts, lists and pages are in host memory. Each
         region's pages as _Rows (arrays, for append_scatter: no Python per page)."""
-        out = []
+        out, lists = [], {}   # a host list several regions share: read once
         for st, rs, n in zip(self.ckpt.states, cap.slot.regions, cap.counts):
             r = st.region
             if isinstance(n, list):   # captured at enqueue
                 out.append((r.id, n))
                 continue
-            n = int(rs.host_count[0]) if n is None else n
-            _check_capacity(r, n, rs.capacity)
-            listed, size = rs.host_pages[:n], r.page_size
-            staged = rs.host_data[:rs.capacity * size].reshape(rs.capacity, size)
             if _device_listed(st):   # a device list may name a page twice (two slots of it)
-                listed, slots = np.unique(listed, return_index=True)
-                rows = staged[slots]
-            else:                    # staged in list order, each page once: no copy
-                rows = staged[:n]
-            out.append((r.id, _Rows.of(r, listed, rows)))
+                n = int(rs.host_count[0])
+                _check_capacity(r, n, rs.capacity)
+                listed, slots = np.unique(rs.host_pages[:n], return_index=True)
+                out.append((r.id, _Rows.of(r, rs, listed.astype("<u8"), rs.rows[slots])))
+                continue
+            if (listed := lists.get(id(rs.host_pages))) is None:
+                n = int(rs.host_count[0]) if n is None else n
+                _check_capacity(r, n, rs.capacity)
+                listed = lists[id(rs.host_pages)] = rs.host_pages[:n].astype("<u8")
+            # staged in list order, each page once: the rows are the staging's, no copy
+            out.append((r.id, _Rows.of(r, rs, listed, rs.rows[:len(listed)])))
         return out
 
 
@@ -616,13 +654,12 @@ class _Rows:
     tail: list
 
     @classmethod
-    def of(cls, region, pages: np.ndarray, rows: np.ndarray) -> "_Rows":
+    def of(cls, region, rs: _RegionSlot, pages: np.ndarray, rows: np.ndarray) -> "_Rows":
         last = region.n_pages - 1
-        short = region.page_bytes(last)
-        if short == region.page_size or not (hit := np.flatnonzero(pages == last)).size:
+        if not rs.short_last or not (hit := np.flatnonzero(pages == last)).size:
             return cls(pages, rows, [])
         keep = pages != last
-        return cls(pages[keep], rows[keep], [(last, bytes(rows[hit[0], :short]))])
+        return cls(pages[keep], rows[keep], [(last, bytes(rows[hit[0], :region.page_bytes(last)]))])
 
     @property
     def nbytes(self) -> int:
@@ -642,6 +679,11 @@ def _device_listed(st) -> bool:
 def _host_listed(st) -> bool:
     """A region whose pages a host scanner lists (the list goes to the device by copy)."""
     return st.scanner is not None and not _device_listed(st)
+
+
+def _host_bounded(st) -> bool:
+    """A host-listed region whose scanner says how many pages a step touches at most."""
+    return _host_listed(st) and getattr(st.scanner, "pages_a_step", None) is not None
 
 
 def _entries_a_step(st) -> int:

@@ -26,8 +26,13 @@ that a base image is a few thousand records instead of one per page (reading a l
 over records); SCATTER = n page indices (u64 each), then those n whole pages back to back:
 the pages of a delta that are not consecutive (a KV cache's new rows, one per head and
 layer) in one record instead of one each; COMMIT = JSON with the checkpoint's per-region
-SHA-256 and record count. An older file is read as before and appended to with the kinds
-its version knows: PAGE records only in a v1 file, no SCATTER records in a v2 file.
+SHA-256 and record count. A base image (a full checkpoint, after its LAYOUT record) leaves
+out the pages that are all zeros (format v4): a region's image starts as zeros, and the
+base's COMMIT says `"sparse": true`, so the fold counts every page of every region as held
+(a Hugging Face StaticCache is zeros past the prompt: its base image was 5-17x larger than
+its data). An older file is read as before and appended to with what its version knows:
+PAGE records only in a v1 file, no SCATTER records in a v2 file, every page of a base
+image in a v3 file.
 
 Rules (etcd WAL / Redis AOF): a record counts only if its CRC chain holds; a checkpoint
 counts only once its COMMIT does. Where reading stops, the damage is one of two kinds:
@@ -62,7 +67,7 @@ from concordia_ir.errors import ConcordiaError, LogError
 from .durable import atomic_writer, copy_new, replace_atomically, truncate_durably, write_new
 
 MAGIC = b"CCDLOG\r\n"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 HEADER = struct.Struct("<8sHHIQd28s")      # + u32 crc
 HEADER_SIZE = HEADER.size + 4              # 64
 RECORD = struct.Struct("<HHIQI")           # kind, reserved, length, seq, region (+ crc u32, page u64)
@@ -334,6 +339,7 @@ class DeltaLog:
             self.last_checkpoint = scan.last_checkpoint
             self.runs = scan.version >= 2      # a v1 file gets no PAGES records
             self.scatter = scan.version >= 3   # a v2 file no SCATTER records
+            self.sparse = scan.version >= 4    # a v3 file's base images hold every page
         else:
             self.salt = int.from_bytes(os.urandom(8), "little")
             self.seq, self.prev_crc = 0, self.salt & 0xFFFFFFFF
@@ -343,7 +349,7 @@ class DeltaLog:
             self.fh.seek(0, os.SEEK_END)
             self.layout = None
             self.last_checkpoint = 0
-            self.runs = self.scatter = True
+            self.runs = self.scatter = self.sparse = True
         self._start()
 
     def _start(self):
@@ -367,7 +373,7 @@ class DeltaLog:
         self.fh = open(path, "r+b", buffering=WRITE_BUFFER)
         self.fh.seek(0, os.SEEK_END)
         self.layout, self.last_checkpoint = layout, last_checkpoint
-        self.runs = self.scatter = True
+        self.runs = self.scatter = self.sparse = True
         self._start()
         return self
 
@@ -421,6 +427,47 @@ class DeltaLog:
             self.prev_crc, self.seq = prev, seq
             self._dirty = True
         return n
+
+    def append_scatters(self, page_size: int, parts: list, longest: int = RUN_PAGES) -> int:
+        """append_scatter for several regions' arrays, `parts` of (region, pages, rows), under
+        one lock: a SCATTER record each, and no Python per page or call per region beyond the
+        record's own (the Hugging Face guard appends 58 regions a token, and the caller's
+        thread waits behind this Python for the GIL). Returns the pages appended."""
+        if not self.scatter or any(not 2 <= len(p) <= longest for _, p, _ in parts):
+            return sum(self.append_scatter(region, page_size, pages, rows, longest)
+                       for region, pages, rows in parts)
+        with self._lock:
+            write, prev, seq = self.fh.write, self.prev_crc, self.seq
+            for region, pages, rows in parts:
+                seq += 1
+                prev = write_record(write, prev, SCATTER, seq, region, len(pages),
+                                    np.asarray(pages, "<u8").view(np.uint8), rows.reshape(-1))
+            self.prev_crc, self.seq = prev, seq
+            self._dirty = True
+        return sum(len(p) for _, p, _ in parts)
+
+    def append_base(self, region: int, page_size: int, first: int, raw: np.ndarray,
+                    end: int) -> tuple[int, int]:
+        """Part of a base image from an array: `raw` holds whole pages from page `first` on,
+        back to back; `end` is the region's size in bytes (its last page may be short). The
+        pages that are not all zeros go in as PAGES runs (the zeros left out: the module
+        docstring; all of them in a v3 file, one PAGE record each in a v1 file), with no
+        Python per page. Returns (pages, bytes) appended."""
+        rows = raw.reshape(-1, page_size)
+        keep = rows.any(axis=1) if self.sparse else np.ones(len(rows), bool)
+        limit = end - first * page_size   # raw's bytes that lie inside the region
+        flat, items = raw.reshape(-1), []
+        for a, b in _stretches(keep, RUN_PAGES if self.runs else 1):
+            items.append((PAGES if b - a > 1 else PAGE, first + a,
+                          flat[a * page_size:min(b * page_size, limit)]))
+        with self._lock:
+            write, prev, seq = self.fh.write, self.prev_crc, self.seq
+            for kind, page, payload in items:
+                seq += 1
+                prev = write_record(write, prev, kind, seq, region, page, payload)
+            self.prev_crc, self.seq = prev, seq
+            self._dirty = True
+        return int(keep.sum()), sum(len(p) for _, _, p in items)
 
     def write_layout(self, layout: dict) -> None:
         self.append(LAYOUT, json.dumps(layout, sort_keys=True).encode())
@@ -560,16 +607,20 @@ def committed_image(scan: Scan, checkpoint: int | None = None) -> CommittedImage
     size = layout["page_size"]
     rows = {d["id"]: np.zeros((-(-d["nbytes"] // size), size), np.uint8) for d in layout["regions"]}
     present = {rid: np.zeros(len(a), bool) for rid, a in rows.items()}
-    info, ckpt = {}, 0
+    info, ckpt, sparse = {}, 0, None
     for r in records[start + 1:]:
         if r.kind in PAGE_KINDS and r.region not in rows:
             raise LogError(scan.path, r.offset, f"a {KIND_NAMES[r.kind]} record of region "
                            f"{r.region}, which the layout before it does not hold")
         if r.kind == COMMIT:
             info, ckpt = json.loads(r.payload), r.page
+            sparse = info.get("sparse", False) if sparse is None else sparse   # the base's
     for r in reversed(records[start + 1:]):
         if r.kind in PAGE_KINDS:
             _fold_under(scan.path, r, rows[r.region], present[r.region], size)
+    if sparse:   # the base left out its pages of zeros: the rows hold zeros there already
+        for held in present.values():
+            held[:] = True
     return CommittedImage(layout, rows, present, ckpt, info)
 
 
@@ -680,11 +731,12 @@ def write_base(fh, image: CommittedImage) -> tuple[int, int, int]:
     for desc in sorted(image.layout["regions"], key=lambda d: d["id"]):
         rid = desc["id"]
         flat = image.rows[rid].reshape(-1)[:desc["nbytes"]]
-        for first, end in _stretches(image.present[rid], RUN_PAGES):
+        held = image.present[rid] & image.rows[rid].any(axis=1)   # zeros left out (sparse)
+        for first, end in _stretches(held, RUN_PAGES):
             items.append((PAGES if end - first > 1 else PAGE, rid, first,
                           flat[first * size:end * size]))
-    items.append((COMMIT, 0, image.checkpoint_id,
-                  json.dumps({**image.info, "compacted": True}, sort_keys=True).encode()))
+    info = {**image.info, "compacted": True, "sparse": True}
+    items.append((COMMIT, 0, image.checkpoint_id, json.dumps(info, sort_keys=True).encode()))
     for kind, rid, pg, payload in items:
         seq += 1
         prev = write_record(fh.write, prev, kind, seq, rid, pg, payload)

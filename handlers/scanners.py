@@ -91,6 +91,9 @@ class SequenceCacheScanner:
         self.rows = (np.arange(self.batch * self.heads, dtype=np.int64) * self.max_len)[:, None]
         self.pending: list[np.ndarray] = []
         self.users, self.commits, self.pages = users, 0, None
+        # pages one step (one position) touches at most: a row may straddle a page boundary.
+        # checkpoint_async sizes its staging by it; a longer list is checkpointed at once
+        self.pages_a_step = self.batch * self.heads * (-(-self.row_bytes // page_size) + 1)
 
     def mark(self, first: int, last: int) -> None:
         """Positions first..last (inclusive) were written."""

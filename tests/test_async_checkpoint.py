@@ -16,7 +16,7 @@ import pytest
 from concordia import ConcordiaError, Ptr, Runtime, f32, global_id, i32, kernel
 from concordia.backends import backend_status
 from concordia.handlers import Checkpointer, scan_log
-from concordia.handlers.scanners import KVBlockScanner
+from concordia.handlers.scanners import KVBlockScanner, SequenceCacheScanner
 
 BACKENDS = [n for n in ("reference", "opencl", "cuda", "tenstorrent") if backend_status()[n].ok]
 N = 1 << 14
@@ -272,6 +272,38 @@ def test_cuda_capture_is_ordered_in_the_callers_stream(tmp_path):
         got = restored(tmp_path / "g.clog", checkpoint=k)["x"].numpy().view(np.uint16)
         as_f32 = (got.astype(np.uint32) << 16).view(np.float32)
         np.testing.assert_array_equal(as_f32, want)
+
+
+@pytest.mark.skipif("cuda" not in BACKENDS, reason="needs a CUDA device")
+def test_a_host_list_longer_than_its_staging_is_checkpointed_at_once(tmp_path):
+    """A host scanner that says how many pages a step touches gets staging for a few steps'
+    pages (HOST_LIST_STEPS), not its whole region; a checkpoint that lists more (a long
+    pause between checkpoints) is taken at once, and every checkpoint restores exactly."""
+    torch = pytest.importorskip("torch")
+    from concordia.handlers.async_checkpoint import HOST_LIST_STEPS
+    rt = Runtime("cuda")
+    shape = (1, 2, 512, 64)                  # batch, heads, positions, head_dim: 256 B rows
+    x = torch.zeros(shape, dtype=torch.float32, device="cuda")
+    scanner = SequenceCacheScanner(shape, 4, 256)
+    ck = Checkpointer(rt, {"x": rt.from_dlpack(x)}, str(tmp_path / "h.clog"), page_size=256,
+                      scanners={"x": scanner})
+    cap = HOST_LIST_STEPS * scanner.pages_a_step
+    assert cap < 2 * 512
+    ck.checkpoint_async()                    # the base image
+    expected, handles = [], []
+    for first, last in ((0, 0), (1, 300), (301, 301)):
+        x[:, :, first:last + 1] = first + 1.0
+        scanner.mark(first, last)
+        handles.append(ck.checkpoint_async())
+        expected.append(x.cpu().numpy())
+    assert len(scanner.rows) * 300 > cap
+    assert ck._writer.bounded == [(scanner, cap)]
+    assert handles[1].done() and handles[1].result().pages == 2 * 300   # taken at once
+    ck.flush()
+    ck.close()
+    for k, want in enumerate(expected, start=2):
+        np.testing.assert_array_equal(restored(tmp_path / "h.clog", checkpoint=k)["x"].numpy(),
+                                      want.reshape(-1))
 
 
 def test_background_compaction_keeps_the_log_bounded(tmp_path):

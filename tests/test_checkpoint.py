@@ -1,5 +1,6 @@
 """Delta checkpoints: every mode on every backend present, restore across backends, the log's
 damage handling (each kind made on purpose), compaction, store tracking, DLPack regions."""
+import json
 import os
 import struct
 import subprocess
@@ -47,7 +48,8 @@ def test_checkpoint_mutate_restore_on_every_backend(tmp_path, backend, mode):
     path = str(tmp_path / "state.clog")
     ck = Checkpointer(rt, {"kv": kv, "adapter": adapter}, path, page_size=4096, mode=mode)
     first = ck.checkpoint()
-    assert first.full and first.pages == 1024 + 3 and first.bytes == 4 * (1 << 20) + 12000
+    # the kv's 1,024 pages of zeros are left out of the base image: they restore as zeros
+    assert first.full and first.pages == 3 and first.bytes == 12000
     ck.launch(bump, global_size=64, local_size=64, args=(kv, 3 * 1024, 1 << 20))
     second = ck.checkpoint()
     assert (second.pages, second.bytes, second.full) == (64, 64 * 4096, False)
@@ -129,10 +131,11 @@ def test_truncation_at_every_point_recovers_the_last_commit_before_it(tmp_path):
             assert f"at byte " in out and ("torn tail" in out or "incomplete" in out)
 
 
-def poked_log(path, commits=5, n=1 << 14):
-    """The issue's case: a 16K-float region, one page poked per commit."""
+def poked_log(path, commits=5, n=1 << 14, fill=0.0):
+    """The issue's case: a 16K-float region, one page poked per commit. (With `fill` 0 the base
+    image holds no pages: a base image leaves out pages of zeros.)"""
     rt = Runtime("reference")
-    kv = rt.to_device(np.zeros(n, np.float32))
+    kv = rt.to_device(np.full(n, fill, np.float32))
     ck = Checkpointer(rt, {"kv": kv}, str(path), page_size=4096)
     states = []
     for c in range(commits):
@@ -188,7 +191,7 @@ def test_mid_file_damage_is_refused_never_dropped(tmp_path):
 
 def test_damaged_base_image_names_its_record(tmp_path):
     path = tmp_path / "b.clog"
-    poked_log(path, commits=3)
+    poked_log(path, commits=3, fill=1.0)
     victim = record_of(scan_log(str(path)), 1, kind=PAGES)   # the base image: one run
     flip(path, victim.offset + RECORD_SIZE + 7)
     with pytest.raises(LogError) as e:
@@ -511,6 +514,45 @@ def test_scattered_rows_of_a_kv_cache_go_in_one_record_per_checkpoint(tmp_path):
     open(path, "wb").write(bytes(raw))
     with pytest.raises(ConcordiaError, match=f"at byte {victim.offset}: checksum mismatch"):
         Checkpointer.restore(path, Runtime("reference"))
+
+
+def test_a_base_image_leaves_out_its_pages_of_zeros(tmp_path):
+    """A full checkpoint logs only the pages that are not all zeros, and its commit says so
+    ("sparse"): the restore is exact, zeros included, even into a buffer that held something
+    else; a later base image over a log whose older records hold those pages non-zero starts
+    from zeros again; a compaction keeps the log sparse; a v3 file's base holds every page."""
+    rt = Runtime("reference")
+    host = np.zeros(64 * 1024, np.float32)          # 64 pages of 4 KiB
+    host[[5, 3000, 40000]] = [1, 2, 3]              # pages 0, 2 and 39
+    kv = rt.to_device(host)
+    path = str(tmp_path / "z.clog")
+    with Checkpointer(rt, {"kv": kv}, path) as ck:
+        base = ck.checkpoint()
+        assert base.full and (base.pages, base.bytes) == (3, 3 * 4096)
+        host[100] = 4
+        kv.write(host)
+        assert ck.checkpoint().pages == 1
+    commits = [json.loads(r.payload) for r in scan_log(path).records if r.kind == COMMIT]
+    assert commits[0]["sparse"] and "sparse" not in commits[1]
+    junk = rt.to_device(np.full(64 * 1024, 9.0, np.float32))
+    got = Checkpointer.restore(path, rt, into={"kv": junk})["kv"].numpy()
+    np.testing.assert_array_equal(got, host)
+    with Checkpointer(rt, {"kv": kv}, path) as ck:   # reopened: a new base image
+        host[:] = 0
+        host[64 * 1024 - 1] = 5                      # page 63 only
+        kv.write(host)
+        assert ck.checkpoint().pages == 1
+    np.testing.assert_array_equal(Checkpointer.restore(path, rt, into={"kv": junk})["kv"].numpy(),
+                                  host)
+    compact(path)
+    assert os.path.getsize(path) < 2 * 4096         # one page, the records' heads, the layout
+    np.testing.assert_array_equal(Checkpointer.restore(path, rt)["kv"].numpy(), host)
+    old = str(empty_log_of_version(tmp_path / "v3.clog", 3))
+    with Checkpointer(rt, {"kv": kv}, old) as ck:
+        assert ck.checkpoint().pages == 64
+    commit = [json.loads(r.payload) for r in scan_log(old).records if r.kind == COMMIT][-1]
+    assert "sparse" not in commit and scan_log(old).version == 3
+    np.testing.assert_array_equal(Checkpointer.restore(old, rt)["kv"].numpy(), host)
 
 
 def empty_log_of_version(path, version: int):

@@ -164,7 +164,9 @@ def test_checkpoints_log_only_what_changed(tmp_path):
     # in pages of 256 B): at most 12 KV pages, plus the scheduler's header page and a page
     # per sequence's new token, and on adapter steps the pages of 2 rows of 2 factors
     assert max(c["pages"] for c in deltas) <= 12 + 1 + 3 + 4
-    assert max(c["pages"] for c in deltas) < full["pages"]
+    # the base image leaves out pages of zeros: the KV cache and adapter are empty before the
+    # first step, and only the scheduler's pages (prompts, lengths) hold anything
+    assert full["pages"] <= 2, full
 
 
 def test_bad_arguments_are_one_line():
