@@ -220,6 +220,13 @@ def _compile_binary(k, target: str, arch: str | None) -> bytes:
     return rt.backend._build(render_source(k, "opencl"))
 
 
+def _commit_kind(info: dict) -> str:
+    """What a commit closes, from its info: a base image (a full checkpoint's or a compacted
+    log's) or a delta, and whether the base left out its pages of zeros."""
+    kind = "compacted base" if info.get("compacted") else "full" if info.get("full") else "delta"
+    return kind + (", pages of zeros left out" if info.get("sparse") else "")
+
+
 def cmd_log_inspect(args) -> int:
     import datetime
     from concordia.handlers.log import COMMIT, KIND_NAMES, LAYOUT, PAGE_KINDS, SCATTER, pages_in, scan_log
@@ -241,7 +248,7 @@ def cmd_log_inspect(args) -> int:
             nbytes += len(r.payload) - (8 * r.page if r.kind == SCATTER else 0)   # not its index
         elif r.kind == COMMIT:
             info = json.loads(r.payload)
-            rows.append((r.page, pages, nbytes, r.offset, "full" if info.get("full") else "delta"))
+            rows.append((r.page, pages, nbytes, r.offset, _commit_kind(info)))
             pages = nbytes = 0
     print(f"  records: {len(scan.records)} ({', '.join(f'{v} {k}' for k, v in counts.items())})")
     print(f"  {'checkpoint':>10} {'pages':>8} {'bytes':>12} {'at byte':>12}  kind")

@@ -76,3 +76,33 @@ def test_user_errors_are_one_line(args, match):
 def test_backends_lists_reference():
     r = concordia("backends")
     assert r.returncode == 0 and "reference" in r.stdout
+
+
+def test_log_inspect_names_each_commit_and_its_base(tmp_path):
+    """`concordia log inspect` lists the format version, each checkpoint's pages and bytes and
+    what its commit closes: a base image whose pages of zeros were left out, a delta, and after
+    `log compact` the compacted base."""
+    import numpy as np
+    from concordia import Runtime
+    from concordia.handlers import Checkpointer
+    rt = Runtime("reference")
+    host = np.zeros(16 * 1024, np.float32)   # 16 pages of 4 KiB, one of them not zeros
+    host[5000] = 1
+    kv = rt.to_device(host)
+    path = str(tmp_path / "i.clog")
+    with Checkpointer(rt, {"kv": kv}, path) as ck:
+        ck.checkpoint()
+        host[9000] = 2
+        kv.write(host)
+        ck.checkpoint()
+    r = concordia("log", "inspect", path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "delta log v4" in lines[0]
+    assert lines[-2].split()[:3] == ["1", "1", "4096"] and lines[-2].endswith(
+        "full, pages of zeros left out")
+    assert lines[-1].split()[:3] == ["2", "1", "4096"] and lines[-1].endswith("delta")
+    assert concordia("log", "compact", path).returncode == 0
+    r = concordia("log", "inspect", path)
+    assert r.stdout.splitlines()[-1].split()[:2] == ["2", "2"]
+    assert r.stdout.splitlines()[-1].endswith("compacted base, pages of zeros left out")
