@@ -389,6 +389,7 @@ class DecodeRun:
                                  page_size=page,
                                  scanners={"kv": self.scanner, "adapter": AdapterPageScanner()},
                                  when_full=self.args.when_full, device_side=self.args.device_side,
+                                 slot_bytes=self.args.slot_mb << 20,
                                  compact_at_bytes=self.args.compact_at_mb << 20 if self.args.compact_at_mb else None)
 
     def sync(self):
@@ -551,6 +552,9 @@ def parse_args(argv=None, prog=None):
                         "from the block table (auto: device where the backend has streams)")
     p.add_argument("--compact-at-mb", type=int, default=0,
                    help="--async: fold the log into a base image in the background past this size")
+    p.add_argument("--slot-mb", type=int, default=16,
+                   help="--async: staging per ring slot and region, MiB (a device list's share "
+                        "bounds how many checkpoints coalesce while the writer is behind)")
     p.add_argument("--no-graph", action="store_true",
                    help="on a GPU, run each step eagerly instead of replaying a CUDA graph")
     p.add_argument("--crash-after", type=int, help="SIGKILL this process after N new tokens")
@@ -561,8 +565,8 @@ def parse_args(argv=None, prog=None):
     a = p.parse_args(argv)
     if a.resume and not a.log:
         p.error("--resume needs --log")
-    if min(a.batch, a.prompt, a.tokens, a.block_size, a.rounds) < 1:
-        p.error("--batch, --prompt, --tokens, --block-size and --rounds must be >= 1")
+    if min(a.batch, a.prompt, a.tokens, a.block_size, a.rounds, a.slot_mb) < 1:
+        p.error("--batch, --prompt, --tokens, --block-size, --rounds and --slot-mb must be >= 1")
     if a.page_size and (a.page_size < 256 or a.page_size & (a.page_size - 1)):
         p.error(f"--page-size must be a power of two >= 256, got {a.page_size}")
     return a
