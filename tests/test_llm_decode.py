@@ -173,7 +173,8 @@ def test_bad_arguments_are_one_line():
     r = decode("--resume")
     assert r.returncode == 2 and "--resume needs --log" in r.stderr and "Traceback" not in r.stderr
     for bad, says in ((["--page-size", "1000"], "--page-size must be a power of two >= 256"),
-                      (["--rounds", "0"], "and --rounds must be >= 1")):
+                      (["--rounds", "0"], "--rounds and --slot-mb must be >= 1"),
+                      (["--slot-mb", "0"], "--rounds and --slot-mb must be >= 1")):
         r = decode(*bad)
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
 
