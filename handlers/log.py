@@ -431,8 +431,8 @@ class DeltaLog:
     def append_scatters(self, page_size: int, parts: list, longest: int = RUN_PAGES) -> int:
         """append_scatter for several regions' arrays, `parts` of (region, pages, rows), under
         one lock: a SCATTER record each, and no Python per page or call per region beyond the
-        record's own (the Hugging Face guard appends 58 regions a token, and the caller's
-        thread waits behind this Python for the GIL). Returns the pages appended."""
+        record's own (the Hugging Face guard appends 58 regions a token). Returns the pages
+        appended."""
         if not self.scatter or any(not 2 <= len(p) <= longest for _, p, _ in parts):
             return sum(self.append_scatter(region, page_size, pages, rows, longest)
                        for region, pages, rows in parts)
