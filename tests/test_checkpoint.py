@@ -624,6 +624,41 @@ def test_append_scatter_writes_pages_from_arrays(tmp_path, version):
     np.testing.assert_array_equal(image.rows[3][pages], rows)
 
 
+@pytest.mark.parametrize("version", [4, 2])
+def test_append_scatters_writes_several_regions_arrays(tmp_path, version):
+    """Several regions' arrays in one call (the writer's path for the Hugging Face guard's 58
+    regions): a SCATTER record each where every part has 2..longest pages; a part of one page
+    or of more than `longest` (and a v2 file) goes through append_scatter. The image is exact."""
+    path = str(empty_log_of_version(tmp_path / "m.clog", version))
+    rng = np.random.default_rng(9)
+    regions = [{"id": i, "name": f"r{i}", "dtype": "|u1", "size": 300 * 256, "nbytes": 300 * 256,
+                "page_size": 256} for i in range(4)]
+    sizes = [[8, 8, 8, 8], [8, 1, 8, 260]]   # the second call needs the fallback
+    with DeltaLog(path) as log:
+        log.write_layout({"format": "concordia-regions/1", "page_size": 256, "regions": regions})
+        want = {}
+        for call, ns in enumerate(sizes):
+            parts = []
+            for rid, n in enumerate(ns):
+                pages = rng.permutation(300)[:n].astype("<u8")
+                rows = rng.integers(0, 256, (n, 256), dtype=np.uint8)
+                parts.append((rid, pages, rows))
+                want.setdefault(rid, {}).update(zip(pages.tolist(), rows))
+            assert log.append_scatters(256, parts, longest=256) == sum(ns)
+            log.commit(call + 1, {})
+    records = scan_log(path).records
+    first_call = [r.kind for r in records[1:records.index(next(r for r in records
+                                                              if r.kind == COMMIT))]]
+    if version >= 3:
+        assert first_call == [SCATTER] * 4
+    else:
+        assert SCATTER not in [r.kind for r in records] and len(first_call) >= 4
+    image = committed_image(scan_log(path))
+    for rid, pages in want.items():
+        for p, row in pages.items():
+            np.testing.assert_array_equal(image.rows[rid][p], row)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_the_newest_first_fold_is_the_logs_pages_in_order(tmp_path, seed):
     """committed_image folds newest first, copying each page once; the oracle applies every
