@@ -199,6 +199,14 @@ class Checkpointer:
         H100), its pages of zeros left out; (pages, bytes). A shadow scan's shadow is
         updated on the way, as for a delta."""
         r, n, nbytes = st.region, 0, 0
+        if st.mode != "shadow" and r.nbytes <= STAGING_BYTES:
+            # no shadow to update and one batch's worth: the region read at once, with no page
+            # list to upload and no gather (the guard's first call did both 58 times, about a
+            # third of its time under cProfile on an H100)
+            raw = np.zeros(r.n_pages * r.page_size, np.uint8)
+            words = r.words()
+            raw.view(np.uint32)[:words.size] = words.read(words.size)
+            return self.log.append_base(r.id, r.page_size, 0, raw, r.nbytes)
         for part, raw in st.stager.batches(pages, st.shadow, update=st.mode == "shadow"):
             k, b = self.log.append_base(r.id, r.page_size, int(part[0]),
                                         raw[:len(part) * r.page_size], r.nbytes)
