@@ -46,7 +46,6 @@ class _RegionState:
         self.native = rt.backend.page_ops(region.page_size) if mode == "shadow" else None
         n = region.n_pages
         self.stager = PageStager(rt, region, STAGING_BYTES, self.native)
-        self.dirty = self.stager.pages
         self.count = rt.zeros(1, np.int32)
         self.shadow = rt.empty(region.n_words, np.uint32) if mode == "shadow" else rt.empty(1, np.uint32)
         self.hashes = rt.zeros(2 * n, np.uint32) if mode == "hash" else None
@@ -60,18 +59,18 @@ class _RegionState:
         self.count.write(np.zeros(1, np.int32))
         if self.mode == "shadow":
             rt.launch(hk.page_scanner(r.words_per_page, r.n_words), global_size=r.n_pages * hk.GROUP,
-                      local_size=hk.GROUP, args=(r.words(), self.shadow, self.dirty, self.count))
+                      local_size=hk.GROUP, args=(r.words(), self.shadow, self.stager.pages, self.count))
         elif self.mode == "hash":
             rt.launch(hk.page_hasher(r.words_per_page, r.n_words), global_size=r.n_pages * hk.GROUP,
-                      local_size=hk.GROUP, args=(r.words(), self.hashes, self.dirty, self.count))
+                      local_size=hk.GROUP, args=(r.words(), self.hashes, self.stager.pages, self.count))
         elif self.mode == "tracked":
             n = r.n_pages
             rt.launch(hk.flag_collector(), global_size=-(-n // 256) * 256, local_size=256,
-                      args=(self.flags, self.dirty, self.count, n))
+                      args=(self.flags, self.stager.pages, self.count, n))
         else:
             return np.asarray(self.scanner.dirty_pages(), dtype=np.int32)
         k = int(self.count.numpy()[0])
-        found = self.dirty.read(k)
+        found = self.stager.pages.read(k)
         self.stager.listed = found
         return np.sort(found)
 
@@ -85,7 +84,7 @@ class _RegionState:
         if self.mode == "tracked" and len(pages):
             self.stager.upload(pages)
             self.rt.launch(hk.flag_clearer(), global_size=-(-len(pages) // 256) * 256,
-                           local_size=256, args=(self.flags, self.dirty, len(pages)))
+                           local_size=256, args=(self.flags, self.stager.pages, len(pages)))
 
 
 class Checkpointer:

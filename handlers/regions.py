@@ -84,9 +84,23 @@ class PageStager:
         n = region.n_pages
         self.rt, self.region, self.native = rt, region, native
         self.batch = max(1, min(n, batch_bytes // region.page_size))
-        self.pages = rt.empty(n, np.int32)   # the page list on the device (scanners write it too)
-        self.staging = rt.empty(self.batch * region.words_per_page, np.uint32)
+        # the page list on the device (scanners write it too) and the staging, made at first
+        # use: a region whose pages a host scanner lists and whose base is read at once may
+        # never need them (the Hugging Face guard's 58 regions: 116 allocations at its start)
+        self._pages = self._staging = None
         self.listed: np.ndarray | None = None   # what self.pages holds right now
+
+    @property
+    def pages(self) -> DeviceBuffer:
+        if self._pages is None:
+            self._pages = self.rt.empty(self.region.n_pages, np.int32)
+        return self._pages
+
+    @property
+    def staging(self) -> DeviceBuffer:
+        if self._staging is None:
+            self._staging = self.rt.empty(self.batch * self.region.words_per_page, np.uint32)
+        return self._staging
 
     def upload(self, pages: np.ndarray):
         """Put the (sorted) page list on the device, unless it is there already."""
@@ -121,5 +135,6 @@ class PageStager:
                 yield p, raw[k * r.page_size:k * r.page_size + r.page_bytes(p)].tobytes()
 
     def free(self):
-        self.rt.free(self.pages)
-        self.rt.free(self.staging)
+        for buf in (self._pages, self._staging):
+            if buf is not None:
+                self.rt.free(buf)
