@@ -67,14 +67,11 @@ class HookOnly:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def main() -> int:
-    import torch
-    from transformers import StaticCache
-    import hf_generate as H
-    from concordia.hf import GenerationGuard
+def parse_args(cuda: bool):
+    """The command line, its --kinds checked (plain first, known kinds, each once)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="tiny")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -87,6 +84,15 @@ def main() -> int:
     if kinds[0] != "plain" or not set(kinds) <= set(KINDS) or len(set(kinds)) < len(kinds):
         p.error(f"--kinds takes plain first, then any of {', '.join(KINDS[1:])}, each once; "
                 f"got {a.kinds!r}")
+    return a, kinds
+
+
+def main() -> int:
+    import torch
+    from transformers import StaticCache
+    import hf_generate as H
+    from concordia.hf import GenerationGuard
+    a, kinds = parse_args(torch.cuda.is_available())
     model = H.build(a.size, a.device)
     ids = torch.randint(0, model.config.vocab_size, (a.batch, 16),
                         generator=torch.Generator().manual_seed(1)).to(a.device)
