@@ -383,12 +383,17 @@ class DeltaLog:
     def append_many(self, kind: int, region: int, items) -> int:
         """Append (page, payload) records of one kind and region; returns how many. Head and
         payload are written separately into the file's buffer: no copy of the payload."""
+        return self._append_records((kind, region, page, (payload,)) for page, payload in items)
+
+    def _append_records(self, records) -> int:
+        """(kind, region, page, payload parts) records chained on under one lock: the one
+        place the log's chain (seq, crc) moves. Returns how many."""
         n = 0
         with self._lock:
             write, prev, seq = self.fh.write, self.prev_crc, self.seq
-            for page, payload in items:
+            for kind, region, page, parts in records:
                 seq += 1
-                prev = write_record(write, prev, kind, seq, region, page, payload)
+                prev = write_record(write, prev, kind, seq, region, page, *parts)
                 n += 1
             self.prev_crc, self.seq = prev, seq
             self._dirty = True
@@ -417,15 +422,10 @@ class DeltaLog:
             return self.append_pages(region, page_size, sorted(
                 zip(pages.tolist(), (rows[k] for k in range(n)))))
         index = np.asarray(pages, "<u8")
-        with self._lock:
-            write, prev, seq = self.fh.write, self.prev_crc, self.seq
-            for at in range(0, n, longest):
-                ids = index[at:at + longest]
-                seq += 1
-                prev = write_record(write, prev, SCATTER, seq, region, len(ids),
-                                    ids.view(np.uint8), rows[at:at + longest].reshape(-1))
-            self.prev_crc, self.seq = prev, seq
-            self._dirty = True
+        self._append_records(
+            (SCATTER, region, min(longest, n - at),
+             (index[at:at + longest].view(np.uint8), rows[at:at + longest].reshape(-1)))
+            for at in range(0, n, longest))
         return n
 
     def append_scatters(self, page_size: int, parts: list, longest: int = RUN_PAGES) -> int:
@@ -436,14 +436,9 @@ class DeltaLog:
         if not self.scatter or any(not 2 <= len(p) <= longest for _, p, _ in parts):
             return sum(self.append_scatter(region, page_size, pages, rows, longest)
                        for region, pages, rows in parts)
-        with self._lock:
-            write, prev, seq = self.fh.write, self.prev_crc, self.seq
-            for region, pages, rows in parts:
-                seq += 1
-                prev = write_record(write, prev, SCATTER, seq, region, len(pages),
-                                    np.asarray(pages, "<u8").view(np.uint8), rows.reshape(-1))
-            self.prev_crc, self.seq = prev, seq
-            self._dirty = True
+        self._append_records(
+            (SCATTER, region, len(pages), (np.asarray(pages, "<u8").view(np.uint8), rows.reshape(-1)))
+            for region, pages, rows in parts)
         return sum(len(p) for _, p, _ in parts)
 
     def append_base(self, region: int, page_size: int, first: int, raw: np.ndarray,
@@ -455,19 +450,11 @@ class DeltaLog:
         Python per page. Returns (pages, bytes) appended."""
         rows = raw.reshape(-1, page_size)
         keep = rows.any(axis=1) if self.sparse else np.ones(len(rows), bool)
-        limit = end - first * page_size   # raw's bytes that lie inside the region
-        flat, items = raw.reshape(-1), []
-        for a, b in _stretches(keep, RUN_PAGES if self.runs else 1):
-            items.append((PAGES if b - a > 1 else PAGE, first + a,
-                          flat[a * page_size:min(b * page_size, limit)]))
-        with self._lock:
-            write, prev, seq = self.fh.write, self.prev_crc, self.seq
-            for kind, page, payload in items:
-                seq += 1
-                prev = write_record(write, prev, kind, seq, region, page, payload)
-            self.prev_crc, self.seq = prev, seq
-            self._dirty = True
-        return int(keep.sum()), sum(len(p) for _, _, p in items)
+        inside = raw.reshape(-1)[:end - first * page_size]   # raw's bytes inside the region
+        runs = page_runs_of(inside, keep, page_size, RUN_PAGES if self.runs else 1)
+        self._append_records((kind, region, first + page, (payload,))
+                             for kind, page, payload in runs)
+        return int(keep.sum()), sum(len(p) for _, _, p in runs)
 
     def write_layout(self, layout: dict) -> None:
         self.append(LAYOUT, json.dumps(layout, sort_keys=True).encode())
@@ -732,15 +719,22 @@ def write_base(fh, image: CommittedImage) -> tuple[int, int, int]:
         rid = desc["id"]
         flat = image.rows[rid].reshape(-1)[:desc["nbytes"]]
         held = image.present[rid] & image.rows[rid].any(axis=1)   # zeros left out (sparse)
-        for first, end in _stretches(held, RUN_PAGES):
-            items.append((PAGES if end - first > 1 else PAGE, rid, first,
-                          flat[first * size:end * size]))
+        items += [(kind, rid, first, payload)
+                  for kind, first, payload in page_runs_of(flat, held, size, RUN_PAGES)]
     info = {**image.info, "compacted": True, "sparse": True}
     items.append((COMMIT, 0, image.checkpoint_id, json.dumps(info, sort_keys=True).encode()))
     for kind, rid, pg, payload in items:
         seq += 1
         prev = write_record(fh.write, prev, kind, seq, rid, pg, payload)
     return salt, seq, prev
+
+
+def page_runs_of(flat, keep: np.ndarray, page_size: int, longest: int) -> list:
+    """(kind, first page, payload) records for the pages of `flat` (a region's bytes from a
+    page boundary on, its end trimmed: the last page may be short) where `keep` holds: runs of
+    up to `longest` pages as PAGES, a lone page as PAGE (a base image's, a compaction's)."""
+    return [(PAGES if b - a > 1 else PAGE, a, flat[a * page_size:b * page_size])
+            for a, b in _stretches(keep, longest)]
 
 
 def _stretches(present: np.ndarray, longest: int):
