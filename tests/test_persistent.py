@@ -2,7 +2,6 @@
 memory, an op table of IR handlers, hot-swaps between tasks, the watchdog. On the GPU machine
 the same tests run on cuda, and a million-task run with random hot-swaps (marked gpu)."""
 import dataclasses
-import os
 import random
 
 import numpy as np
@@ -14,6 +13,7 @@ from concordia_ir.errors import ConcordiaError
 from concordia_ir.ops import Block, Kernel
 from concordia.handlers.persistent import PersistentRuntime, TaskError, build_dispatcher, make_handler
 from concordia.lowering import render_source
+from tests.bench_usage import usage_error
 
 STATUS = backend_status()
 RING_BACKENDS = [b for b in ("reference", "opencl", "tenstorrent-scalar-host", "cuda")
@@ -298,10 +298,5 @@ def test_the_dispatch_benchmarks_checkpoint_tasks_compute_the_checkpoint(backend
 
 @pytest.mark.parametrize("payloads", ["100", "256,x", ""])
 def test_the_dispatch_benchmark_refuses_bad_payloads_in_one_line(payloads):
-    import subprocess
-    import sys
-    script = os.path.join(os.path.dirname(__file__), "..", "bench", "dispatch.py")
-    r = subprocess.run([sys.executable, script, "--backend", "reference", "--payloads", payloads],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert "--payloads takes byte counts that are multiples of 256" in r.stderr.splitlines()[-1]
+    assert "--payloads takes byte counts that are multiples of 256" in \
+        usage_error("dispatch.py", "--backend", "reference", "--payloads", payloads, timeout=120)
