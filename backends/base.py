@@ -142,6 +142,19 @@ class Backend(ABC):
         """Host memory the device copies to and from asynchronously (page-locked)."""
         return np.empty(max(nbytes, 1), np.uint8)
 
+    def free_pinned(self, host: np.ndarray) -> None:
+        """Give back what pinned() returned (page-locked memory is not garbage-collected)."""
+
+    def destroy_graph(self, graph) -> None:
+        """Give back a graph that capture() returned."""
+
+    def destroy_event(self, event) -> None:
+        """Give back an event that record_event() made."""
+
+    def offset(self, handle, nbytes: int):
+        """The handle of the memory `nbytes` into `handle`'s (DeviceBuffer.part)."""
+        raise ConcordiaError(f"backend {self.name!r} cannot address part of a buffer")
+
     def page_ops(self, page_size: int):
         """A native form of the checkpoint page handlers (scan / gather / scatter) for regions
         paged this way, or None: the Checkpointer then runs the IR handlers."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import threading
 
 import os
 
@@ -22,9 +23,21 @@ from concordia.lowering.target import Options, Target
 from .compiled import CompiledKernels
 
 
+_DRIVER: list = []   # the bindings' driver module, imported on first use (the import
+# statement itself cost ~1.5 us a call, 4,000 calls in a Hugging Face guard's setup)
+
+
 def _driver():
-    from cuda.bindings import driver
-    return driver
+    if not _DRIVER:
+        from cuda.bindings import driver
+        _DRIVER.append(driver)
+    return _DRIVER[0]
+
+
+# loaded kernels by (backend name, device ordinal): every backend on a device shares its
+# primary context, so a module loaded once serves each Runtime("cuda") made after it (a
+# Hugging Face guard, one Runtime a generate call, loaded its ten kernels again each time)
+_KERNELS: dict[tuple, CompiledKernels] = {}
 
 
 def _check(result, what: str):
@@ -72,14 +85,14 @@ class CUDABackend(Backend):
 
     def __init__(self, device: str | None = None):
         super().__init__(device)
-        self._pin = None                  # the pinned bounce buffer, made on first use
+        self._pins = threading.local()    # a pinned bounce buffer a thread, made on first use
         self._mapped: dict[int, object] = {}   # device pointer -> host allocation (alloc_mapped)
         self.control_stream = None        # non-blocking streams, made on first use
         self.detached_stream = None
         self.detached: list = []   # detached launches not yet seen finished
         self._branch_streams: list = []   # capture's branches beyond the first, made on demand
         self._control_pin = None
-        self._pinned_blocks: list = []   # page-locked host memory handed out by pinned()
+        self._pinned_blocks: dict = {}   # address -> page-locked host memory handed out by pinned()
         driver = _driver()
         try:
             ordinal = int(device or 0)
@@ -93,12 +106,16 @@ class CUDABackend(Backend):
         self.ctx = _check(driver.cuDevicePrimaryCtxRetain(self.dev), "cuDevicePrimaryCtxRetain")
         _check(driver.cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")
         self.arch = _arch(self.dev)
-        self.kernels = CompiledKernels(Target(self.name, self.arch),
-                                       Options(CUDA_OPTIONS, f"nvrtc {nvrtc_version()}"), "cubin",
-                                       render=self.render)
+        key = (self.name, ordinal)
+        if key not in _KERNELS:
+            _KERNELS[key] = CompiledKernels(Target(self.name, self.arch),
+                                            Options(CUDA_OPTIONS, f"nvrtc {nvrtc_version()}"),
+                                            "cubin", render=type(self).render)
+        self.kernels = _KERNELS[key]
 
-    def render(self, kernel) -> str:
-        return render_source(kernel, self.target)
+    @classmethod
+    def render(cls, kernel) -> str:
+        return render_source(kernel, cls.target)
 
     def device_info(self) -> dict:
         return {"backend": self.name, "device": _device_name(self.dev), "arch": self.arch}
@@ -119,9 +136,10 @@ class CUDABackend(Backend):
     def _pinned(self) -> np.ndarray:
         """A page-locked bounce buffer: small copies through it take microseconds, where a
         pageable copy costs tens (what a one-page checkpoint is made of)."""
-        if self._pin is None:
-            self._pin = self.pinned(self.PINNED_BYTES)
-        return self._pin
+        pin = getattr(self._pins, "buffer", None)   # one a thread: a copy in flight from
+        if pin is None:                             # one thread's must not be overwritten
+            pin = self._pins.buffer = self.pinned(self.PINNED_BYTES)   # by another's
+        return pin
 
     def copy_in_async(self, handle, host) -> None:
         """Stage `host` in the pinned buffer and enqueue the copy (complete before reusing it)."""
@@ -185,6 +203,9 @@ class CUDABackend(Backend):
         view[:] = 0
         self._mapped[int(dptr)] = host
         return dptr, view
+
+    def offset(self, handle, nbytes):
+        return _driver().CUdeviceptr(int(handle) + nbytes)
 
     def free_mapped(self, handle):
         host = self._mapped.pop(int(handle), None)
@@ -308,18 +329,18 @@ class CUDABackend(Backend):
         collecting = gc.isenabled()
         gc.disable()
         _check(driver.cuStreamBeginCapture(stream, mode), "cuStreamBeginCapture")
+        marks = []   # the fork and join events: graph edges once captured, then destroyed
         try:
             if first is not None:
                 first(stream)
-            fork = self.record_event(stream)
-            joins = []
+            marks.append(self.record_event(stream))
             for record, branch in zip(records[1:], self._branch_streams):
-                _check(driver.cuStreamWaitEvent(branch, fork, 0), "cuStreamWaitEvent")
+                _check(driver.cuStreamWaitEvent(branch, marks[0], 0), "cuStreamWaitEvent")
                 record(branch)
-                joins.append(self.record_event(branch))
+                marks.append(self.record_event(branch))
             if records:
                 records[0](stream)
-            for join in joins:
+            for join in marks[1:]:
                 _check(driver.cuStreamWaitEvent(stream, join, 0), "cuStreamWaitEvent")
         finally:
             if collecting:
@@ -330,7 +351,21 @@ class CUDABackend(Backend):
         exe = _check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
         _check(driver.cuGraphUpload(exe, stream), "cuGraphUpload")
         _check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        # what only the capture needed goes now (each guard of a generate call left its four
+        # graphs' templates, streams and events behind)
+        _check(driver.cuGraphDestroy(graph), "cuGraphDestroy")
+        _check(driver.cuStreamDestroy(stream), "cuStreamDestroy")
+        for mark in marks:
+            self.destroy_event(mark)
         return exe
+
+    def destroy_graph(self, graph):
+        self.activate()
+        _check(_driver().cuGraphExecDestroy(graph), "cuGraphExecDestroy")
+
+    def destroy_event(self, event):
+        self.activate()
+        _check(_driver().cuEventDestroy(event), "cuEventDestroy")
 
     def launch_graph(self, graph, stream):
         _check(_driver().cuGraphLaunch(graph, stream), "cuGraphLaunch")
@@ -381,8 +416,14 @@ class CUDABackend(Backend):
     def pinned(self, nbytes):
         self.activate()
         ptr = _check(_driver().cuMemHostAlloc(max(nbytes, 1), 0), "cuMemHostAlloc")
-        self._pinned_blocks.append(ptr)
+        self._pinned_blocks[int(ptr)] = ptr
         return _host_view(ptr, max(nbytes, 1))
+
+    def free_pinned(self, host):
+        ptr = self._pinned_blocks.pop(host.ctypes.data, None)
+        if ptr is not None:
+            self.activate()
+            _check(_driver().cuMemFreeHost(ptr), "cuMemFreeHost")
 
     def synchronize(self):
         """Wait for the device; while a detached (persistent) kernel is resident, for the
@@ -428,7 +469,8 @@ class HipOnCudaBackend(CUDABackend):
     """The HIP lowering, compiled by NVRTC through a small compatibility header, on NVIDIA."""
     target = "hip"
 
-    def render(self, kernel) -> str:
+    @classmethod
+    def render(cls, kernel) -> str:
         header = os.path.join(INCLUDE_DIR, "hip_on_cuda.h")
         with open(header) as fh:
             return fh.read() + "\n" + render_source(kernel, "hip")

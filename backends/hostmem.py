@@ -44,6 +44,9 @@ class HostMemoryBackend(Backend):
     def resident_groups(self):
         return 1   # groups run in lock-step or one after another: a spinning one stalls the rest
 
+    def offset(self, handle, nbytes):
+        return handle[nbytes:]
+
     def alloc_mapped(self, nbytes):
         handle = self.alloc(nbytes)
         return handle, handle

@@ -89,6 +89,18 @@ class DeviceBuffer:
         return DeviceBuffer(self.runtime, self.handle, dtype, self.nbytes // dtype.itemsize,
                             owned=False, keepalive=self)
 
+    def part(self, first: int, count: int) -> "DeviceBuffer":
+        """Elements [first, first + count) as a buffer of their own (no copy; freed with the
+        whole). A mapped buffer's part has its share of `.host`."""
+        if first < 0 or count < 0 or first + count > self.size:
+            raise LaunchError(f"part [{first}, {first + count}) of a buffer of {self.size}")
+        handle = self.runtime.backend.offset(self.handle, first * self.dtype.itemsize)
+        buf = DeviceBuffer(self.runtime, handle, self.dtype, count, owned=False, keepalive=self)
+        host = getattr(self, "host", None)
+        if host is not None:
+            buf.host = host[first:first + count]
+        return buf
+
     @property
     def nbytes(self) -> int:
         return self.size * self.dtype.itemsize

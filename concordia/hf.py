@@ -18,6 +18,8 @@ tokens.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from concordia_ir.errors import ConcordiaError
@@ -29,6 +31,19 @@ from .handlers.scanners import SequenceCacheScanner, row_page_size
 
 META_WORDS = 8   # batch, tokens so far, max_cache_len, layers, dtype code, prompt length
 _DTYPES = ("float32", "bfloat16", "float16")
+
+
+_RUNTIMES: dict[str, Runtime] = {}   # by backend spec: one for every guard of the process
+_RUNTIMES_LOCK = threading.Lock()
+
+
+def _runtime(spec: str) -> Runtime:
+    """The process's Runtime for `spec`: a guard a generate call, each with a Runtime of its
+    own, kept each one's pinned bounce buffer and streams for the life of the process."""
+    with _RUNTIMES_LOCK:
+        if spec not in _RUNTIMES:
+            _RUNTIMES[spec] = Runtime(spec)
+        return _RUNTIMES[spec]
 
 
 def _layers(cache) -> list:
@@ -63,8 +78,8 @@ class GenerationGuard:
         if dtype not in _DTYPES:
             raise ConcordiaError(f"cache dtype {keys.dtype} is not one of {', '.join(_DTYPES)}")
         batch, _, max_len, _ = keys.shape
-        rt = self.runtime if isinstance(self.runtime, Runtime) else Runtime(
-            self.runtime or ("cuda" if keys.is_cuda else "reference"))
+        rt = self.runtime if isinstance(self.runtime, Runtime) else _runtime(
+            self.runtime or (f"cuda:{keys.device.index or 0}" if keys.is_cuda else "reference"))
         self.tokens = torch.zeros(batch, max_len + 1, dtype=torch.int64, device=keys.device)
         self.meta = torch.zeros(META_WORDS, dtype=torch.int64, device=keys.device)
         self.meta[:6] = torch.tensor([batch, 0, max_len, len(layers), _DTYPES.index(dtype),

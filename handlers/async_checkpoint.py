@@ -156,6 +156,7 @@ class _Slot:
     index: int = 0
     event: object = None       # recorded again by each capture that uses the slot
     graph: object = None       # the capture's device work as one graph
+    arena: object = None       # the mapped memory its regions' staging is carved from
 
 
 @dataclass
@@ -188,16 +189,24 @@ class CheckpointWriter:
         self.streams = self.backend.streams and self.backend.graphs and any(
             self._streamable(st) for st in ckpt.states)
         self.free: queue.Queue = queue.Queue()   # the ring: captures in flight hold its slots
-        ring = [_Slot(self._region_slots(slot_bytes) if self.streams else [], index=i)
-                for i in range(slots)]
-        self.gather_ring = self._gather_ring(device_side, ring)   # checked by the Checkpointer
+        self.slots, self.slot_bytes = slots, slot_bytes
+        self.ring: list[_Slot] = []   # the slots made so far
+        picked = [j for j, st in enumerate(ckpt.states) if _ring_gathered(st)]
+        # region index -> its index in the RingGather (design (b) only; module docstring)
+        self.ring_regions = {j: k for k, j in enumerate(picked)} if device_side == "ring" else {}
+        # design (b)'s resident kernel is given every slot at its start; otherwise a slot is
+        # made when all those made so far are in flight (_take): a writer that keeps up uses
+        # two (the Hugging Face guard made four a generate call, ~13 ms each on an H100)
+        made = [self._make_slot() for _ in range(
+            slots if self.ring_regions or not self.streams else 1)]
+        self.gather_ring = (RingGather(self.rt, [ckpt.states[j] for j in picked],
+                                       [[slot.regions[j] for j in picked] for slot in made])
+                            if self.ring_regions else None)   # checked by the Checkpointer
         # each bounded host scanner once, with its share's capacity (the same in every slot)
         self.bounded = list({id(st.scanner): (st.scanner, rs.capacity) for st, rs in
-                             zip(ckpt.states, ring[0].regions) if _host_bounded(st)}.values())
-        for slot in ring:
-            if self.streams:
-                slot.graph = self.backend.capture(*self._branches(slot),
-                                                  first=self._lists_in(slot))
+                             zip(ckpt.states, made[0].regions) if _host_bounded(st)}.values())
+        for slot in made:
+            self._capture_graph(slot)
             self.free.put(slot)
         if self.gather_ring is not None:   # the graphs are ready: the resident kernel may start
             self.gather_ring.launch()
@@ -215,16 +224,17 @@ class CheckpointWriter:
                                        daemon=True)
         self.thread.start()
 
-    def _gather_ring(self, device_side: str, ring: list):
-        """Design (b): a RingGather for the regions whose pages it may gather beside the
-        stream (append-only device lists); None for design (a) or when no region is one."""
-        picked = [j for j, st in enumerate(self.ckpt.states) if _ring_gathered(st)]
-        # region index -> its index in the RingGather (none for design (a))
-        self.ring_regions = {j: k for k, j in enumerate(picked)} if device_side == "ring" else {}
-        if not self.ring_regions:
-            return None
-        return RingGather(self.rt, [self.ckpt.states[j] for j in picked],
-                          [[slot.regions[j] for j in picked] for slot in ring])
+    def _make_slot(self) -> _Slot:
+        """A ring slot's staging (without its graph: _capture_graph)."""
+        slot = _Slot([], index=len(self.ring))
+        if self.streams:
+            slot.arena, slot.regions = self._region_slots(self.slot_bytes)
+        self.ring.append(slot)
+        return slot
+
+    def _capture_graph(self, slot: _Slot) -> None:
+        if self.streams:
+            slot.graph = self.backend.capture(*self._branches(slot), first=self._lists_in(slot))
 
     def _coalesce_bound(self, slot_bytes: int) -> int:
         """Checkpoints coalesced in a row at most. Where every list is a device list (a block
@@ -243,15 +253,28 @@ class CheckpointWriter:
     def _streamable(st) -> bool:
         return st.scanner is not None or (st.mode == "shadow" and st.native is None)
 
-    def _region_slots(self, slot_bytes: int) -> list:
-        """A ring slot's share for each region; regions of one host scanner share its list."""
+    def _region_slots(self, slot_bytes: int) -> tuple:
+        """(the slot's mapped memory, each region's share of the slot, or None for a region
+        captured at once). The regions' staging is carved from one mapped allocation (one a
+        region cost the guard 232 driver allocations, ~0.1 ms each); regions of one host
+        scanner share its list."""
+        caps = [self._capacity(st, slot_bytes) if self._streamable(st) else 0
+                for st in self.ckpt.states]
+        # each share rounded to 256 bytes: the gathers' writes to host memory stay aligned
+        words = [-(-cap * st.region.words_per_page // 64) * 64
+                 for cap, st in zip(caps, self.ckpt.states)]
+        arena = self.rt.mapped(max(1, sum(words)), np.uint32)
         lists: dict = {}   # (scanner, capacity) -> the _RegionSlot that owns its list
-        return [self._region_slot(st, slot_bytes, lists) for st in self.ckpt.states]
+        shares, first = [], 0
+        for st, cap, w in zip(self.ckpt.states, caps, words):
+            staging = arena.part(first, cap * st.region.words_per_page)
+            shares.append(self._region_slot(st, cap, staging, lists) if cap else None)
+            first += w
+        return arena, shares
 
-    def _region_slot(self, st, slot_bytes: int, lists: dict) -> _RegionSlot | None:
-        if not self._streamable(st):   # captured at once: nothing to stage in the ring
-            return None
-        r, rt, b = st.region, self.rt, self.backend
+    def _capacity(self, st, slot_bytes: int) -> int:
+        """Pages a region's share of a slot holds."""
+        r = st.region
         # a device scan may find every page: its slot holds the whole region
         cap = r.n_pages if st.scanner is None else max(1, min(r.n_pages, slot_bytes // r.page_size))
         if _host_bounded(st):   # a known number of pages a step: room for HOST_LIST_STEPS
@@ -259,10 +282,13 @@ class CheckpointWriter:
         if _device_listed(st):   # a device list has one entry per written slot, repeats and all:
             # room for the slot budget, and for at least 4 steps' entries whatever it is
             cap = _list_capacity(st, slot_bytes)
+        return cap
+
+    def _region_slot(self, st, cap: int, staging, lists: dict) -> _RegionSlot:
         # the gathers write straight into host memory (zero-copy): the writer copies nothing.
         # (Gathering into device memory and copying out on the writer's stream was measured
         # slower on an H100: the writer's copy waited a decode step's length; docs/checkpointing.md)
-        staging = rt.mapped(cap * r.words_per_page, np.uint32)
+        r, rt, b = st.region, self.rt, self.backend
         hosted = _host_listed(st)
         shared = lists.get((id(st.scanner), cap)) if hosted else None
         if shared is not None:
@@ -329,14 +355,22 @@ class CheckpointWriter:
         return cap.handle
 
     def _take(self):
-        """A free slot: wait for one (checking the writer's health), or None to coalesce."""
+        """A free slot (a new one while fewer than `slots` are made): else wait for one
+        (checking the writer's health), or None to coalesce."""
         while True:
-            coalesce = self.when_full == "coalesce" and len(self.coalesced) < self.max_coalesce
             try:
-                return self.free.get_nowait() if coalesce else self.free.get(timeout=0.05)
+                return self.free.get_nowait()
             except queue.Empty:
-                if coalesce:
-                    return None
+                pass
+            if len(self.ring) < self.slots:   # every slot made so far is in flight
+                slot = self._make_slot()
+                self._capture_graph(slot)
+                return slot
+            if self.when_full == "coalesce" and len(self.coalesced) < self.max_coalesce:
+                return None
+            try:
+                return self.free.get(timeout=0.05)
+            except queue.Empty:
                 self.raise_error()
 
     def synced(self, checkpoint_id: int):
@@ -460,6 +494,27 @@ class CheckpointWriter:
                 reaper.join()
             if self.gather_ring is not None:
                 self.gather_ring.close()
+            self._release_ring()
+
+    def _release_ring(self):
+        """Give back every slot's graph, event, lists and staging, once the device is past
+        them (each guard of a generate call kept its ring's pinned memory before)."""
+        b, rt = self.backend, self.rt
+        ring, self.ring = self.ring, []
+        for slot in ring:
+            if slot.event is not None:
+                b.wait_event(slot.event)
+                b.destroy_event(slot.event)
+            if slot.graph is not None:
+                b.destroy_graph(slot.graph)
+            for rs in slot.regions:
+                if rs is not None and rs.owns_list:
+                    rt.free(rs.pages)
+                    rt.free(rs.count)
+                    b.free_pinned(rs.host_pages)
+                    b.free_pinned(rs.host_count)
+            if slot.arena is not None:
+                rt.free_mapped(slot.arena)
 
     # -- the writer's side
     def _run(self):

@@ -46,8 +46,10 @@ class _RegionState:
         self.native = rt.backend.page_ops(region.page_size) if mode == "shadow" else None
         n = region.n_pages
         self.stager = PageStager(rt, region, STAGING_BYTES, self.native)
-        self.count = rt.zeros(1, np.int32)
-        self.shadow = rt.empty(region.n_words, np.uint32) if mode == "shadow" else rt.empty(1, np.uint32)
+        # only what the mode uses: a host-listed region needs none of it (the Hugging Face
+        # guard's 58 regions made 116 buffers and 58 synchronous writes for nothing)
+        self.count = rt.zeros(1, np.int32) if mode != "host" else None
+        self.shadow = rt.empty(region.n_words, np.uint32) if mode == "shadow" else None
         self.hashes = rt.zeros(2 * n, np.uint32) if mode == "hash" else None
         self.flags = rt.zeros(n, np.int32) if mode == "tracked" else None
 
@@ -56,6 +58,8 @@ class _RegionState:
         if self.native is not None:   # the backend's own form of the shadow scan (tiles)
             self.stager.listed = self.native.scan(r.words().handle, self.shadow.handle, r.nbytes)
             return self.stager.listed
+        if self.mode == "host":
+            return np.asarray(self.scanner.dirty_pages(), dtype=np.int32)
         self.count.write(np.zeros(1, np.int32))
         if self.mode == "shadow":
             rt.launch(hk.page_scanner(r.words_per_page, r.n_words), global_size=r.n_pages * hk.GROUP,
@@ -67,8 +71,6 @@ class _RegionState:
             n = r.n_pages
             rt.launch(hk.flag_collector(), global_size=-(-n // 256) * 256, local_size=256,
                       args=(self.flags, self.stager.pages, self.count, n))
-        else:
-            return np.asarray(self.scanner.dirty_pages(), dtype=np.int32)
         k = int(self.count.numpy()[0])
         found = self.stager.pages.read(k)
         self.stager.listed = found
@@ -77,6 +79,13 @@ class _RegionState:
     def gather(self, pages: np.ndarray):
         """Yield (page index, bytes) for the listed pages (a shadow scan updates its shadow)."""
         return self.stager.pieces(pages, self.shadow, update=self.mode == "shadow")
+
+    def free(self):
+        """Give back its device memory (the region itself is the caller's)."""
+        for buf in (self.count, self.shadow, self.hashes, self.flags):
+            if buf is not None:
+                self.rt.free(buf)
+        self.stager.free()
 
     def after_commit(self, pages: np.ndarray):
         if self.scanner is not None:
@@ -260,12 +269,17 @@ class Checkpointer:
 
     # -- lifecycle
     def close(self) -> None:
+        """Wait for every checkpoint to be durable, then give back the log, the staging ring
+        and the device memory of the regions' bookkeeping (a guard a generate call made
+        and kept them all, pinned memory included)."""
         try:
             if self._writer is not None:
                 writer, self._writer = self._writer, None
                 writer.close()
         finally:
             self.log.close()
+            for st in self.states:
+                st.free()
 
     def compact(self) -> int:
         """Fold the log into one base image (crash-safe: write new, fsync, rename)."""

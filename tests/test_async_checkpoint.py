@@ -274,6 +274,38 @@ def test_cuda_capture_is_ordered_in_the_callers_stream(tmp_path):
         np.testing.assert_array_equal(as_f32, want)
 
 
+@needs_cuda
+def test_cuda_ring_slots_are_made_as_needed_and_given_back_at_close(tmp_path):
+    """A slot is made only when every slot made so far is in flight (a writer that keeps up
+    needs one), at most ring_slots; close gives back every slot's pinned and mapped memory,
+    however many Checkpointers came and went (a guard a generate call kept them all)."""
+    torch = pytest.importorskip("torch")
+    rt = Runtime("cuda")
+    b = rt.backend
+    x = torch.zeros(1 << 16, dtype=torch.float32, device="cuda")
+    busy = torch.randn(4096, 4096, device="cuda")
+    held = []
+    for k in range(3):
+        ck = Checkpointer(rt, {"x": rt.from_dlpack(x)}, str(tmp_path / f"r{k}.clog"),
+                          ring_slots=3)
+        ck.checkpoint_async()   # the base image, at once
+        for s in range(4):
+            x[s * 1024] += 1
+            ck.checkpoint_async().result()   # each durable before the next: one slot serves
+        assert len(ck._writer.ring) == 1
+        for s in range(6):      # the device is busy: captures stay in flight, the ring fills
+            for _ in range(4):
+                busy @ busy
+            x[s * 1024] += 1
+            ck.checkpoint_async()
+        assert len(ck._writer.ring) == 3
+        ck.close()
+        np.testing.assert_array_equal(restored(tmp_path / f"r{k}.clog")["x"].numpy(),
+                                      x.cpu().numpy())
+        held.append((len(b._mapped), len(b._pinned_blocks)))
+    assert held[0] == held[1] == held[2]
+
+
 @pytest.mark.skipif("cuda" not in BACKENDS, reason="needs a CUDA device")
 def test_a_host_list_longer_than_its_staging_is_checkpointed_at_once(tmp_path):
     """A host scanner that says how many pages a step touches gets staging for a few steps'

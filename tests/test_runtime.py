@@ -32,6 +32,28 @@ def test_minimum_surface(rt):
     assert saxpy.ir.startswith("kernel @saxpy(%a: f32, %x: ptr<global f32>")
 
 
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cuda")
+                                     if __import__("concordia").backend_status()[b].ok])
+def test_a_part_of_a_mapped_buffer_is_its_elements_on_device_and_host(backend):
+    """DeviceBuffer.part: a kernel writing a part writes those elements of the whole, and
+    the part's .host is the same bytes; a part past the end is refused in one line."""
+    rt = Runtime(backend)
+    whole = rt.mapped(64, np.float32)
+    x = rt.to_device(np.arange(16, dtype=np.float32))
+    y = rt.to_device(np.zeros(16, dtype=np.float32))
+    part = whole.part(20, 16)
+    rt.launch(saxpy, global_size=64, local_size=64,
+              args=(np.float32(3.0), x, y, part, np.int32(16)))
+    rt.synchronize()
+    want = np.zeros(64, np.float32)
+    want[20:36] = 3 * np.arange(16)
+    assert np.array_equal(whole.host, want)
+    assert np.array_equal(part.host, want[20:36])
+    with pytest.raises(LaunchError, match=r"part \[60, 70\) of a buffer of 64"):
+        whole.part(60, 10)
+    rt.free_mapped(whole)
+
+
 def _bufs(rt):
     return rt.to_device(np.zeros(8, np.float32)), rt.to_device(np.zeros(8, np.float32)), rt.empty(8, np.float32)
 
