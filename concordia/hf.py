@@ -9,6 +9,10 @@
     out = model.generate(ids, past_key_values=cache, max_new_tokens=64 - (ids.shape[1] - prompt_len),
                          stopping_criteria=[GenerationGuard(cache, "run.clog")])
 
+Greedy decoding is what resumes with identical tokens: beam search is refused at its first
+step (its beams' scores live in generate), and a sampled generate resumes, but with its own
+random draws from there on.
+
 The guard is a stopping criterion that never stops: after each generated token it checkpoints,
 asynchronously (checkpoint_async), the StaticCache's keys and values (only the pages of the
 positions written since its last call), the tokens so far and their count. When generate calls
@@ -106,6 +110,13 @@ class GenerationGuard:
         import torch
         if self.ckpt is None:
             self._open(input_ids)
+        if input_ids.shape[0] != self.tokens.shape[0]:
+            # beam search hands its criteria more rows than the cache has sequences; its
+            # beams' scores live in generate, out of any log's reach
+            raise ConcordiaError(
+                f"generate passed {input_ids.shape[0]} sequences for a cache of "
+                f"{self.tokens.shape[0]}: GenerationGuard protects greedy decoding (beam "
+                "search, num_beams > 1, cannot be resumed with identical tokens)")
         length = input_ids.shape[1]
         self.calls += 1
         if self.calls % self.every == 0 or self.ckpt.need_full:

@@ -77,6 +77,25 @@ def test_the_guard_logs_only_the_new_positions(tmp_path):
     assert all(s.bytes <= s.pages * 256 for s in stats[1:])
 
 
+def test_beam_search_is_refused_naming_the_reason(tmp_path):
+    """Beam search hands the stopping criteria more rows than the cache has sequences (it
+    failed deep in the guard with a shape mismatch); its state cannot be resumed anyway."""
+    import torch
+    from transformers import StaticCache
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import hf_generate as H
+    from concordia import ConcordiaError
+    from concordia.hf import GenerationGuard
+    model = H.build("tiny", "cpu")
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    guard = GenerationGuard(cache, str(tmp_path / "b.clog"))
+    with pytest.raises(ConcordiaError, match=r"GenerationGuard protects greedy decoding \(beam"):
+        model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False,
+                       num_beams=2, stopping_criteria=[guard], pad_token_id=0)
+    guard.close()
+
+
 def test_a_guard_on_a_cache_generate_never_filled_is_one_line(tmp_path):
     import torch
     from transformers import StaticCache
