@@ -149,11 +149,13 @@ class Checkpointer:
         self._ring = dict(slots=ring_slots, slot_bytes=slot_bytes, when_full=when_full,
                           compact_at_bytes=compact_at_bytes, device_side=device_side)
         self._writer: CheckpointWriter | None = None
+        self.closed = False
 
     # -- checkpoints
     def checkpoint(self, content_hash: bool = False) -> CheckpointStats:
         """Log the pages changed since the last checkpoint (all pages the first time) and commit.
         With content_hash, the commit also records each region's SHA-256 (a full read)."""
+        self._check_open()
         if self._writer is not None:
             self._writer.flush()   # commits stay in checkpoint order
         t0 = time.perf_counter()
@@ -228,6 +230,7 @@ class Checkpointer:
         durability; flush() for every checkpoint so far; durable_id names the last durable
         one. The first checkpoint (the full base image) is written before this returns.
         See handlers/async_checkpoint.py for what runs where."""
+        self._check_open()
         if self.need_full or (self._writer is not None and self._writer.overflows()):
             if self._writer is not None:
                 self._writer.raise_error()
@@ -269,10 +272,16 @@ class Checkpointer:
                               tuple(args) + tuple(st.flags for _, (_, st) in tracked))
 
     # -- lifecycle
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ConcordiaError(f"{self.path}: this Checkpointer is closed; open a new one "
+                                 "on the log to go on")
+
     def close(self) -> None:
         """Wait for every checkpoint to be durable, then give back the log, the staging ring
         and the device memory of the regions' bookkeeping (a guard a generate call made
         and kept them all, pinned memory included)."""
+        self.closed = True
         try:
             if self._writer is not None:
                 writer, self._writer = self._writer, None
@@ -284,6 +293,7 @@ class Checkpointer:
 
     def compact(self) -> int:
         """Fold the log into one base image (crash-safe: write new, fsync, rename)."""
+        self._check_open()
         self.flush()
         self.log.close()
         size = compact(self.path)

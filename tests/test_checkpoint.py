@@ -85,6 +85,21 @@ def test_reopening_a_log_continues_it(tmp_path):
     assert np.array_equal(Checkpointer.restore(str(path), Runtime("reference"))["kv"].numpy(), want)
 
 
+def test_a_closed_checkpointer_refuses_in_one_line_and_closes_twice(tmp_path):
+    """close() gives its buffers and log back; a checkpoint after it says so (it raised a
+    TypeError from a freed buffer, or 'write to closed file')."""
+    rt = Runtime("reference")
+    kv = rt.to_device(np.zeros(4096, np.float32))
+    ck = Checkpointer(rt, {"kv": kv}, str(tmp_path / "c.clog"))
+    ck.checkpoint()
+    ck.close()
+    ck.close()
+    for call in (ck.checkpoint, ck.checkpoint_async, ck.compact):
+        with pytest.raises(ConcordiaError, match=r"c\.clog: this Checkpointer is closed"):
+            call()
+    assert Checkpointer.restore(str(tmp_path / "c.clog"), rt)["kv"].numpy().size == 4096
+
+
 def test_log_of_another_layout_is_refused(tmp_path):
     path = tmp_path / "l.clog"
     make_log(path, n=1 << 14, steps=1)
