@@ -91,6 +91,9 @@ class CUDABackend(Backend):
         self.detached_stream = None
         self.detached: list = []   # detached launches not yet seen finished
         self._branch_streams: list = []   # capture's branches beyond the first, made on demand
+        # one capture at a time: captures share the branch streams (two threads' guards on one
+        # Runtime would otherwise fork into the same stream, joining each other's graph)
+        self._capturing = threading.Lock()
         self._control_pin = None
         self._pinned_blocks: dict = {}   # address -> page-locked host memory handed out by pinned()
         driver = _driver()
@@ -316,6 +319,10 @@ class CUDABackend(Backend):
         read again at each replay). Each record is a branch of its own, forked after
         `first(stream)` (what every branch needs) and joined at the graph's end: independent
         chains run side by side instead of one node after another."""
+        with self._capturing:
+            return self._capture(records, first)
+
+    def _capture(self, records, first):
         driver = _driver()
         stream = self.new_stream()
         while len(self._branch_streams) < len(records) - 1:
