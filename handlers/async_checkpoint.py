@@ -205,15 +205,7 @@ class CheckpointWriter:
         # each bounded host scanner once, with its share's capacity (the same in every slot)
         self.bounded = list({id(st.scanner): (st.scanner, rs.capacity) for st, rs in
                              zip(ckpt.states, made[0].regions) if _host_bounded(st)}.values())
-        # what a capture does a region, decided once: those captured at enqueue, and each
-        # host list's owner with the regions that share it (the guard's 56 KV tensors: one
-        # list, filled once; looping over the regions a capture cost ~0.1 ms on an H100)
-        self.now = [j for j, rs in enumerate(made[0].regions) if rs is None] if self.streams else []
-        owners: dict = {}
-        for j, (st, rs) in enumerate(zip(ckpt.states, made[0].regions)):
-            if rs is not None and _host_listed(st):
-                owners.setdefault(id(rs.host_pages), []).append(j)
-        self.host_lists = [(js[0], js) for js in owners.values()]
+        self.now, self.host_lists = self._capture_plan(made[0])
         for slot in made:
             self._capture_graph(slot)
             self.free.put(slot)
@@ -232,6 +224,19 @@ class CheckpointWriter:
         self.thread = threading.Thread(target=self._run, name="concordia-checkpoint-writer",
                                        daemon=True)
         self.thread.start()
+
+    def _capture_plan(self, slot: _Slot) -> tuple[list, list]:
+        """What a capture does a region, decided once: the regions captured at enqueue, and
+        each host list as (its owner, the regions that share it). The guard's 56 KV tensors
+        share one list, filled once; a loop over the regions a capture cost ~0.1 ms (H100)."""
+        if not self.streams:
+            return [], []
+        now = [j for j, rs in enumerate(slot.regions) if rs is None]
+        owners: dict = {}
+        for j, (st, rs) in enumerate(zip(self.ckpt.states, slot.regions)):
+            if rs is not None and _host_listed(st):
+                owners.setdefault(id(rs.host_pages), []).append(j)
+        return now, [(js[0], js) for js in owners.values()]
 
     def _make_slot(self) -> _Slot:
         """A ring slot's staging (without its graph: _capture_graph)."""
