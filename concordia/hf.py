@@ -160,7 +160,9 @@ class GenerationGuard:
         ids = torch.from_numpy(regions["tokens"].numpy().view(np.int64).reshape(batch, max_len + 1)
                                [:, :length].copy()).to(device)
         cache = _static_cache(model, batch, max_len, dtype, device)
-        for i, (k, v, layer) in enumerate(_layers(cache)):
+        layers = _layers(cache)
+        _check_model(path, regions, n_layers, layers)
+        for i, (k, v, layer) in enumerate(layers):
             for name, t in ((f"k{i}", k), (f"v{i}", v)):
                 raw = regions[name].numpy().view(np.uint8)
                 t.copy_(torch.frombuffer(bytearray(raw.tobytes()), dtype=torch.uint8)
@@ -168,6 +170,20 @@ class GenerationGuard:
             if layer is not None and hasattr(layer, "cumulative_length"):
                 layer.cumulative_length.fill_(length - 1)
         return ids, cache
+
+
+def _check_model(path: str, regions: dict, n_layers: int, layers: list) -> None:
+    """The model's cache must be the one the log was written from: as many layers, each
+    tensor of the same size (a wrong model raised a KeyError or a reshape error)."""
+    k0 = layers[0][0] if layers else None
+    size = k0.numel() * k0.element_size() if k0 is not None else 0
+    logged = regions["k0"].nbytes if "k0" in regions else 0
+    if len(layers) != n_layers or size != logged:
+        shape = f" {tuple(k0.shape)}" if k0 is not None else ""
+        raise ConcordiaError(f"{path}: written for a model whose cache has {n_layers} layers, "
+                             f"keys of {logged:,} bytes a layer; this model's has {len(layers)} "
+                             f"layers, keys of {size:,} bytes{shape}: resume with the model "
+                             "that wrote the log")
 
 
 def _static_cache(model, batch: int, max_len: int, dtype, device):

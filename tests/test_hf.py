@@ -96,6 +96,34 @@ def test_beam_search_is_refused_naming_the_reason(tmp_path):
     guard.close()
 
 
+def test_resume_with_another_model_names_both_caches(tmp_path):
+    """A log resumed with a model of other layers or head sizes is refused in one line (a
+    KeyError or a reshape error before)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM, StaticCache
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import hf_generate as H
+    from concordia import ConcordiaError
+    from concordia.hf import GenerationGuard
+    model = H.build("tiny", "cpu")
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    path = str(tmp_path / "m.clog")
+    guard = GenerationGuard(cache, path)
+    model.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False,
+                   stopping_criteria=[guard], pad_token_id=0)
+    guard.close()
+    for change, theirs in (({"num_hidden_layers": 3}, "3 layers, keys of 8,192 bytes"),
+                           ({"head_dim": 32}, "2 layers, keys of 16,384 bytes")):
+        other = Qwen3ForCausalLM(Qwen3Config(**{**H.SIZES["tiny"], **change},
+                                            max_position_embeddings=4096))
+        with pytest.raises(ConcordiaError, match="2 layers, keys of 8,192 bytes a layer; this "
+                                                 f"model's has {theirs}"):
+            GenerationGuard.resume(path, other)
+    ids2, _ = GenerationGuard.resume(path, model)   # the right model still resumes
+    assert ids2.shape[1] > 8
+
+
 def test_a_guard_on_a_cache_generate_never_filled_is_one_line(tmp_path):
     import torch
     from transformers import StaticCache
