@@ -62,6 +62,10 @@ class GenerationGuard:
 
     def __init__(self, cache, path: str, runtime: str | Runtime | None = None, every: int = 1,
                  fsync: str = "always"):
+        from transformers import StaticCache
+        if not isinstance(cache, StaticCache):   # a growing cache's tensors move each step
+            raise ConcordiaError(f"GenerationGuard needs a transformers StaticCache (its "
+                                 f"tensors stay in place), got {type(cache).__name__}")
         self.cache, self.path, self.every, self.fsync = cache, path, max(1, every), fsync
         self.runtime = runtime
         self.ckpt = None

@@ -344,7 +344,10 @@ class DeltaLog:
             self.salt = int.from_bytes(os.urandom(8), "little")
             self.seq, self.prev_crc = 0, self.salt & 0xFFFFFFFF
             # Created whole or not at all: a crash here must not leave a headerless log.
-            replace_atomically(path, encode_header(self.salt, time.time()))
+            try:
+                replace_atomically(path, encode_header(self.salt, time.time()))
+            except OSError as e:   # a user's path: one line, not the temp file's traceback
+                raise ConcordiaError(f"{path}: cannot create the log: {e.strerror}") from None
             self.fh = open(path, "r+b", buffering=WRITE_BUFFER)
             self.fh.seek(0, os.SEEK_END)
             self.layout = None

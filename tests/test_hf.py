@@ -139,6 +139,27 @@ def test_a_guard_on_a_cache_generate_never_filled_is_one_line(tmp_path):
         guard(torch.zeros(1, 4, dtype=torch.long), None)
 
 
+def test_a_growing_cache_or_a_log_in_no_directory_is_refused_in_one_line(tmp_path):
+    """A DynamicCache failed at the second step with a tensor size mismatch; a log in a
+    directory that does not exist raised FileNotFoundError naming a temporary file."""
+    import torch
+    from transformers import DynamicCache, StaticCache
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import hf_generate as H
+    from concordia import ConcordiaError
+    from concordia.hf import GenerationGuard
+    model = H.build("tiny", "cpu")
+    with pytest.raises(ConcordiaError, match=r"needs a transformers StaticCache .*got DynamicCache"):
+        GenerationGuard(DynamicCache(config=model.config), str(tmp_path / "d.clog"))
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    path = tmp_path / "no" / "such" / "g.clog"
+    guard = GenerationGuard(cache, str(path))
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ConcordiaError, match=f"^{path}: cannot create the log: No such file"):
+        model.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False,
+                       stopping_criteria=[guard], pad_token_id=0)
+
+
 @pytest.mark.parametrize("kinds", ["guard", "plain,gaurd", "plain,guard,guard"])
 def test_the_guard_benchmark_refuses_bad_kinds_in_one_line(kinds):
     assert "--kinds takes plain first, then any of guard, calls, calls-assign" in \
