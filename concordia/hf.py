@@ -138,10 +138,11 @@ class GenerationGuard:
         """Wait until every checkpoint is durable; returns the last checkpoint's id."""
         if self.ckpt is None:
             return 0
-        last = self.ckpt.flush()
-        self.ckpt.close()
-        self.ckpt = None
-        return last
+        ckpt, self.ckpt = self.ckpt, None
+        try:
+            return ckpt.flush()   # a writer's error is raised here, once
+        finally:
+            ckpt.close()          # and the log, ring and buffers are given back all the same
 
     def __del__(self):
         try:
