@@ -1,7 +1,9 @@
 """Asynchronous checkpoints: every one restores to the state it captured, on every backend
 present; the ring applies backpressure or coalesces; a writer error surfaces on the next call;
 ready checkpoints share an fsync; a SIGKILL never loses a checkpoint reported durable; on cuda
-the capture is ordered in the caller's stream (a write enqueued after it is not in it)."""
+the capture is ordered in the caller's stream (a write enqueued after it is not in it). The
+stream path (ring slots, page lists, graphs, release) also runs on the CPU box, on the
+reference interpreter given in-order streams (InOrderStreams)."""
 import json
 import os
 import signal
@@ -15,6 +17,7 @@ import pytest
 
 from concordia import ConcordiaError, Ptr, Runtime, f32, global_id, i32, kernel
 from concordia.backends import backend_status
+from concordia.backends.reference import ReferenceBackend
 from concordia.handlers import Checkpointer, scan_log
 from concordia.handlers.scanners import KVBlockScanner, SequenceCacheScanner
 
@@ -33,9 +36,9 @@ def restored(path, checkpoint=None):
     return Checkpointer.restore(str(path), Runtime("reference"), checkpoint=checkpoint)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["reference-streams"])
 def test_each_async_checkpoint_restores_the_state_it_captured(tmp_path, backend):
-    rt = Runtime(backend)
+    rt = _runtime(backend)
     kv = rt.to_device(np.arange(N, dtype=np.float32))
     path = tmp_path / "a.clog"
     ck = Checkpointer(rt, {"kv": kv}, str(path))
@@ -244,6 +247,82 @@ def test_sigkill_never_loses_a_checkpoint_reported_durable(tmp_path, seed):
 needs_cuda = pytest.mark.skipif(not backend_status()["cuda"].ok, reason="no CUDA device here")
 
 
+class InOrderStreams(ReferenceBackend):
+    """The reference interpreter with streams and graphs whose work completes as it is
+    enqueued (a valid, if slow, stream): it runs the writer's stream path (ring slots, page
+    lists, gathers into mapped staging, the capture plan, release) on the CPU box. It makes
+    no claim about cuda; the cuda tests below do that on a GPU."""
+    streams = graphs = True
+
+    def __init__(self, device=None):
+        super().__init__(device)
+        self.graphs_made = self.graphs_destroyed = 0
+
+    def capture(self, *records, first=None):
+        self.graphs_made += 1
+        return first, records
+
+    def launch_graph(self, graph, stream):
+        first, records = graph
+        if first is not None:
+            first(stream)
+        for record in records:
+            record(stream)
+
+    def destroy_graph(self, graph):
+        self.graphs_destroyed += 1
+
+
+def _runtime(backend: str) -> Runtime:
+    """A Runtime; "reference-streams": the reference interpreter as InOrderStreams."""
+    if backend != "reference-streams":
+        return Runtime(backend)
+    rt = Runtime("reference")
+    rt.backend = InOrderStreams()
+    return rt
+
+
+def test_the_stream_path_restores_each_capture_and_gives_its_ring_back(tmp_path, monkeypatch):
+    """The Hugging Face guard's layout (two same-shaped caches sharing one host list, and a
+    shadow-scanned region) through the stream path: every checkpoint restores exactly, a
+    second slot is made only because the writer holds the first, and close gives back every
+    graph it made."""
+    import concordia.handlers.async_checkpoint as ac
+    monkeypatch.setattr(ac, "HOLD_S", 30.0)  # each capture held until the next: a second slot
+    rt = _runtime("reference-streams")
+    shape = (1, 2, 32, 64)                   # batch, heads, positions, head_dim: 256 B rows
+    k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    kb, vb, tb = (rt.to_device(a.reshape(-1)) for a in (k, v, np.zeros(64, np.float32)))
+    scanner = SequenceCacheScanner(shape, 4, 256, users=2)
+    ck = Checkpointer(rt, {"k": kb, "v": vb, "t": tb}, str(tmp_path / "s.clog"), page_size=256,
+                      scanners={"k": scanner, "v": scanner}, ring_slots=3)
+    ck.checkpoint_async()                    # the base image, at once
+    want, handles = [], []
+    for pos in range(12):
+        k[:, :, pos] = pos + 1.0
+        v[:, :, pos] = -pos - 1.0
+        kb.write(k.reshape(-1))
+        vb.write(v.reshape(-1))
+        tb.write(np.full(64, pos, np.float32))
+        scanner.mark(pos, pos)
+        handles.append(ck.checkpoint_async())
+        want.append((k.copy(), v.copy(), np.full(64, pos, np.float32)))
+    ck.flush()
+    writer = ck._writer
+    made = len(writer.ring)
+    assert 2 <= made <= 3
+    # 2 rows in k and 2 in v a step, and t's page once it changes (it starts at zeros)
+    assert [h.result().pages for h in handles] == [4] + [5] * 11
+    ck.close()
+    assert rt.backend.graphs_destroyed == rt.backend.graphs_made == made
+    assert writer.ring == []
+    for n, (wk, wv, wt) in enumerate(want, start=2):
+        got = restored(tmp_path / "s.clog", checkpoint=n)
+        np.testing.assert_array_equal(got["k"].numpy(), wk.reshape(-1))
+        np.testing.assert_array_equal(got["v"].numpy(), wv.reshape(-1))
+        np.testing.assert_array_equal(got["t"].numpy(), wt)
+
+
 @needs_cuda
 def test_cuda_capture_is_ordered_in_the_callers_stream(tmp_path):
     torch = pytest.importorskip("torch")
@@ -375,12 +454,12 @@ def test_block_table_scanner_lists_what_kv_block_scanner_lists():
             host.committed()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["reference-streams"])
 def test_block_table_scanner_on_a_region_smaller_than_a_steps_list(tmp_path, backend):
     """Many list entries share one page (64-byte slots): the slot holds the entries, and the
     log holds each page once (on cuda: the lister in the checkpoint's graph)."""
     from concordia.handlers.scanners import BlockTableScanner
-    rt = Runtime(backend)
+    rt = _runtime(backend)
     shape, batch = (2, 2, 6, 8, 2, 8), 3          # 64-byte slots: a 6 KiB cache, 2 pages
     table_host = np.array([[0, 3], [1, 4], [2, 5]], np.int64)
     cache = np.zeros(int(np.prod(shape)), np.float32)
