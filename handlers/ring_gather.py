@@ -49,7 +49,7 @@ class RingGather:
 
     def __init__(self, rt, regions: list, slots: list, groups: int = RING_GROUPS):
         """`regions`: the ring-gathered regions' states; `slots[i][j]`: ring slot i's
-        _RegionSlot for region j (its page list, count and staging)."""
+        RegionSlot (staging_ring.py) for region j (its page list, count and staging)."""
         check_eager_loading()
         self.rt, self.groups = rt, groups
         self.pr = PersistentRuntime(rt, blocks=groups, block_size=hk.GROUP, ring_slots=RING_SLOTS,
