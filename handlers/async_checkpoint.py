@@ -6,7 +6,7 @@
     ckpt.flush(); ckpt.durable_id             # all of them; the last durable one
 
 On a backend with streams and graphs (cuda), what the caller's thread does is enqueue, on the
-caller's stream, one replay of a ring slot's graph: each region's page list (a host scanner's,
+caller's stream, one replay of a ring slot's graph (the slots: staging_ring.py): each region's page list (a host scanner's,
 through pinned memory) or a device scan (shadow compare, the count left on the device), then a
 gather of the listed pages into the slot's staging; then an event. The checkpoint therefore
 holds the regions as they are at that point of the stream, whatever the caller enqueues after
