@@ -92,8 +92,9 @@ def slow_sync(ck, seconds, counter=None):
     ck.log.sync = sync
 
 
-def test_a_full_ring_makes_the_caller_wait(tmp_path):
-    rt = Runtime("reference")
+@pytest.mark.parametrize("backend", ["reference", "reference-streams"])
+def test_a_full_ring_makes_the_caller_wait(tmp_path, backend):
+    rt = _runtime(backend)
     kv = rt.to_device(np.zeros(N, np.float32))
     ck = Checkpointer(rt, {"kv": kv}, str(tmp_path / "w.clog"), ring_slots=1)
     ck.checkpoint_async()
@@ -110,17 +111,20 @@ def test_a_full_ring_makes_the_caller_wait(tmp_path):
 
 
 def slow_append(ck, seconds):
-    """Make the writer slow to take a slot's pages (the slot frees only after)."""
-    real = ck.log.append_many
+    """Make the writer slow to take a slot's pages (the slot frees only after): its appends
+    of pieces (append_many) and of a stream capture's arrays (append_scatters) alike."""
+    for name in ("append_many", "append_scatters"):
+        real = getattr(ck.log, name)
 
-    def append_many(*a, **k):
-        time.sleep(seconds)
-        return real(*a, **k)
-    ck.log.append_many = append_many
+        def slow(*a, _real=real, **k):
+            time.sleep(seconds)
+            return _real(*a, **k)
+        setattr(ck.log, name, slow)
 
 
-def test_a_full_ring_coalesces_into_the_next_checkpoint(tmp_path):
-    rt = Runtime("reference")
+@pytest.mark.parametrize("backend", ["reference", "reference-streams"])
+def test_a_full_ring_coalesces_into_the_next_checkpoint(tmp_path, backend):
+    rt = _runtime(backend)
     kv = rt.to_device(np.zeros(N, np.float32))
     ck = Checkpointer(rt, {"kv": kv}, str(tmp_path / "c.clog"), ring_slots=1, when_full="coalesce")
     ck.checkpoint_async()
@@ -138,12 +142,13 @@ def test_a_full_ring_coalesces_into_the_next_checkpoint(tmp_path):
     np.testing.assert_array_equal(restored(tmp_path / "c.clog")["kv"].numpy(), np.full(N, 7, np.float32))
 
 
-def test_coalescing_is_bounded_then_the_caller_waits(tmp_path):
+@pytest.mark.parametrize("backend", ["reference", "reference-streams"])
+def test_coalescing_is_bounded_then_the_caller_waits(tmp_path, backend):
     """At most MAX_COALESCE checkpoints in a row are coalesced (a staging slot holds a bounded
     number of steps' pages: unbounded coalescing overflowed it at batch 8 on the H100); the
     next one waits for a slot, and the log ends with everything."""
     from concordia.handlers.async_checkpoint import MAX_COALESCE
-    rt = Runtime("reference")
+    rt = _runtime(backend)
     kv = rt.to_device(np.zeros(N, np.float32))
     ck = Checkpointer(rt, {"kv": kv}, str(tmp_path / "b.clog"), ring_slots=1, when_full="coalesce")
     ck.checkpoint_async()
@@ -181,24 +186,25 @@ def test_ready_checkpoints_share_one_fsync(tmp_path):
     assert scan_log(str(tmp_path / "g.clog")).last_checkpoint == 13
 
 
-def test_a_writer_error_surfaces_on_the_next_call_and_the_next_checkpoint_is_full(tmp_path):
-    rt = Runtime("reference")
+@pytest.mark.parametrize("backend", ["reference", "reference-streams"])
+def test_a_writer_error_surfaces_on_the_next_call_and_the_next_checkpoint_is_full(tmp_path, backend):
+    rt = _runtime(backend)
     kv = rt.to_device(np.zeros(N, np.float32))
     path = tmp_path / "e.clog"
     ck = Checkpointer(rt, {"kv": kv}, str(path))
     ck.checkpoint_async()
-    real = ck.log.append_many
+    real = ck.log.append_many, ck.log.append_scatters
 
     def broken(*a, **k):
         raise OSError(28, "No space left on device")
-    ck.log.append_many = broken
+    ck.log.append_many = ck.log.append_scatters = broken
     kv.write(np.ones(N, np.float32))
     h = ck.checkpoint_async()
     with pytest.raises(ConcordiaError, match="not written: .*No space left"):
         h.result(timeout=10)
     with pytest.raises(ConcordiaError, match="^the checkpoint writer failed: .*No space left on device$"):
         ck.checkpoint_async()
-    ck.log.append_many = real
+    ck.log.append_many, ck.log.append_scatters = real
     again = ck.checkpoint_async()
     assert again.result(timeout=10).full
     ck.close()
@@ -385,18 +391,18 @@ def test_cuda_ring_slots_are_made_as_needed_and_given_back_at_close(tmp_path):
     assert held[0] == held[1] == held[2]
 
 
-@pytest.mark.skipif("cuda" not in BACKENDS, reason="needs a CUDA device")
-def test_a_host_list_longer_than_its_staging_is_checkpointed_at_once(tmp_path):
+@pytest.mark.parametrize("backend", ["reference-streams"] + [b for b in ("cuda",) if b in BACKENDS])
+def test_a_host_list_longer_than_its_staging_is_checkpointed_at_once(tmp_path, backend):
     """A host scanner that says how many pages a step touches gets staging for a few steps'
     pages (HOST_LIST_STEPS), not its whole region; a checkpoint that lists more (a long
     pause between checkpoints) is taken at once, and every checkpoint restores exactly."""
-    torch = pytest.importorskip("torch")
     from concordia.handlers.async_checkpoint import HOST_LIST_STEPS
-    rt = Runtime("cuda")
+    rt = _runtime(backend)
     shape = (1, 2, 512, 64)                  # batch, heads, positions, head_dim: 256 B rows
-    x = torch.zeros(shape, dtype=torch.float32, device="cuda")
+    x = np.zeros(shape, np.float32)
+    buf = rt.to_device(x.reshape(-1))
     scanner = SequenceCacheScanner(shape, 4, 256)
-    ck = Checkpointer(rt, {"x": rt.from_dlpack(x)}, str(tmp_path / "h.clog"), page_size=256,
+    ck = Checkpointer(rt, {"x": buf}, str(tmp_path / "h.clog"), page_size=256,
                       scanners={"x": scanner})
     cap = HOST_LIST_STEPS * scanner.pages_a_step
     assert cap < 2 * 512
@@ -404,9 +410,10 @@ def test_a_host_list_longer_than_its_staging_is_checkpointed_at_once(tmp_path):
     expected, handles = [], []
     for first, last in ((0, 0), (1, 300), (301, 301)):
         x[:, :, first:last + 1] = first + 1.0
+        buf.write(x.reshape(-1))
         scanner.mark(first, last)
         handles.append(ck.checkpoint_async())
-        expected.append(x.cpu().numpy())
+        expected.append(x.copy())
     assert len(scanner.rows) * 300 > cap
     assert ck._writer.bounded == [(scanner, cap)]
     assert handles[1].done() and handles[1].result().pages == 2 * 300   # taken at once
