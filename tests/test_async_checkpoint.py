@@ -17,9 +17,9 @@ import pytest
 
 from concordia import ConcordiaError, Ptr, Runtime, f32, global_id, i32, kernel
 from concordia.backends import backend_status
-from concordia.backends.reference import ReferenceBackend
 from concordia.handlers import Checkpointer, scan_log
 from concordia.handlers.scanners import KVBlockScanner, SequenceCacheScanner
+from tests.stream_backend import InOrderStreams, stream_runtime
 
 BACKENDS = [n for n in ("reference", "opencl", "cuda", "tenstorrent") if backend_status()[n].ok]
 N = 1 << 14
@@ -215,7 +215,8 @@ CHILD = r"""
 import sys, numpy as np
 from concordia import Runtime
 from concordia.handlers import Checkpointer
-rt = Runtime("reference")
+from tests.stream_backend import stream_runtime
+rt = stream_runtime() if sys.argv[2] == "reference-streams" else Runtime("reference")
 kv = rt.to_device(np.zeros(1 << 14, np.float32))
 ck = Checkpointer(rt, {"kv": kv}, sys.argv[1])
 for k in range(1, 100000):
@@ -227,11 +228,13 @@ for k in range(1, 100000):
 
 
 # CONCORDIA_ASYNC_KILLS=200 for the long run (about 1.5 s each)
+@pytest.mark.parametrize("backend", ["reference", "reference-streams"])
 @pytest.mark.parametrize("seed", range(int(os.environ.get("CONCORDIA_ASYNC_KILLS", "5"))))
-def test_sigkill_never_loses_a_checkpoint_reported_durable(tmp_path, seed):
+def test_sigkill_never_loses_a_checkpoint_reported_durable(tmp_path, seed, backend):
     path = tmp_path / "k.clog"
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE,
-                             text=True)
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), backend], cwd=root,
+                             stdout=subprocess.PIPE, text=True)
     reported = []
     reader = threading.Thread(target=lambda: reported.extend(int(x) for x in child.stdout))
     reader.start()
@@ -253,39 +256,9 @@ def test_sigkill_never_loses_a_checkpoint_reported_durable(tmp_path, seed):
 needs_cuda = pytest.mark.skipif(not backend_status()["cuda"].ok, reason="no CUDA device here")
 
 
-class InOrderStreams(ReferenceBackend):
-    """The reference interpreter with streams and graphs whose work completes as it is
-    enqueued (a valid, if slow, stream): it runs the writer's stream path (ring slots, page
-    lists, gathers into mapped staging, the capture plan, release) on the CPU box. It makes
-    no claim about cuda; the cuda tests below do that on a GPU."""
-    streams = graphs = True
-
-    def __init__(self, device=None):
-        super().__init__(device)
-        self.graphs_made = self.graphs_destroyed = 0
-
-    def capture(self, *records, first=None):
-        self.graphs_made += 1
-        return first, records
-
-    def launch_graph(self, graph, stream):
-        first, records = graph
-        if first is not None:
-            first(stream)
-        for record in records:
-            record(stream)
-
-    def destroy_graph(self, graph):
-        self.graphs_destroyed += 1
-
-
 def _runtime(backend: str) -> Runtime:
     """A Runtime; "reference-streams": the reference interpreter as InOrderStreams."""
-    if backend != "reference-streams":
-        return Runtime(backend)
-    rt = Runtime("reference")
-    rt.backend = InOrderStreams()
-    return rt
+    return stream_runtime() if backend == "reference-streams" else Runtime(backend)
 
 
 def test_the_stream_path_restores_each_capture_and_gives_its_ring_back(tmp_path, monkeypatch):
