@@ -19,7 +19,7 @@ from concordia import ConcordiaError, Ptr, Runtime, f32, global_id, i32, kernel
 from concordia.backends import backend_status
 from concordia.handlers import Checkpointer, scan_log
 from concordia.handlers.scanners import KVBlockScanner, SequenceCacheScanner
-from tests.stream_backend import InOrderStreams, stream_runtime
+from tests.stream_backend import stream_runtime
 
 BACKENDS = [n for n in ("reference", "opencl", "cuda", "tenstorrent") if backend_status()[n].ok]
 N = 1 << 14
