@@ -143,7 +143,7 @@ def test_truncation_at_every_point_recovers_the_last_commit_before_it(tmp_path):
         code, out = verify(path)
         assert (code == 0) == (cut in commit_ends), (cut, out)
         if code:
-            assert f"at byte " in out and ("torn tail" in out or "incomplete" in out)
+            assert "at byte " in out and ("torn tail" in out or "incomplete" in out)
 
 
 def poked_log(path, commits=5, n=1 << 14, fill=0.0):

@@ -5,7 +5,6 @@ import shutil
 import struct
 import subprocess
 
-import numpy as np
 import pytest
 
 from concordia_ir.opdefs import OPS
