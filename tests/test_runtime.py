@@ -1,5 +1,4 @@
 """Runtime: the issue's minimum surface, launch-argument errors, backend configuration."""
-
 import numpy as np
 import pytest
 
