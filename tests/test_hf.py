@@ -164,3 +164,23 @@ def test_a_growing_cache_or_a_log_in_no_directory_is_refused_in_one_line(tmp_pat
 def test_the_guard_benchmark_refuses_bad_kinds_in_one_line(kinds):
     assert "--kinds takes plain first, then any of guard, calls, calls-assign" in \
         usage_error("hf_guard.py", "--device", "cpu", "--kinds", kinds)
+
+
+@pytest.mark.parametrize("args", [["--kinds", "guard"], ["--kinds", "plain,idle"],
+                                  ["--tokens", "4"]])
+def test_the_ablation_benchmark_refuses_bad_arguments_in_one_line(args):
+    assert "hf_guard_ablation.py: error: " in usage_error("hf_guard_ablation.py", *args)
+
+
+def test_the_ablation_benchmark_times_every_kind(tmp_path):
+    """Each kind times a generate (on the CPU box: the tiny model) into the --json file."""
+    import json
+    out = tmp_path / "ablation.json"
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(SCRIPT), "..", "bench",
+                                                     "hf_guard_ablation.py"),
+                        "--tokens", "8", "--repeats", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    kinds = json.loads(out.read_text())["kinds"]
+    assert list(kinds) == ["plain", "guard", "no-appends", "no-pieces", "idle-writer", "no-gc"]
+    assert all(k["ms_median"] > 0 and len(k["runs_ms"]) == 1 for k in kinds.values())
