@@ -334,6 +334,11 @@ BENCHES = {
     "migration": "safepoint overhead, pause latency, migration time",
     "dispatch": "persistent ring vs cuLaunchKernel vs CUDA graph: latency heatmap, small tasks",
     "llm": "Qwen3 decode with per-step checkpoints: tokens/s, checkpoint ms, recovery",
+    "llm_long": "10,000 steps with compaction: the log's size over time, recovery",
+    "hf_guard": "GenerationGuard on transformers' generate: tok/s, steady rate, first calls",
+    "hf_guard_ablation": "the guard with parts of its writer taken out, the collector off",
+    "profile_async": "where checkpoint_async's time goes in a live decode (torch.profiler)",
+    "profile_decode": "where a decode step's time goes, with and without checkpoints",
 }
 
 
@@ -343,8 +348,9 @@ def cmd_bench(args) -> int:
     if not args.name:
         print("Benchmarks (each prints a table and writes JSON, and a PNG where it plots, to "
               "bench/results/):")
+        width = max(map(len, BENCHES))
         for name, what in BENCHES.items():
-            print(f"  concordia bench {name:<12} {what}")
+            print(f"  concordia bench {name:<{width}}  {what}")
         return 0
     if args.name not in BENCHES:
         raise ConcordiaError(f"no benchmark {args.name!r}; there are: {', '.join(BENCHES)}")

@@ -106,3 +106,14 @@ def test_log_inspect_names_each_commit_and_its_base(tmp_path):
     r = concordia("log", "inspect", path)
     assert r.stdout.splitlines()[-1].split()[:2] == ["2", "2"]
     assert r.stdout.splitlines()[-1].endswith("compacted base, pages of zeros left out")
+
+
+def test_bench_lists_every_benchmark_script():
+    """`concordia bench` names every script in bench/ (hf_guard, llm_long and the profilers
+    were missing: `concordia bench hf_guard` said there was no such benchmark)."""
+    import glob
+    import os
+    here = os.path.join(os.path.dirname(__file__), "..", "bench")
+    scripts = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(here, "*.py"))} - {"common"}
+    listed = concordia("bench").stdout
+    assert all(f"concordia bench {name} " in listed for name in scripts), listed
