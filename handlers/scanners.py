@@ -5,6 +5,8 @@ none is scanned on the device by the Checkpointer's mode (shadow / hash / tracke
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import kernels as hk
@@ -91,9 +93,14 @@ class SequenceCacheScanner:
         self.rows = (np.arange(self.batch * self.heads, dtype=np.int64) * self.max_len)[:, None]
         self.pending: list[np.ndarray] = []
         self.users, self.commits, self.pages = users, 0, None
-        # pages one step (one position) touches at most: a row may straddle a page boundary.
-        # checkpoint_async sizes its staging by it; a longer list is checkpointed at once
-        self.pages_a_step = self.batch * self.heads * (-(-self.row_bytes // page_size) + 1)
+        # pages one step (one position) touches at most. checkpoint_async sizes its staging by
+        # it; a longer list is checkpointed at once. Rows start at multiples of row_bytes, so
+        # within a page at multiples of g = gcd(row, page): a row starting at page - g
+        # reaches furthest (the guard's rows are its pages: one each, where a bound of
+        # ceil(row / page) + 1 counted two and staged twice the memory)
+        g = math.gcd(self.row_bytes, page_size)
+        per_row = -(-(self.row_bytes + page_size - g) // page_size)
+        self.pages_a_step = self.batch * self.heads * per_row
 
     def mark(self, first: int, last: int) -> None:
         """Positions first..last (inclusive) were written."""

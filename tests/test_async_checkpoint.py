@@ -364,6 +364,21 @@ def test_cuda_ring_slots_are_made_as_needed_and_given_back_at_close(tmp_path):
     assert held[0] == held[1] == held[2]
 
 
+@pytest.mark.parametrize("head_dim, itemsize, page", [(128, 2, 256), (64, 4, 256), (16, 4, 256),
+                                                     (80, 2, 256), (96, 4, 256), (512, 4, 256)])
+def test_pages_a_step_is_the_most_one_position_touches(head_dim, itemsize, page):
+    """SequenceCacheScanner.pages_a_step, which sizes the staging, is exact: the most pages
+    any one position's rows touch (two a row only where a row can straddle a page)."""
+    shape = (2, 3, 64, head_dim)
+    scanner = SequenceCacheScanner(shape, itemsize, page)
+    most = 0
+    for pos in range(64):
+        scanner.mark(pos, pos)
+        most = max(most, len(scanner.dirty_pages()))
+        scanner.committed()
+    assert scanner.pages_a_step == most
+
+
 @pytest.mark.parametrize("backend", ["reference-streams"] + [b for b in ("cuda",) if b in BACKENDS])
 def test_a_host_list_longer_than_its_staging_is_checkpointed_at_once(tmp_path, backend):
     """A host scanner that says how many pages a step touches gets staging for a few steps'
