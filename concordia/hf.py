@@ -104,7 +104,8 @@ class GenerationGuard:
         page = row_page_size(keys.shape[-1] * keys.element_size())
         scanners, self.scanners = {}, []
         for (shape, itemsize), names in by_shape.items():
-            self.scanners.append(SequenceCacheScanner(shape, itemsize, page, users=len(names)))
+            self.scanners.append(SequenceCacheScanner(shape, itemsize, page, users=len(names),
+                                                      positions_a_step=self.every))
             scanners.update(dict.fromkeys(names, self.scanners[-1]))
         self.ckpt = Checkpointer(rt, regions, self.path, page_size=page, fsync=self.fsync,
                                  scanners=scanners)

@@ -86,21 +86,22 @@ class SequenceCacheScanner:
     scanner serves them all (`users` regions): it computes the list once a checkpoint and
     forgets the marks when the last of its users has committed."""
 
-    def __init__(self, shape: tuple, itemsize: int, page_size: int = 4096, users: int = 1):
+    def __init__(self, shape: tuple, itemsize: int, page_size: int = 4096, users: int = 1,
+                 positions_a_step: int = 1):
         self.batch, self.heads, self.max_len, self.head_dim = shape
         self.row_bytes = self.head_dim * itemsize
         self.page_size = page_size
         self.rows = (np.arange(self.batch * self.heads, dtype=np.int64) * self.max_len)[:, None]
         self.pending: list[np.ndarray] = []
         self.users, self.commits, self.pages = users, 0, None
-        # pages one step (one position) touches at most. checkpoint_async sizes its staging by
-        # it; a longer list is checkpointed at once. Rows start at multiples of row_bytes, so
-        # within a page at multiples of g = gcd(row, page): a row starting at page - g
-        # reaches furthest (the guard's rows are its pages: one each, where a bound of
-        # ceil(row / page) + 1 counted two and staged twice the memory)
+        # pages one step (`positions_a_step` positions: a checkpoint's worth) touches at most.
+        # checkpoint_async sizes its staging by it; a longer list is checkpointed at once. Rows
+        # start at multiples of row_bytes, so within a page at multiples of g = gcd(row, page):
+        # a run starting at page - g reaches furthest (the guard's rows are its pages: one
+        # each, where a bound of ceil(row / page) + 1 counted two, staging twice the memory)
+        run = max(1, positions_a_step) * self.row_bytes
         g = math.gcd(self.row_bytes, page_size)
-        per_row = -(-(self.row_bytes + page_size - g) // page_size)
-        self.pages_a_step = self.batch * self.heads * per_row
+        self.pages_a_step = self.batch * self.heads * -(-(run + page_size - g) // page_size)
 
     def mark(self, first: int, last: int) -> None:
         """Positions first..last (inclusive) were written."""

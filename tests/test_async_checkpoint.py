@@ -364,16 +364,18 @@ def test_cuda_ring_slots_are_made_as_needed_and_given_back_at_close(tmp_path):
     assert held[0] == held[1] == held[2]
 
 
+@pytest.mark.parametrize("positions", [1, 3])
 @pytest.mark.parametrize("head_dim, itemsize, page", [(128, 2, 256), (64, 4, 256), (16, 4, 256),
                                                      (80, 2, 256), (96, 4, 256), (512, 4, 256)])
-def test_pages_a_step_is_the_most_one_position_touches(head_dim, itemsize, page):
+def test_pages_a_step_is_the_most_a_steps_positions_touch(head_dim, itemsize, page, positions):
     """SequenceCacheScanner.pages_a_step, which sizes the staging, is exact: the most pages
-    any one position's rows touch (two a row only where a row can straddle a page)."""
+    any `positions_a_step` consecutive positions touch (a row straddles a page only where
+    neither size divides the other)."""
     shape = (2, 3, 64, head_dim)
-    scanner = SequenceCacheScanner(shape, itemsize, page)
+    scanner = SequenceCacheScanner(shape, itemsize, page, positions_a_step=positions)
     most = 0
-    for pos in range(64):
-        scanner.mark(pos, pos)
+    for pos in range(64 - positions + 1):
+        scanner.mark(pos, pos + positions - 1)
         most = max(most, len(scanner.dirty_pages()))
         scanner.committed()
     assert scanner.pages_a_step == most

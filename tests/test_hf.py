@@ -77,6 +77,37 @@ def test_the_guard_logs_only_the_new_positions(tmp_path):
     assert all(s.bytes <= s.pages * 256 for s in stats[1:])
 
 
+@pytest.mark.parametrize("every", [1, 20])
+def test_the_guard_through_the_stream_path_logs_the_cache_as_it_is(tmp_path, every):
+    """The guard's checkpoints through the stream path (ring slots, one list for every
+    layer's keys and values) on the CPU box, one every `every` tokens: none falls back to a
+    synchronous checkpoint (a slot holds a checkpoint's positions), and the log restores
+    the cache exactly."""
+    import torch
+    from transformers import StaticCache
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import hf_generate as H
+    from concordia import Runtime
+    from concordia.handlers import Checkpointer
+    from concordia.hf import GenerationGuard
+    from tests.stream_backend import stream_runtime
+    model = H.build("tiny", "cpu")
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    path = str(tmp_path / "s.clog")
+    guard = GenerationGuard(cache, path, runtime=stream_runtime(), every=every)
+    model.generate(ids, past_key_values=cache, max_new_tokens=41, do_sample=False,
+                   stopping_criteria=[guard], pad_token_id=0)
+    guard.close()
+    stats = [h.result() for h in guard.handles]
+    assert len(stats) == 1 + 40 // every and stats[0].full and not any(s.full for s in stats[1:])
+    back = Checkpointer.restore(path, Runtime("reference"))
+    written = 8 + (40 // every) * every - 1   # positions the last checkpoint covers
+    for i, layer in enumerate(cache.layers):
+        got = back[f"k{i}"].numpy().view(np.float32).reshape(layer.keys.shape)
+        np.testing.assert_array_equal(got[:, :, :written], layer.keys.numpy()[:, :, :written])
+
+
 def test_beam_search_is_refused_naming_the_reason(tmp_path):
     """Beam search hands the stopping criteria more rows than the cache has sequences (it
     failed deep in the guard with a shape mismatch); its state cannot be resumed anyway."""
