@@ -15,6 +15,16 @@ pytest.importorskip("transformers", reason="the guard wraps transformers: pip in
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "examples", "hf_generate.py")
 
 
+def tiny(batch: int = 1):
+    """(the example's module, its tiny random Qwen3 on the CPU, a prompt of 8 tokens for each
+    of `batch` sequences)."""
+    import torch
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import hf_generate
+    ids = torch.randint(0, 256, (batch, 8), generator=torch.Generator().manual_seed(1))
+    return hf_generate, hf_generate.build("tiny", "cpu"), ids
+
+
 def run(*args, device="cpu"):
     return subprocess.run([sys.executable, SCRIPT, "--device", device, "--tokens", "24", *args],
                           capture_output=True, text=True, timeout=300)
@@ -56,13 +66,9 @@ def test_resume_without_a_log_is_one_line(tmp_path):
 
 
 def test_the_guard_logs_only_the_new_positions(tmp_path):
-    import torch
     from transformers import StaticCache
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    import hf_generate as H
     from concordia.hf import GenerationGuard
-    model = H.build("tiny", "cpu")
-    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
+    _, model, ids = tiny(2)
     cache = StaticCache(config=model.config, max_cache_len=64)
     guard = GenerationGuard(cache, str(tmp_path / "n.clog"))
     model.generate(ids, past_key_values=cache, max_new_tokens=10, do_sample=False,
@@ -83,16 +89,12 @@ def test_the_guard_through_the_stream_path_logs_the_cache_as_it_is(tmp_path, eve
     layer's keys and values) on the CPU box, one every `every` tokens: none falls back to a
     synchronous checkpoint (a slot holds a checkpoint's positions), and the log restores
     the cache exactly."""
-    import torch
     from transformers import StaticCache
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    import hf_generate as H
     from concordia import Runtime
     from concordia.handlers import Checkpointer
     from concordia.hf import GenerationGuard
     from tests.stream_backend import stream_runtime
-    model = H.build("tiny", "cpu")
-    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    _, model, ids = tiny()
     cache = StaticCache(config=model.config, max_cache_len=64)
     path = str(tmp_path / "s.clog")
     guard = GenerationGuard(cache, path, runtime=stream_runtime(), every=every)
@@ -111,14 +113,10 @@ def test_the_guard_through_the_stream_path_logs_the_cache_as_it_is(tmp_path, eve
 def test_beam_search_is_refused_naming_the_reason(tmp_path):
     """Beam search hands the stopping criteria more rows than the cache has sequences (it
     failed deep in the guard with a shape mismatch); its state cannot be resumed anyway."""
-    import torch
     from transformers import StaticCache
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    import hf_generate as H
     from concordia import ConcordiaError
     from concordia.hf import GenerationGuard
-    model = H.build("tiny", "cpu")
-    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    _, model, ids = tiny()
     cache = StaticCache(config=model.config, max_cache_len=64)
     guard = GenerationGuard(cache, str(tmp_path / "b.clog"))
     with pytest.raises(ConcordiaError, match=r"GenerationGuard protects greedy decoding \(beam"):
@@ -130,14 +128,10 @@ def test_beam_search_is_refused_naming_the_reason(tmp_path):
 def test_resume_with_another_model_names_both_caches(tmp_path):
     """A log resumed with a model of other layers or head sizes is refused in one line (a
     KeyError or a reshape error before)."""
-    import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM, StaticCache
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    import hf_generate as H
     from concordia import ConcordiaError
     from concordia.hf import GenerationGuard
-    model = H.build("tiny", "cpu")
-    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    H, model, ids = tiny()
     cache = StaticCache(config=model.config, max_cache_len=64)
     path = str(tmp_path / "m.clog")
     guard = GenerationGuard(cache, path)
@@ -158,11 +152,9 @@ def test_resume_with_another_model_names_both_caches(tmp_path):
 def test_a_guard_on_a_cache_generate_never_filled_is_one_line(tmp_path):
     import torch
     from transformers import StaticCache
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    import hf_generate as H
     from concordia import ConcordiaError
     from concordia.hf import GenerationGuard
-    model = H.build("tiny", "cpu")
+    _, model, _ = tiny()
     guard = GenerationGuard(StaticCache(config=model.config, max_cache_len=16),
                             str(tmp_path / "e.clog"))
     with pytest.raises(ConcordiaError, match=r"^the cache has no tensors yet: pass the StaticCache "
@@ -173,19 +165,15 @@ def test_a_guard_on_a_cache_generate_never_filled_is_one_line(tmp_path):
 def test_a_growing_cache_or_a_log_in_no_directory_is_refused_in_one_line(tmp_path):
     """A DynamicCache failed at the second step with a tensor size mismatch; a log in a
     directory that does not exist raised FileNotFoundError naming a temporary file."""
-    import torch
     from transformers import DynamicCache, StaticCache
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    import hf_generate as H
     from concordia import ConcordiaError
     from concordia.hf import GenerationGuard
-    model = H.build("tiny", "cpu")
+    _, model, ids = tiny()
     with pytest.raises(ConcordiaError, match=r"needs a transformers StaticCache .*got DynamicCache"):
         GenerationGuard(DynamicCache(config=model.config), str(tmp_path / "d.clog"))
     cache = StaticCache(config=model.config, max_cache_len=32)
     path = tmp_path / "no" / "such" / "g.clog"
     guard = GenerationGuard(cache, str(path))
-    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
     with pytest.raises(ConcordiaError, match=f"^{path}: cannot create the log: No such file"):
         model.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False,
                        stopping_criteria=[guard], pad_token_id=0)
