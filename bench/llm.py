@@ -30,27 +30,25 @@ PAPER = {"tokens_per_s": 108.2, "checkpoint_overhead_ms": 18.9, "overhead_fracti
 ASYNC_KINDS = {"async": "stream", "ring": "ring"}   # checkpoint_async runs: their device side
 
 
-def run_one(L, base_args: list[str], batch: int, log: str | None, every: int, backend: str | None,
-            stop_after: int | None = None, asynchronous: str | None = None):
-    args = L.parse_args([*base_args, "--batch", str(batch),
-                    *(["--log", log, "--every", str(every)] if log else []),
-                    *(["--async", "--device-side", asynchronous] if asynchronous else []),
-                    *(["--backend", backend] if backend else [])])
-    run = L.DecodeRun(args)
-    if log:
+def run_kind(run, kind: str, log: str, backend: str | None, stop_after: int | None = None):
+    """One generate on `run` as `kind`: plain (no checkpoints), async/ring (checkpoint_async
+    every step, the gather in the decode stream or on the persistent kernel) or sync
+    (checkpoint() every step). Returns (the checkpointer's writer, the steady tok/s)."""
+    a = run.args
+    a.log, a.every, a.backend = (log if kind != "plain" else None), 1, backend
+    a.async_checkpoints = kind in ASYNC_KINDS
+    a.device_side = ASYNC_KINDS.get(kind, "stream")
+    if a.log:
         if os.path.exists(log):
             os.remove(log)
         run.open_checkpointer()
     stamps = []
-    t0 = time.perf_counter()
     run.generate(on_token=lambda pos: stamps.append(time.perf_counter()), stop_after=stop_after)
-    total = time.perf_counter() - t0
-    run.writer = run.ckpt and run.ckpt._writer   # its busy time, read after the close
-    if run.ckpt is not None:
-        run.ckpt.close()   # async: waits for the writer (after the stamps: not in the rate)
+    writer = run.ckpt and run.ckpt._writer   # its busy time, read after the close
+    run.close_checkpointer()   # async: waits for the writer (after the stamps: not in the rate)
     # steady state: from the first generated token to the last (prompt and base image excluded)
-    steady = (len(stamps) - 1) * batch / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
-    return run, total, steady
+    steady = (len(stamps) - 1) * a.batch / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    return writer, steady
 
 
 def recovery(L, base_args, batch, log, backend):
@@ -116,26 +114,28 @@ def async_stats(hs, busy: dict, steps: int, suffix: str) -> dict:
 
 
 def measure_batch(L, a, base, batch, kinds, log) -> dict:
-    """The kinds of run interleaved in one process (clocks and caches drift as a process goes
-    on), `repeats` times each, in a rotating order. Checkpointed runs stop 8 tokens short, as a
-    crash would, so that recovery has tokens left to make (it uses the last log)."""
+    """The kinds of run interleaved on one model, cache and CUDA graph (a server keeps one),
+    `repeats` times each, in a rotating order. Runs on models made one after another were not
+    comparable: on an H100 a fresh model's graph replayed in 2.68 ms a step, and every later
+    one's, plain or not, in 3.02 ms (bench/results/llm-drift-*). Checkpointed runs stop 8 tokens
+    short, as a crash would, so that recovery has tokens left to make (it uses the last log)."""
+    run = L.DecodeRun(L.parse_args([*base, "--batch", str(batch)]))
+    for kind in kinds:   # warm-up: the graph captured, kernels loaded, the allocator primed
+        run_kind(run, kind, log, a.backend, stop_after=8)
     rates = {k: [] for k in kinds}
     step_s = {k: [] for k in kinds}
-    runs = {}
-    busy, busy_steps = {}, {}
+    stats, handles, busy, busy_steps = {}, {}, {}, {}
     for rep in range(a.repeats):
         order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
         for kind in order:
-            run, _, rate = run_one(L, base, batch, log if kind != "plain" else None, 1, a.backend,
-                                   stop_after=a.tokens - 8 if kind != "plain" else None,
-                                   asynchronous=ASYNC_KINDS.get(kind))
+            writer, rate = run_kind(run, kind, log, a.backend,
+                                    stop_after=a.tokens - 8 if kind != "plain" else None)
             rates[kind].append(rate)
             step_s[kind] += run.step_seconds
-            runs[kind] = run
+            stats[kind] = run.stats
             if kind in ASYNC_KINDS:
-                hs = [h for h in run.handles if h.stats is not None]
-                runs[kind + "_handles"] = runs.get(kind + "_handles", []) + hs
-                for part, sec in run.writer.busy.items():   # the writer's time by part
+                handles.setdefault(kind, []).extend(h for h in run.handles if h.stats is not None)
+                for part, sec in writer.busy.items():   # the writer's time by part
                     busy.setdefault(kind, {})
                     busy[kind][part] = busy[kind].get(part, 0.0) + sec
                 busy_steps[kind] = busy_steps.get(kind, 0) + len(run.step_seconds)
@@ -149,17 +149,17 @@ def measure_batch(L, a, base, batch, kinds, log) -> dict:
         if k != "plain" and plain:
             row[f"overhead_pct_{k}"] = round(100 * (plain - row[f"tok_s_{k}"]) / plain, 2)
     for kind in (k for k in kinds if k in ASYNC_KINDS):
-        row.update(async_stats(runs[kind + "_handles"], busy[kind], busy_steps[kind],
+        row.update(async_stats(handles[kind], busy[kind], busy_steps[kind],
                                "" if kind == "async" else "_" + kind))
     if "sync" in kinds:
-        steps = [s for s in runs["sync"].stats if not s["full"]]
+        steps = [s for s in stats["sync"] if not s["full"]]
         ms = np.array([s["seconds"] for s in steps]) * 1e3
         row.update(ckpt_ms_median=round(float(np.median(ms)), 3),
                    ckpt_ms_p99=round(float(np.percentile(ms, 99)), 3),
                    bytes_per_ckpt=int(np.median([s["bytes"] for s in steps])))
     last = next((k for k in ("async", "ring", "sync") if k in kinds), None)
     if last:
-        row["base_image_bytes"] = runs[last].stats[0].get("bytes")
+        row["base_image_bytes"] = stats[last][0].get("bytes")
         row["recovery_ms"] = {k[:-2]: round(v * 1e3, 2) for k, v in
                               recovery(L, base, batch, log, a.restore_backend or a.backend).items()
                               if k.endswith("_s")}
@@ -198,10 +198,6 @@ def main(argv=None) -> int:
     kinds = a.kinds.split(",")
     with tempfile.TemporaryDirectory(prefix="concordia-llm-") as tmp:
         log = os.path.join(tmp, "decode.clog")
-        for kind in kinds:   # warm-up: graphs captured, kernels compiled, allocator primed
-            run_one(L, [*base, "--tokens", "8"], 1,
-                    log if kind != "plain" else None, 1, a.backend,
-                    asynchronous=ASYNC_KINDS.get(kind))
         rows = []
         for batch in (int(x) for x in a.batches.split(",")):
             rows.append(measure_batch(L, a, base, batch, kinds, log))

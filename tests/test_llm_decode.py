@@ -186,3 +186,50 @@ def test_device_side_ring_where_it_cannot_run_is_one_line(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "device_side='ring' needs a backend with streams" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_kept_model_checkpoints_on_and_off_and_each_log_resumes(tmp_path):
+    """bench/llm.py keeps one model for every kind of run (models made one after another ran
+    12 % apart on an H100): a Checkpointer opened and closed on a kept run leaves its tokens
+    as they were, and each log it wrote resumes, in a new run, to the same tokens."""
+    from concordia import llm as L
+    args = L.parse_args([*COMMON, "--backend", "reference"])
+    run = L.DecodeRun(args)
+    want = run.generate()
+    for i, asynchronous in enumerate((True, False)):
+        args.log, args.async_checkpoints = str(tmp_path / f"k{i}.clog"), asynchronous
+        run.open_checkpointer()
+        run.generate(stop_after=17)
+        assert len(run.stats) >= 17          # this log's checkpoints only: a base image and each step
+        run.close_checkpointer()
+        assert run.ckpt is None and run.scanner is None
+        again = L.DecodeRun(L.parse_args([*COMMON, "--log", args.log, "--resume"]))
+        rec = again.resume("reference")
+        assert 6 + 10 <= rec["restored_pos"] < 6 + 40
+        assert np.array_equal(again.generate(start_pos=rec["restored_pos"]), want)
+    args.log, args.async_checkpoints = None, False
+    assert np.array_equal(run.generate(), want)   # decoding on without one
+
+
+def test_the_decode_benchmark_runs_its_kinds_on_one_model(tmp_path):
+    """bench/llm.py at the tiny size on the CPU box: every kind's rate, the async kind's figures
+    and recovery, from one process."""
+    import json
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(SCRIPT), "..", "bench",
+                                                       "llm.py"),
+                          "--config", "tiny", "--device", "cpu", "--batches", "2", "--tokens", "24",
+                          "--repeats", "2", "--kinds", "plain,async,sync", "--name",
+                          f"test-llm-{os.getpid()}"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    path = out.stdout.split("wrote ")[1].split()[0] if "wrote " in out.stdout else \
+        out.stderr.split("wrote ")[1].split()[0]
+    try:
+        row = json.load(open(path))["rows"][0]
+    finally:
+        for p in (path, path[:-5] + ".png"):
+            if os.path.exists(p):
+                os.remove(p)
+    assert row["batch"] == 2 and all(len(row[f"tok_s_{k}_runs"]) == 2 for k in ("plain", "async", "sync"))
+    assert min(row["tok_s_plain_runs"] + row["tok_s_async_runs"]) > 0
+    assert row["bytes_per_step"] > 0 and row["lag_checkpoints_median"] >= 0
+    assert row["recovery_ms"]["total"] > 0 and row["ckpt_ms_median"] > 0
