@@ -73,6 +73,18 @@ class Backend(ABC):
         runs (loading a module may wait for the running kernels)."""
         self.prepare(kernel)
 
+    def copy_out_many(self, pairs) -> None:
+        """copy_out of several (handle, host) pairs, the device synchronised before (a backend
+        with a bounce buffer waits once for as many as it holds)."""
+        self.synchronize()
+        for handle, host in pairs:
+            self.copy_out(handle, host)
+
+    def address(self, handle) -> int | None:
+        """Where a buffer's memory is (None: not known): memory made for one buffer is
+        recognised at the next that wraps the same address (a staging ring's slots)."""
+        return None
+
     def copy_device(self, dst, src, nbytes: int) -> None:
         """Device-to-device copy of nbytes (used by benchmarks and migration)."""
         host = np.empty(nbytes, np.uint8)

@@ -181,6 +181,32 @@ class CUDABackend(Backend):
             self.activate()
             _check(_driver().cuMemcpyDtoH(host.ctypes.data, handle, host.nbytes), "cuMemcpyDtoH")
 
+    def copy_out_many(self, pairs):
+        """Into the bounce buffer as many copies as it holds, then one wait: a base image of
+        the guard's 58 regions waited twice a region (~5 ms of its first call on an H100)."""
+        self.synchronize()
+        pin, driver, queued, used = self._pinned(), _driver(), [], 0
+
+        def drain():
+            self.synchronize()
+            for at, host in queued:
+                host.reshape(-1).view(np.uint8)[:] = pin[at:at + host.nbytes]
+            queued.clear()
+        for handle, host in pairs:
+            if host.nbytes > self.PINNED_BYTES:
+                self.copy_out(handle, host)
+                continue
+            if used + host.nbytes > self.PINNED_BYTES:
+                drain()
+                used = 0
+            self.activate()
+            _check(driver.cuMemcpyDtoHAsync(pin.ctypes.data + used, handle, host.nbytes, 0),
+                   "cuMemcpyDtoHAsync")
+            queued.append((used, host))
+            used += -(-host.nbytes // 256) * 256
+        if queued:
+            drain()
+
     def write_control(self, handle, host):
         """Through a non-blocking stream: the legacy stream would wait for the running kernel."""
         driver = _driver()
@@ -209,6 +235,9 @@ class CUDABackend(Backend):
 
     def offset(self, handle, nbytes):
         return _driver().CUdeviceptr(int(handle) + nbytes)
+
+    def address(self, handle):
+        return int(handle)
 
     def free_mapped(self, handle):
         host = self._mapped.pop(int(handle), None)

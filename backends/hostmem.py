@@ -47,6 +47,9 @@ class HostMemoryBackend(Backend):
     def offset(self, handle, nbytes):
         return handle[nbytes:]
 
+    def address(self, handle):
+        return handle.ctypes.data
+
     def alloc_mapped(self, nbytes):
         handle = self.alloc(nbytes)
         return handle, handle

@@ -267,6 +267,11 @@ class Runtime:
     def synchronize(self) -> None:
         self.backend.synchronize()
 
+    def read_into(self, pairs) -> None:
+        """Each (DeviceBuffer, host array) pair's first host.size elements into the array, the
+        device synchronised once for all of them (DeviceBuffer.read waits for each)."""
+        self.backend.copy_out_many([(buf.handle, host) for buf, host in pairs if host.size])
+
     # -- launches
     def check_launch(self, kernel, global_size, local_size, args):
         k = _as_kernel(kernel)

@@ -24,10 +24,10 @@ from bench.common import environment, write_result  # noqa: E402
 from concordia import llm as L  # noqa: E402
 
 
-def slow_steps(run, over: float) -> dict:
+def slow_steps(step_seconds: list, enqueue_s: list, over: float) -> dict:
     """Steps that took longer than `over` seconds: how many, the time they took past the
     median step, and how much of it the decode thread spent in checkpoint_async."""
-    step, enq = np.array(run.step_seconds), np.array(run.step_enqueue_s)
+    step, enq = np.array(step_seconds), np.array(enqueue_s)
     slow = step > over
     return {"count": int(slow.sum()), "excess_s": round(float((step[slow] - np.median(step)).sum()), 3),
             "in_checkpoint_async_s": round(float(enq[slow].sum()), 3)}
@@ -56,11 +56,16 @@ def main() -> int:
                          "coalesce", "--compact-at-mb", str(a.compact_at_mb),
                          "--slot-mb", str(a.slot_mb),
                          *(["--backend", a.backend] if a.backend else [])])
-    plain = L.DecodeRun(L.parse_args(common))   # the same loop, no checkpoints
-    t0 = time.perf_counter()
-    plain.generate()
-    plain_tok_s = len(plain.step_seconds) * a.batch / (time.perf_counter() - t0)
+    # one model for the runs with and without checkpoints, as a server keeps one: on an H100 a
+    # model made after another in a process decoded up to 12 % slower (bench/llm.py)
     run = L.DecodeRun(args)
+
+    def plain_rate() -> float:   # the same loop, no checkpoints
+        t0 = time.perf_counter()
+        run.generate()
+        return len(run.step_seconds) * a.batch / (time.perf_counter() - t0)
+    run.generate(stop_after=4)   # warm: the graph captured (not in the plain rate)
+    plain_runs = [plain_rate()]
     run.open_checkpointer()
     sizes, t0 = [], time.perf_counter()
     every = max(1, a.rounds * a.tokens // 200)   # about 200 samples
@@ -72,9 +77,12 @@ def main() -> int:
     run.generate(on_token=on_token)
     seconds = time.perf_counter() - t0
     writer = run.ckpt._writer
-    run.ckpt.close()
+    run.close_checkpointer()
     steps = len(run.step_seconds)
+    step_seconds, step_enqueue_s = run.step_seconds, run.step_enqueue_s
     enq = np.array([h.enqueue_s for h in run.handles])
+    plain_runs.append(plain_rate())   # before and after: the device's pace drifts over a run
+    plain_tok_s = float(np.mean(plain_runs))
     live = sum(t.numel() * t.element_size() for t in (run.model.kv, run.model.adapter, run.sched.state))
     # recovery: a new DecodeRun (the model is loaded) restores and makes its first token
     args_r = L.parse_args([*common, "--log", log, "--resume"])
@@ -89,16 +97,17 @@ def main() -> int:
               "config": a.config, "batch": a.batch, "rounds": a.rounds, "tokens_per_round": a.tokens,
               "steps": steps, "seconds": round(seconds, 2),
               "tok_s": round(steps * a.batch / seconds, 1), "tok_s_plain": round(plain_tok_s, 1),
+              "tok_s_plain_before_after": [round(r, 1) for r in plain_runs],
               "overhead_pct": round(100 * (1 - steps * a.batch / seconds / plain_tok_s), 2),
               "compact_at_mb": a.compact_at_mb, "slot_mb": a.slot_mb,
               "max_coalesce": writer.max_coalesce if writer else None,
               "live_state_bytes": live,
-              "step_ms_median": round(float(np.median(run.step_seconds)) * 1e3, 3),
-              "step_ms_p99": round(float(np.percentile(run.step_seconds, 99)) * 1e3, 3),
-              "step_ms_max": round(float(np.max(run.step_seconds)) * 1e3, 3),
+              "step_ms_median": round(float(np.median(step_seconds)) * 1e3, 3),
+              "step_ms_p99": round(float(np.percentile(step_seconds, 99)) * 1e3, 3),
+              "step_ms_max": round(float(np.max(step_seconds)) * 1e3, 3),
               # where a slow step's time went: the decode thread in checkpoint_async (a full
               # ring: backpressure) or elsewhere (the device, the GIL)
-              "slow_steps": slow_steps(run, 10e-3),
+              "slow_steps": slow_steps(step_seconds, step_enqueue_s, 10e-3),
               "enqueue_ms": {q: round(float(np.percentile(enq, p)) * 1e3, 3)
                              for q, p in (("median", 50), ("p99", 99), ("max", 100))},
               "writer_ms_per_step": {k: round(v * 1e3 / steps, 3) for k, v in writer.busy.items()},

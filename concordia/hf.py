@@ -71,6 +71,7 @@ class GenerationGuard:
         self.ckpt = None
         self.calls = 0
         self.handles: list = []
+        self.running = None   # what __call__ returns: no sequence is done
 
     def _open(self, input_ids):
         import torch
@@ -133,7 +134,12 @@ class GenerationGuard:
             # pageable memory, which waits for the stream (the decode's own work) first
             self.meta[1:2].fill_(length)
             self.handles.append(self.ckpt.checkpoint_async())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if self.running is None or self.running.shape[0] != input_ids.shape[0]:
+            # made once: generate only reads it (is_done | criterion), and a tensor made a
+            # token was one more allocation and kernel on the decode thread
+            self.running = torch.zeros(input_ids.shape[0], dtype=torch.bool,
+                                       device=input_ids.device)
+        return self.running
 
     def close(self) -> int:
         """Wait until every checkpoint is durable; returns the last checkpoint's id."""

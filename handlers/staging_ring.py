@@ -10,7 +10,10 @@ whole device side. Without streams and graphs a slot is only a token of the boun
 """
 from __future__ import annotations
 
+import threading
 import time
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +37,12 @@ MAX_BRANCHES = 8
 # for 256 tokens and its second call took 0.14 s. A list longer than that is checkpointed
 # at once (CheckpointWriter.overflows), never lost.
 HOST_LIST_STEPS = 4 * (MAX_COALESCE + 1)
+# Rings whose slots a runtime keeps after their Checkpointer closed, for the next ring over
+# the same memory: a Hugging Face guard a generate call made two slots (58 kernel bindings
+# and a graph each, 7-8 ms on an H100) though the next call's StaticCache gets the freed
+# tensors back at the same addresses from torch's allocator. Only slots whose graphs read
+# nothing but the regions and their own memory (host-listed regions) are kept.
+IDLE_RINGS = 2
 
 
 @dataclass
@@ -91,6 +100,7 @@ class StagingRing:
         picked = [j for j, st in enumerate(states) if ring_gathered(st)]
         # region index -> its index in the RingGather (design (b) only; async_checkpoint.py)
         self.ring_regions = {j: k for k, j in enumerate(picked)} if device_side == "ring" else {}
+        self.key = self._reuse_key()   # what a kept slot must match to serve this ring
         # otherwise a slot is made when all those made so far are in flight (take_new): a
         # writer that keeps up uses two (the Hugging Face guard made four a generate call,
         # ~13 ms each on an H100)
@@ -169,35 +179,49 @@ class StagingRing:
         return out
 
     def release(self) -> None:
-        """Give back every slot's graph, event, lists and staging, once the device is past
-        them (each guard of a generate call kept its ring's pinned memory before)."""
-        b, rt = self.backend, self.rt
+        """Give back every slot's graph, event, lists and staging once the device is past
+        them (each guard of a generate call kept its ring's pinned memory before), or keep
+        them for the next ring over the same memory (IDLE_RINGS)."""
         if self.gather_ring is not None:
             self.gather_ring.close()
         made, self.made = self.made, []
         for slot in made:
             if slot.event is not None:
-                b.wait_event(slot.event)
-                b.destroy_event(slot.event)
-            if slot.graph is not None:
-                b.destroy_graph(slot.graph)
-            for rs in slot.regions:
-                if rs is not None and rs.owns_list:
-                    rt.free(rs.pages)
-                    rt.free(rs.count)
-                    b.free_pinned(rs.host_pages)
-                    b.free_pinned(rs.host_count)
-            if slot.arena is not None:
-                rt.free_mapped(slot.arena)
+                self.backend.wait_event(slot.event)
+        if self.key is not None:
+            made = _IDLE.park(self.rt, self.key, made, self.slots)
+        for slot in made:
+            destroy_slot(self.rt, slot)
 
     # -- making a slot
     def _make(self) -> Slot:
-        """A ring slot's staging (without its graph: _capture_graph)."""
-        slot = Slot([], index=len(self.made))
-        if self.streams:
-            slot.arena, slot.regions = self._region_slots()
+        """A ring slot's staging (without its graph: _capture_graph), or a kept one."""
+        slot = _IDLE.take(self.rt, self.key) if self.key is not None else None
+        if slot is None:
+            slot = Slot([])
+            if self.streams:
+                slot.arena, slot.regions = self._region_slots()
+        slot.index = len(self.made)
         self.made.append(slot)
         return slot
+
+    def _reuse_key(self):
+        """What a slot's staging and graph depend on, where that is only the regions' memory
+        and the slot's own (every region in the stream host-listed); else None: not kept."""
+        if not self.streams or self.ring_regions:
+            return None
+        parts, owners = [], {}
+        for j, st in enumerate(self.states):
+            if not streamable(st):
+                parts.append(None)
+                continue
+            at = self.backend.address(st.region.buffer.handle)
+            if not host_listed(st) or at is None:
+                return None
+            cap = self._capacity(st)
+            r = st.region
+            parts.append((at, r.nbytes, r.page_size, cap, owners.setdefault((id(st.scanner), cap), j)))
+        return self.slot_bytes, tuple(parts)
 
     def _plan(self, slot: Slot) -> tuple[list, list]:
         """What a replay does a region, decided once: the regions captured at enqueue, and
@@ -279,7 +303,7 @@ class StagingRing:
 
     # -- its graph
     def _capture_graph(self, slot: Slot) -> None:
-        if self.streams:
+        if self.streams and slot.graph is None:   # a kept slot has its graph
             slot.graph = self.backend.capture(*self._branches(slot), first=self._lists_in(slot))
 
     def _branches(self, slot: Slot) -> list:
@@ -329,6 +353,66 @@ class StagingRing:
             rs.launches["gather"](groups, stream)
             b.copy_out_on(stream, rs.count.handle, rs.host_count)   # what the scan found
             b.copy_out_on(stream, rs.pages.handle, rs.host_pages)
+
+
+def destroy_slot(rt, slot: Slot) -> None:
+    """Give back a slot's event, graph, lists and staging (the device past them)."""
+    b = rt.backend
+    if slot.event is not None:
+        b.destroy_event(slot.event)
+    if slot.graph is not None:
+        b.destroy_graph(slot.graph)
+    for rs in slot.regions:
+        if rs is not None and rs.owns_list:
+            rt.free(rs.pages)
+            rt.free(rs.count)
+            b.free_pinned(rs.host_pages)
+            b.free_pinned(rs.host_count)
+    if slot.arena is not None:
+        rt.free_mapped(slot.arena)
+
+
+class _IdleSlots:
+    """The slots closed rings left, by runtime and by what they depend on (StagingRing.key),
+    IDLE_RINGS keys a runtime at most, the least recently parked given back first."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.by_runtime: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def take(self, rt, key) -> Slot | None:
+        with self.lock:
+            kept = self.by_runtime.get(rt, {}).get(key)
+            return kept.pop() if kept else None
+
+    def park(self, rt, key, slots: list, most: int) -> list:
+        """Keep up to `most` slots under `key`; returns those not kept (to be destroyed)."""
+        with self.lock:
+            rings = self.by_runtime.setdefault(rt, OrderedDict())
+            kept = rings.pop(key, [])
+            room = max(0, most - len(kept))
+            kept += slots[:room]
+            rings[key] = kept
+            extra = slots[room:]
+            while len(rings) > IDLE_RINGS:
+                extra += rings.pop(next(iter(rings)))
+            return extra
+
+    def drain(self, rt) -> list:
+        with self.lock:
+            rings = self.by_runtime.pop(rt, {})
+            return [slot for kept in rings.values() for slot in kept]
+
+
+_IDLE = _IdleSlots()
+
+
+def release_idle(rt) -> int:
+    """Give back the slots `rt` keeps for later rings (IDLE_RINGS); returns how many."""
+    slots = _IDLE.drain(rt)
+    for slot in slots:
+        destroy_slot(rt, slot)
+    return len(slots)
 
 
 @dataclass

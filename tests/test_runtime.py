@@ -52,6 +52,25 @@ def test_a_part_of_a_mapped_buffer_is_its_elements_on_device_and_host(backend):
     rt.free_mapped(whole)
 
 
+@pytest.mark.parametrize("backend", [b for b in ("reference", "opencl", "cuda", "tenstorrent")
+                                     if __import__("concordia").backend_status()[b].ok])
+def test_read_into_fills_each_array_with_its_buffer_after_the_launches(backend):
+    """Runtime.read_into: several buffers read with one wait (cuda: as many as its bounce
+    buffer holds, then the rest; one larger than it on its own), each array its buffer's
+    first elements, as the launches before left them."""
+    rt = Runtime(backend)
+    sizes = [16, 3, 1 << 18, 1, (5 << 20) // 4, 7, 0]
+    bufs = [rt.to_device(np.arange(n, dtype=np.float32) * (k + 1)) for k, n in enumerate(sizes)]
+    y = rt.to_device(np.ones(16, np.float32))
+    rt.launch(saxpy, global_size=16, local_size=16,
+              args=(np.float32(2.0), bufs[0], y, bufs[0], np.int32(16)))
+    outs = [np.full(max(0, n - 1), -1, np.float32) for n in sizes]   # all but the last element
+    rt.read_into(list(zip(bufs, outs)))
+    for k, (n, out) in enumerate(zip(sizes, outs)):
+        want = np.arange(n, dtype=np.float32)[:max(0, n - 1)] * (k + 1)
+        np.testing.assert_array_equal(out, 2 * want + 1 if k == 0 else want)
+
+
 def _bufs(rt):
     return rt.to_device(np.zeros(8, np.float32)), rt.to_device(np.zeros(8, np.float32)), rt.empty(8, np.float32)
 
