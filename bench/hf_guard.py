@@ -75,6 +75,10 @@ def parse_args(cuda: bool):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--reuse-cache", action="store_true",
+                   help="one StaticCache for every generate call, reset before each (as a "
+                        "server keeps one; the guard then takes the last guard's ring), "
+                        "instead of a new one a call")
     p.add_argument("--kinds", default="plain,guard",
                    help="runs to compare: plain, guard, and calls (a stopping criterion doing "
                         "the guard's own tensor work, no checkpoint: what the hook alone costs; "
@@ -100,8 +104,12 @@ def main() -> int:
     rates, steady, enqueue_us = {k: [] for k in kinds}, {k: [] for k in kinds}, []
     call_us, phases, busy, first_ms = [], {}, {}, []
 
+    kept = StaticCache(config=model.config, max_cache_len=16 + a.tokens + 1) if a.reuse_cache else None
+
     def once(kind: str):
-        cache = StaticCache(config=model.config, max_cache_len=16 + a.tokens + 1)
+        cache = kept or StaticCache(config=model.config, max_cache_len=16 + a.tokens + 1)
+        if kept is not None:
+            cache.reset()
         inner = None
         if kind == "guard":
             if os.path.exists(log):
@@ -139,7 +147,7 @@ def main() -> int:
     for rep in range(a.repeats):
         for kind in (kinds if rep % 2 == 0 else kinds[::-1]):
             rates[kind].append(once(kind))
-    row = {"size": a.size, "batch": a.batch, "tokens": a.tokens,
+    row = {"size": a.size, "batch": a.batch, "tokens": a.tokens, "reuse_cache": a.reuse_cache,
            **{f"tok_s_{k}": round(float(np.median(v)), 2) for k, v in rates.items()},
            "runs": {k: [round(x, 2) for x in v] for k, v in rates.items()}}
     # steady: from the 5th token on (the guard's first two calls, the base image and then the
@@ -160,7 +168,7 @@ def main() -> int:
     env = environment(torch.cuda.get_device_name() if a.device == "cuda" else "cpu")
     import transformers
     env.update(torch=torch.__version__, transformers=transformers.__version__)
-    write_result(f"hf-guard-{a.size}", {"env": env, **row})
+    write_result(f"hf-guard-{a.size}" + ("-reuse" if a.reuse_cache else ""), {"env": env, **row})
     print(row)
     print(table([row], ["size", "batch", *(f"tok_s_{k}" for k in kinds),
                         *(f"overhead_pct_{k}" for k in kinds[1:]),

@@ -23,6 +23,7 @@ tokens.
 from __future__ import annotations
 
 import threading
+import weakref
 
 import numpy as np
 
@@ -38,6 +39,9 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 
 _RUNTIMES: dict[str, Runtime] = {}   # by backend spec: one for every guard of the process
+# each cache's tokens and count tensors, for every guard over it: a guard of the next generate
+# call then wraps the same memory, and takes the ring the last one left (staging_ring.IDLE_RINGS)
+_COMPANIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _RUNTIMES_LOCK = threading.Lock()
 
 
@@ -48,6 +52,21 @@ def _runtime(spec: str) -> Runtime:
         if spec not in _RUNTIMES:
             _RUNTIMES[spec] = Runtime(spec)
         return _RUNTIMES[spec]
+
+
+def _companions(cache, batch: int, max_len: int, device) -> tuple:
+    """The cache's tokens (batch x max_len + 1) and count (META_WORDS) tensors, zeroed: made
+    once a cache, kept as long as it is."""
+    import torch
+    kept = _COMPANIONS.get(cache)
+    if kept is None or kept[0].shape != (batch, max_len + 1) or kept[0].device != device:
+        kept = _COMPANIONS[cache] = (
+            torch.zeros(batch, max_len + 1, dtype=torch.int64, device=device),
+            torch.zeros(META_WORDS, dtype=torch.int64, device=device))
+    else:
+        for t in kept:
+            t.zero_()
+    return kept
 
 
 def _layers(cache) -> list:
@@ -89,8 +108,7 @@ class GenerationGuard:
         batch, _, max_len, _ = keys.shape
         rt = self.runtime if isinstance(self.runtime, Runtime) else _runtime(
             self.runtime or (f"cuda:{keys.device.index or 0}" if keys.is_cuda else "reference"))
-        self.tokens = torch.zeros(batch, max_len + 1, dtype=torch.int64, device=keys.device)
-        self.meta = torch.zeros(META_WORDS, dtype=torch.int64, device=keys.device)
+        self.tokens, self.meta = _companions(self.cache, batch, max_len, keys.device)
         self.meta[:6] = torch.tensor([batch, 0, max_len, len(layers), _DTYPES.index(dtype),
                                       input_ids.shape[1]])
         regions = {"meta": rt.from_dlpack(self.meta), "tokens": rt.from_dlpack(self.tokens)}
@@ -108,9 +126,17 @@ class GenerationGuard:
             self.scanners.append(SequenceCacheScanner(shape, itemsize, page, users=len(names),
                                                       positions_a_step=self.every))
             scanners.update(dict.fromkeys(names, self.scanners[-1]))
+        # the tokens and their count are listed from the host too (the guard knows what it
+        # wrote): a ring of host-listed regions only is kept for the next generate call's
+        # guard (staging_ring.IDLE_RINGS); shadow-scanned, each call made its ring anew
+        self.token_scanner = SequenceCacheScanner((batch, 1, max_len + 1, 1), 8, page,
+                                                  positions_a_step=self.every)
+        self.count_scanner = SequenceCacheScanner((1, 1, META_WORDS, 1), 8, page)
+        scanners.update(tokens=self.token_scanner, meta=self.count_scanner)
         self.ckpt = Checkpointer(rt, regions, self.path, page_size=page, fsync=self.fsync,
                                  scanners=scanners)
         self.written = 0   # cache positions covered by the last checkpoint
+        self.tokens_written = 0   # and tokens
 
     def __call__(self, input_ids, scores=None, **kwargs):
         import torch
@@ -129,6 +155,9 @@ class GenerationGuard:
             for s in self.scanners:            # positions written since the last checkpoint
                 s.mark(self.written, length - 2)
             self.written = length - 1
+            self.token_scanner.mark(self.tokens_written, length - 1)
+            self.count_scanner.mark(1, 1)
+            self.tokens_written = length
             self.tokens[:, :length].copy_(input_ids)
             # fill_, not `meta[1] = length`: item assignment copies a host scalar in from
             # pageable memory, which waits for the stream (the decode's own work) first

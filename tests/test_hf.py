@@ -110,6 +110,39 @@ def test_the_guard_through_the_stream_path_logs_the_cache_as_it_is(tmp_path, eve
         np.testing.assert_array_equal(got[:, :, :written], layer.keys.numpy()[:, :, :written])
 
 
+def test_the_next_generate_calls_guard_takes_the_last_ones_ring(tmp_path):
+    """Every region of the guard is host-listed (the tokens and their count too), so its
+    ring's slots outlive it: the guard of the next generate call over the same cache makes
+    no slot or graph of its own (each was 7-8 ms of a call on an H100), and its log holds the
+    tokens so far and the cache as generate left them."""
+    from transformers import StaticCache
+    from concordia import Runtime
+    from concordia.handlers import Checkpointer
+    from concordia.hf import GenerationGuard
+    from tests.stream_backend import stream_runtime
+    _, model, ids = tiny()
+    cache = StaticCache(config=model.config, max_cache_len=40)
+    rt = stream_runtime()
+    made = []
+    for call in range(2):
+        cache.reset()
+        path = str(tmp_path / f"c{call}.clog")
+        guard = GenerationGuard(cache, path, runtime=rt)
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=20, do_sample=False,
+                             stopping_criteria=[guard], pad_token_id=0)
+        guard.close()
+        made.append(rt.backend.graphs_made)
+        back = Checkpointer.restore(path, Runtime("reference"))
+        length = int(back["meta"].numpy().view(np.int64)[1])
+        assert length == out.shape[1]               # the last call saw every token
+        tokens = back["tokens"].numpy().view(np.int64).reshape(1, -1)[:, :length]
+        np.testing.assert_array_equal(tokens, out[:, :length].numpy())
+        layer = cache.layers[0]
+        got = back["k0"].numpy().view(np.float32).reshape(layer.keys.shape)
+        np.testing.assert_array_equal(got[:, :, :length - 1], layer.keys.numpy()[:, :, :length - 1])
+    assert made[0] >= 1 and made[1] == made[0]
+
+
 def test_beam_search_is_refused_naming_the_reason(tmp_path):
     """Beam search hands the stopping criteria more rows than the cache has sequences (it
     failed deep in the guard with a shape mismatch); its state cannot be resumed anyway."""
