@@ -163,6 +163,8 @@ class Backend(ABC):
     def destroy_event(self, event) -> None:
         """Give back an event that record_event() made."""
 
+    parts = False   # offset() exists: a buffer's part is a buffer (DeviceBuffer.part)
+
     def offset(self, handle, nbytes: int):
         """The handle of the memory `nbytes` into `handle`'s (DeviceBuffer.part)."""
         raise ConcordiaError(f"backend {self.name!r} cannot address part of a buffer")

@@ -233,6 +233,8 @@ class CUDABackend(Backend):
         self._mapped[int(dptr)] = host
         return dptr, view
 
+    parts = True
+
     def offset(self, handle, nbytes):
         return _driver().CUdeviceptr(int(handle) + nbytes)
 

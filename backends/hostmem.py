@@ -44,6 +44,8 @@ class HostMemoryBackend(Backend):
     def resident_groups(self):
         return 1   # groups run in lock-step or one after another: a spinning one stalls the rest
 
+    parts = True
+
     def offset(self, handle, nbytes):
         return handle[nbytes:]
 

@@ -124,13 +124,14 @@ class GenerationGuard:
         scanners, self.scanners = {}, []
         for (shape, itemsize), names in by_shape.items():
             self.scanners.append(SequenceCacheScanner(shape, itemsize, page, users=len(names),
-                                                      positions_a_step=self.every))
+                                                      positions_a_step=self.every,
+                                                      zero_unmarked=True))
             scanners.update(dict.fromkeys(names, self.scanners[-1]))
         # the tokens and their count are listed from the host too (the guard knows what it
         # wrote): a ring of host-listed regions only is kept for the next generate call's
         # guard (staging_ring.IDLE_RINGS); shadow-scanned, each call made its ring anew
         self.token_scanner = SequenceCacheScanner((batch, 1, max_len + 1, 1), 8, page,
-                                                  positions_a_step=self.every)
+                                                  positions_a_step=self.every, zero_unmarked=True)
         self.count_scanner = SequenceCacheScanner((1, 1, META_WORDS, 1), 8, page)
         scanners.update(tokens=self.token_scanner, meta=self.count_scanner)
         self.ckpt = Checkpointer(rt, regions, self.path, page_size=page, fsync=self.fsync,

@@ -87,8 +87,11 @@ class SequenceCacheScanner:
     forgets the marks when the last of its users has committed."""
 
     def __init__(self, shape: tuple, itemsize: int, page_size: int = 4096, users: int = 1,
-                 positions_a_step: int = 1):
+                 positions_a_step: int = 1, zero_unmarked: bool = False):
         self.batch, self.heads, self.max_len, self.head_dim = shape
+        # the cache holds zeros at every position never marked (a fresh or reset StaticCache):
+        # a base image then reads only the positions marked so far (base_pages)
+        self.zero_unmarked, self.high = zero_unmarked, -1
         self.row_bytes = self.head_dim * itemsize
         self.page_size = page_size
         self.rows = (np.arange(self.batch * self.heads, dtype=np.int64) * self.max_len)[:, None]
@@ -108,6 +111,17 @@ class SequenceCacheScanner:
         pos = np.arange(first, last + 1, dtype=np.int64)[None, :]
         self.pending.append(((self.rows + pos) * self.row_bytes).reshape(-1))
         self.pages = None
+        self.high = max(self.high, last)
+
+    def base_pages(self) -> np.ndarray | None:
+        """With zero_unmarked, the pages a base image must hold: those of the positions
+        marked so far (from 0), the rest being zeros; else None (every page)."""
+        if not self.zero_unmarked:
+            return None
+        if self.high < 0:
+            return np.zeros(0, np.int64)
+        starts = ((self.rows + np.arange(self.high + 1)[None, :]) * self.row_bytes).reshape(-1)
+        return pages_touched(starts, self.row_bytes, self.page_size)
 
     def dirty_pages(self) -> np.ndarray:
         if self.pages is None:

@@ -725,3 +725,21 @@ def test_a_closed_rings_slots_serve_the_next_ring_over_the_same_memory(tmp_path,
     assert b.graphs_destroyed > 0                         # three rings: the oldest given back
     assert staging_ring.release_idle(rt) == kept <= staging_ring.IDLE_RINGS * 3
     assert b.graphs_destroyed == b.graphs_made and staging_ring.release_idle(rt) == 0
+
+
+def test_base_pages_are_the_pages_of_the_positions_marked_so_far():
+    """SequenceCacheScanner.base_pages (zero_unmarked): exactly the pages any position from 0
+    to the highest marked touches, whatever the rows and pages; None without the flag."""
+    shape, itemsize, page = (2, 3, 50, 40), 4, 256     # 160 B rows straddle 256 B pages
+    plain = SequenceCacheScanner(shape, itemsize, page)
+    plain.mark(0, 5)
+    assert plain.base_pages() is None
+    s = SequenceCacheScanner(shape, itemsize, page, zero_unmarked=True)
+    assert len(s.base_pages()) == 0
+    s.mark(0, 3)
+    s.mark(4, 17)
+    s.committed()
+    row = 40 * itemsize
+    want = sorted({(b * 50 + p) * row // page + k for b in range(6) for p in range(18)
+                   for k in range(2) if (b * 50 + p) * row // page + k <= ((b * 50 + p + 1) * row - 1) // page})
+    assert s.base_pages().tolist() == want

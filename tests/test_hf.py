@@ -132,6 +132,11 @@ def test_the_next_generate_calls_guard_takes_the_last_ones_ring(tmp_path):
                              stopping_criteria=[guard], pad_token_id=0)
         guard.close()
         made.append(rt.backend.graphs_made)
+        base = guard.handles[0].result()
+        cache_bytes = sum(2 * layer.keys.numel() * layer.keys.element_size()
+                          for layer in cache.layers)
+        # the base image reads the prompt's positions only (the rest of the cache is zeros)
+        assert base.full and 0 < base.bytes < cache_bytes * 10 // 40
         back = Checkpointer.restore(path, Runtime("reference"))
         length = int(back["meta"].numpy().view(np.int64)[1])
         assert length == out.shape[1]               # the last call saw every token
