@@ -339,6 +339,7 @@ BENCHES = {
     "hf_guard_ablation": "the guard with parts of its writer taken out, the collector off",
     "profile_async": "where checkpoint_async's time goes in a live decode (torch.profiler)",
     "profile_decode": "where a decode step's time goes, with and without checkpoints",
+    "decode_timeline": "a decode step's device time by part (graph, read-back, capture, idle), run by run",
 }
 
 

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch", reason="the decode loop is PyTorch: pip ins
 
 from concordia.backends import backend_status  # noqa: E402
 from concordia.handlers.scanners import KVBlockScanner  # noqa: E402
+from tests.bench_usage import usage_error  # noqa: E402
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "examples", "llm_decode.py")
 COMMON = ["--config", "tiny", "--device", "cpu", "--batch", "3", "--prompt", "6", "--tokens", "40",
@@ -233,3 +234,11 @@ def test_the_decode_benchmark_runs_its_kinds_on_one_model(tmp_path):
     assert min(row["tok_s_plain_runs"] + row["tok_s_async_runs"]) > 0
     assert row["bytes_per_step"] > 0 and row["lag_checkpoints_median"] >= 0
     assert row["recovery_ms"]["total"] > 0 and row["ckpt_ms_median"] > 0
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--runs", "P,X"], "--runs takes P and A"),
+    (["--tokens", "8"], "--tokens >= 24"),
+] + ([(["--runs", "P,A"], "needs a CUDA device")] if not torch.cuda.is_available() else []))
+def test_the_timeline_benchmark_refuses_in_one_line(args, says):
+    assert says in usage_error("decode_timeline.py", *args)
