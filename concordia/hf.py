@@ -33,6 +33,7 @@ from .backends import Runtime
 from .handlers import Checkpointer
 from .handlers.log import scan_log
 from .handlers.scanners import SequenceCacheScanner, row_page_size
+from .handlers.staging_ring import release_idle
 
 META_WORDS = 8   # batch, tokens so far, max_cache_len, layers, dtype code, prompt length
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -52,6 +53,14 @@ def _runtime(spec: str) -> Runtime:
         if spec not in _RUNTIMES:
             _RUNTIMES[spec] = Runtime(spec)
         return _RUNTIMES[spec]
+
+
+def release_rings() -> int:
+    """Give back the staging slots the guards' runtimes keep for the next guard (pinned and
+    mapped memory, graphs; two rings a runtime at most); returns how many slots."""
+    with _RUNTIMES_LOCK:
+        runtimes = list(_RUNTIMES.values())
+    return sum(release_idle(rt) for rt in runtimes)
 
 
 def _companions(cache, batch: int, max_len: int, device) -> tuple:

@@ -146,6 +146,13 @@ def test_the_next_generate_calls_guard_takes_the_last_ones_ring(tmp_path):
         got = back["k0"].numpy().view(np.float32).reshape(layer.keys.shape)
         np.testing.assert_array_equal(got[:, :, :length - 1], layer.keys.numpy()[:, :, :length - 1])
     assert made[0] >= 1 and made[1] == made[0]
+    import concordia.hf as hf
+    hf._RUNTIMES["stream-test"] = rt             # as a guard's own runtime would be
+    try:
+        assert hf.release_rings() >= 1 and hf.release_rings() == 0
+    finally:
+        del hf._RUNTIMES["stream-test"]
+    assert rt.backend.graphs_destroyed == rt.backend.graphs_made   # every slot given back
 
 
 def test_beam_search_is_refused_naming_the_reason(tmp_path):
