@@ -9,6 +9,10 @@ state), the checkpoint time per step (median, p99), bytes per checkpoint, and re
 into the paper's phases: detect (scan the log for its last commit), load log (the committed
 page image), apply (the DeltaApplier writes the pages into the new process's tensors) and
 resume (the first token after recovery). JSON and a PNG plot go to bench/results/.
+
+Every kind of run at a batch size uses one model, cache and CUDA graph, as a server keeps
+one: on an H100 a model made after another in the process decoded ~12 % slower, whatever
+the checkpoints (docs/checkpointing.md), which swamped a 2 % comparison.
 """
 from __future__ import annotations
 
