@@ -27,6 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from bench.common import environment, table, write_result  # noqa: E402
+from bench.llm import run_kind  # noqa: E402
 
 PARTS = ("graph_us", "readback_us", "capture_us", "idle_us", "step_us", "enqueue_us")
 
@@ -120,22 +121,11 @@ def main() -> int:
     events, rows = StepEvents(L), []
     try:
         for i, kind in enumerate(a.kinds):
-            run = kept or new_run()
-            if kind == "A":
-                if os.path.exists(log):
-                    os.remove(log)
-                run.args.log, run.args.async_checkpoints = log, True
-                run.open_checkpointer()
             events.steps.clear()
-            stamps = []
-            run.generate(on_token=lambda pos: stamps.append(time.perf_counter()),
-                         stop_after=a.tokens - 8)
-            parts = events.medians(skip=16)
-            run.close_checkpointer()
-            run.args.log, run.args.async_checkpoints = None, False
-            rows.append({"run": i, "kind": kind, "tok_s": round((len(stamps) - 1) * a.batch
-                                                               / (stamps[-1] - stamps[0]), 1),
-                         **parts})
+            _, rate = run_kind(kept or new_run(), "async" if kind == "A" else "plain", log, None,
+                               stop_after=a.tokens - 8)
+            rows.append({"run": i, "kind": kind, "tok_s": round(rate, 1),
+                         **events.medians(skip=16)})
             print(rows[-1], file=sys.stderr, flush=True)
     finally:
         events.close()

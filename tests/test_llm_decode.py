@@ -222,8 +222,7 @@ def test_the_decode_benchmark_runs_its_kinds_on_one_model(tmp_path):
                           "--repeats", "2", "--kinds", "plain,async,sync", "--name",
                           f"test-llm-{os.getpid()}"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    path = out.stdout.split("wrote ")[1].split()[0] if "wrote " in out.stdout else \
-        out.stderr.split("wrote ")[1].split()[0]
+    path = out.stderr.split("wrote ")[1].split()[0]   # write_result says where, on stderr
     try:
         row = json.load(open(path))["rows"][0]
     finally:
