@@ -31,6 +31,7 @@ from concordia_ir.passes.tracking import instrument_stores
 MODES = ("shadow", "hash", "tracked")
 STAGING_BYTES = 4 << 20   # pages gathered per round trip to the host
 WHOLE_READ_BYTES = 64 << 20   # a base image's whole-region reads held at once, at most
+MERGE_GAP = 32 << 10   # a base image reads two spans this close as one (their gap is zeros)
 
 
 def _read_whole(st) -> bool:
@@ -39,18 +40,27 @@ def _read_whole(st) -> bool:
     return st.mode != "shadow" and st.region.nbytes <= STAGING_BYTES
 
 
-def _base_spans(st) -> list | None:
+def _base_spans(st, memo: dict) -> list | None:
     """The [first, end) page spans a base image reads of a host-listed region whose scanner
     names the pages that may hold anything but zeros (base_pages: a Hugging Face guard's
     cache, the positions written so far, where it read the whole cache, mostly zeros: 32 MB
-    and 36-47 ms of its first call at 256 tokens on an H100); None: the whole region."""
-    listed = st.scanner.base_pages() if st.mode == "host" and hasattr(st.scanner, "base_pages") \
-        and st.rt.backend.parts else None
-    if listed is None:
+    and 36-47 ms of its first call at 256 tokens on an H100); None: the whole region. Spans
+    less than MERGE_GAP apart are read as one (a read costs more than that many zeros); a
+    scanner's spans are worked out once (the guard's 56 KV regions share one: 7 ms of its
+    first call when each worked them out)."""
+    key = (id(st.scanner), st.region.n_pages, st.region.page_size)
+    if key not in memo:
+        listed = st.scanner.base_pages() if hasattr(st.scanner, "base_pages") \
+            and st.mode == "host" and st.rt.backend.parts else None
+        if listed is None:
+            memo[key] = None
+        else:
+            pages = np.unique(np.asarray(listed, np.int64))
+            cuts = np.flatnonzero(np.diff(pages) * st.region.page_size > MERGE_GAP) + 1
+            memo[key] = [(int(run[0]), int(run[-1]) + 1) for run in np.split(pages, cuts) if run.size]
+    if memo[key] is None:
         return [(0, st.region.n_pages)] if _read_whole(st) else None
-    pages = np.unique(np.asarray(listed, np.int64))
-    cuts = np.flatnonzero(np.diff(pages) != 1) + 1
-    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(pages, cuts) if run.size]
+    return memo[key]
 
 
 class _WholeReads:
@@ -61,9 +71,9 @@ class _WholeReads:
     def __init__(self, rt, states: list):
         self.rt, self.groups, self.ready, self.done = rt, [], {}, 0
         self.last: dict[int, int] = {}   # id(state) -> the last group holding its spans
-        size = WHOLE_READ_BYTES
+        size, memo = WHOLE_READ_BYTES, {}
         for st in states:
-            spans = _base_spans(st)
+            spans = _base_spans(st, memo)
             step = max(1, STAGING_BYTES // st.region.page_size)
             for first, end in spans or ():
                 for at in range(first, end, step):
@@ -276,13 +286,10 @@ class Checkpointer:
         updated on the way, as for a delta."""
         r, n, nbytes = st.region, 0, 0
         if whole.covers(st):
-            for first, raw in whole.take(st):
-                k, b = self.log.append_base(r.id, r.page_size, first, raw, r.nbytes)
-                n, nbytes = n + k, nbytes + b
-            return n, nbytes
+            return self.log.append_base(r.id, r.page_size, whole.take(st), r.nbytes)
         for part, raw in st.stager.batches(pages, st.shadow, update=st.mode == "shadow"):
-            k, b = self.log.append_base(r.id, r.page_size, int(part[0]),
-                                        raw[:len(part) * r.page_size], r.nbytes)
+            k, b = self.log.append_base(r.id, r.page_size, [(int(part[0]), raw[:len(part) * r.page_size])],
+                                        r.nbytes)
             n, nbytes = n + k, nbytes + b
         return n, nbytes
 

@@ -444,22 +444,37 @@ class DeltaLog:
             for region, pages, rows in parts)
         return sum(len(p) for _, p, _ in parts)
 
-    def append_base(self, region: int, page_size: int, first: int, raw: np.ndarray,
-                    end: int) -> tuple[int, int]:
-        """Part of a base image from an array: `raw` holds whole pages from page `first` on,
-        back to back; `end` is the region's size in bytes (its last page may be short). The
-        pages that are not all zeros go in as PAGES runs (the zeros left out: the module
-        docstring; all of them in a v3 file, one PAGE record each in a v1 file), with no
-        Python per page. Returns (pages, bytes) appended."""
-        # zero pages found 8 bytes at a time (page sizes are powers of two >= 256)
-        wide = raw.view(np.uint64) if raw.nbytes % 8 == 0 and page_size % 8 == 0 else raw
-        rows = wide.reshape(-1, page_size // wide.itemsize)
-        keep = rows.any(axis=1) if self.sparse else np.ones(len(rows), bool)
-        inside = raw.reshape(-1)[:end - first * page_size]   # raw's bytes inside the region
-        runs = page_runs_of(inside, keep, page_size, RUN_PAGES if self.runs else 1)
-        self._append_records((kind, region, first + page, (payload,))
-                             for kind, page, payload in runs)
-        return int(keep.sum()), sum(len(p) for _, _, p in runs)
+    def append_base(self, region: int, page_size: int, pieces, end: int) -> tuple[int, int]:
+        """Part of a base image from arrays: `pieces` of (first page, raw), raw holding whole
+        pages from that page on, back to back; `end` is the region's size in bytes (its last
+        page may be short). The pages that are not all zeros go in (the zeros left out: the
+        module docstring; all of them in a v3 file, one PAGE record each in a v1 file), with
+        no Python per page: as PAGES runs, or, where they lie in many short stretches (a
+        StaticCache's written rows, one stretch a head: 8 records a region of the guard's
+        base where one holds them), as SCATTER records. Returns (pages, bytes) appended."""
+        records, scattered, n = [], [], 0   # records: (kind, page, payload parts)
+        for first, raw in pieces:
+            # zero pages found 8 bytes at a time (page sizes are powers of two >= 256)
+            wide = raw.view(np.uint64) if raw.nbytes % 8 == 0 and page_size % 8 == 0 else raw
+            rows = wide.reshape(-1, page_size // wide.itemsize)
+            keep = rows.any(axis=1) if self.sparse else np.ones(len(rows), bool)
+            inside = raw.reshape(-1)[:end - first * page_size]   # raw's bytes inside the region
+            n += int(keep.sum())
+            if self.scatter and len(inside) == raw.nbytes and _short_stretches(keep):
+                at = np.flatnonzero(keep)
+                scattered.append((first + at, raw.reshape(len(keep), page_size)[at]))
+                continue
+            records += [(kind, first + page, (payload,)) for kind, page, payload
+                        in page_runs_of(inside, keep, page_size, RUN_PAGES if self.runs else 1)]
+        if scattered:
+            index = np.concatenate([p for p, _ in scattered]).astype("<u8")
+            rows = np.concatenate([r for _, r in scattered])
+            for at in range(0, len(index), RUN_PAGES):
+                part = index[at:at + RUN_PAGES]
+                records.append((SCATTER, len(part), (part.view(np.uint8),
+                                                     rows[at:at + RUN_PAGES].reshape(-1))))
+        self._append_records((kind, region, page, parts) for kind, page, parts in records)
+        return n, sum(len(parts[-1]) for _, _, parts in records)   # page bytes (not an index)
 
     def write_layout(self, layout: dict) -> None:
         self.append(LAYOUT, json.dumps(layout, sort_keys=True).encode())
@@ -740,6 +755,13 @@ def page_runs_of(flat, keep: np.ndarray, page_size: int, longest: int) -> list:
     up to `longest` pages as PAGES, a lone page as PAGE (a base image's, a compaction's)."""
     return [(PAGES if b - a > 1 else PAGE, a, flat[a * page_size:b * page_size])
             for a, b in _stretches(keep, longest)]
+
+
+def _short_stretches(keep: np.ndarray, mean_pages: int = 64) -> bool:
+    """Do the kept pages lie in several stretches of fewer than `mean_pages` pages on average
+    (a record each as runs; one SCATTER record holds RUN_PAGES of them)?"""
+    starts = int(np.count_nonzero(np.diff(keep.astype(np.int8)) == 1)) + int(keep[:1].sum())
+    return starts > 1 and int(keep.sum()) < mean_pages * starts
 
 
 def _stretches(present: np.ndarray, longest: int):

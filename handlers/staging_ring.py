@@ -101,6 +101,7 @@ class StagingRing:
         # region index -> its index in the RingGather (design (b) only; async_checkpoint.py)
         self.ring_regions = {j: k for k, j in enumerate(picked)} if device_side == "ring" else {}
         self.key = self._reuse_key()   # what a kept slot must match to serve this ring
+        self.reused = 0                # slots taken from the ones earlier rings left
         # otherwise a slot is made when all those made so far are in flight (take_new): a
         # writer that keeps up uses two (the Hugging Face guard made four a generate call,
         # ~13 ms each on an H100)
@@ -197,6 +198,7 @@ class StagingRing:
     def _make(self) -> Slot:
         """A ring slot's staging (without its graph: _capture_graph), or a kept one."""
         slot = _IDLE.take(self.rt, self.key) if self.key is not None else None
+        self.reused += slot is not None
         if slot is None:
             slot = Slot([])
             if self.streams:

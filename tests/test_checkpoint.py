@@ -531,6 +531,34 @@ def test_scattered_rows_of_a_kv_cache_go_in_one_record_per_checkpoint(tmp_path):
         Checkpointer.restore(path, Runtime("reference"))
 
 
+def test_a_base_image_of_many_short_stretches_goes_in_one_scatter_record(tmp_path):
+    """A base image whose pages lie in many short stretches (a StaticCache's first rows, one
+    stretch a head) is one SCATTER record, not a record a stretch; one of a few long
+    stretches stays PAGES runs; both restore exactly."""
+    rt = Runtime("reference")
+    heads, max_len, row = 8, 81, 64                  # 256-byte rows = pages
+    host = np.zeros(heads * max_len * row, np.float32)
+    for h in range(heads):                           # 17 rows written at each head's start
+        host[h * max_len * row:(h * max_len + 17) * row] = h + 1
+    kv = rt.to_device(host)
+    path = str(tmp_path / "s.clog")
+    with Checkpointer(rt, {"kv": kv}, path, page_size=256) as ck:
+        assert ck.checkpoint().pages == heads * 17
+    kinds = [r.kind for r in scan_log(path).records if r.kind in (PAGE, PAGES, SCATTER)]
+    assert kinds == [SCATTER]
+    np.testing.assert_array_equal(Checkpointer.restore(path, rt)["kv"].numpy(), host)
+    host[:] = 0
+    host[:40 * 1024] = 1                             # one long stretch and one short one
+    host[-3] = 2
+    kv.write(host)
+    os.remove(path)
+    with Checkpointer(rt, {"kv": kv}, path, page_size=256) as ck:
+        ck.checkpoint()
+    kinds = [r.kind for r in scan_log(path).records if r.kind in (PAGE, PAGES, SCATTER)]
+    assert SCATTER not in kinds and PAGES in kinds
+    np.testing.assert_array_equal(Checkpointer.restore(path, rt)["kv"].numpy(), host)
+
+
 def test_a_base_image_leaves_out_its_pages_of_zeros(tmp_path):
     """A full checkpoint logs only the pages that are not all zeros, and its commit says so
     ("sparse"): the restore is exact, zeros included, even into a buffer that held something

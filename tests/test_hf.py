@@ -123,15 +123,18 @@ def test_the_next_generate_calls_guard_takes_the_last_ones_ring(tmp_path):
     _, model, ids = tiny()
     cache = StaticCache(config=model.config, max_cache_len=40)
     rt = stream_runtime()
-    made = []
+    made, used, reused = [], [], []
     for call in range(2):
         cache.reset()
         path = str(tmp_path / f"c{call}.clog")
         guard = GenerationGuard(cache, path, runtime=rt)
         out = model.generate(ids, past_key_values=cache, max_new_tokens=20, do_sample=False,
                              stopping_criteria=[guard], pad_token_id=0)
+        ring = guard.ckpt._writer.staging
+        used.append(len(ring.made))   # slots in flight at once (more when the writer lags)
         guard.close()
         made.append(rt.backend.graphs_made)
+        reused.append(ring.reused)
         base = guard.handles[0].result()
         cache_bytes = sum(2 * layer.keys.numel() * layer.keys.element_size()
                           for layer in cache.layers)
@@ -145,7 +148,10 @@ def test_the_next_generate_calls_guard_takes_the_last_ones_ring(tmp_path):
         layer = cache.layers[0]
         got = back["k0"].numpy().view(np.float32).reshape(layer.keys.shape)
         np.testing.assert_array_equal(got[:, :, :length - 1], layer.keys.numpy()[:, :, :length - 1])
-    assert made[0] >= 1 and made[1] == made[0]
+    # the second call took every slot the first one left, and made only those it needed
+    # beyond them (none, unless its writer fell further behind than the first one's)
+    assert made[0] == used[0] >= 1 and reused == [0, min(used)]
+    assert made[1] - made[0] == used[1] - reused[1]
     import concordia.hf as hf
     hf._RUNTIMES["stream-test"] = rt             # as a guard's own runtime would be
     try:
