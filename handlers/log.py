@@ -452,29 +452,25 @@ class DeltaLog:
         no Python per page: as PAGES runs, or, where they lie in many short stretches (a
         StaticCache's written rows, one stretch a head: 8 records a region of the guard's
         base where one holds them), as SCATTER records. Returns (pages, bytes) appended."""
-        records, scattered, n = [], [], 0   # records: (kind, page, payload parts)
+        pieces = [(int(first), raw.reshape(-1)) for first, raw in pieces]
+        if self.scatter and self.sparse and pieces:
+            scattered = _scattered_base(pieces, page_size, end)
+            if scattered is not None:
+                index, rows = scattered
+                self._append_records(
+                    (SCATTER, region, len(index[at:at + RUN_PAGES]),
+                     (index[at:at + RUN_PAGES].view(np.uint8), rows[at:at + RUN_PAGES].reshape(-1)))
+                    for at in range(0, len(index), RUN_PAGES))
+                return len(index), rows.nbytes
+        n, runs = 0, []
         for first, raw in pieces:
-            # zero pages found 8 bytes at a time (page sizes are powers of two >= 256)
-            wide = raw.view(np.uint64) if raw.nbytes % 8 == 0 and page_size % 8 == 0 else raw
-            rows = wide.reshape(-1, page_size // wide.itemsize)
-            keep = rows.any(axis=1) if self.sparse else np.ones(len(rows), bool)
-            inside = raw.reshape(-1)[:end - first * page_size]   # raw's bytes inside the region
+            keep = _nonzero_rows(raw, page_size) if self.sparse else np.ones(len(raw) // page_size, bool)
+            inside = raw[:end - first * page_size]   # raw's bytes inside the region
             n += int(keep.sum())
-            if self.scatter and len(inside) == raw.nbytes and _short_stretches(keep):
-                at = np.flatnonzero(keep)
-                scattered.append((first + at, raw.reshape(len(keep), page_size)[at]))
-                continue
-            records += [(kind, first + page, (payload,)) for kind, page, payload
-                        in page_runs_of(inside, keep, page_size, RUN_PAGES if self.runs else 1)]
-        if scattered:
-            index = np.concatenate([p for p, _ in scattered]).astype("<u8")
-            rows = np.concatenate([r for _, r in scattered])
-            for at in range(0, len(index), RUN_PAGES):
-                part = index[at:at + RUN_PAGES]
-                records.append((SCATTER, len(part), (part.view(np.uint8),
-                                                     rows[at:at + RUN_PAGES].reshape(-1))))
-        self._append_records((kind, region, page, parts) for kind, page, parts in records)
-        return n, sum(len(parts[-1]) for _, _, parts in records)   # page bytes (not an index)
+            runs += [(kind, first + page, payload) for kind, page, payload
+                     in page_runs_of(inside, keep, page_size, RUN_PAGES if self.runs else 1)]
+        self._append_records((kind, region, page, (payload,)) for kind, page, payload in runs)
+        return n, sum(len(p) for _, _, p in runs)
 
     def write_layout(self, layout: dict) -> None:
         self.append(LAYOUT, json.dumps(layout, sort_keys=True).encode())
@@ -757,11 +753,32 @@ def page_runs_of(flat, keep: np.ndarray, page_size: int, longest: int) -> list:
             for a, b in _stretches(keep, longest)]
 
 
-def _short_stretches(keep: np.ndarray, mean_pages: int = 64) -> bool:
-    """Do the kept pages lie in several stretches of fewer than `mean_pages` pages on average
-    (a record each as runs; one SCATTER record holds RUN_PAGES of them)?"""
-    starts = int(np.count_nonzero(np.diff(keep.astype(np.int8)) == 1)) + int(keep[:1].sum())
-    return starts > 1 and int(keep.sum()) < mean_pages * starts
+def _nonzero_rows(raw: np.ndarray, page_size: int) -> np.ndarray:
+    """Which whole pages of `raw` (bytes) hold anything but zeros, found 8 bytes at a time
+    (page sizes are powers of two >= 4)."""
+    wide = raw.view(np.uint64) if raw.nbytes % 8 == 0 and page_size % 8 == 0 else raw
+    return wide.reshape(-1, page_size // wide.itemsize).any(axis=1)
+
+
+def _scattered_base(pieces: list, page_size: int, end: int, mean_pages: int = 64):
+    """A base's pieces as SCATTER rows, (page indices, rows), where their pages that are not
+    all zeros lie in several stretches of fewer than `mean_pages` pages on average (a record
+    each as runs; a SCATTER record holds RUN_PAGES of them); else None. Every numpy call is
+    one for all the pieces (the guard's base: 8 a region, 450 in all)."""
+    sizes = np.array([len(raw) // page_size for _, raw in pieces])
+    firsts = np.array([first for first, _ in pieces])
+    if int((firsts + sizes).max()) * page_size > end:   # the region's short last page: runs
+        return None
+    raw = pieces[0][1] if len(pieces) == 1 else np.concatenate([r for _, r in pieces])
+    keep = _nonzero_rows(raw, page_size)
+    pages = np.arange(len(keep)) + np.repeat(firsts - (np.cumsum(sizes) - sizes), sizes)
+    starts = keep.copy()   # a stretch starts where the page before is not kept or not next
+    starts[1:] &= ~keep[:-1] | (pages[1:] != pages[:-1] + 1)
+    n_starts, kept = int(np.count_nonzero(starts)), int(np.count_nonzero(keep))
+    if n_starts < 2 or kept >= mean_pages * n_starts:
+        return None
+    at = np.flatnonzero(keep)
+    return pages[at].astype("<u8"), raw.reshape(-1, page_size)[at]
 
 
 def _stretches(present: np.ndarray, longest: int):

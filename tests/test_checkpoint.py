@@ -559,6 +559,36 @@ def test_a_base_image_of_many_short_stretches_goes_in_one_scatter_record(tmp_pat
     np.testing.assert_array_equal(Checkpointer.restore(path, rt)["kv"].numpy(), host)
 
 
+def test_a_base_image_in_pieces_goes_in_as_one_region_image(tmp_path):
+    """A base image handed over as pieces (a listed region's spans: one a head) is one
+    SCATTER record for the region where its pages are short stretches, and runs where a
+    piece ends in the region's short last page; the image folds back exactly."""
+    path = str(tmp_path / "p.clog")
+    log = DeltaLog(path, "always")
+    layout = {"format": "concordia-regions/1", "page_size": 256, "regions": [
+        {"id": 0, "name": "kv", "dtype": "|u1", "size": 8 * 64 * 256, "nbytes": 8 * 64 * 256,
+         "page_size": 256},
+        {"id": 1, "name": "tail", "dtype": "|u1", "size": 1000, "nbytes": 1000, "page_size": 256}]}
+    log.write_layout(layout)
+    rng = np.random.default_rng(3)
+    pieces = [(h * 64, rng.integers(1, 255, 17 * 256, dtype=np.uint8)) for h in range(8)]
+    pieces[2][1][256:512] = 0                        # a page of zeros inside a piece: left out
+    assert log.append_base(0, 256, pieces, 8 * 64 * 256) == (8 * 17 - 1, (8 * 17 - 1) * 256)
+    tail = np.zeros(1024, np.uint8)
+    tail[:1000] = rng.integers(1, 255, 1000, dtype=np.uint8)
+    assert log.append_base(1, 256, [(0, tail[:512]), (2, tail[512:])], 1000)[0] == 4
+    log.commit(1, {"checkpoint": 1, "sparse": True})
+    log.close()
+    kinds = [(r.region, r.kind) for r in scan_log(path).records if r.kind in (PAGE, PAGES, SCATTER)]
+    assert kinds.count((0, SCATTER)) == 1 and (0, PAGES) not in kinds and (1, SCATTER) not in kinds
+    image = committed_image(scan_log(path))
+    want = np.zeros(8 * 64 * 256, np.uint8)
+    for first, raw in pieces:
+        want[first * 256:first * 256 + len(raw)] = raw
+    np.testing.assert_array_equal(image.rows[0].reshape(-1), want)
+    np.testing.assert_array_equal(image.rows[1].reshape(-1)[:1000], tail[:1000])
+
+
 def test_a_base_image_leaves_out_its_pages_of_zeros(tmp_path):
     """A full checkpoint logs only the pages that are not all zeros, and its commit says so
     ("sparse"): the restore is exact, zeros included, even into a buffer that held something
