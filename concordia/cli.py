@@ -337,6 +337,7 @@ BENCHES = {
     "llm_long": "10,000 steps with compaction: the log's size over time, recovery",
     "hf_guard": "GenerationGuard on transformers' generate: tok/s, steady rate, first calls",
     "hf_guard_ablation": "the guard with parts of its writer taken out, the collector off",
+    "hf_first_call": "the guard's first call of a generate call by part: opening, the base image",
     "profile_async": "where checkpoint_async's time goes in a live decode (torch.profiler)",
     "profile_decode": "where a decode step's time goes, with and without checkpoints",
     "decode_timeline": "a decode step's device time by part (graph, read-back, capture, idle), run by run",

@@ -254,3 +254,25 @@ def test_the_ablation_benchmark_times_every_kind(tmp_path):
     kinds = json.loads(out.read_text())["kinds"]
     assert list(kinds) == ["plain", "guard", "no-appends", "no-pieces", "idle-writer", "no-gc"]
     assert all(k["ms_median"] > 0 and len(k["runs_ms"]) == 1 for k in kinds.values())
+
+
+@pytest.mark.parametrize("args", [["--tokens", "1"], ["--repeats", "0"]])
+def test_the_first_call_benchmark_refuses_bad_arguments_in_one_line(args):
+    assert "hf_first_call.py: error: " in usage_error("hf_first_call.py", *args)
+
+
+def test_the_first_call_benchmark_times_the_base_image_by_part(tmp_path):
+    """On the CPU box (the tiny model): each run's first call, and the base's parts inside
+    it, one base checkpoint a generate call and a base append a region."""
+    import json
+    out = tmp_path / "first"
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(SCRIPT), "..", "bench",
+                                                     "hf_first_call.py"),
+                        "--tokens", "6", "--repeats", "2", "--name", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = json.loads(out.with_suffix(".json").read_text())["runs"]
+    assert len(runs) == 2
+    for run in runs:
+        assert run["base_checkpoint_calls"] == 1 and run["base_appends_calls"] >= 4
+        assert 0 < run["base_checkpoint"] < run["first_call_ms"]
