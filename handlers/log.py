@@ -452,7 +452,7 @@ class DeltaLog:
         no Python per page: as PAGES runs, or, where they lie in many short stretches (a
         StaticCache's written rows, one stretch a head: 8 records a region of the guard's
         base where one holds them), as SCATTER records. Returns (pages, bytes) appended."""
-        pieces = [(int(first), raw.reshape(-1)) for first, raw in pieces]
+        pieces = [(int(first), raw.reshape(-1).view(np.uint8)) for first, raw in pieces]
         if self.scatter and self.sparse and pieces:
             scattered = _scattered_base(pieces, page_size, end)
             if scattered is not None:
