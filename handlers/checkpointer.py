@@ -32,6 +32,7 @@ MODES = ("shadow", "hash", "tracked")
 STAGING_BYTES = 4 << 20   # pages gathered per round trip to the host
 WHOLE_READ_BYTES = 64 << 20   # a base image's whole-region reads held at once, at most
 MERGE_GAP = 32 << 10   # a base image reads two spans this close as one (their gap is zeros)
+ASYNC_BASE_BYTES = 64 << 20   # checkpoint_async's base image, read and handed to the writer, at most
 
 
 def _read_whole(st) -> bool:
@@ -71,6 +72,7 @@ class _WholeReads:
     def __init__(self, rt, states: list):
         self.rt, self.groups, self.ready, self.done = rt, [], {}, 0
         self.last: dict[int, int] = {}   # id(state) -> the last group holding its spans
+        self.nbytes = 0                    # what the reads bring to the host
         size, memo = WHOLE_READ_BYTES, {}
         for st in states:
             spans = _base_spans(st, memo)
@@ -83,6 +85,7 @@ class _WholeReads:
                         size = 0
                     self.groups[-1].append((st, at, min(end, at + step)))
                     size += nbytes
+                    self.nbytes += nbytes
                     self.last[id(st)] = len(self.groups) - 1
             if spans is not None and id(st) not in self.last:   # nothing to read: all zeros
                 self.last[id(st)] = -1
@@ -298,10 +301,13 @@ class Checkpointer:
         stream or a raw CUstream; default: torch's current stream on cuda) and return at once;
         a writer thread logs it, commits and fsyncs (group commit). handle.result() waits for
         durability; flush() for every checkpoint so far; durable_id names the last durable
-        one. The first checkpoint (the full base image) is written before this returns.
-        See handlers/async_checkpoint.py for what runs where."""
+        one. The first checkpoint is the full base image: read before this returns, and, where
+        it is at most ASYNC_BASE_BYTES read whole, appended and committed by the writer like
+        the rest (else written before this returns). See handlers/async_checkpoint.py for
+        what runs where."""
         self._check_open()
-        if self.need_full or (self._writer is not None and self._writer.overflows()):
+        base = self._small_base() if self.need_full else None
+        if (self.need_full and base is None) or (self._writer is not None and self._writer.overflows()):
             if self._writer is not None:
                 self._writer.raise_error()
             stats = self.checkpoint()
@@ -310,8 +316,33 @@ class Checkpointer:
             return h
         if self._writer is None:
             self._writer = CheckpointWriter(self, **self._ring)
+        if base is not None:   # read now, appended and committed by the writer
+            self._writer.raise_error()
+            return self._writer.enqueue_base(self._read_base(base))
         b = self.rt.backend
         return self._writer.enqueue(_stream_handle(stream, int(b.device or 0)) if b.streams else None)
+
+    def _small_base(self) -> _WholeReads | None:
+        """The base image's reads, where every region is read whole or in spans and they come
+        to at most ASYNC_BASE_BYTES (a Hugging Face guard's: 2-9 MB); else None (a larger base
+        is written as it is read, a group at a time, not held in memory for the writer)."""
+        whole = _WholeReads(self.rt, self.states)
+        if not all(whole.covers(st) for st in self.states) or whole.nbytes > ASYNC_BASE_BYTES:
+            return None
+        return whole
+
+    def _read_base(self, whole: _WholeReads) -> list:
+        """Every region's base image read now, as (region, pieces) for the writer; the
+        scanners are told, as a delta's capture tells them (_RegionState.after_commit)."""
+        for st in self.states:
+            if st.mode == "hash":
+                st.find_dirty()   # prime the stored hashes
+        out = [(st.region, whole.take(st)) for st in self.states]
+        self.checkpoint_id += 1
+        for st in self.states:
+            st.after_commit(np.arange(st.region.n_pages, dtype=np.int32))
+        self.need_full = False   # the writer's failure sets it again (raise_error)
+        return out
 
     def flush(self, timeout: float | None = None) -> int:
         """Wait until every checkpoint so far is durable; returns the last durable id."""

@@ -211,6 +211,48 @@ def test_a_writer_error_surfaces_on_the_next_call_and_the_next_checkpoint_is_ful
     np.testing.assert_array_equal(restored(path)["kv"].numpy(), np.ones(N, np.float32))
 
 
+@pytest.mark.parametrize("backend", ["reference", "reference-streams"])
+def test_the_first_async_checkpoint_reads_its_base_at_the_call_and_the_writer_writes_it(
+        tmp_path, backend, monkeypatch):
+    """A base image read whole (here: hash mode) is read by the first checkpoint_async and
+    appended and committed by the writer: it holds the state as of the call though the
+    caller writes right after; a writer error in it surfaces on the next call, whose base is
+    whole again; a base over ASYNC_BASE_BYTES is written before the call returns."""
+    from concordia.handlers import checkpointer as C
+    rt = _runtime(backend)
+    first = np.arange(N, dtype=np.float32)
+    kv = rt.to_device(first)
+    path = tmp_path / "b.clog"
+    ck = Checkpointer(rt, {"kv": kv}, str(path), mode="hash")
+    real = ck.log.append_base
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+    ck.log.append_base = broken
+    h = ck.checkpoint_async()
+    with pytest.raises(ConcordiaError, match="not written: .*No space left"):
+        h.result(timeout=10)
+    with pytest.raises(ConcordiaError, match="^the checkpoint writer failed: .*No space left on device$"):
+        ck.checkpoint_async()
+    ck.log.append_base = real
+    base = ck.checkpoint_async()
+    kv.write(first * 2)                              # the caller goes on writing
+    assert base.result(timeout=10).full and base.result().pages == N * 4 // 4096
+    delta = ck.checkpoint_async()
+    assert not delta.result(timeout=10).full
+    ck.close()
+    commits = [json.loads(r.payload) for r in scan_log(str(path)).records if r.kind == 3]
+    assert [c["full"] for c in commits] == [True, False] and commits[0]["async"]
+    np.testing.assert_array_equal(restored(path, checkpoint=base.id)["kv"].numpy(), first)
+    np.testing.assert_array_equal(restored(path)["kv"].numpy(), first * 2)
+    monkeypatch.setattr(C, "ASYNC_BASE_BYTES", 4096)   # this base is larger: written at once
+    os.remove(path)
+    ck = Checkpointer(rt, {"kv": kv}, str(path), mode="hash")
+    now = ck.checkpoint_async()
+    assert now.done() and now.result().full
+    ck.close()
+
+
 CHILD = r"""
 import sys, numpy as np
 from concordia import Runtime
