@@ -405,8 +405,7 @@ class CheckpointWriter:
         t_pieces = time.perf_counter()
         pages, nbytes = self._append(pieces)
         t_append = time.perf_counter()
-        info = {"checkpoint": cap.id, "pages": pages, "bytes": nbytes, "full": False,
-                "time": time.time(), "backend": str(self.rt.spec), "async": True}
+        info = self.ckpt.log.commit_info(cap.id, pages, nbytes, False, str(self.rt.spec), asynchronous=True)
         self.ckpt.log.commit(cap.id, info, sync=False)
         busy, now = self.busy, time.perf_counter()
         busy["device"] += t_device - t_write
@@ -429,10 +428,7 @@ class CheckpointWriter:
             k, b = log.append_base(region.id, region.page_size, pieces, region.nbytes)
             pages, nbytes = pages + k, nbytes + b
             gil.wrote(1, b)
-        info = {"checkpoint": cap.id, "pages": pages, "bytes": nbytes, "full": True,
-                "time": time.time(), "backend": str(self.rt.spec), "async": True}
-        if log.sparse:
-            info["sparse"] = True   # its pages of zeros are left out (handlers/log.py)
+        info = log.commit_info(cap.id, pages, nbytes, True, str(self.rt.spec), asynchronous=True)
         t_append = time.perf_counter()
         log.commit(cap.id, info, sync=False)
         cap.base = None   # the host copies go

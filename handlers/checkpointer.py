@@ -257,10 +257,8 @@ class Checkpointer:
             n, nbytes = self._log_base(st, pages, whole) if full else self._log_delta(st, pages)
             pages_logged, bytes_logged = pages_logged + n, bytes_logged + nbytes
         self.checkpoint_id += 1
-        info = {"checkpoint": self.checkpoint_id, "pages": pages_logged, "bytes": bytes_logged,
-                "full": full, "time": time.time(), "backend": str(self.rt.spec)}
-        if full and self.log.sparse:
-            info["sparse"] = True   # its pages of zeros are left out (handlers/log.py)
+        info = self.log.commit_info(self.checkpoint_id, pages_logged, bytes_logged, full,
+                                    str(self.rt.spec))
         if content_hash:
             info["sha256"] = {r.name: r.content_hash() for r in self.regions}
         self.log.commit(self.checkpoint_id, info)

@@ -476,6 +476,20 @@ class DeltaLog:
         self.append(LAYOUT, json.dumps(layout, sort_keys=True).encode())
         self.layout = layout
 
+    def commit_info(self, checkpoint_id: int, pages: int, nbytes: int, full: bool, backend: str,
+                    asynchronous: bool = False) -> dict:
+        """A checkpoint's COMMIT payload: its id, pages and bytes, whether it is a base image,
+        when, from which backend, and whether a writer thread logged it; a base image says
+        "sparse" where this file's base images leave their pages of zeros out (format v4: the
+        module docstring)."""
+        info = {"checkpoint": checkpoint_id, "pages": pages, "bytes": nbytes, "full": full,
+                "time": time.time(), "backend": backend}
+        if asynchronous:
+            info["async"] = True
+        if full and self.sparse:
+            info["sparse"] = True
+        return info
+
     def commit(self, checkpoint_id: int, info: dict, sync: bool = True) -> None:
         """Append the commit record; with fsync=always it is durable on return, unless `sync`
         is False: then the caller makes a group of commits durable with one sync()."""

@@ -113,7 +113,7 @@ class PersistentRuntime:
         self.ring = runtime.mapped(ring_slots * WIRE_WORDS, np.int32)
         self.wire = self.ring.host.view(np.uint32).reshape(ring_slots, WIRE_WORDS)   # a record a row
         self._wire_at = self.wire.ctypes.data
-        self._source = (None, None)   # the records last published and their address
+        self._source = (None, None, False)   # the records last published: (them, address, runs right)
         self.done = runtime.mapped(ring_slots, np.int32)
         self.done_words = self.done.host
         self.claim = runtime.zeros(2, np.int32)   # next index, tasks known published
@@ -283,17 +283,17 @@ class PersistentRuntime:
             raise ConcordiaError(f"the persistent runtime has failed: {self.failed}")
         if records is not self._source[0]:
             self._source = (records, *_source_of(records))
-        _, at, runs_right = self._source
+        _, address, runs_right = self._source
         first, n = self.head, records.shape[1]
         # the common case: one batch as encode_tasks made it, its slots known free. Every
         # statement here is on the dispatch's critical path
-        if at is not None and runs_right and first + n - self.slots <= self.complete_below \
+        if address is not None and runs_right and first + n - self.slots <= self.complete_below \
                 and first % self.slots + n <= self.slots:
             # its first record last, by two memmoves: numpy's indexing and assignment took
             # ~1 us a statement (a third of a one-record publish, 3 of 5 us of a 64-record
             # one on the CPU box). Like numpy's copy, memmove writes aligned words whole (all
             # the tags need: docs/persistent.md)
-            src = at + ((first // self.slots) & 1) * n * ROW
+            src = address + ((first // self.slots) & 1) * n * ROW
             dst = self._wire_at + first % self.slots * ROW
             if n > 1:
                 ctypes.memmove(dst + ROW, src + ROW, (n - 1) * ROW)
