@@ -123,6 +123,14 @@ class Backend(ABC):
         """A stream of this backend's own that does not wait for other streams' work."""
         return None
 
+    def side_stream(self):
+        """The backend's one stream for work forked off a caller's stream (made on first
+        use, kept for the backend's life)."""
+        return None
+
+    def stream_wait(self, stream, event) -> None:
+        """Work enqueued on `stream` after this call waits for `event` (None: complete)."""
+
     def launch_on(self, stream, kernel, args: list, global_size: tuple, local_size: tuple) -> None:
         """launch, enqueued on `stream` (returns before the kernel runs where streams exist)."""
         self.launch(kernel, args, global_size, local_size)

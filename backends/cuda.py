@@ -88,6 +88,7 @@ class CUDABackend(Backend):
         self._pins = threading.local()    # a pinned bounce buffer a thread, made on first use
         self._mapped: dict[int, object] = {}   # device pointer -> host allocation (alloc_mapped)
         self.control_stream = None        # non-blocking streams, made on first use
+        self._side_stream = None
         self.detached_stream = None
         self.detached: list = []   # detached launches not yet seen finished
         self._branch_streams: list = []   # capture's branches beyond the first, made on demand
@@ -417,6 +418,15 @@ class CUDABackend(Backend):
         self.activate()
         return _check(driver.cuStreamCreate(driver.CUstream_flags.CU_STREAM_NON_BLOCKING),
                       "cuStreamCreate")
+
+    def side_stream(self):
+        if self._side_stream is None:
+            self._side_stream = self.new_stream()
+        return self._side_stream
+
+    def stream_wait(self, stream, event) -> None:
+        if event is not None:
+            _check(_driver().cuStreamWaitEvent(stream, event, 0), "cuStreamWaitEvent")
 
     def copy_in_on(self, stream, handle, host):
         self.activate()

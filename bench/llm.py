@@ -31,7 +31,7 @@ from bench.common import environment, table, write_result  # noqa: E402
 PAPER = {"tokens_per_s": 108.2, "checkpoint_overhead_ms": 18.9, "overhead_fraction": "< 4 %"}
 
 
-ASYNC_KINDS = {"async": "stream", "ring": "ring"}   # checkpoint_async runs: their device side
+ASYNC_KINDS = {"async": "stream", "fork": "fork", "ring": "ring"}   # checkpoint_async runs: their device side
 
 
 def run_kind(run, kind: str, log: str, backend: str | None, stop_after: int | None = None):
@@ -74,8 +74,9 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     b = [r["batch"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     labels = {"plain": "no checkpoints", "async": "checkpoint_async every step",
-              "ring": "checkpoint_async, gather on the ring", "sync": "checkpoint() every step"}
-    for kind, mark in (("plain", "o-"), ("async", "s-"), ("ring", "d-"), ("sync", "^--")):
+              "ring": "checkpoint_async, gather on the ring",
+              "fork": "checkpoint_async, gather forked", "sync": "checkpoint() every step"}
+    for kind, mark in (("plain", "o-"), ("async", "s-"), ("fork", "x-"), ("ring", "d-"), ("sync", "^--")):
         if f"tok_s_{kind}" in rows[0]:
             a1.plot(b, [r[f"tok_s_{kind}"] for r in rows], mark, label=labels[kind])
     a1.set_xlabel("batch size")
@@ -161,7 +162,7 @@ def measure_batch(L, a, base, batch, kinds, log) -> dict:
         row.update(ckpt_ms_median=round(float(np.median(ms)), 3),
                    ckpt_ms_p99=round(float(np.percentile(ms, 99)), 3),
                    bytes_per_ckpt=int(np.median([s["bytes"] for s in steps])))
-    last = next((k for k in ("async", "ring", "sync") if k in kinds), None)
+    last = next((k for k in ("async", "fork", "ring", "sync") if k in kinds), None)
     if last:
         row["base_image_bytes"] = stats[last][0].get("bytes")
         row["recovery_ms"] = {k[:-2]: round(v * 1e3, 2) for k, v in
@@ -184,8 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None, help="result name (default llm-<config>)")
     p.add_argument("--kinds", default="plain,async,sync",
                    help="runs to compare: plain (no checkpoints), async (checkpoint_async every "
-                        "step, its gather in the decode stream), ring (the same, its KV gather "
-                        "on the persistent kernel), sync (checkpoint() every step)")
+                        "step, its gather in the decode stream), fork (the same, its KV gather "
+                        "on a side stream), ring (its KV gather on the persistent kernel), sync (checkpoint() every step)")
     p.add_argument("--no-graph", action="store_true", help="eager decode steps (no CUDA graph)")
     p.add_argument("--when-full", default="wait", choices=["wait", "coalesce"])
     p.add_argument("--page-size", type=int, default=0,

@@ -45,7 +45,7 @@ from .staging_ring import (HOST_LIST_STEPS, MAX_BRANCHES, MAX_COALESCE, Rows, Sl
                            list_capacity, ring_gathered, streamable)
 
 WHEN_FULL = ("wait", "coalesce")
-DEVICE_SIDES = ("stream", "ring")   # where a capture's gather runs (module docstring, ring_gather)
+DEVICE_SIDES = ("stream", "fork", "ring")   # where a capture's gather runs (module docstring)
 # Records the writer appends between two releases of the GIL. A thread waiting for the GIL gets
 # it only when the holder drops it, after up to sys.getswitchinterval() (5 ms) of pure Python:
 # a decode thread back from its device wait would sit behind the writer for that long.
@@ -59,19 +59,22 @@ HOLD_S = 0.005
 
 
 def check_device_side(rt, states, device_side: str) -> None:
-    """device_side="ring" where it can run: a backend with streams and a resident kernel, and
-    a region it may gather beside the stream (ring_gather's docstring)."""
-    if device_side != "ring":
+    """device_side="ring" or "fork" where it can run: a backend with streams and graphs (and
+    for "ring" a resident kernel), and a region it may gather beside the stream
+    (ring_gather's docstring)."""
+    if device_side == "stream":
         return
     b = rt.backend
-    if not (b.streams and b.graphs and b.resident_groups() is not None):
-        raise ConcordiaError(f"device_side='ring' needs a backend with streams, graphs and a "
-                             f"resident kernel (cuda); {b.name} has none")
+    if not (b.streams and b.graphs and (device_side == "fork" or b.resident_groups() is not None)):
+        needs = "streams and graphs" + (" and a resident kernel" if device_side == "ring" else "")
+        raise ConcordiaError(f"device_side={device_side!r} needs a backend with {needs} (cuda); "
+                             f"{b.name} has none")
     if not any(ring_gathered(st) for st in states):
-        raise ConcordiaError("device_side='ring' gathers only regions whose pages the steps after "
-                             "a checkpoint do not write: a BlockTableScanner's KV cache with one "
-                             "slot a page (none here)")
-    check_eager_loading()
+        raise ConcordiaError(f"device_side={device_side!r} gathers only regions whose pages the "
+                             "steps after a checkpoint do not write: a BlockTableScanner's KV cache "
+                             "with one slot a page (none here)")
+    if device_side == "ring":
+        check_eager_loading()
 
 
 def check_ring(slots: int, when_full: str, device_side: str = "stream") -> None:

@@ -71,6 +71,8 @@ class Slot:
     index: int = 0
     event: object = None       # recorded again by each capture that uses the slot
     graph: object = None       # the capture's device work as one graph
+    side: object = None        # device_side="fork": the gathers forked off the caller's stream
+    fork: object = None        # ... and the event on the caller's stream they wait for
     arena: object = None       # the mapped memory its regions' staging is carved from
 
 
@@ -100,6 +102,8 @@ class StagingRing:
         picked = [j for j, st in enumerate(states) if ring_gathered(st)]
         # region index -> its index in the RingGather (design (b) only; async_checkpoint.py)
         self.ring_regions = {j: k for k, j in enumerate(picked)} if device_side == "ring" else {}
+        # the regions whose gathers run on the backend's side stream (device_side="fork")
+        self.forked = set(picked) if device_side == "fork" and self.streams else set()
         self.key = self._reuse_key()   # what a kept slot must match to serve this ring
         self.reused = 0                # slots taken from the ones earlier rings left
         # otherwise a slot is made when all those made so far are in flight (take_new): a
@@ -144,10 +148,16 @@ class StagingRing:
             for j in users:
                 out.counts[j] = n
                 scanner.committed()
-        t1 = time.perf_counter()
-        self.backend.launch_graph(slot.graph, stream)
+        t1, b = time.perf_counter(), self.backend
+        b.launch_graph(slot.graph, stream)
         t2 = time.perf_counter()
-        out.event = slot.event = self.backend.record_event(stream, slot.event)
+        if slot.side is not None:   # the forked gathers, once the caller's stream gets here
+            slot.fork = b.record_event(stream, slot.fork)
+            side = b.side_stream()
+            b.stream_wait(side, slot.fork)
+            b.launch_graph(slot.side, side)
+            stream = side
+        out.event = slot.event = b.record_event(stream, slot.event)
         t3 = time.perf_counter()
         if self.gather_ring is not None:   # after the replay: its trigger is on its way
             out.ring_tasks = [self.gather_ring.publish(slot.index, k)
@@ -307,6 +317,20 @@ class StagingRing:
     def _capture_graph(self, slot: Slot) -> None:
         if self.streams and slot.graph is None:   # a kept slot has its graph
             slot.graph = self.backend.capture(*self._branches(slot), first=self._lists_in(slot))
+            if self.forked:
+                forked = sorted(self.forked)
+                slot.side = self.backend.capture(*[self._side_branch(slot, forked[k::MAX_BRANCHES])
+                                                   for k in range(min(len(forked), MAX_BRANCHES))])
+
+    def _side_branch(self, slot: Slot, js: list):
+        """A branch of the forked graph: the gathers of regions `js` and their lists out."""
+        def record(stream):
+            for j in js:
+                rs = slot.regions[j]
+                rs.launches["gather"](min(rs.capacity, hk.GATHER_GROUPS), stream)
+                self.backend.copy_out_on(stream, rs.count.handle, rs.host_count)
+                self.backend.copy_out_on(stream, rs.pages.handle, rs.host_pages)
+        return record
 
     def _branches(self, slot: Slot) -> list:
         """The slot's device work, as its graph holds it: a branch per region, or per group of
@@ -341,6 +365,8 @@ class StagingRing:
         if device_listed(st):   # the block table names the pages; the device keeps `last`
             rs.launches["list"](stream)
             rs.launches["advance"](1, stream)
+            if j in self.forked:   # the rest on the side stream (_side_branch)
+                return
             if not ring:
                 rs.launches["gather"](groups, stream)
             b.copy_out_on(stream, rs.count.handle, rs.host_count)
@@ -362,8 +388,11 @@ def destroy_slot(rt, slot: Slot) -> None:
     b = rt.backend
     if slot.event is not None:
         b.destroy_event(slot.event)
-    if slot.graph is not None:
-        b.destroy_graph(slot.graph)
+    for graph in (slot.graph, slot.side):
+        if graph is not None:
+            b.destroy_graph(graph)
+    if slot.fork is not None:
+        b.destroy_event(slot.fork)
     for rs in slot.regions:
         if rs is not None and rs.owns_list:
             rt.free(rs.pages)
@@ -444,7 +473,8 @@ def streamable(st) -> bool:
 
 
 def ring_gathered(st) -> bool:
-    """A region design (b) may gather beside the stream (ring_gather's docstring)."""
+    """A region design (b) or the forked gather may gather beside the stream, after the
+    capture point (ring_gather's docstring): the steps after it write none of its listed pages."""
     return device_listed(st) and getattr(st.scanner, "append_only", False)
 
 

@@ -614,12 +614,16 @@ def test_the_counted_gather_strides_over_a_list_longer_than_its_grid(backend):
 
 
 @needs_cuda
-@pytest.mark.skipif(os.environ.get("CUDA_MODULE_LOADING", "").upper() != "EAGER",
-                    reason="device_side='ring' needs CUDA_MODULE_LOADING=EAGER in this process")
-def test_ring_gather_holds_each_step_while_the_stream_writes_the_next(tmp_path):
+@pytest.mark.parametrize("device_side", ["ring", "fork"])
+def test_a_gather_beside_the_stream_holds_each_step_while_the_stream_writes_the_next(tmp_path,
+                                                                                    device_side):
     """device_side="ring": the KV pages are gathered by the persistent kernel, started by a
-    trigger in the stream, while the stream goes on (a busy matmul, then the next position's
-    rows). Every checkpoint restores to the cache as of its step, in two rounds of positions."""
+    trigger in the stream; "fork": by a graph on the backend's side stream, after an event in
+    the caller's. Either way the stream goes on meanwhile (a busy matmul, then the next
+    position's rows). Every checkpoint restores to the cache as of its step, in two rounds
+    of positions."""
+    if device_side == "ring" and os.environ.get("CUDA_MODULE_LOADING", "").upper() != "EAGER":
+        pytest.skip("device_side='ring' needs CUDA_MODULE_LOADING=EAGER in this process")
     torch = pytest.importorskip("torch")
     from concordia.handlers.scanners import BlockTableScanner
     rt = Runtime("cuda")
@@ -631,7 +635,7 @@ def test_ring_gather_holds_each_step_while_the_stream_writes_the_next(tmp_path):
     scanner = BlockTableScanner(shape, 4, rt.from_dlpack(table.view(-1)), rt.from_dlpack(pos),
                                 batch, page_size=256)
     ck = Checkpointer(rt, {"kv": rt.from_dlpack(kv)}, str(tmp_path / "r.clog"), page_size=256,
-                      scanners={"kv": scanner}, device_side="ring", when_full="coalesce")
+                      scanners={"kv": scanner}, device_side=device_side, when_full="coalesce")
     busy = torch.randn(2048, 2048, device="cuda")
     with torch.cuda.stream(stream):   # every kernel once before the resident one starts
         busy @ busy
@@ -655,7 +659,11 @@ def test_ring_gather_holds_each_step_while_the_stream_writes_the_next(tmp_path):
             busy @ busy   # the gather runs beside this
     ck.flush()
     writer = ck._writer
-    assert writer.gather_ring is not None and writer.gather_ring.tickets[0] > 0
+    if device_side == "ring":
+        assert writer.gather_ring is not None and writer.gather_ring.tickets[0] > 0
+    else:   # every slot forks its gather: a side graph, waited for through the caller's event
+        assert writer.gather_ring is None and all(s.side is not None and s.fork is not None
+                                                  for s in writer.ring)
     ck.close()
     for k, want in enumerate(expected, start=1):
         got = restored(tmp_path / "r.clog", checkpoint=k)["kv"].numpy().reshape(shape)
@@ -667,7 +675,10 @@ def test_device_side_ring_is_refused_where_it_cannot_run_in_one_line(tmp_path):
     x = rt.to_device(np.zeros(N, np.float32))
     with pytest.raises(ConcordiaError, match=r"needs a backend with streams.*reference has none"):
         Checkpointer(rt, {"x": x}, str(tmp_path / "a.clog"), device_side="ring")
-    with pytest.raises(ConcordiaError, match="device_side must be one of stream, ring, got 'gpu'"):
+    with pytest.raises(ConcordiaError, match=r"'fork' needs a backend with streams and graphs "
+                                             r"\(cuda\); reference has none"):
+        Checkpointer(rt, {"x": x}, str(tmp_path / "c.clog"), device_side="fork")
+    with pytest.raises(ConcordiaError, match="device_side must be one of stream, fork, ring, got 'gpu'"):
         Checkpointer(rt, {"x": x}, str(tmp_path / "b.clog"), device_side="gpu")
     from concordia.handlers.ring_gather import RingGather
     if os.environ.get("CUDA_MODULE_LOADING", "").upper() != "EAGER":

@@ -180,12 +180,13 @@ def test_bad_arguments_are_one_line():
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_device_side_ring_where_it_cannot_run_is_one_line(tmp_path):
-    """--device-side ring on a backend without streams: the reason, in one line."""
-    r = decode("--device-side", "ring", "--async", "--log", str(tmp_path / "r.clog"),
+@pytest.mark.parametrize("side", ["ring", "fork"])
+def test_a_device_side_where_it_cannot_run_is_one_line(tmp_path, side):
+    """--device-side ring or fork on a backend without streams: the reason, in one line."""
+    r = decode("--device-side", side, "--async", "--log", str(tmp_path / "r.clog"),
                "--backend", "reference")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert "device_side='ring' needs a backend with streams" in r.stderr
+    assert f"device_side='{side}' needs a backend with streams" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
