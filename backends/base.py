@@ -91,6 +91,10 @@ class Backend(ABC):
         self.copy_out(src, host)
         self.copy_in(dst, host)
 
+    def copy_device_on(self, stream, dst, src, nbytes: int) -> None:
+        """copy_device, enqueued on `stream`."""
+        self.copy_device(dst, src, nbytes)
+
     def synchronize(self) -> None:
         pass
 

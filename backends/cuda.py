@@ -428,6 +428,10 @@ class CUDABackend(Backend):
         if event is not None:
             _check(_driver().cuStreamWaitEvent(stream, event, 0), "cuStreamWaitEvent")
 
+    def copy_device_on(self, stream, dst, src, nbytes):
+        self.activate()
+        _check(_driver().cuMemcpyDtoDAsync(dst, src, nbytes, stream), "cuMemcpyDtoDAsync")
+
     def copy_in_on(self, stream, handle, host):
         self.activate()
         _check(_driver().cuMemcpyHtoDAsync(handle, host.ctypes.data, host.nbytes, stream),

@@ -42,7 +42,7 @@ from .ring_gather import check_eager_loading
 # HOST_LIST_STEPS and MAX_BRANCHES are the staging ring's, named here too for callers and tests
 from .staging_ring import (HOST_LIST_STEPS, MAX_BRANCHES, MAX_COALESCE, Rows, Slot,  # noqa: F401
                            StagingRing, capture_region_now, device_listed, entries_a_step,
-                           list_capacity, ring_gathered, streamable)
+                           list_capacity, ring_gathered, snapshot_scanned, streamable)
 
 WHEN_FULL = ("wait", "coalesce")
 DEVICE_SIDES = ("stream", "fork", "ring")   # where a capture's gather runs (module docstring)
@@ -69,10 +69,11 @@ def check_device_side(rt, states, device_side: str) -> None:
         needs = "streams and graphs" + (" and a resident kernel" if device_side == "ring" else "")
         raise ConcordiaError(f"device_side={device_side!r} needs a backend with {needs} (cuda); "
                              f"{b.name} has none")
-    if not any(ring_gathered(st) for st in states):
+    if not any(ring_gathered(st) or (device_side == "fork" and snapshot_scanned(st)) for st in states):
+        also = " or scanned against a shadow copy" if device_side == "fork" else ""
         raise ConcordiaError(f"device_side={device_side!r} gathers only regions whose pages the "
                              "steps after a checkpoint do not write: a BlockTableScanner's KV cache "
-                             "with one slot a page (none here)")
+                             f"with one slot a page{also} (none here)")
     if device_side == "ring":
         check_eager_loading()
 

@@ -37,6 +37,11 @@ MAX_BRANCHES = 8
 # for 256 tokens and its second call took 0.14 s. A list longer than that is checkpointed
 # at once (CheckpointWriter.overflows), never lost.
 HOST_LIST_STEPS = 4 * (MAX_COALESCE + 1)
+# device_side="fork": a region scanned against its shadow is copied whole, in the caller's
+# stream, into the slot's device memory, and scanned and gathered from that copy on the side
+# stream; up to this size (a larger one stays in the stream: the copy would cost more than the
+# scan's chain of five dependent nodes, ~30 us on an H100, that it takes off the stream)
+SNAPSHOT_BYTES = 64 << 20
 # Rings whose slots a runtime keeps after their Checkpointer closed, for the next ring over
 # the same memory: a Hugging Face guard a generate call made two slots (58 kernel bindings
 # and a graph each, 7-8 ms on an H100) though the next call's StaticCache gets the freed
@@ -61,6 +66,7 @@ class RegionSlot:
     # a host scanner's list: the first of its regions in the slot owns it (fills it, copies it
     # to the device); the others share its four buffers (the guard's 56 KV tensors: one list)
     owns_list: bool = True
+    snapshot: object = None          # DeviceBuffer u32: the region as of the capture (fork)
 
 
 @dataclass
@@ -102,8 +108,11 @@ class StagingRing:
         picked = [j for j, st in enumerate(states) if ring_gathered(st)]
         # region index -> its index in the RingGather (design (b) only; async_checkpoint.py)
         self.ring_regions = {j: k for k, j in enumerate(picked)} if device_side == "ring" else {}
-        # the regions whose gathers run on the backend's side stream (device_side="fork")
-        self.forked = set(picked) if device_side == "fork" and self.streams else set()
+        # the regions whose gathers run on the backend's side stream (device_side="fork"), and
+        # of them those scanned there from a copy made in the caller's stream
+        fork = device_side == "fork" and self.streams
+        self.snapshots = {j for j, st in enumerate(states) if snapshot_scanned(st)} if fork else set()
+        self.forked = set(picked) | self.snapshots if fork else set()
         self.key = self._reuse_key()   # what a kept slot must match to serve this ring
         self.reused = 0                # slots taken from the ones earlier rings left
         # otherwise a slot is made when all those made so far are in flight (take_new): a
@@ -295,6 +304,9 @@ class StagingRing:
             if hosted:
                 lists[id(st.scanner), cap] = rs
         rs.rows = rs.host_data[:cap * r.page_size].reshape(cap, r.page_size)
+        source = r.words()   # what the scan and gather read: the region, or its copy (fork)
+        if self.states.index(st) in self.snapshots:
+            source = rs.snapshot = rt.empty(r.n_words, np.uint32)
         rs.short_last = r.page_bytes(r.n_pages - 1) != r.page_size
         counted = hk.counted_page_gatherer(r.words_per_page, r.n_words)
         if st.scanner is not None:   # the list comes from the scanner: no shadow to update
@@ -308,8 +320,8 @@ class StagingRing:
             rs.launches["advance"] = rt.bind(advance, 1, (sc.pos, sc.last, rs.count))
         elif st.scanner is None:
             rs.launches["scan"] = rt.bind(hk.page_scanner(r.words_per_page, r.n_words), hk.GROUP,
-                                          (r.words(), st.shadow, rs.pages, rs.count))
-            rs.launches["gather"] = rt.bind(counted, hk.GROUP, (r.words(), st.shadow, rs.pages,
+                                          (source, st.shadow, rs.pages, rs.count))
+            rs.launches["gather"] = rt.bind(counted, hk.GROUP, (source, st.shadow, rs.pages,
                                                                 rs.count, rs.staging, 1))
         return rs
 
@@ -323,10 +335,15 @@ class StagingRing:
                                                    for k in range(min(len(forked), MAX_BRANCHES))])
 
     def _side_branch(self, slot: Slot, js: list):
-        """A branch of the forked graph: the gathers of regions `js` and their lists out."""
+        """A branch of the forked graph: regions `js`'s scans (from their copies) and gathers,
+        and their lists out. The side stream runs the captures in order, so each scan finds
+        the shadow as the capture before it left it."""
         def record(stream):
             for j in js:
                 rs = slot.regions[j]
+                if j in self.snapshots:
+                    self.backend.memset32_on(stream, rs.count.handle, 0, 1)
+                    rs.launches["scan"](self.states[j].region.n_pages, stream)
                 rs.launches["gather"](min(rs.capacity, hk.GATHER_GROUPS), stream)
                 self.backend.copy_out_on(stream, rs.count.handle, rs.host_count)
                 self.backend.copy_out_on(stream, rs.pages.handle, rs.host_pages)
@@ -362,6 +379,9 @@ class StagingRing:
     def _record_region(self, j: int, rs: RegionSlot, stream):
         st, b, groups = self.states[j], self.backend, min(rs.capacity, hk.GATHER_GROUPS)
         ring = j in self.ring_regions
+        if j in self.snapshots:   # the region as of this point; scanned on the side stream
+            b.copy_device_on(stream, rs.snapshot.handle, st.region.words().handle, st.region.n_words * 4)
+            return
         if device_listed(st):   # the block table names the pages; the device keeps `last`
             rs.launches["list"](stream)
             rs.launches["advance"](1, stream)
@@ -394,6 +414,8 @@ def destroy_slot(rt, slot: Slot) -> None:
     if slot.fork is not None:
         b.destroy_event(slot.fork)
     for rs in slot.regions:
+        if rs is not None and rs.snapshot is not None:
+            rt.free(rs.snapshot)
         if rs is not None and rs.owns_list:
             rt.free(rs.pages)
             rt.free(rs.count)
@@ -476,6 +498,12 @@ def ring_gathered(st) -> bool:
     """A region design (b) or the forked gather may gather beside the stream, after the
     capture point (ring_gather's docstring): the steps after it write none of its listed pages."""
     return device_listed(st) and getattr(st.scanner, "append_only", False)
+
+
+def snapshot_scanned(st) -> bool:
+    """A region device_side="fork" copies in the stream and scans beside it (SNAPSHOT_BYTES)."""
+    return (st.scanner is None and st.mode == "shadow" and st.native is None
+            and st.region.n_words * 4 <= SNAPSHOT_BYTES)
 
 
 def device_listed(st) -> bool:

@@ -344,6 +344,34 @@ def test_the_stream_path_restores_each_capture_and_gives_its_ring_back(tmp_path,
         np.testing.assert_array_equal(got["t"].numpy(), wt)
 
 
+def test_a_forked_capture_scans_a_shadow_region_from_its_copy_and_restores_each_step(tmp_path):
+    """device_side="fork" on the stream path (InOrderStreams): a shadow-scanned region is
+    copied into the slot at the capture and scanned and gathered from that copy by the side
+    graph; each checkpoint restores exactly, only its changed pages are logged, and close
+    gives back both graphs of every slot. (Whether the copy holds the state of the capture
+    point while the stream goes on is the cuda test's: this backend completes work as it is
+    enqueued.)"""
+    rt = _runtime("reference-streams")
+    x = rt.to_device(np.zeros(N, np.float32))
+    ck = Checkpointer(rt, {"x": x}, str(tmp_path / "f.clog"), device_side="fork", ring_slots=2)
+    ck.checkpoint_async()                    # the base image
+    want, handles, host = [], [], np.zeros(N, np.float32)
+    for s in range(1, 7):
+        host[(s * 3001) % N] = s             # one page a step
+        x.write(host)
+        handles.append(ck.checkpoint_async())
+        want.append(host.copy())
+    ck.flush()
+    writer = ck._writer
+    assert writer.staging.snapshots == {0} and all(s.side is not None for s in writer.ring)
+    assert [h.result().pages for h in handles] == [1] * 6
+    made = len(writer.ring)
+    ck.close()
+    assert rt.backend.graphs_destroyed == rt.backend.graphs_made == 2 * made
+    for k, w in enumerate(want, start=2):
+        np.testing.assert_array_equal(restored(tmp_path / "f.clog", checkpoint=k)["x"].numpy(), w)
+
+
 @needs_cuda
 def test_cuda_capture_is_ordered_in_the_callers_stream(tmp_path):
     torch = pytest.importorskip("torch")
@@ -634,8 +662,12 @@ def test_a_gather_beside_the_stream_holds_each_step_while_the_stream_writes_the_
     pos = torch.zeros(1, dtype=torch.int64, device="cuda")
     scanner = BlockTableScanner(shape, 4, rt.from_dlpack(table.view(-1)), rt.from_dlpack(pos),
                                 batch, page_size=256)
-    ck = Checkpointer(rt, {"kv": rt.from_dlpack(kv)}, str(tmp_path / "r.clog"), page_size=256,
-                      scanners={"kv": scanner}, device_side=device_side, when_full="coalesce")
+    # a region scanned against its shadow, written in the stream right after each capture
+    # ("fork" scans it on the side stream, from a copy made at the capture point)
+    ad = torch.zeros(1024, dtype=torch.float32, device="cuda")
+    ck = Checkpointer(rt, {"kv": rt.from_dlpack(kv), "ad": rt.from_dlpack(ad)},
+                      str(tmp_path / "r.clog"), page_size=256, scanners={"kv": scanner},
+                      device_side=device_side, when_full="coalesce")
     busy = torch.randn(2048, 2048, device="cuda")
     with torch.cuda.stream(stream):   # every kernel once before the resident one starts
         busy @ busy
@@ -643,8 +675,9 @@ def test_a_gather_beside_the_stream_holds_each_step_while_the_stream_writes_the_
         pos.fill_(0)
     stream.synchronize()
     mirror, expected = np.zeros(shape, np.float32), []
+    ad_mirror = np.zeros(1024, np.float32)
     ck.checkpoint_async(stream)   # the base image
-    expected.append(mirror.copy())
+    expected.append((mirror.copy(), ad_mirror.copy()))
     with torch.cuda.stream(stream):
         for step in range(2 * max_blocks * 4):   # two rounds of 16 positions
             p = step % (max_blocks * 4)
@@ -655,19 +688,24 @@ def test_a_gather_beside_the_stream_holds_each_step_while_the_stream_writes_the_
                 mirror[:, :, b, p % 4] = value
             pos.fill_(p)
             ck.checkpoint_async(stream)
-            expected.append(mirror.copy())
+            expected.append((mirror.copy(), ad_mirror.copy()))
+            at = (step * 37) % 1024
+            ad[at] = value          # after the capture point: in the next checkpoint only
+            ad_mirror[at] = value
             busy @ busy   # the gather runs beside this
     ck.flush()
     writer = ck._writer
     if device_side == "ring":
         assert writer.gather_ring is not None and writer.gather_ring.tickets[0] > 0
-    else:   # every slot forks its gather: a side graph, waited for through the caller's event
+    else:   # every slot forks its gathers: a side graph, waited for through the caller's event
         assert writer.gather_ring is None and all(s.side is not None and s.fork is not None
                                                   for s in writer.ring)
+        assert writer.staging.snapshots == {1}   # "ad" scanned from its copy
     ck.close()
-    for k, want in enumerate(expected, start=1):
-        got = restored(tmp_path / "r.clog", checkpoint=k)["kv"].numpy().reshape(shape)
-        np.testing.assert_array_equal(got, want, err_msg=f"checkpoint {k}")
+    for k, (want, want_ad) in enumerate(expected, start=1):
+        got = restored(tmp_path / "r.clog", checkpoint=k)
+        np.testing.assert_array_equal(got["kv"].numpy().reshape(shape), want, err_msg=f"checkpoint {k}")
+        np.testing.assert_array_equal(got["ad"].numpy(), want_ad, err_msg=f"checkpoint {k}")
 
 
 def test_device_side_ring_is_refused_where_it_cannot_run_in_one_line(tmp_path):
