@@ -31,7 +31,7 @@ from bench.common import environment, table, write_result  # noqa: E402
 PAPER = {"tokens_per_s": 108.2, "checkpoint_overhead_ms": 18.9, "overhead_fraction": "< 4 %"}
 
 
-ASYNC_KINDS = {"async": "stream", "fork": "fork", "ring": "ring", "auto": "auto"}   # checkpoint_async runs: their device side
+ASYNC_KINDS = {"async": "stream", "fork": "fork", "ring": "ring"}   # checkpoint_async runs: their device side
 
 
 def run_kind(run, kind: str, log: str, backend: str | None, stop_after: int | None = None):
