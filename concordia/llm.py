@@ -295,10 +295,12 @@ class Scheduler:
         n = self.HEAD + batch * self.max_blocks + batch * max_len
         self.state = torch.zeros(n, dtype=torch.int32, device=device)
         self.host = np.zeros(n, np.int32)
-        # publish's source: pinned, so the copy is enqueued and the host goes on (a pageable
-        # copy holds the host until it is done, while the device waits for the next step)
-        self.staged = torch.empty(n, dtype=torch.int32, pin_memory=True) \
+        # publish's sources: pinned, so the copy is enqueued and the host goes on (a pageable
+        # copy holds the host until it is done, while the device waits for the next step);
+        # two, used in turn (publish's docstring)
+        self.staged = [torch.empty(n, dtype=torch.int32, pin_memory=True) for _ in range(2)] \
             if torch.device(device).type == "cuda" else None
+        self.turn = 0
 
     def table(self):
         return self.host[self.HEAD:self.HEAD + self.batch * self.max_blocks].reshape(
@@ -328,14 +330,17 @@ class Scheduler:
         return True
 
     def publish(self):
-        """Host bookkeeping -> the device tensor (what gets checkpointed). The pinned copy is
-        read when the stream reaches it: the decode loop writes it again only after it has
-        waited for a later point of that stream (the step's tokens)."""
+        """Host bookkeeping -> the device tensor (what gets checkpointed). A pinned source is
+        read when the stream reaches its copy, so the two are used in turn: the decode loop
+        enqueues step k's publish behind step k's read-back, and writes the same source
+        again at step k + 2, after it has waited for step k + 1's tokens, which the stream
+        reaches only after that copy."""
         if self.staged is None:
             self.state.copy_(torch.from_numpy(self.host))
             return
-        self.staged.numpy()[:] = self.host
-        self.state.copy_(self.staged, non_blocking=True)
+        source, self.turn = self.staged[self.turn], self.turn ^ 1
+        source.numpy()[:] = self.host
+        self.state.copy_(source, non_blocking=True)
 
     def load(self):
         self.host[:] = self.state.cpu().numpy()
@@ -433,7 +438,7 @@ class DecodeRun:
 
     def checkpoint_async(self, pos: int):
         """Enqueued in the decode stream right after step `pos` was launched: the scheduler
-        state published before the step (kv_len = pos) and the cache with pos's K/V. A restore
+        state published behind the step (kv_len = pos) and the cache with pos's K/V. A restore
         recomputes step pos, which rewrites the same K/V: the pair is consistent."""
         h = self.ckpt.checkpoint_async()
         self.handles.append(h)
@@ -489,13 +494,15 @@ class DecodeRun:
             if a.adapter_every and pos % a.adapter_every == 0 and pos > 0:
                 m.adapter_update(pos)
             t_step, self.enqueue_s = time.perf_counter(), 0.0
-            if a.async_checkpoints and due(pos):
-                s.host[0] = pos
-                s.publish()
             tokens = m.read_back(m.launch(s.tokens()[:, pos], pos))
             if hasattr(self.scanner, "mark"):   # a host scanner: told what the step wrote
                 self.scanner.mark(s.table()[:, pos // a.block_size], np.full(a.batch, pos % a.block_size))
             if a.async_checkpoints and due(pos):
+                # the scheduler state (kv_len = pos) goes in behind the step, while the device
+                # computes it: published before the launch it sat in the host's turn-around,
+                # where the device waits for the host (the step reads none of it)
+                s.host[0] = pos
+                s.publish()
                 self.checkpoint_async(pos)
             nxt = tokens()
             pos += 1

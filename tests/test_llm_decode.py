@@ -237,8 +237,9 @@ def test_the_decode_benchmark_runs_its_kinds_on_one_model(tmp_path):
 
 
 @pytest.mark.parametrize("args,says", [
-    (["--runs", "P,X"], "--runs takes P and A"),
+    (["--runs", "P,X"], "--runs takes P, A, N and F"),
     (["--tokens", "8"], "--tokens >= 24"),
+    (["--switch-interval", "0"], "--switch-interval is seconds in (0, 1]"),
 ] + ([(["--runs", "P,A"], "needs a CUDA device")] if not torch.cuda.is_available() else []))
 def test_the_timeline_benchmark_refuses_in_one_line(args, says):
     assert says in usage_error("decode_timeline.py", *args)
