@@ -341,6 +341,7 @@ BENCHES = {
     "profile_async": "where checkpoint_async's time goes in a live decode (torch.profiler)",
     "profile_decode": "where a decode step's time goes, with and without checkpoints",
     "decode_timeline": "a decode step's device time by part (graph, read-back, capture, idle), run by run",
+    "profile_capture": "a checkpoint capture's graph nodes, in the stream and forked (torch.profiler)",
 }
 
 
