@@ -22,6 +22,12 @@ resolves with that one; at most MAX_COALESCE in a row, then the caller waits: a 
 holds a bounded number of steps' pages). An error in the writer is raised by the next call, never lost; the
 checkpoint after it is a full one.
 
+With device_side="fork" a block table's KV gather (its pages are not written by the steps
+after the capture) and the scans of shadow-compared regions (from a copy made in the stream)
+run as a second graph on the backend's side stream, after an event in the caller's; the
+slot's event is then the side stream's (staging_ring.py). With device_side="ring" the KV
+gather runs on the persistent kernel (ring_gather.py).
+
 On a backend without streams (reference, PoCL, the Tenstorrent simulator) the same call
 captures the pages in the caller's thread (the regions are host memory or a blocking queue);
 the log's I/O still goes to the writer. Regions in "hash" or "tracked" mode are captured that
