@@ -230,9 +230,10 @@ class Checkpointer:
         self.closed = False
 
     # -- checkpoints
-    def checkpoint(self, content_hash: bool = False) -> CheckpointStats:
+    def checkpoint(self, content_hash: bool = False, _plan: "_WholeReads | None" = None) -> CheckpointStats:
         """Log the pages changed since the last checkpoint (all pages the first time) and commit.
-        With content_hash, the commit also records each region's SHA-256 (a full read)."""
+        With content_hash, the commit also records each region's SHA-256 (a full read).
+        (_plan: a base image's reads planned already, by checkpoint_async.)"""
         self._check_open()
         if self._writer is not None:
             self._writer.flush()   # commits stay in checkpoint order
@@ -242,7 +243,7 @@ class Checkpointer:
         if full:
             self.log.write_layout(self.layout)   # a full base image starts after a layout record
         pages_logged, bytes_logged, scan_s, dirty_lists = 0, 0, 0.0, []
-        whole = _WholeReads(self.rt, self.states) if full else None
+        whole = (_plan if _plan is not None else _WholeReads(self.rt, self.states)) if full else None
         for st in self.states:
             r = st.region
             ts = time.perf_counter()
@@ -304,11 +305,12 @@ class Checkpointer:
         the rest (else written before this returns). See handlers/async_checkpoint.py for
         what runs where."""
         self._check_open()
-        base = self._small_base() if self.need_full else None
+        plan = _WholeReads(self.rt, self.states) if self.need_full else None
+        base = plan if plan is not None and self._small_base(plan) else None
         if (self.need_full and base is None) or (self._writer is not None and self._writer.overflows()):
             if self._writer is not None:
                 self._writer.raise_error()
-            stats = self.checkpoint()
+            stats = self.checkpoint(_plan=plan)   # a large base: its reads planned once
             h = CheckpointHandle(stats.checkpoint_id)
             h._finish(stats, newest=stats.checkpoint_id)
             return h
@@ -320,14 +322,11 @@ class Checkpointer:
         b = self.rt.backend
         return self._writer.enqueue(_stream_handle(stream, int(b.device or 0)) if b.streams else None)
 
-    def _small_base(self) -> _WholeReads | None:
-        """The base image's reads, where every region is read whole or in spans and they come
-        to at most ASYNC_BASE_BYTES (a Hugging Face guard's: 2-9 MB); else None (a larger base
-        is written as it is read, a group at a time, not held in memory for the writer)."""
-        whole = _WholeReads(self.rt, self.states)
-        if not all(whole.covers(st) for st in self.states) or whole.nbytes > ASYNC_BASE_BYTES:
-            return None
-        return whole
+    def _small_base(self, plan: _WholeReads) -> bool:
+        """Does the base image go to the writer: every region read whole or in spans, and
+        they come to at most ASYNC_BASE_BYTES (a Hugging Face guard's: 2-9 MB)? (A larger
+        base is written as it is read, a group at a time, not held in memory for the writer.)"""
+        return all(plan.covers(st) for st in self.states) and plan.nbytes <= ASYNC_BASE_BYTES
 
     def _read_base(self, whole: _WholeReads) -> list:
         """Every region's base image read now, as (region, pieces) for the writer; the

@@ -248,9 +248,15 @@ def test_the_first_async_checkpoint_reads_its_base_at_the_call_and_the_writer_wr
     monkeypatch.setattr(C, "ASYNC_BASE_BYTES", 4096)   # this base is larger: written at once
     os.remove(path)
     ck = Checkpointer(rt, {"kv": kv}, str(path), mode="hash")
+    plans = []
+    real_init = C._WholeReads.__init__
+    monkeypatch.setattr(C._WholeReads, "__init__",
+                        lambda self, *a: (plans.append(1), real_init(self, *a))[1])
     now = ck.checkpoint_async()
     assert now.done() and now.result().full
+    assert len(plans) == 1   # its reads planned once, for the test and the write alike
     ck.close()
+    np.testing.assert_array_equal(restored(path)["kv"].numpy(), first * 2)
 
 
 CHILD = r"""
