@@ -268,9 +268,9 @@ class StagingRing:
         arena = self.rt.mapped(max(1, sum(words)), np.uint32)
         lists: dict = {}   # (scanner, capacity) -> the RegionSlot that owns its list
         shares, first = [], 0
-        for st, cap, w in zip(self.states, caps, words):
+        for j, (st, cap, w) in enumerate(zip(self.states, caps, words)):
             staging = arena.part(first, cap * st.region.words_per_page)
-            shares.append(self._region_slot(st, cap, staging, lists) if cap else None)
+            shares.append(self._region_slot(j, cap, staging, lists) if cap else None)
             first += w
         return arena, shares
 
@@ -286,10 +286,11 @@ class StagingRing:
             cap = list_capacity(st, self.slot_bytes)
         return cap
 
-    def _region_slot(self, st, cap: int, staging, lists: dict) -> RegionSlot:
+    def _region_slot(self, j: int, cap: int, staging, lists: dict) -> RegionSlot:
         # the gathers write straight into host memory (zero-copy): the writer copies nothing.
         # (Gathering into device memory and copying out on the writer's stream was measured
         # slower on an H100: the writer's copy waited a decode step's length; docs/checkpointing.md)
+        st = self.states[j]
         r, rt, b = st.region, self.rt, self.backend
         hosted = host_listed(st)
         shared = lists.get((id(st.scanner), cap)) if hosted else None
@@ -305,7 +306,7 @@ class StagingRing:
                 lists[id(st.scanner), cap] = rs
         rs.rows = rs.host_data[:cap * r.page_size].reshape(cap, r.page_size)
         source = r.words()   # what the scan and gather read: the region, or its copy (fork)
-        if self.states.index(st) in self.snapshots:
+        if j in self.snapshots:
             source = rs.snapshot = rt.empty(r.n_words, np.uint32)
         rs.short_last = r.page_bytes(r.n_pages - 1) != r.page_size
         counted = hk.counted_page_gatherer(r.words_per_page, r.n_words)
