@@ -118,6 +118,11 @@ def async_stats(hs, busy: dict, steps: int, suffix: str) -> dict:
     return {k + suffix: v for k, v in out.items()}
 
 
+def repeat_overheads(plain: list, other: list) -> list:
+    """Percent overhead of each repeat's run against the same repeat's plain run."""
+    return [round(100 * (p - o) / p, 2) for p, o in zip(plain, other) if p > 0]
+
+
 def measure_batch(L, a, base, batch, kinds, log) -> dict:
     """The kinds of run interleaved on one model, cache and CUDA graph (a server keeps one),
     `repeats` times each, in a rotating order. Runs on models made one after another were not
@@ -153,6 +158,9 @@ def measure_batch(L, a, base, batch, kinds, log) -> dict:
     for k in kinds:
         if k != "plain" and plain:
             row[f"overhead_pct_{k}"] = round(100 * (plain - row[f"tok_s_{k}"]) / plain, 2)
+            # each repeat's own pair (its plain run and this kind's, a few seconds apart): their
+            # spread is the noise the medians above sit in
+            row[f"overhead_pct_{k}_repeats"] = repeat_overheads(rates["plain"], rates[k])
     for kind in (k for k in kinds if k in ASYNC_KINDS):
         row.update(async_stats(handles[kind], busy[kind], busy_steps[kind],
                                "" if kind == "async" else "_" + kind))

@@ -234,6 +234,10 @@ def test_the_decode_benchmark_runs_its_kinds_on_one_model(tmp_path):
     assert min(row["tok_s_plain_runs"] + row["tok_s_async_runs"]) > 0
     assert row["bytes_per_step"] > 0 and row["lag_checkpoints_median"] >= 0
     assert row["recovery_ms"]["total"] > 0 and row["ckpt_ms_median"] > 0
+    for k in ("async", "sync"):   # each repeat's own pair, against that repeat's plain run
+        plain, runs = row["tok_s_plain_runs"], row[f"tok_s_{k}_runs"]
+        assert row[f"overhead_pct_{k}_repeats"] == pytest.approx(
+            [100 * (p - r) / p for p, r in zip(plain, runs)], abs=0.2)
 
 
 @pytest.mark.parametrize("args,says", [
