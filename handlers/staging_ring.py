@@ -336,18 +336,12 @@ class StagingRing:
                                                    for k in range(min(len(forked), MAX_BRANCHES))])
 
     def _side_branch(self, slot: Slot, js: list):
-        """A branch of the forked graph: regions `js`'s scans (from their copies) and gathers,
-        and their lists out. The side stream runs the captures in order, so each scan finds
-        the shadow as the capture before it left it."""
+        """A branch of the forked graph: the rest of regions `js`'s captures (_record_rest).
+        The side stream runs the captures in order, so each scan finds the shadow as the
+        capture before it left it."""
         def record(stream):
             for j in js:
-                rs = slot.regions[j]
-                if j in self.snapshots:
-                    self.backend.memset32_on(stream, rs.count.handle, 0, 1)
-                    rs.launches["scan"](self.states[j].region.n_pages, stream)
-                rs.launches["gather"](min(rs.capacity, hk.GATHER_GROUPS), stream)
-                self.backend.copy_out_on(stream, rs.count.handle, rs.host_count)
-                self.backend.copy_out_on(stream, rs.pages.handle, rs.host_pages)
+                self._record_rest(j, slot.regions[j], stream)
         return record
 
     def _branches(self, slot: Slot) -> list:
@@ -378,16 +372,23 @@ class StagingRing:
         return record if owners else None
 
     def _record_region(self, j: int, rs: RegionSlot, stream):
-        st, b, groups = self.states[j], self.backend, min(rs.capacity, hk.GATHER_GROUPS)
-        ring = j in self.ring_regions
+        """A region's capture in the caller's stream: what must run at the capture point,
+        then the rest, unless the rest is forked onto the side stream (_side_branch)."""
+        st, b = self.states[j], self.backend
         if j in self.snapshots:   # the region as of this point; scanned on the side stream
             b.copy_device_on(stream, rs.snapshot.handle, st.region.words().handle, st.region.n_words * 4)
-            return
-        if device_listed(st):   # the block table names the pages; the device keeps `last`
+        elif device_listed(st):   # the block table names the pages; the device keeps `last`
             rs.launches["list"](stream)
             rs.launches["advance"](1, stream)
-            if j in self.forked:   # the rest on the side stream (_side_branch)
-                return
+        if j not in self.forked:
+            self._record_rest(j, rs, stream)
+
+    def _record_rest(self, j: int, rs: RegionSlot, stream):
+        """A region's capture after its capture point: the scan (of the region, or of its
+        copy), the gather, and the list and count out to pinned memory."""
+        st, b, groups = self.states[j], self.backend, min(rs.capacity, hk.GATHER_GROUPS)
+        ring = j in self.ring_regions
+        if device_listed(st):
             if not ring:
                 rs.launches["gather"](groups, stream)
             b.copy_out_on(stream, rs.count.handle, rs.host_count)
