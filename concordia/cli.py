@@ -366,6 +366,11 @@ def cmd_bench(args) -> int:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
         return int(e.code or 0)
+    except ModuleNotFoundError as e:   # a benchmark's own dependency (torch, transformers)
+        if (e.name or "").split(".")[0] in ("concordia", "concordia_ir", "bench"):
+            raise   # ours: a fault, not a missing install
+        raise ConcordiaError(f"concordia bench {args.name} needs {e.name}, which is not "
+                             "installed here") from None
     return 0
 
 

@@ -108,6 +108,15 @@ def test_log_inspect_names_each_commit_and_its_base(tmp_path):
     assert r.stdout.splitlines()[-1].endswith("compacted base, pages of zeros left out")
 
 
+def test_a_benchmark_whose_dependency_is_missing_says_so_in_one_line():
+    """torch is made unimportable in the child: `concordia bench llm` names it, no traceback."""
+    code = ("import sys; sys.modules['torch'] = None; from concordia.cli import main; "
+            "sys.exit(main(['bench', 'llm', '--batches', '1']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == "error: concordia bench llm needs torch, which is not installed here"
+
+
 def test_bench_lists_every_benchmark_script():
     """`concordia bench` names every script in bench/ (hf_guard, llm_long and the profilers
     were missing: `concordia bench hf_guard` said there was no such benchmark)."""
