@@ -9,7 +9,8 @@ and the enqueue without the writer's Python, to tell them from its contention fo
 F is A with the KV gather forked onto a side stream (device_side="fork").
 
 The host's clocks too: the turn-around (the step's tokens in hand to the next step's graph
-launched), the time in launch(), and how many turn-arounds the writer was appending in
+launched; negative since session 9's loop enqueues the next step before it reads a step's
+tokens), the time in launch(), and how many turn-arounds the writer was appending in
 (holding the GIL, or asking for it, while the decode thread needs it). --switch-interval sets
 Python's sys.setswitchinterval for the run (a GIL holder is asked to drop it after that long).
 
@@ -55,13 +56,13 @@ class StepEvents:
         launch, read_back, checkpoint_async = self.orig
         ev, write = self.event, self.orig_write
 
-        def timed_launch(model, tokens, pos):
+        def timed_launch(model):
             if model.graph is None:    # the eager warm-up and capture: not a step to time
-                return launch(model, tokens, pos)
+                return launch(model)
             t = time.perf_counter()
             self.cur = {"g0": ev(), "h0": t}
             self.steps.append(self.cur)
-            out = launch(model, tokens, pos)
+            out = launch(model)
             self.cur["g1"], self.cur["h1"] = ev(), time.perf_counter()
             return out
 
@@ -122,7 +123,8 @@ class StepEvents:
                 continue
             turns.append(b["h1"] - a["tok"])
             launches.append(b["h1"] - b["h0"])
-            hit += bool(np.any((starts < b["h1"]) & (ends > a["tok"])))
+            lo, hi = min(a["tok"], b["h1"]), max(a["tok"], b["h1"])
+            hit += bool(np.any((starts < hi) & (ends > lo)))
         return {"turn_us": round(float(np.median(turns)) * 1e6, 1),
                 "launch_us": round(float(np.median(launches)) * 1e6, 1),
                 "writer_in_turn": round(hit / max(1, len(turns)), 3)}

@@ -49,29 +49,27 @@ def timed_generate(run, profile_steps: range, prof, gap: str = "none"):
     s, a, m = run.sched, run.args, run.model
     s.start(L.make_prompts(run.cfg, a.batch, a.prompt, a.seed))
     pos = 0
+    s.ensure_block(0)
+    s.publish()
     if run.ckpt is not None:
-        s.ensure_block(0)
         run.checkpoint(0)
-    m.set_table(s.table())
+    m.seek(0)
     rows = []
     step_no = 0
-    while pos < run.max_len - 1:
+    while pos < run.max_len - 1:   # one step at a time: the host waits for each step's tokens
         if s.ensure_block(pos):
-            m.set_table(s.table())
+            s.publish_table()
         if a.adapter_every and pos % a.adapter_every == 0 and pos > 0:
             m.adapter_update(pos)
         t0 = time.perf_counter()
-        nxt_dev = m.launch(s.tokens()[:, pos], pos)
+        nxt_dev = m.launch()
         t1 = time.perf_counter()
-        if run.scanner is not None:
+        if run.scanner is not None and hasattr(run.scanner, "mark"):
             run.scanner.mark(s.table()[:, pos // a.block_size], np.full(a.batch, pos % a.block_size))
         nxt = nxt_dev.cpu().numpy()
         t2 = time.perf_counter()
+        s.took(pos, nxt)
         pos += 1
-        s.host[0] = pos
-        if pos >= s.host[1]:
-            s.tokens()[:, pos] = nxt
-            s.host[1] = pos + 1
         between_steps(run, pos, gap)
         t3 = time.perf_counter()
         rows.append({"pos": pos, "enqueue_ms": (t1 - t0) * 1e3, "wait_ms": (t2 - t1) * 1e3,

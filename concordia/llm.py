@@ -21,6 +21,7 @@ Greedy decoding: a resumed run's tokens equal an uninterrupted run's.
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import os
 import signal
@@ -173,21 +174,20 @@ class Qwen3Decoder:
                               device=device, dtype=dtype)
 
     def _static(self, batch, max_len):
-        """The step's inputs live in fixed tensors (what a CUDA graph reads on each replay)."""
+        """The step's inputs live in fixed tensors (what a CUDA graph reads on each replay);
+        the step fills them itself from the scheduler's device state (`chain.feed`)."""
         max_blocks = -(-max_len // self.block_size)
         self.tokens_in = torch.zeros(batch, dtype=torch.int64, device=self.device)
-        # the next tokens come back through pinned memory, behind the step in its stream
+        # the next tokens come back through pinned memory, behind the step in its stream; two
+        # buffers used in turn, since step k + 1 is enqueued before the host reads step k's
         cuda = self.device.type == "cuda"
-        self.out_host = torch.empty(batch, dtype=torch.int32, pin_memory=cuda)
-        # and the inputs go in through pinned memory: a copy from pageable memory first waits
-        # for the stream, so each step's launch waited for the checkpoint enqueued behind the
-        # last step instead of overlapping it (H100: 35 us of idle device a step at batch 1)
-        self.tokens_host = torch.empty(batch, dtype=torch.int64, pin_memory=cuda)
-        self.table_host = torch.empty(batch, max_blocks, dtype=torch.int64, pin_memory=cuda)
-        self.out_ready = torch.cuda.Event() if cuda else None
+        self.out_host = [torch.empty(batch, dtype=torch.int32, pin_memory=cuda) for _ in range(2)]
+        self.out_ready = [torch.cuda.Event() for _ in range(2)] if cuda else None
+        self.out_turn = 0
         self.pos_in = torch.zeros((), dtype=torch.int64, device=self.device)
         self.table_in = torch.zeros(batch, max_blocks, dtype=torch.int64, device=self.device)
         self.positions = torch.arange(max_blocks * self.block_size, device=self.device)
+        self.chain = None   # the scheduler: feeds a step its inputs and takes its tokens, on the device
 
     def adapter_update(self, step: int):
         """An online adapter change at `step`: a few rows of one layer's factors, from the step
@@ -201,17 +201,16 @@ class Qwen3Decoder:
             vals = (torch.randn(2, t.shape[1], generator=g) * 0.02).to(t.dtype)
             t[_to_device(rows, t.device)] = _to_device(vals, t.device)
 
-    def set_table(self, table: np.ndarray):
-        """The block table (unallocated blocks are -1: read as block 0, and masked)."""
-        self.table_host.numpy()[:] = np.maximum(table, 0)
-        self.table_in.copy_(self.table_host, non_blocking=True)
+    def seek(self, pos: int):
+        """The next step decodes position `pos` (a round's start, a resumed run); after it,
+        each step takes the position after the last one's, on the device."""
+        self.pos_in.fill_(pos - 1)
 
-    def launch(self, tokens: np.ndarray, pos: int) -> torch.Tensor:
-        """Enqueue one decode step (token `pos` of each sequence in, K/V of `pos` written);
-        returns the next tokens as a device tensor, not yet waited for."""
-        self.tokens_host.numpy()[:] = tokens
-        self.tokens_in.copy_(self.tokens_host, non_blocking=True)
-        self.pos_in.fill_(pos)
+    def launch(self) -> torch.Tensor:
+        """Enqueue one decode step: the position after the last one's, its tokens and block
+        table read from the scheduler's device state, its K/V and next tokens written there.
+        Returns the next tokens as a device tensor, not yet waited for: nothing of the host's
+        is needed, so the host can enqueue the next step before it reads this one's tokens."""
         if not self.use_graph:
             return self.step()
         if self.graph is None:
@@ -226,17 +225,25 @@ class Qwen3Decoder:
 
     def read_back(self, out: torch.Tensor):
         """Start copying a step's next tokens to the host; the returned callable waits for them.
-        The copy is enqueued at once, behind the step: work enqueued after it (a checkpoint's
-        capture) then runs while the host handles the tokens and launches the next step,
-        instead of before the host can have them."""
+        The copy is enqueued at once, behind the step, so the host can wait for it alone (not
+        for work enqueued after it: a checkpoint's capture, the next step)."""
         if self.out_ready is None:
             return lambda: out.cpu().numpy()
-        self.out_host.copy_(out, non_blocking=True)
-        self.out_ready.record()
-        return lambda: (self.out_ready.synchronize(), self.out_host.numpy().copy())[1]
+        k, self.out_turn = self.out_turn, self.out_turn ^ 1
+        host, ready = self.out_host[k], self.out_ready[k]
+        host.copy_(out, non_blocking=True)
+        ready.record()
+        return lambda: (ready.synchronize(), host.numpy().copy())[1]
 
     @torch.inference_mode()
     def step(self) -> torch.Tensor:
+        """One decode step from and into the device state: inputs fed, the model, tokens taken."""
+        self.chain.feed(self.pos_in, self.tokens_in, self.table_in)
+        out = self.forward()
+        self.chain.take(self.pos_in, out)
+        return out
+
+    def forward(self) -> torch.Tensor:
         """Greedy next token of each sequence, from the static inputs."""
         c, bs = self.cfg, self.block_size
         B, H, KV, hd = self.tokens_in.shape[0], self.H, self.KV, c.head_dim
@@ -286,7 +293,14 @@ def _rope(x, freq):
 
 class Scheduler:
     """Sequences, their lengths, the block table and the free-block counter, kept in one int32
-    tensor so that the same commit that logs KV pages logs the state that explains them."""
+    tensor so that the same commit that logs KV pages logs the state that explains them.
+
+    The device state is the live one: each step reads its tokens and block table from it and
+    writes its next tokens, the length and kv_len into it (`feed`, `take`: device ops, held by
+    the step's graph), so a checkpoint enqueued behind any step finds state and cache in step.
+    The host keeps a mirror (`host`) from the tokens it reads back, and writes only what it
+    decides: the block table and counter as blocks are handed out, the whole state when a
+    round or a resumed run starts."""
 
     def __init__(self, batch: int, max_len: int, block_size: int, device):
         self.batch, self.max_len, self.block_size = batch, max_len, block_size
@@ -295,10 +309,14 @@ class Scheduler:
         n = self.HEAD + batch * self.max_blocks + batch * max_len
         self.state = torch.zeros(n, dtype=torch.int32, device=device)
         self.host = np.zeros(n, np.int32)
-        # publish's sources: pinned, so the copy is enqueued and the host goes on (a pageable
-        # copy holds the host until it is done, while the device waits for the next step);
-        # two, used in turn (publish's docstring)
-        self.staged = [torch.empty(n, dtype=torch.int32, pin_memory=True) for _ in range(2)] \
+        at = self.HEAD + batch * self.max_blocks
+        self.table_dev = self.state[self.HEAD:at].view(batch, self.max_blocks)
+        self.tokens_dev = self.state[at:].view(batch, max_len)
+        self.decided = slice(2, at)   # what the host decides: the block counter..the table
+        # publish_table's sources: pinned, so the copy is enqueued and the host goes on (a
+        # pageable copy holds the host until it is done, while the device waits for the next
+        # step); two, used in turn (publish_table's docstring)
+        self.staged = [torch.empty(at - 2, dtype=torch.int32, pin_memory=True) for _ in range(2)] \
             if torch.device(device).type == "cuda" else None
         self.turn = 0
 
@@ -330,17 +348,50 @@ class Scheduler:
         return True
 
     def publish(self):
-        """Host bookkeeping -> the device tensor (what gets checkpointed). A pinned source is
-        read when the stream reaches its copy, so the two are used in turn: the decode loop
-        enqueues step k's publish behind step k's read-back, and writes the same source
-        again at step k + 2, after it has waited for step k + 1's tokens, which the stream
-        reaches only after that copy."""
+        """The whole host state -> the device, when nothing of the decode is in flight (a
+        round's or a resumed run's start): a pageable copy, which holds the host until it is
+        read."""
+        self.state.copy_(torch.from_numpy(self.host))
+
+    def publish_table(self):
+        """The block counter and table -> the device, behind the steps enqueued so far, ahead
+        of the step that writes the new block. A pinned source is read when the stream reaches
+        its copy, so the two are used in turn: one written before step k's launch is written
+        again before step k + 2's, after the host has waited for step k's tokens (the decode
+        loop keeps at most two steps unread), which the stream reaches only after that copy."""
         if self.staged is None:
-            self.state.copy_(torch.from_numpy(self.host))
+            self.state[self.decided].copy_(torch.from_numpy(self.host[self.decided]))
             return
         source, self.turn = self.staged[self.turn], self.turn ^ 1
-        source.numpy()[:] = self.host
-        self.state.copy_(source, non_blocking=True)
+        source.numpy()[:] = self.host[self.decided]
+        self.state[self.decided].copy_(source, non_blocking=True)
+
+    def feed(self, pos_in, tokens_in, table_in):
+        """A step's start, on the device: its position (one past the last step's), the tokens
+        there and the block table (unallocated blocks, -1, read as block 0 and masked)."""
+        pos_in.add_(1)
+        tokens_in.copy_(self.tokens_dev.index_select(1, pos_in.view(1)).view(-1))
+        table_in.copy_(self.table_dev.clamp(min=0))
+
+    def take(self, pos_in, out):
+        """A step's end, on the device: its next tokens go after position pos unless the prompt
+        holds them; kv_len = pos + 1 (the host's mirror does the same with the read-back)."""
+        nxt = (pos_in + 1).view(1)
+        known = nxt < self.state[1:2]
+        self.tokens_dev.index_copy_(1, nxt, torch.where(known, self.tokens_dev.index_select(
+            1, nxt).view(-1), out).view(-1, 1))
+        self.state[1:2].copy_(torch.maximum(self.state[1:2], nxt + 1))
+        self.state[0:1].copy_(nxt)
+
+    def took(self, pos: int, tokens: np.ndarray) -> bool:
+        """The host's mirror of `take` for step `pos`, from its read-back tokens; True if they
+        are new (past the prompt)."""
+        self.host[0] = pos + 1
+        if pos + 1 < self.host[1]:
+            return False
+        self.tokens()[:, pos + 1] = tokens
+        self.host[1] = pos + 2
+        return True
 
     def load(self):
         self.host[:] = self.state.cpu().numpy()
@@ -366,6 +417,7 @@ class DecodeRun:
                                   blocks, args.batch, self.max_len, graph=not args.no_graph,
                                   shard=shard)
         self.sched = Scheduler(args.batch, self.max_len, args.block_size, self.device)
+        self.model.chain = self.sched
         self.ckpt = None
         self.scanner = None
         self.stats: list[dict] = []
@@ -430,7 +482,6 @@ class DecodeRun:
     def checkpoint(self, pos: int):
         """A synchronous checkpoint after step `pos`: wait for the device, log, commit, fsync."""
         t0 = time.perf_counter()
-        self.sched.publish()
         self.sync()
         st = self.ckpt.checkpoint()
         self.stats.append({"pos": pos, "seconds": time.perf_counter() - t0, "pages": st.pages,
@@ -438,8 +489,8 @@ class DecodeRun:
 
     def checkpoint_async(self, pos: int):
         """Enqueued in the decode stream right after step `pos` was launched: the scheduler
-        state published behind the step (kv_len = pos) and the cache with pos's K/V. A restore
-        recomputes step pos, which rewrites the same K/V: the pair is consistent."""
+        state as that step left it on the device (kv_len = pos + 1, its next tokens) and the
+        cache with pos's K/V."""
         h = self.ckpt.checkpoint_async()
         self.handles.append(h)
         self.enqueue_s = h.enqueue_s
@@ -460,68 +511,84 @@ class DecodeRun:
             m.adapter.zero_()     # a new job starts from the base adapter
             s.start(self.prompts(0))
             pos = 0
-            if self.ckpt is not None:
-                s.ensure_block(0)
-                self.checkpoint(0)   # the base image
+            s.ensure_block(0)
         else:
             pos = start_pos
-            if self.ckpt is not None:   # a new log for a resumed run (a takeover's)
+        self.sync()
+        s.publish()   # a resumed run's state as loaded; a stopped run's, which the device passed
+        if self.ckpt is not None:
+            if start_pos is None:
+                self.checkpoint(0)   # the base image
+            else:                    # a new log for a resumed run (a takeover's)
                 if hasattr(self.scanner, "start_at"):
                     self.scanner.start_at(pos)   # earlier positions are in the base image
                 if self.ckpt.need_full:
                     self.checkpoint(pos)         # the base image, written whole
-        m.set_table(s.table())
         self.generated = 0
-        self.step_seconds = []   # per decode step: launch to the next tokens on the host
-        self.step_enqueue_s = []   # per decode step: of that, the time in checkpoint_async
+        self.step_seconds = []     # per new token: since the last step's tokens reached the host
+        self.step_enqueue_s = []   # per new token: the time its step spent in checkpoint_async
         while not self._decode_round(pos, crash_after, on_token, stop_after):
             if s.host[4] + 1 >= a.rounds:
                 break
             # the next round: a new request in every slot, in the same blocks (the rows past
             # a position are the last round's, masked until the new round writes them)
             s.start(self.prompts(int(s.host[4]) + 1), int(s.host[4]) + 1)
+            s.publish()
             pos = 0
         self.sync()
         return s.tokens().copy()
 
     def _decode_round(self, pos: int, crash_after, on_token, stop_after) -> bool:
-        """The current round's steps from `pos` to its end; True if stopped (stop_after)."""
+        """The current round's steps from `pos` to its end; True if stopped (stop_after).
+
+        Step k + 1 is enqueued before the host waits for step k's tokens: a step reads its
+        inputs from the device state, so the device goes from step to step without waiting
+        for the host's turn-around, and a checkpoint's capture enqueued behind step k runs
+        before step k + 1 (stream) or beside it (fork). A synchronous checkpoint waits for
+        the device after each step anyway: then one step at a time."""
         s, a, m = self.sched, self.args, self.model
         due = lambda p: self.ckpt is not None and a.every and p % a.every == 0   # noqa: E731
+        ahead = 0 if self.ckpt is not None and not a.async_checkpoints else 1
+        m.seek(pos)
+        unread = collections.deque()
+        self._tokens_at = time.perf_counter()
         while pos < self.max_len - 1:
             if s.ensure_block(pos):
-                m.set_table(s.table())
+                s.publish_table()
             if a.adapter_every and pos % a.adapter_every == 0 and pos > 0:
                 m.adapter_update(pos)
-            t_step, self.enqueue_s = time.perf_counter(), 0.0
-            tokens = m.read_back(m.launch(s.tokens()[:, pos], pos))
+            tokens = m.read_back(m.launch())
             if hasattr(self.scanner, "mark"):   # a host scanner: told what the step wrote
                 self.scanner.mark(s.table()[:, pos // a.block_size], np.full(a.batch, pos % a.block_size))
+            self.enqueue_s = 0.0
             if a.async_checkpoints and due(pos):
-                # the scheduler state (kv_len = pos) goes in behind the step, while the device
-                # computes it: published before the launch it sat in the host's turn-around,
-                # where the device waits for the host (the step reads none of it)
-                s.host[0] = pos
-                s.publish()
                 self.checkpoint_async(pos)
-            nxt = tokens()
+            unread.append((pos, tokens, self.enqueue_s))
             pos += 1
-            s.host[0] = pos
-            if pos >= s.host[1]:            # past the prompt: greedy next token
-                self.step_seconds.append(time.perf_counter() - t_step)
-                self.step_enqueue_s.append(self.enqueue_s)
-                s.tokens()[:, pos] = nxt
-                s.host[1] = pos + 1
-                self.generated += 1
-                if on_token:
-                    on_token(pos)
-            if not a.async_checkpoints and due(pos):
-                self.checkpoint(pos)
-            if crash_after is not None and self.generated >= crash_after:
-                os.kill(os.getpid(), signal.SIGKILL)   # a crash: nothing is flushed or closed
-            if stop_after is not None and self.generated >= stop_after:
+            if len(unread) > ahead and self._took(*unread.popleft(), crash_after, on_token, stop_after):
+                return True
+        while unread:
+            if self._took(*unread.popleft(), crash_after, on_token, stop_after):
                 return True
         return False
+
+    def _took(self, pos: int, tokens, enqueue_s: float, crash_after, on_token, stop_after) -> bool:
+        """Step `pos`'s tokens, waited for and taken into the host's mirror; True to stop."""
+        nxt = tokens()
+        now, since = time.perf_counter(), self._tokens_at
+        self._tokens_at = now
+        if self.sched.took(pos, nxt):
+            self.step_seconds.append(now - since)
+            self.step_enqueue_s.append(enqueue_s)
+            self.generated += 1
+            if on_token:
+                on_token(pos + 1)
+        a = self.args
+        if self.ckpt is not None and not a.async_checkpoints and a.every and (pos + 1) % a.every == 0:
+            self.checkpoint(pos + 1)
+        if crash_after is not None and self.generated >= crash_after:
+            os.kill(os.getpid(), signal.SIGKILL)   # a crash: nothing is flushed or closed
+        return stop_after is not None and self.generated >= stop_after
 
     def resume(self, restore_backend: str, rt=None, checkpoint: int | None = None) -> dict:
         """Restore kv/adapter/sched from the log into this process's tensors (on `rt`, an open
