@@ -31,7 +31,7 @@ from bench.common import environment, table, write_result  # noqa: E402
 PAPER = {"tokens_per_s": 108.2, "checkpoint_overhead_ms": 18.9, "overhead_fraction": "< 4 %"}
 
 
-ASYNC_KINDS = {"async": "stream", "fork": "fork", "ring": "ring"}   # checkpoint_async runs: their device side
+ASYNC_KINDS = {"async": "stream", "fork": "fork", "ring": "ring", "auto": "auto"}   # checkpoint_async runs: their device side
 
 
 def run_kind(run, kind: str, log: str, backend: str | None, stop_after: int | None = None):
@@ -118,6 +118,19 @@ def async_stats(hs, busy: dict, steps: int, suffix: str) -> dict:
     return {k + suffix: v for k, v in out.items()}
 
 
+def repeat_detail(hs, writer, rate: float) -> dict:
+    """One checkpointed run's own figures, to tell what a slow run had that the others did not:
+    its rate, the decode thread's time in checkpoint_async (median and most), of that the
+    time spent getting a staging slot (made, or waited for: backpressure), durability lag,
+    and the writer's time by part (ms over the run)."""
+    enq = np.array([h.enqueue_s for h in hs]) * 1e6 if hs else np.zeros(1)
+    slot = sum(h.phases.get("slot", 0.0) for h in hs)
+    return dict(tok_s=round(rate, 1), enqueue_us_median=round(float(np.median(enq)), 1),
+                enqueue_us_max=round(float(enq.max()), 1), slot_ms=round(slot * 1e3, 2),
+                lag_ms_median=round(float(np.median([h.lag_s for h in hs])) * 1e3, 3) if hs else 0.0,
+                writer_ms={k: round(v * 1e3, 1) for k, v in writer.busy.items()})
+
+
 def repeat_overheads(plain: list, other: list) -> list:
     """Percent overhead of each repeat's run against the same repeat's plain run."""
     return [round(100 * (p - o) / p, 2) for p, o in zip(plain, other) if p > 0]
@@ -134,7 +147,7 @@ def measure_batch(L, a, base, batch, kinds, log) -> dict:
         run_kind(run, kind, log, a.backend, stop_after=8)
     rates = {k: [] for k in kinds}
     step_s = {k: [] for k in kinds}
-    stats, handles, busy, busy_steps = {}, {}, {}, {}
+    stats, handles, busy, busy_steps, details = {}, {}, {}, {}, {}
     for rep in range(a.repeats):
         order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
         for kind in order:
@@ -144,7 +157,9 @@ def measure_batch(L, a, base, batch, kinds, log) -> dict:
             step_s[kind] += run.step_seconds
             stats[kind] = run.stats
             if kind in ASYNC_KINDS:
-                handles.setdefault(kind, []).extend(h for h in run.handles if h.stats is not None)
+                hs = [h for h in run.handles if h.stats is not None]
+                handles.setdefault(kind, []).extend(hs)
+                details.setdefault(kind, []).append(repeat_detail(hs, writer, rate))
                 for part, sec in writer.busy.items():   # the writer's time by part
                     busy.setdefault(kind, {})
                     busy[kind][part] = busy[kind].get(part, 0.0) + sec
@@ -164,6 +179,7 @@ def measure_batch(L, a, base, batch, kinds, log) -> dict:
     for kind in (k for k in kinds if k in ASYNC_KINDS):
         row.update(async_stats(handles[kind], busy[kind], busy_steps[kind],
                                "" if kind == "async" else "_" + kind))
+        row[f"repeat_detail_{kind}"] = details[kind]
     if "sync" in kinds:
         steps = [s for s in stats["sync"] if not s["full"]]
         ms = np.array([s["seconds"] for s in steps]) * 1e3

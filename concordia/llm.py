@@ -641,11 +641,12 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--when-full", default="wait", choices=["wait", "coalesce"],
                    help="--async with every staging slot in flight: wait for one, or fold this "
                         "checkpoint into the next")
-    p.add_argument("--device-side", choices=["stream", "fork", "ring"], default="stream",
+    p.add_argument("--device-side", choices=["auto", "stream", "fork", "ring"], default="auto",
                    help="--async: gather the KV pages in the decode stream (stream), on a side "
                         "stream beside the next step (fork), or on the persistent kernel beside "
                         "the next step, started by a device-side trigger (ring); fork and ring: "
-                        "cuda, with the block table's device list")
+                        "cuda, with the block table's device list; auto: fork where it runs, "
+                        "else stream")
     p.add_argument("--kv-scan", choices=["auto", "host", "device"], default="auto",
                    help="KV pages from the host's record of the writes, or listed on the device "
                         "from the block table (auto: device where the backend has streams)")

@@ -51,7 +51,9 @@ from .staging_ring import (HOST_LIST_STEPS, MAX_BRANCHES, MAX_COALESCE, Rows, Sl
                            list_capacity, ring_gathered, snapshot_scanned, streamable)
 
 WHEN_FULL = ("wait", "coalesce")
-DEVICE_SIDES = ("stream", "fork", "ring")   # where a capture's gather runs (module docstring)
+# where a capture's gather runs (module docstring); "auto": fork where a block table's KV
+# region can be gathered beside the stream, else stream
+DEVICE_SIDES = ("auto", "stream", "fork", "ring")
 # Records the writer appends between two releases of the GIL. A thread waiting for the GIL gets
 # it only when the holder drops it, after up to sys.getswitchinterval() (5 ms) of pure Python:
 # a decode thread back from its device wait would sit behind the writer for that long.
@@ -64,13 +66,18 @@ YIELD_BYTES = 256 << 10
 HOLD_S = 0.005
 
 
-def check_device_side(rt, states, device_side: str) -> None:
-    """device_side="ring" or "fork" where it can run: a backend with streams and graphs (and
-    for "ring" a resident kernel), and a region it may gather beside the stream
+def check_device_side(rt, states, device_side: str) -> str:
+    """The device side to use: "auto" resolved (fork where the backend has streams and graphs
+    and a region is a block table's append-only KV cache: its gather is most of a capture's
+    device time), or "ring" or "fork" checked where they can run: a backend with streams and
+    graphs (and for "ring" a resident kernel), and a region it may gather beside the stream
     (ring_gather's docstring)."""
-    if device_side == "stream":
-        return
     b = rt.backend
+    if device_side == "auto":
+        fork = b.streams and b.graphs and any(ring_gathered(st) for st in states)
+        return "fork" if fork else "stream"
+    if device_side == "stream":
+        return device_side
     if not (b.streams and b.graphs and (device_side == "fork" or b.resident_groups() is not None)):
         needs = "streams and graphs" + (" and a resident kernel" if device_side == "ring" else "")
         raise ConcordiaError(f"device_side={device_side!r} needs a backend with {needs} (cuda); "
@@ -82,9 +89,10 @@ def check_device_side(rt, states, device_side: str) -> None:
                              f"with one slot a page{also} (none here)")
     if device_side == "ring":
         check_eager_loading()
+    return device_side
 
 
-def check_ring(slots: int, when_full: str, device_side: str = "stream") -> None:
+def check_ring(slots: int, when_full: str, device_side: str = "auto") -> None:
     """The staging ring's settings, checked where the user gives them (Checkpointer)."""
     if device_side not in DEVICE_SIDES:
         raise ConcordiaError(f"device_side must be one of {', '.join(DEVICE_SIDES)}, "
@@ -147,7 +155,7 @@ class CheckpointWriter:
 
     def __init__(self, ckpt, slots: int = 4, slot_bytes: int = 16 << 20, when_full: str = "wait",
                  compact_at_bytes: int | None = None, device_side: str = "stream"):
-        check_ring(slots, when_full, device_side)
+        check_ring(slots, when_full, device_side)   # "auto" is the Checkpointer's to resolve
         self.ckpt, self.rt, self.when_full = ckpt, ckpt.rt, when_full
         self.compact_at = compact_at_bytes
         self.compactions: list[dict] = []   # seconds, bytes before and after, each time

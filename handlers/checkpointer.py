@@ -186,7 +186,7 @@ class Checkpointer:
     def __init__(self, runtime, regions: dict, path: str, page_size: int = 4096,
                  mode: str = "shadow", fsync: str = "always", scanners: dict | None = None,
                  ring_slots: int = 4, slot_bytes: int = 16 << 20, when_full: str = "wait",
-                 compact_at_bytes: int | None = None, device_side: str = "stream"):
+                 compact_at_bytes: int | None = None, device_side: str = "auto"):
         if mode not in MODES:
             raise ConcordiaError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         check_ring(ring_slots, when_full, device_side)
@@ -211,7 +211,7 @@ class Checkpointer:
             raise ConcordiaError(f"scanners for unknown regions: {', '.join(sorted(unknown))}")
         self.states = [_RegionState(runtime, r, mode, scanners.get(r.name)) for r in self.regions]
         try:
-            check_device_side(runtime, self.states, device_side)
+            self.device_side = device_side = check_device_side(runtime, self.states, device_side)
         except ConcordiaError:
             self.log.close()
             raise

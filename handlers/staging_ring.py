@@ -42,6 +42,12 @@ HOST_LIST_STEPS = 4 * (MAX_COALESCE + 1)
 # stream; up to this size (a larger one stays in the stream: the copy would cost more than the
 # scan's chain of five dependent nodes, ~30 us on an H100, that it takes off the stream)
 SNAPSHOT_BYTES = 64 << 20
+# Groups of a forked gather (device_side="fork"), which runs beside the next decode step: its
+# writes into host memory are bound by the bus, not by SMs, and each SM its groups hold is one
+# the step's kernels wait for. On an H100 at batch 8 a step beside a gather of up to 1,024
+# groups took 40 us longer than a plain one, beside one of 16 groups 24 us (the in-stream
+# gather keeps GATHER_GROUPS: there, fewer groups took 4 us longer)
+SIDE_GATHER_GROUPS = 16
 # Rings whose slots a runtime keeps after their Checkpointer closed, for the next ring over
 # the same memory: a Hugging Face guard a generate call made two slots (58 kernel bindings
 # and a graph each, 7-8 ms on an H100) though the next call's StaticCache gets the freed
@@ -386,7 +392,8 @@ class StagingRing:
     def _record_rest(self, j: int, rs: RegionSlot, stream):
         """A region's capture after its capture point: the scan (of the region, or of its
         copy), the gather, and the list and count out to pinned memory."""
-        st, b, groups = self.states[j], self.backend, min(rs.capacity, hk.GATHER_GROUPS)
+        st, b = self.states[j], self.backend
+        groups = min(rs.capacity, SIDE_GATHER_GROUPS if j in self.forked else hk.GATHER_GROUPS)
         ring = j in self.ring_regions
         if device_listed(st):
             if not ring:

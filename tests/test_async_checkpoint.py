@@ -550,6 +550,35 @@ def test_block_table_scanner_on_a_region_smaller_than_a_steps_list(tmp_path, bac
     np.testing.assert_array_equal(restored(tmp_path / "t.clog")["kv"].numpy(), cache)
 
 
+def test_device_side_auto_forks_only_a_block_tables_kv_on_a_backend_with_streams(tmp_path):
+    """The default: "fork" where the backend has streams and graphs and a region is a block
+    table's KV cache with one slot a page (its gather is most of a capture's device time);
+    "stream" otherwise. The forked one restores each step exactly."""
+    from concordia.handlers.scanners import BlockTableScanner
+    shape, batch = (2, 2, 4, 4, 2, 32), 2          # 256-byte slots, one a page
+    table_host = np.array([[0, 2], [1, 3]], np.int64)
+    for backend, with_kv, want in (("reference", True, "stream"), ("reference-streams", False, "stream"),
+                                   ("reference-streams", True, "fork")):
+        rt = _runtime(backend)
+        cache = np.zeros(int(np.prod(shape)), np.float32)
+        kv, table, pos = rt.to_device(cache), rt.to_device(table_host.reshape(-1)), rt.zeros(1, np.int64)
+        scanners = {"kv": BlockTableScanner(shape, 4, table, pos, batch, page_size=256)} if with_kv else {}
+        path = tmp_path / f"{backend}-{with_kv}.clog"
+        ck = Checkpointer(rt, {"kv": kv}, str(path), page_size=256, scanners=scanners)
+        assert ck.device_side == want, (backend, with_kv)
+        ck.checkpoint_async()
+        view, states = cache.reshape(shape), []
+        for p in range(8):
+            view[:, :, table_host[:, p // 4], p % 4] = p + 1
+            kv.write(cache)
+            pos.write(np.array([p], np.int64))
+            ck.checkpoint_async()
+            states.append(cache.copy())
+        ck.close()
+        for k, w in enumerate(states, start=2):
+            np.testing.assert_array_equal(restored(path, checkpoint=k)["kv"].numpy(), w)
+
+
 def test_durable_id_counts_a_synchronous_checkpoint_between_async_ones(tmp_path):
     rt = Runtime("reference")
     kv = rt.to_device(np.zeros(N, np.float32))
@@ -722,7 +751,7 @@ def test_device_side_ring_is_refused_where_it_cannot_run_in_one_line(tmp_path):
     with pytest.raises(ConcordiaError, match=r"'fork' needs a backend with streams and graphs "
                                              r"\(cuda\); reference has none"):
         Checkpointer(rt, {"x": x}, str(tmp_path / "c.clog"), device_side="fork")
-    with pytest.raises(ConcordiaError, match="device_side must be one of stream, fork, ring, got 'gpu'"):
+    with pytest.raises(ConcordiaError, match="device_side must be one of auto, stream, fork, ring, got 'gpu'"):
         Checkpointer(rt, {"x": x}, str(tmp_path / "b.clog"), device_side="gpu")
     from concordia.handlers.ring_gather import RingGather
     if os.environ.get("CUDA_MODULE_LOADING", "").upper() != "EAGER":
