@@ -17,6 +17,7 @@ the checkpoints (docs/checkpointing.md), which swamped a 2 % comparison.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -118,6 +119,32 @@ def async_stats(hs, busy: dict, steps: int, suffix: str) -> dict:
     return {k + suffix: v for k, v in out.items()}
 
 
+class GCPauses:
+    """Python's garbage collections while it is installed: (generation, seconds) each. A
+    collection holds the GIL, so it stops the decode thread and the writer alike."""
+
+    def __init__(self):
+        self.pauses: list = []
+        self._t0 = 0.0
+        gc.callbacks.append(self._note)
+
+    def _note(self, phase: str, info: dict):
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], time.perf_counter() - self._t0))
+
+    def take(self) -> dict:
+        """The collections since the last take: how many of the oldest generation, and the
+        longest pause (ms)."""
+        got, self.pauses = self.pauses, []
+        return dict(gc_full=sum(g == 2 for g, _ in got),
+                    gc_ms_max=round(max((s for _, s in got), default=0.0) * 1e3, 2))
+
+    def close(self):
+        gc.callbacks.remove(self._note)
+
+
 def repeat_detail(hs, writer, rate: float) -> dict:
     """One checkpointed run's own figures, to tell what a slow run had that the others did not:
     its rate, the decode thread's time in checkpoint_async (median and most), of that the
@@ -148,12 +175,14 @@ def measure_batch(L, a, base, batch, kinds, log) -> dict:
     rates = {k: [] for k in kinds}
     step_s = {k: [] for k in kinds}
     stats, handles, busy, busy_steps, details = {}, {}, {}, {}, {}
+    collections, gcs = GCPauses(), {k: [] for k in kinds}
     for rep in range(a.repeats):
         order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
         for kind in order:
             writer, rate = run_kind(run, kind, log, a.backend,
                                     stop_after=a.tokens - 8 if kind != "plain" else None)
             rates[kind].append(rate)
+            gcs[kind].append(collections.take())
             step_s[kind] += run.step_seconds
             stats[kind] = run.stats
             if kind in ASYNC_KINDS:
@@ -164,8 +193,10 @@ def measure_batch(L, a, base, batch, kinds, log) -> dict:
                     busy.setdefault(kind, {})
                     busy[kind][part] = busy[kind].get(part, 0.0) + sec
                 busy_steps[kind] = busy_steps.get(kind, 0) + len(run.step_seconds)
+    collections.close()
     row = {"batch": batch}
     for k in kinds:
+        row[f"gc_{k}_repeats"] = gcs[k]   # Python's collections in each run (GCPauses)
         row[f"tok_s_{k}"] = round(float(np.median(rates[k])), 1)
         row[f"decode_step_ms_{k}"] = round(float(np.median(step_s[k])) * 1e3, 3)
         row[f"tok_s_{k}_runs"] = [round(r, 1) for r in rates[k]]
