@@ -244,6 +244,9 @@ def main(argv=None) -> int:
                         "on a side stream), ring (its KV gather on the persistent kernel), sync (checkpoint() every step)")
     p.add_argument("--no-graph", action="store_true", help="eager decode steps (no CUDA graph)")
     p.add_argument("--when-full", default="wait", choices=["wait", "coalesce"])
+    p.add_argument("--ahead", type=int, default=None,
+                   help="decode steps enqueued before the host waits for a step's tokens "
+                        "(default: the decode loop's)")
     p.add_argument("--page-size", type=int, default=0,
                    help="the log's page in bytes (default: the decode loop's, about a KV row)")
     a = p.parse_args(argv)
@@ -254,7 +257,8 @@ def main(argv=None) -> int:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = [*(["--no-graph"] if a.no_graph else []), "--config", a.config, "--device", device,
             "--when-full", a.when_full, "--prompt", str(a.prompt), "--tokens", str(a.tokens),
-            "--page-size", str(a.page_size), "--fsync", a.fsync]
+            "--page-size", str(a.page_size), "--fsync", a.fsync,
+            *(["--ahead", str(a.ahead)] if a.ahead is not None else [])]
     kinds = a.kinds.split(",")
     with tempfile.TemporaryDirectory(prefix="concordia-llm-") as tmp:
         log = os.path.join(tmp, "decode.clog")
@@ -268,7 +272,7 @@ def main(argv=None) -> int:
     result = {"env": env, "config": a.config, "backend": a.backend or "default",
               "prompt": a.prompt, "tokens": a.tokens, "fsync": a.fsync, "kinds": kinds,
               "cuda_graph": not a.no_graph, "page_size": a.page_size, "repeats": a.repeats,
-              "when_full": a.when_full,
+              "when_full": a.when_full, "ahead": L.parse_args(base).ahead,
               "checkpoint_every_steps": 1, "paper": PAPER,
               "targets": {"overhead_pct": "< 2", "recovery_s": "< 1.5"}, "rows": rows}
     path = write_result(name, result)

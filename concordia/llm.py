@@ -110,7 +110,7 @@ class Qwen3Decoder:
 
     def __init__(self, cfg: Qwen3Config, device, dtype, seed: int, block_size: int,
                  num_blocks: int, batch: int, max_len: int, graph: bool = True,
-                 shard: Shard = Shard()):
+                 shard: Shard = Shard(), ahead: int = 1):
         self.cfg, self.device, self.dtype, self.shard = cfg, device, dtype, shard
         key = (cfg, str(device), dtype, seed)
         if key not in _WEIGHTS:
@@ -124,7 +124,7 @@ class Qwen3Decoder:
         self.q_rows = slice(shard.part(cfg.heads).start * cfg.head_dim, shard.part(cfg.heads).stop * cfg.head_dim)
         self.v_rows = slice(shard.part(cfg.kv_heads).start * cfg.head_dim, shard.part(cfg.kv_heads).stop * cfg.head_dim)
         self._state(cfg, device, dtype, block_size, num_blocks, max_len)
-        self._static(batch, max_len)
+        self._static(batch, max_len, ahead)
         self.use_graph = graph and device.type == "cuda" and shard.world == 1
         self.graph = None
 
@@ -174,16 +174,16 @@ class Qwen3Decoder:
         self.kv = torch.zeros(c.layers, 2, num_blocks, block_size, self.KV, c.head_dim,
                               device=device, dtype=dtype)
 
-    def _static(self, batch, max_len):
+    def _static(self, batch, max_len, ahead):
         """The step's inputs live in fixed tensors (what a CUDA graph reads on each replay);
         the step fills them itself from the scheduler's device state (`chain.feed`)."""
         max_blocks = -(-max_len // self.block_size)
         self.tokens_in = torch.zeros(batch, dtype=torch.int64, device=self.device)
-        # the next tokens come back through pinned memory, behind the step in its stream; two
-        # buffers used in turn, since step k + 1 is enqueued before the host reads step k's
+        # the next tokens come back through pinned memory, behind the step in its stream; in a
+        # ring of buffers, since `ahead` more steps are enqueued before the host reads a step's
         cuda = self.device.type == "cuda"
-        self.out_host = [torch.empty(batch, dtype=torch.int32, pin_memory=cuda) for _ in range(2)]
-        self.out_ready = [torch.cuda.Event() for _ in range(2)] if cuda else None
+        self.out_host = [torch.empty(batch, dtype=torch.int32, pin_memory=cuda) for _ in range(ahead + 1)]
+        self.out_ready = [torch.cuda.Event() for _ in range(ahead + 1)] if cuda else None
         self.out_turn = 0
         self.pos_in = torch.zeros((), dtype=torch.int64, device=self.device)
         self.table_in = torch.zeros(batch, max_blocks, dtype=torch.int64, device=self.device)
@@ -230,7 +230,7 @@ class Qwen3Decoder:
         for work enqueued after it: a checkpoint's capture, the next step)."""
         if self.out_ready is None:
             return lambda: out.cpu().numpy()
-        k, self.out_turn = self.out_turn, self.out_turn ^ 1
+        k, self.out_turn = self.out_turn, (self.out_turn + 1) % len(self.out_host)
         host, ready = self.out_host[k], self.out_ready[k]
         host.copy_(out, non_blocking=True)
         ready.record()
@@ -303,7 +303,7 @@ class Scheduler:
     decides: the block table and counter as blocks are handed out, the whole state when a
     round or a resumed run starts."""
 
-    def __init__(self, batch: int, max_len: int, block_size: int, device):
+    def __init__(self, batch: int, max_len: int, block_size: int, device, ahead: int = 1):
         self.batch, self.max_len, self.block_size = batch, max_len, block_size
         self.max_blocks = -(-max_len // block_size)
         self.HEAD = 5   # kv_len, length, next free block, batch, round
@@ -316,8 +316,8 @@ class Scheduler:
         self.decided = slice(2, at)   # what the host decides: the block counter..the table
         # publish_table's sources: pinned, so the copy is enqueued and the host goes on (a
         # pageable copy holds the host until it is done, while the device waits for the next
-        # step); two, used in turn (publish_table's docstring)
-        self.staged = [torch.empty(at - 2, dtype=torch.int32, pin_memory=True) for _ in range(2)] \
+        # step); ahead + 1 of them, used in turn (publish_table's docstring)
+        self.staged = [torch.empty(at - 2, dtype=torch.int32, pin_memory=True) for _ in range(ahead + 1)] \
             if torch.device(device).type == "cuda" else None
         self.turn = 0
 
@@ -357,13 +357,14 @@ class Scheduler:
     def publish_table(self):
         """The block counter and table -> the device, behind the steps enqueued so far, ahead
         of the step that writes the new block. A pinned source is read when the stream reaches
-        its copy, so the two are used in turn: one written before step k's launch is written
-        again before step k + 2's, after the host has waited for step k's tokens (the decode
-        loop keeps at most two steps unread), which the stream reaches only after that copy."""
+        its copy, so the sources are used in turn: one written before step k's launch is
+        written again before step k + ahead + 1's at the earliest, after the host has waited
+        for step k's tokens (the decode loop keeps at most ahead + 1 steps unread), which the
+        stream reaches only after that copy."""
         if self.staged is None:
             self.state[self.decided].copy_(torch.from_numpy(self.host[self.decided]))
             return
-        source, self.turn = self.staged[self.turn], self.turn ^ 1
+        source, self.turn = self.staged[self.turn], (self.turn + 1) % len(self.staged)
         source.numpy()[:] = self.host[self.decided]
         self.state[self.decided].copy_(source, non_blocking=True)
 
@@ -416,8 +417,8 @@ class DecodeRun:
         blocks = args.batch * (-(-self.max_len // args.block_size))
         self.model = Qwen3Decoder(self.cfg, self.device, dtype, args.seed, args.block_size,
                                   blocks, args.batch, self.max_len, graph=not args.no_graph,
-                                  shard=shard)
-        self.sched = Scheduler(args.batch, self.max_len, args.block_size, self.device)
+                                  shard=shard, ahead=args.ahead)
+        self.sched = Scheduler(args.batch, self.max_len, args.block_size, self.device, args.ahead)
         self.model.chain = self.sched
         # Python's full collections scan every object alive: with torch loaded, ~170,000 of
         # them, 80 ms on an H100's host, and the collection holds the GIL, so the decode thread
@@ -466,7 +467,10 @@ class DecodeRun:
                                              page_size=page)
         else:
             self.scanner = KVBlockScanner(tuple(kv.shape), kv.element_size(), page)
+        # the staging slots a writer that keeps up has in flight: the captures of the steps not
+        # yet run (ahead + 1), the one it writes and the one it holds until the next comes
         self.ckpt = Checkpointer(rt, self.regions(rt), self.args.log, fsync=self.args.fsync,
+                                 ring_slots=self.args.ahead + 3,
                                  page_size=page,
                                  scanners={"kv": self.scanner, "adapter": AdapterPageScanner()},
                                  when_full=self.args.when_full, device_side=self.args.device_side,
@@ -548,14 +552,15 @@ class DecodeRun:
     def _decode_round(self, pos: int, crash_after, on_token, stop_after) -> bool:
         """The current round's steps from `pos` to its end; True if stopped (stop_after).
 
-        Step k + 1 is enqueued before the host waits for step k's tokens: a step reads its
-        inputs from the device state, so the device goes from step to step without waiting
-        for the host's turn-around, and a checkpoint's capture enqueued behind step k runs
-        before step k + 1 (stream) or beside it (fork). A synchronous checkpoint waits for
-        the device after each step anyway: then one step at a time."""
+        Steps k + 1..k + ahead are enqueued before the host waits for step k's tokens: a step
+        reads its inputs from the device state, so the device goes from step to step without
+        waiting for the host's turn-around (or for a stall of the host's shorter than `ahead`
+        steps), and a checkpoint's capture enqueued behind step k runs before step k + 1
+        (stream) or beside it (fork). A synchronous checkpoint waits for the device after
+        each step anyway: then one step at a time."""
         s, a, m = self.sched, self.args, self.model
         due = lambda p: self.ckpt is not None and a.every and p % a.every == 0   # noqa: E731
-        ahead = 0 if self.ckpt is not None and not a.async_checkpoints else 1
+        ahead = 0 if self.ckpt is not None and not a.async_checkpoints else a.ahead
         m.seek(pos)
         unread = collections.deque()
         self._tokens_at = time.perf_counter()
@@ -662,6 +667,9 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--slot-mb", type=int, default=16,
                    help="--async: staging per ring slot and region, MiB (a device list's share "
                         "bounds how many checkpoints coalesce while the writer is behind)")
+    p.add_argument("--ahead", type=int, default=1,
+                   help="decode steps enqueued before the host waits for a step's tokens (0: "
+                        "one step at a time; more rides out longer stalls of the host)")
     p.add_argument("--no-graph", action="store_true",
                    help="on a GPU, run each step eagerly instead of replaying a CUDA graph")
     p.add_argument("--crash-after", type=int, help="SIGKILL this process after N new tokens")
@@ -674,6 +682,8 @@ def parse_args(argv=None, prog=None):
         p.error("--resume needs --log")
     if min(a.batch, a.prompt, a.tokens, a.block_size, a.rounds, a.slot_mb) < 1:
         p.error("--batch, --prompt, --tokens, --block-size, --rounds and --slot-mb must be >= 1")
+    if not 0 <= a.ahead <= 8:
+        p.error(f"--ahead must be 0 to 8, got {a.ahead}")
     if a.page_size and (a.page_size < 256 or a.page_size & (a.page_size - 1)):
         p.error(f"--page-size must be a power of two >= 256, got {a.page_size}")
     return a
