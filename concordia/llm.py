@@ -16,6 +16,11 @@ region wrapped through DLPack (no copy):
   its dirty pages are found on the device (AdapterPageScanner: shadow compare);
 - `sched`: the scheduler's state (tokens, lengths, block table, free-block counter).
 
+Each step reads its position, tokens and block table from the scheduler's device state and
+writes its next tokens there, so the host enqueues step k + 1 before it reads step k's tokens
+(`--ahead`): the device does not wait for the host between steps, and a checkpoint enqueued
+behind any step finds state and cache in step.
+
 Greedy decoding: a resumed run's tokens equal an uninterrupted run's.
 """
 from __future__ import annotations
