@@ -564,7 +564,6 @@ class DecodeRun:
         (stream) or beside it (fork). A synchronous checkpoint waits for the device after
         each step anyway: then one step at a time."""
         s, a, m = self.sched, self.args, self.model
-        due = lambda p: self.ckpt is not None and a.every and p % a.every == 0   # noqa: E731
         ahead = 0 if self.ckpt is not None and not a.async_checkpoints else a.ahead
         m.seek(pos)
         unread = collections.deque()
@@ -578,7 +577,7 @@ class DecodeRun:
             if hasattr(self.scanner, "mark"):   # a host scanner: told what the step wrote
                 self.scanner.mark(s.table()[:, pos // a.block_size], np.full(a.batch, pos % a.block_size))
             self.enqueue_s = 0.0
-            if a.async_checkpoints and due(pos):
+            if a.async_checkpoints and self._due(pos):
                 self.checkpoint_async(pos)
             unread.append((pos, tokens, self.enqueue_s))
             pos += 1
@@ -588,6 +587,10 @@ class DecodeRun:
             if self._took(*unread.popleft(), crash_after, on_token, stop_after):
                 return True
         return False
+
+    def _due(self, pos: int) -> bool:
+        """A checkpoint after step `pos` (every --every steps, with a log open)?"""
+        return self.ckpt is not None and self.args.every > 0 and pos % self.args.every == 0
 
     def _took(self, pos: int, tokens, enqueue_s: float, crash_after, on_token, stop_after) -> bool:
         """Step `pos`'s tokens, waited for and taken into the host's mirror; True to stop."""
@@ -600,8 +603,7 @@ class DecodeRun:
             self.generated += 1
             if on_token:
                 on_token(pos + 1)
-        a = self.args
-        if self.ckpt is not None and not a.async_checkpoints and a.every and (pos + 1) % a.every == 0:
+        if not self.args.async_checkpoints and self._due(pos + 1):
             self.checkpoint(pos + 1)
         if crash_after is not None and self.generated >= crash_after:
             os.kill(os.getpid(), signal.SIGKILL)   # a crash: nothing is flushed or closed

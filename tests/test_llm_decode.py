@@ -247,3 +247,40 @@ def test_the_decode_benchmark_runs_its_kinds_on_one_model(tmp_path):
 ] + ([(["--runs", "P,A"], "needs a CUDA device")] if not torch.cuda.is_available() else []))
 def test_the_timeline_benchmark_refuses_in_one_line(args, says):
     assert says in usage_error("decode_timeline.py", *args)
+
+
+@pytest.mark.parametrize("asynchronous,ahead", [(True, 1), (True, 2), (False, 1)])
+def test_the_next_step_is_enqueued_before_the_host_waits_for_tokens(tmp_path, monkeypatch,
+                                                                    asynchronous, ahead):
+    """The decode loop keeps `ahead` steps enqueued past the one whose tokens the host waits
+    for (checkpoint_async, or none), one step at a time around synchronous checkpoints; the
+    steps' own writes into the device state end equal to the host's mirror of them."""
+    from concordia import llm as L
+    events = []
+    launch, read_back = L.Qwen3Decoder.launch, L.Qwen3Decoder.read_back
+
+    def logged_launch(model):
+        events.append("launch")
+        return launch(model)
+
+    def logged_read_back(model, out):
+        wait = read_back(model, out)
+        return lambda: (events.append("wait"), wait())[1]
+    monkeypatch.setattr(L.Qwen3Decoder, "launch", logged_launch)
+    monkeypatch.setattr(L.Qwen3Decoder, "read_back", logged_read_back)
+    args = L.parse_args([*COMMON, "--tokens", "6", "--ahead", str(ahead), "--backend", "reference",
+                         "--log", str(tmp_path / "o.clog"), *(["--async"] if asynchronous else [])])
+    run = L.DecodeRun(args)
+    run.open_checkpointer()
+    tokens = run.generate()
+    run.close_checkpointer()
+    steps = 6 + 6 - 1
+    lead = ahead if asynchronous else 0
+    want = ["launch"] * (lead + 1)
+    for _ in range(steps - lead - 1):
+        want += ["wait", "launch"]
+    want += ["wait"] * (lead + 1)
+    assert events == want
+    np.testing.assert_array_equal(run.sched.state.cpu().numpy(), run.sched.host)
+    assert run.sched.host[0] == steps and run.sched.host[1] == steps + 1
+    assert np.array_equal(tokens, run.sched.tokens())
