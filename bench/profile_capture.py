@@ -32,20 +32,32 @@ from bench.common import environment, write_result  # noqa: E402
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
+# what a capture's graphs run (staging_ring.py): every other device event is the decode's
+CAPTURE_NODES = ("list_kv_pages", "advance_kv_pages", "scan_pages", "gather_counted", "Memcpy",
+                 "Memset")
+
+
 def capture_nodes(trace: dict) -> list[list[tuple]]:
     """Each capture's nodes (name, stream, start us from its lister, length us, bytes): from
-    the lister back to the step's token read-back, on to the next step's first copy in."""
+    after the step's token read-back before its lister, through the capture's nodes on the decode
+    stream up to the next step's first kernel, and its nodes on other streams (a forked
+    capture's) up to the next capture's lister. (The decode loop enqueues the next step
+    before it reads a step's tokens, so the next step, not a copy in, ends a capture.)"""
     ev = sorted((e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") in DEVICE_CATS),
                 key=lambda e: e["ts"])
+    listers = [i for i, e in enumerate(ev) if e["name"] == "list_kv_pages"]
     out = []
-    for i in (i for i, e in enumerate(ev) if e["name"] == "list_kv_pages"):
-        t0, j, k = ev[i]["ts"], i, i
+    for n, i in enumerate(listers):
+        t0, stream, j = ev[i]["ts"], ev[i]["args"].get("stream"), i
         while j > 0 and ev[j - 1]["ts"] > t0 - 3 and not ev[j - 1]["name"].startswith("Memcpy DtoH"):
             j -= 1
-        while k < len(ev) and not (ev[k]["name"].startswith("Memcpy HtoD") and ev[k]["ts"] > t0):
-            k += 1
+        end = listers[n + 1] if n + 1 < len(listers) else len(ev)
+        step = next((k for k in range(i, end) if ev[k]["args"].get("stream") == stream
+                     and not ev[k]["name"].startswith(CAPTURE_NODES)), end)
+        nodes = ev[j:step] + [e for e in ev[step:end] if e["args"].get("stream") != stream
+                              and e["name"].startswith(CAPTURE_NODES)]
         out.append([(e["name"][:40], e["args"].get("stream"), round(e["ts"] - t0, 1),
-                     round(e["dur"], 1), e["args"].get("bytes")) for e in ev[j:k]])
+                     round(e["dur"], 1), e["args"].get("bytes")) for e in nodes])
     return out
 
 

@@ -1,4 +1,5 @@
 """The `concordia` command as a user runs it: exit codes and one-line errors."""
+import os
 import subprocess
 import sys
 
@@ -126,3 +127,26 @@ def test_bench_lists_every_benchmark_script():
     scripts = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(here, "*.py"))} - {"common"}
     listed = concordia("bench").stdout
     assert all(f"concordia bench {name} " in listed for name in scripts), listed
+
+
+def test_profile_capture_reads_a_captures_nodes_from_a_pipelined_trace():
+    """bench/profile_capture.py's trace reading, on a made-up trace of the pipelined loop: a
+    capture is what follows the step's read-back, its nodes on the decode stream up to the next
+    step's first kernel, and its forked nodes on the side stream; the next step is not in it."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from bench.profile_capture import capture_nodes
+
+    def x(name, stream, ts, dur=1.0, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+    step = [x("gemm", 7, t) for t in (0, 10, 20)]
+    events = step + [x("Memcpy DtoH (Device -> Pinned)", 7, 30, cat="gpu_memcpy"),
+                     x("list_kv_pages", 7, 31), x("advance_kv_pages", 7, 33),
+                     x("gemm", 7, 35),                                   # the next step
+                     x("gather_counted", 9, 36, 5.0), x("Memcpy DtoH (Device -> Pinned)", 9, 42, cat="gpu_memcpy"),
+                     x("gemm", 7, 45), x("list_kv_pages", 7, 80), x("gemm", 7, 85)]
+    caps = capture_nodes({"traceEvents": events})
+    assert len(caps) == 2
+    assert [(n[0][:14], n[1], n[2]) for n in caps[0]] == [
+        ("list_kv_pages", 7, 0.0), ("advance_kv_pag", 7, 2.0),
+        ("gather_counted", 9, 5.0), ("Memcpy DtoH (D", 9, 11.0)]
+    assert [n[0] for n in caps[1]] == ["list_kv_pages"]
