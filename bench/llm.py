@@ -152,10 +152,14 @@ def repeat_detail(hs, writer, rate: float) -> dict:
     and the writer's time by part (ms over the run)."""
     enq = np.array([h.enqueue_s for h in hs]) * 1e6 if hs else np.zeros(1)
     slot = sum(h.phases.get("slot", 0.0) for h in hs)
+    # the slowest call's parts: where a stall of the decode thread sat (a slot, the graph's
+    # launch, the event; the rest of enqueue_us_max is the GIL or the OS)
+    worst = max(hs, key=lambda h: h.enqueue_s).phases if hs else {}
     return dict(tok_s=round(rate, 1), enqueue_us_median=round(float(np.median(enq)), 1),
                 enqueue_us_max=round(float(enq.max()), 1), slot_ms=round(slot * 1e3, 2),
                 lag_ms_median=round(float(np.median([h.lag_s for h in hs])) * 1e3, 3) if hs else 0.0,
-                writer_ms={k: round(v * 1e3, 1) for k, v in writer.busy.items()})
+                writer_ms={k: round(v * 1e3, 1) for k, v in writer.busy.items()},
+                slowest_enqueue_ms={k: round(v * 1e3, 3) for k, v in worst.items()})
 
 
 def repeat_overheads(plain: list, other: list) -> list:
