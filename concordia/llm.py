@@ -647,7 +647,8 @@ def parse_args(argv=None, prog=None):
                    help="the prompts, when they differ from --seed's (one model, many jobs)")
     p.add_argument("--adapter-every", type=int, default=8, help="adapter change every N steps")
     p.add_argument("--log", help="delta log path: checkpoint while decoding")
-    p.add_argument("--every", type=int, default=1, help="checkpoint every N decode steps")
+    p.add_argument("--every", type=int, default=1,
+                   help="checkpoint every N decode steps (0: the base image only)")
     p.add_argument("--backend", default=None, help="Concordia backend of the checkpoints "
                    "(default: cuda on a GPU; tenstorrent (simulated) or reference on a CPU)")
     p.add_argument("--page-size", type=int, default=0,
@@ -689,6 +690,8 @@ def parse_args(argv=None, prog=None):
         p.error("--resume needs --log")
     if min(a.batch, a.prompt, a.tokens, a.block_size, a.rounds, a.slot_mb) < 1:
         p.error("--batch, --prompt, --tokens, --block-size, --rounds and --slot-mb must be >= 1")
+    if a.every < 0:
+        p.error(f"--every must be >= 0 (0: the base image only), got {a.every}")
     if not 0 <= a.ahead <= 8:
         p.error(f"--ahead must be 0 to 8, got {a.ahead}")
     if a.page_size and (a.page_size < 256 or a.page_size & (a.page_size - 1)):

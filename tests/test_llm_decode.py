@@ -175,7 +175,9 @@ def test_bad_arguments_are_one_line():
     assert r.returncode == 2 and "--resume needs --log" in r.stderr and "Traceback" not in r.stderr
     for bad, says in ((["--page-size", "1000"], "--page-size must be a power of two >= 256"),
                       (["--rounds", "0"], "--rounds and --slot-mb must be >= 1"),
-                      (["--slot-mb", "0"], "--rounds and --slot-mb must be >= 1")):
+                      (["--slot-mb", "0"], "--rounds and --slot-mb must be >= 1"),
+                      (["--every", "-1"], "--every must be >= 0"),
+                      (["--ahead", "9"], "--ahead must be 0 to 8")):
         r = decode(*bad)
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
 
