@@ -553,7 +553,8 @@ def test_block_table_scanner_on_a_region_smaller_than_a_steps_list(tmp_path, bac
 def test_device_side_auto_forks_only_a_block_tables_kv_on_a_backend_with_streams(tmp_path):
     """The default: "fork" where the backend has streams and graphs and a region is a block
     table's KV cache with one slot a page (its gather is most of a capture's device time);
-    "stream" otherwise. The forked one restores each step exactly."""
+    "stream" otherwise. The forked one restores each step exactly, and its ring made all its
+    slots at its first capture."""
     from concordia.handlers.scanners import BlockTableScanner
     shape, batch = (2, 2, 4, 4, 2, 32), 2          # 256-byte slots, one a page
     table_host = np.array([[0, 2], [1, 3]], np.int64)
@@ -573,6 +574,9 @@ def test_device_side_auto_forks_only_a_block_tables_kv_on_a_backend_with_streams
             kv.write(cache)
             pos.write(np.array([p], np.int64))
             ck.checkpoint_async()
+            if p == 0 and backend == "reference-streams" and with_kv:
+                # a block table's ring makes all its slots at once: none is made mid-run
+                assert len(ck._writer.ring) == 4
             states.append(cache.copy())
         ck.close()
         for k, w in enumerate(states, start=2):
