@@ -45,7 +45,7 @@ SNAPSHOT_BYTES = 64 << 20
 # Groups of a forked gather (device_side="fork"), which runs beside the next decode step: its
 # writes into host memory are bound by the bus, not by SMs, and each SM its groups hold is one
 # the step's kernels wait for. On an H100 at batch 8 a step beside a gather of up to 1,024
-# groups took 40 us longer than a plain one, beside one of 16 groups 24 us (the in-stream
+# groups took 42 us longer than a plain one, beside one of 16 groups 23 us (the in-stream
 # gather keeps GATHER_GROUPS: there, fewer groups took 4 us longer)
 SIDE_GATHER_GROUPS = 16
 # Rings whose slots a runtime keeps after their Checkpointer closed, for the next ring over
