@@ -17,7 +17,7 @@ region wrapped through DLPack (no copy):
 - `sched`: the scheduler's state (tokens, lengths, block table, free-block counter).
 
 Each step reads its position, tokens and block table from the scheduler's device state and
-writes its next tokens there, so the host enqueues step k + 1 before it reads step k's tokens
+writes its tokens there, so the host enqueues step k + 1 before it reads step k's tokens
 (`--ahead`): the device does not wait for the host between steps, and a checkpoint enqueued
 behind any step finds state and cache in step.
 
@@ -302,8 +302,9 @@ class Scheduler:
     tensor so that the same commit that logs KV pages logs the state that explains them.
 
     The device state is the live one: each step reads its tokens and block table from it and
-    writes its next tokens, the length and kv_len into it (`feed`, `take`: device ops, held by
-    the step's graph), so a checkpoint enqueued behind any step finds state and cache in step.
+    writes its input token, the length and kv_len into it (`feed`, `take`: device ops, held
+    by the step's graph), so a checkpoint enqueued behind any step finds state and cache in
+    step.
     The host keeps a mirror (`host`) from the tokens it reads back, and writes only what it
     decides: the block table and counter as blocks are handed out, the whole state when a
     round or a resumed run starts."""
@@ -319,6 +320,7 @@ class Scheduler:
         self.table_dev = self.state[self.HEAD:at].view(batch, self.max_blocks)
         self.tokens_dev = self.state[at:].view(batch, max_len)
         self.decided = slice(2, at)   # what the host decides: the block counter..the table
+        self.output = torch.zeros(batch, dtype=torch.int32, device=device)   # the last step's
         # publish_table's sources: pinned, so the copy is enqueued and the host goes on (a
         # pageable copy holds the host until it is done, while the device waits for the next
         # step); ahead + 1 of them, used in turn (publish_table's docstring)
@@ -374,25 +376,29 @@ class Scheduler:
         self.state[self.decided].copy_(source, non_blocking=True)
 
     def feed(self, pos_in, tokens_in, table_in):
-        """A step's start, on the device: its position (one past the last step's), the tokens
-        there and the block table (unallocated blocks, -1, read as block 0 and masked)."""
+        """A step's start, on the device: its position p (one past the last step's), its input
+        tokens (the prompt's where it holds them, else the last step's output) written into
+        the state, length = p + 1 and kv_len = p, and the block table (unallocated blocks,
+        -1, read as block 0 and masked). A capture behind the step finds kv_len = p and the
+        tokens up to p, as a host publish once gave it: a resumed run recomputes step p,
+        which rewrites the same K/V and makes its token again (so it always has one to make)."""
         pos_in.add_(1)
-        tokens_in.copy_(self.tokens_dev.index_select(1, pos_in.view(1)).view(-1))
+        at = pos_in.view(1)
+        known = at < self.state[1:2]
+        tokens = torch.where(known, self.tokens_dev.index_select(1, at).view(-1), self.output)
+        self.tokens_dev.index_copy_(1, at, tokens.view(-1, 1))
+        self.state[1:2].copy_(torch.maximum(self.state[1:2], at + 1))
+        self.state[0:1].copy_(at)
+        tokens_in.copy_(tokens)
         table_in.copy_(self.table_dev.clamp(min=0))
 
     def take(self, pos_in, out):
-        """A step's end, on the device: its next tokens go after position pos unless the prompt
-        holds them; kv_len = pos + 1 (the host's mirror does the same with the read-back)."""
-        nxt = (pos_in + 1).view(1)
-        known = nxt < self.state[1:2]
-        self.tokens_dev.index_copy_(1, nxt, torch.where(known, self.tokens_dev.index_select(
-            1, nxt).view(-1), out).view(-1, 1))
-        self.state[1:2].copy_(torch.maximum(self.state[1:2], nxt + 1))
-        self.state[0:1].copy_(nxt)
+        """A step's end, on the device: its output, the next step's input past the prompt."""
+        self.output.copy_(out)
 
     def took(self, pos: int, tokens: np.ndarray) -> bool:
-        """The host's mirror of `take` for step `pos`, from its read-back tokens; True if they
-        are new (past the prompt)."""
+        """Step `pos`'s output, read back, into the host's mirror (which holds it a step before
+        the device state does: `feed`); True if it is new (past the prompt)."""
         self.host[0] = pos + 1
         if pos + 1 < self.host[1]:
             return False
@@ -505,8 +511,8 @@ class DecodeRun:
 
     def checkpoint_async(self, pos: int):
         """Enqueued in the decode stream right after step `pos` was launched: the scheduler
-        state as that step left it on the device (kv_len = pos + 1, its next tokens) and the
-        cache with pos's K/V."""
+        state as that step left it on the device (kv_len = pos, the tokens up to pos) and the
+        cache with pos's K/V. A restore recomputes step pos, which rewrites the same K/V."""
         h = self.ckpt.checkpoint_async()
         self.handles.append(h)
         self.enqueue_s = h.enqueue_s

@@ -256,7 +256,7 @@ def test_the_next_step_is_enqueued_before_the_host_waits_for_tokens(tmp_path, mo
                                                                     asynchronous, ahead):
     """The decode loop keeps `ahead` steps enqueued past the one whose tokens the host waits
     for (checkpoint_async, or none), one step at a time around synchronous checkpoints; the
-    steps' own writes into the device state end equal to the host's mirror of them."""
+    steps' own writes into the device state agree with the host's mirror of them."""
     from concordia import llm as L
     events = []
     launch, read_back = L.Qwen3Decoder.launch, L.Qwen3Decoder.read_back
@@ -283,6 +283,31 @@ def test_the_next_step_is_enqueued_before_the_host_waits_for_tokens(tmp_path, mo
         want += ["wait", "launch"]
     want += ["wait"] * (lead + 1)
     assert events == want
-    np.testing.assert_array_equal(run.sched.state.cpu().numpy(), run.sched.host)
-    assert run.sched.host[0] == steps and run.sched.host[1] == steps + 1
-    assert np.array_equal(tokens, run.sched.tokens())
+    # the device state holds each step's input (kv_len = the last step's position); the
+    # host's mirror holds the last step's output too
+    s = run.sched
+    state = s.state.cpu().numpy()
+    assert (state[0], state[1], s.host[0], s.host[1]) == (steps - 1, steps, steps, steps + 1)
+    np.testing.assert_array_equal(state[s.decided], s.host[s.decided])
+    np.testing.assert_array_equal(s.tokens_dev.cpu().numpy()[:, :steps], s.tokens()[:, :steps])
+    assert np.array_equal(tokens, s.tokens())
+
+
+def test_a_finished_jobs_last_checkpoint_resumes_with_a_token_to_make(tmp_path):
+    """A checkpoint behind step pos holds kv_len = pos and the tokens up to pos: a run
+    resumed from it recomputes that step. So a job whose last checkpoint came after its last
+    step (killed before its result was delivered) resumes with a token to make, the last
+    one, and the same tokens (a standby's recovery waits for that first token)."""
+    from concordia import llm as L
+    args = L.parse_args([*COMMON, "--tokens", "8", "--backend", "reference", "--async",
+                         "--log", str(tmp_path / "f.clog")])
+    run = L.DecodeRun(args)
+    run.open_checkpointer()
+    want = run.generate()
+    run.close_checkpointer()
+    again = L.DecodeRun(L.parse_args([*COMMON, "--tokens", "8", "--log", args.log, "--resume"]))
+    rec = again.resume("reference")
+    assert rec["restored_pos"] == 6 + 8 - 2          # the last step's position
+    made = []
+    assert np.array_equal(again.generate(start_pos=rec["restored_pos"], on_token=made.append), want)
+    assert made == [6 + 8 - 1]
