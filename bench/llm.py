@@ -179,14 +179,14 @@ def measure_batch(L, a, base, batch, kinds, log) -> dict:
     rates = {k: [] for k in kinds}
     step_s = {k: [] for k in kinds}
     stats, handles, busy, busy_steps, details = {}, {}, {}, {}, {}
-    collections, gcs = GCPauses(), {k: [] for k in kinds}
+    pauses, gcs = GCPauses(), {k: [] for k in kinds}
     for rep in range(a.repeats):
         order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
         for kind in order:
             writer, rate = run_kind(run, kind, log, a.backend,
                                     stop_after=a.tokens - 8 if kind != "plain" else None)
             rates[kind].append(rate)
-            gcs[kind].append(collections.take())
+            gcs[kind].append(pauses.take())
             step_s[kind] += run.step_seconds
             stats[kind] = run.stats
             if kind in ASYNC_KINDS:
@@ -197,7 +197,7 @@ def measure_batch(L, a, base, batch, kinds, log) -> dict:
                     busy.setdefault(kind, {})
                     busy[kind][part] = busy[kind].get(part, 0.0) + sec
                 busy_steps[kind] = busy_steps.get(kind, 0) + len(run.step_seconds)
-    collections.close()
+    pauses.close()
     row = {"batch": batch}
     for k in kinds:
         row[f"gc_{k}_repeats"] = gcs[k]   # Python's collections in each run (GCPauses)

@@ -74,8 +74,8 @@ def main() -> int:
         if run.generated % every == 0:   # (steps so far, seconds, log bytes)
             sizes.append((len(run.step_seconds), round(time.perf_counter() - t0, 3),
                           os.path.getsize(log)))
-    # stopped a few tokens short, as a crash would: a checkpoint of the finished job leaves
-    # recovery no token to make (each step's checkpoint holds the tokens it made)
+    # stopped a few tokens short, as a crash would and as bench/llm.py's checkpointed runs
+    # are: recovery then resumes mid-job, not at its last step
     run.generate(on_token=on_token, stop_after=a.rounds * a.tokens - 8)
     seconds = time.perf_counter() - t0
     writer = run.ckpt._writer

@@ -214,8 +214,8 @@ class Qwen3Decoder:
 
     def launch(self) -> torch.Tensor:
         """Enqueue one decode step: the position after the last one's, its tokens and block
-        table read from the scheduler's device state, its K/V and next tokens written there.
-        Returns the next tokens as a device tensor, not yet waited for: nothing of the host's
+        table read from the scheduler's device state (`chain.feed`), its K/V written, its
+        output kept on the device for the next step (`chain.take`). Returns the next tokens as a device tensor, not yet waited for: nothing of the host's
         is needed, so the host can enqueue the next step before it reads this one's tokens."""
         if not self.use_graph:
             return self.step()
@@ -246,7 +246,7 @@ class Qwen3Decoder:
         """One decode step from and into the device state: inputs fed, the model, tokens taken."""
         self.chain.feed(self.pos_in, self.tokens_in, self.table_in)
         out = self.forward()
-        self.chain.take(self.pos_in, out)
+        self.chain.take(out)
         return out
 
     def forward(self) -> torch.Tensor:
@@ -392,7 +392,7 @@ class Scheduler:
         tokens_in.copy_(tokens)
         table_in.copy_(self.table_dev.clamp(min=0))
 
-    def take(self, pos_in, out):
+    def take(self, out):
         """A step's end, on the device: its output, the next step's input past the prompt."""
         self.output.copy_(out)
 
@@ -536,8 +536,9 @@ class DecodeRun:
             s.ensure_block(0)
         else:
             pos = start_pos
-        self.sync()
-        s.publish()   # a resumed run's state as loaded; a stopped run's, which the device passed
+        # a resumed run's state as loaded; a stopped run's, which the device passed (the copy
+        # is in the stream, behind the steps still running)
+        s.publish()
         if self.ckpt is not None:
             if start_pos is None:
                 self.checkpoint(0)   # the base image
