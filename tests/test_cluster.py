@@ -6,16 +6,18 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 pytest.importorskip("torch", reason="the decode workload is PyTorch")
-pytest.importorskip("ray", reason="the cluster needs Ray: pip install 'concordia[cluster]'")
+ray = pytest.importorskip("ray", reason="the cluster needs Ray: pip install 'concordia[cluster]'")
 
 from concordia.backends import backend_status  # noqa: E402
 from concordia.cluster import FailoverPlan, run_failover, start_ray  # noqa: E402
 from concordia.cluster.coordinator import reference_tokens  # noqa: E402
+from concordia_ir.errors import ConcordiaError  # noqa: E402
 
 SPEC = dict(config="tiny", batch=2, prompt=6, tokens=30, block_size=8, seed=0, adapter_every=5,
             dtype="float32", every=1, fsync="always", when_full="wait")
@@ -24,7 +26,6 @@ HAS_TT = backend_status()["tenstorrent"].ok
 
 @pytest.fixture(scope="module")
 def ray_up():
-    import ray
     start_ray()
     yield
     ray.shutdown()
@@ -157,3 +158,68 @@ def test_tensor_parallel_standby_dying_before_the_group_forms(ray_up, tmp_path):
     assert report["verified"]
     [rec] = report["recoveries"]
     assert rec["failed_standbys"] == ["standby-0"] and rec["to_worker"] == "standby-1"
+
+
+def test_a_takeover_with_no_durable_commit_starts_the_job_again(tmp_path):
+    """A worker killed before its first commit was durable leaves a torn log or none: its
+    standby starts the job again from its prompts (the job's, not the standby's own), and the
+    tokens are an uninterrupted run's."""
+    from concordia.cluster.coordinator import Job
+    from concordia.cluster.worker import DecodeWorker
+    torn = tmp_path / "job-0.e0.clog"
+    torn.write_bytes(b"\x00" * 40)
+    standby = DecodeWorker("standby-0", "reference", dict(SPEC))
+    got = standby.take_over([str(torn), str(tmp_path / "never-written.clog")],
+                            str(tmp_path / "job-0.e1.clog"), prompt_seed=5)
+    assert got["phases"]["restored_pos"] is None and got["phases"]["log_in"] is None
+    np.testing.assert_array_equal(np.asarray(got["tokens"]),
+                                  reference_tokens(plan(tmp_path), Job("job-0", 5)))
+
+
+def test_tensor_parallel_rank_with_no_commit_sends_the_job_to_its_start(tmp_path):
+    from concordia.cluster.tensor_parallel import TPCoordinator
+    coord = TPCoordinator(plan(tmp_path), say=quiet)
+    coord.history = [[str(tmp_path / "tp-rank0.e0.clog")], [str(tmp_path / "tp-rank1.e0.clog")]]
+    logs_in, checkpoints, target, positions = coord._rollback_point()
+    assert (logs_in, checkpoints, target) == (None, None, "the start")
+    assert positions == "none on rank 0"
+
+
+class _LeavingRank:
+    """Stands in for a survivor rank (not a backend): it reports `state` in heartbeats for
+    `hold_s`, unchanged, and its pending call returns after `hold_s` (never, if None)."""
+
+    def __init__(self, state: str, hold_s: float | None):
+        self.state, self.hold_s, self.since = state, hold_s, time.time()
+
+    def heartbeat(self) -> dict:
+        return {"state": self.state, "pos": 0, "since": self.since, "t": time.time()}
+
+    def decode(self) -> dict:
+        time.sleep(self.hold_s if self.hold_s is not None else 3600)
+        return {"aborted": True}
+
+
+@pytest.mark.parametrize("state, hold_s, left", [
+    ("loading", 2.0, True),     # a slow restore on a loaded host is progress, not a hang
+    ("joining", None, False),   # a rendezvous that never ends is
+])
+def test_a_survivor_is_waited_for_while_it_is_on_its_way_out(ray_up, tmp_path, state, hold_s,
+                                                             left):
+    from concordia.cluster.tensor_parallel import TPCoordinator
+    coord = TPCoordinator(plan(tmp_path, deadline_s=0.2), say=quiet)
+    coord.join_timeout_s = 0.3    # joining may last 3 x 0.3 + 0.2 s unchanged
+    rank = ray.remote(_LeavingRank).options(max_concurrency=2).remote(state, hold_s)
+    coord.ranks = [None, rank]
+    t = time.time()
+    try:
+        if left:
+            assert coord._await_leave(1, rank.decode.remote())
+            assert time.time() - t >= hold_s
+        else:
+            with pytest.raises(ConcordiaError, match="did not leave the broken group: joining "
+                                                     "with no change for") as e:
+                coord._await_leave(1, rank.decode.remote())
+            assert 1.1 < float(str(e.value).split()[-2]) < 10
+    finally:
+        ray.kill(rank)

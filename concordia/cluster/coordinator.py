@@ -264,7 +264,7 @@ class RecoveryCoordinator(Coordinator):
         logs_in = list(reversed(job.logs))   # the standby reads the newest with a commit
         log_out = job.next_log(self.plan.log_dir)
         job.actor, job.info = actor, info
-        job.ref = actor.take_over.remote(logs_in, log_out, job.step_delay)
+        job.ref = actor.take_over.remote(logs_in, log_out, job.prompt_seed, job.step_delay)
         job.progress_at = time.time()
         self.event(f"{info['name']} ({info['backend']}) takes over {job.name}")
         if self.standby_kills > 0:
@@ -280,7 +280,7 @@ class RecoveryCoordinator(Coordinator):
         rec.update(to=job.info["backend"], to_worker=job.info["name"], load_s=ph["load_s"],
                    apply_s=ph["apply_s"], resume_s=first_token - ph["applied_at"],
                    restored_pos=ph["restored_pos"], requests=self.plan.spec["batch"],
-                   log=os.path.basename(ph["log_in"]),
+                   log=ph["log_in"] and os.path.basename(ph["log_in"]),
                    total_s=first_token - rec.pop("fault_at"))
         self.recoveries.append(rec)
         job.pending = None

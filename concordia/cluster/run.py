@@ -93,8 +93,14 @@ def failover_main(args) -> int:
 def _summary(report: dict):
     for r in report["recoveries"]:
         extra = f", after {len(r['failed_standbys'])} standby death(s)" if r["failed_standbys"] else ""
-        print(f"{r['job']}: {r['from_worker']} ({r['from']}) {r['failure']} -> {r['to_worker']} "
-              f"({r['to']}){extra}: detect {r['detect_s'] * 1e3:.1f} ms, load "
+        if "restored_pos" in r and r["restored_pos"] is None:
+            extra += ", restarted from the start (no commit was durable yet)"
+        head = (f"{r['job']}: {r['from_worker']} ({r['from']}) {r['failure']} -> {r['to_worker']} "
+                f"({r['to']}){extra}")
+        if r.get("total_s") is None:   # its standby was replaced in turn: the next line has it
+            print(f"{head}: detect {r['detect_s'] * 1e3:.1f} ms; its standby failed in turn")
+            continue
+        print(f"{head}: detect {r['detect_s'] * 1e3:.1f} ms, load "
               f"{r['load_s'] * 1e3:.1f} ms, apply {r['apply_s'] * 1e3:.1f} ms, resume "
               f"{r['resume_s'] * 1e3:.1f} ms; first new token {r['total_s'] * 1e3:.1f} ms after "
               f"the failure; {r['requests']} requests continued")

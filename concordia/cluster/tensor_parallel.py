@@ -61,7 +61,12 @@ class TPRank:
             self.runs[rank] = run
         self.dist_backend = "nccl" if device_of(backend) == "cuda" else "gloo"
         self._lock, self._aborted = threading.Lock(), False
-        self._status = {"state": "idle", "pos": 0}
+        self._status = {"state": "idle", "pos": 0, "since": time.time()}
+
+    def _enter(self, state: str, pos: int):
+        """The rank's state for heartbeats, with when it last changed (a decoding rank's
+        changes with each token: the coordinator bounds a rank's time without progress)."""
+        self._status = {"state": state, "pos": pos, "since": time.time()}
 
     def describe(self) -> dict:
         return {"name": self.name, "backend": self.backend, "pid": os.getpid()}
@@ -95,21 +100,22 @@ class TPRank:
         self._aborted = False
         start = None
         if log_in is not None:     # rejoin or take over: roll back to the agreed commit
-            self._status = {"state": "loading", "pos": 0}
+            self._enter("loading", 0)
             run.args.log = log_in
             rec = run.resume(self.backend, self.rt, checkpoint)
             start = rec["restored_pos"]
             phases.update(load_s=rec["detect_s"] + rec["load_log_s"], apply_s=rec["apply_s"],
                           restored_pos=start)
-        self._status = {"state": "joining", "pos": start or 0}
+        self._enter("joining", start or 0)
         t_join = time.time()
         try:   # a rank that never comes (a standby dead before joining) ends the wait
             dist.init_process_group(self.dist_backend, init_method=init_method, rank=rank,
                                     world_size=WORLD, timeout=timedelta(seconds=join_timeout_s))
         except Exception as e:
-            self._status = {"state": "aborted", "pos": start or 0}
+            self._enter("aborted", start or 0)
             self.abort()
-            return {"aborted": True, "rank": rank, "error": f"{type(e).__name__}: {e}"[:300]}
+            return {"aborted": True, "rank": rank, "error": f"{type(e).__name__}: {e}"[:300],
+                    "join_s": time.time() - t_join}
         phases["join_s"] = time.time() - t_join
         phases["joined_at"] = time.time()
         run.model.shard = Shard(rank, WORLD, _all_reduce)
@@ -120,14 +126,14 @@ class TPRank:
         def tick(pos):
             if not first:
                 first.append(time.time())
-            self._status = {"state": "decoding", "pos": pos}
+            self._enter("decoding", pos)
             if step_delay:
                 time.sleep(step_delay)
         try:
             tokens = run.generate(start_pos=start, on_token=tick)
             run.ckpt.flush()
         except Exception as e:   # a collective failed: the group is broken (a rank died)
-            self._status = {"state": "aborted", "pos": self._status["pos"]}
+            self._enter("aborted", self._status["pos"])
             self.abort()
             return {"aborted": True, "rank": rank, "error": f"{type(e).__name__}: {e}"[:300]}
         finally:
@@ -135,7 +141,7 @@ class TPRank:
             run.ckpt = None
         dist.barrier()
         dist.destroy_process_group()
-        self._status = {"state": "done", "pos": self._status["pos"]}
+        self._enter("done", self._status["pos"])
         phases["first_token"] = first[0] if first else None
         return {"aborted": False, "rank": rank, "tokens": tokens.tolist(), "phases": phases,
                 "worker": self.name, "backend": self.backend}
@@ -256,14 +262,11 @@ class TPCoordinator(Coordinator):
                             "fault_at": self.fault_at}
         for r in waiting:   # survivors in the broken collective (or rendezvous) leave it
             self.ranks[r].abort.remote()
-        # a rendezvous client retries its connection once: up to twice the timeout
-        wait_s = 2.5 * self.join_timeout_s + self.plan.deadline_s
-        for r in waiting:
-            try:
-                ray.get(refs[r], timeout=wait_s)
-            except Exception:
-                raise ConcordiaError(f"rank {r} did not leave the broken group within "
-                                     f"{wait_s:g} s") from None
+        also = [r for r in sorted(waiting) if not self._await_leave(r, refs[r])]
+        if also:    # a survivor died on its way out: its rank is replaced as well
+            self.event(f"rank {', '.join(map(str, also))} died while leaving the broken group")
+            self.pending["failed_survivors"] = also
+            dead = sorted(dead + also)
         t_agree = time.time()
         self.event(f"the survivors left the broken group in {(t_agree - now) * 1e3:.1f} ms")
         if len(self.standbys) < len(dead):
@@ -290,10 +293,46 @@ class TPCoordinator(Coordinator):
             self.event(f"SIGKILL {self.info[standby]['name']} before the group is rebuilt")
         return refs
 
+    def _stuck_after(self, state: str) -> float:
+        """How long a leaving rank may stay in `state` with no change before it is taken for
+        hung. A rendezvous with a dead peer ends at its timeout, and its client retries the
+        connection once; a broken collective fails at most at the same timeout; loading a log
+        is progress, bounded only against a hang."""
+        if state == "joining":
+            return 3 * self.join_timeout_s + self.plan.deadline_s
+        if state == "loading":
+            return max(60.0, 10 * self.join_timeout_s)
+        return self.join_timeout_s + self.plan.deadline_s
+
+    def _await_leave(self, r: int, ref) -> bool:
+        """Wait for survivor `r` to leave the broken group, for as long as it is on its way
+        out: it answers heartbeats and has not stayed in one state past `_stuck_after` (timed
+        by the rank's own clock, so a loaded host's slow restore is not taken for a hang).
+        False: it died on the way."""
+        while not ray.wait([ref], timeout=0.25)[0]:
+            try:
+                st = ray.get(self.ranks[r].heartbeat.remote(), timeout=10 * self.plan.deadline_s)
+            except RayActorError:
+                break   # it died as well: its decode call says so below
+            except ray.exceptions.GetTimeoutError:
+                raise ConcordiaError(f"rank {r} stopped answering heartbeats while leaving the "
+                                     f"broken group") from None
+            stuck = st["t"] - st["since"]
+            if stuck > self._stuck_after(st["state"]):
+                raise ConcordiaError(f"rank {r} did not leave the broken group: {st['state']} "
+                                     f"with no change for {stuck:.1f} s")
+        try:
+            ray.get(ref)
+        except RayActorError:
+            return False
+        return True
+
     def _rollback_point(self):
         """Each rank's newest log holding a commit gives its last step; the rollback point is
         the smallest, and each rank restores the commit at it from the newest of its logs that
-        holds one (a new epoch whose group never formed has none and is passed over)."""
+        holds one (a new epoch whose group never formed has none and is passed over). A rank
+        with no commit at all (killed before its first one was durable) sends the job back to
+        its start."""
         scans = []
         for r in range(WORLD):
             mine = []
@@ -304,8 +343,8 @@ class TPCoordinator(Coordinator):
                     continue
                 if scan.commit_ends:
                     mine.append(scan)
-            if not mine:
-                raise ConcordiaError(f"rank {r} has no log with a committed checkpoint")
+            if not mine:   # it died before its first commit was durable: nothing to keep
+                return None, None, "the start", f"none on rank {r}"
             scans.append(mine)
         positions = [commit_position(mine[0]) for mine in scans]
         target = min(positions)
@@ -340,13 +379,15 @@ def run_tp_failover(plan, say=print) -> dict:
         coord.stop_actors()
     for rec in coord.recoveries:   # the new standby's phases, from the rank that replaced
         ph = next((g["phases"] for g in got if g["worker"] == rec["to_worker"]), None)
-        if ph is None or "load_s" not in ph:   # replaced again later: its phases are gone
+        fault_at = rec.pop("fault_at")
+        if ph is None or ph.get("first_token") is None:   # replaced again later: phases gone
             rec["total_s"] = None
-            rec.pop("fault_at")
             continue
-        rec.update(load_s=ph["load_s"], apply_s=ph["apply_s"], resume_s=ph["first_token"] - ph["joined_at"],
-                   join_s=ph["join_s"], restored_pos=ph["restored_pos"],
-                   total_s=ph["first_token"] - rec.pop("fault_at"))
+        # a job sent back to its start (no rank had a commit) loads and applies nothing
+        rec.update(load_s=ph.get("load_s", 0.0), apply_s=ph.get("apply_s", 0.0),
+                   restored_pos=ph.get("restored_pos"), join_s=ph["join_s"],
+                   resume_s=ph["first_token"] - ph["joined_at"],
+                   total_s=ph["first_token"] - fault_at)
     verified = all(np.array_equal(np.asarray(a["tokens"]), np.asarray(b["tokens"]))
                    for a, b in zip(clean, got)) and \
         np.array_equal(np.asarray(got[0]["tokens"]), np.asarray(got[1]["tokens"]))

@@ -90,11 +90,14 @@ class DecodeWorker:
         self.run.args.prompt_seed = prompt_seed
         return self._decode(log, None, step_delay, {})
 
-    def take_over(self, logs_in: list[str], log_out: str, step_delay: float = 0.0) -> dict:
+    def take_over(self, logs_in: list[str], log_out: str, prompt_seed: int,
+                  step_delay: float = 0.0) -> dict:
         """Continue a dead worker's job: load the newest of its logs (`logs_in`, newest first)
         that holds a commit, apply it to this worker's tensors on this worker's backend, decode
-        on from the restored step, logging into `log_out`."""
+        on from the restored step, logging into `log_out`. With no commit in any (the worker
+        died before its first was durable) the job starts again from its prompts."""
         self._set(state="loading", t_start=time.time())
+        self.run.args.prompt_seed = prompt_seed
         rec = None
         for log in logs_in:   # a standby that died early may have left a log with no commit
             self.run.args.log = log
@@ -103,13 +106,15 @@ class DecodeWorker:
                 break
             except ConcordiaError:
                 continue
-        if rec is None:
-            raise ConcordiaError(f"no log with a committed checkpoint among {logs_in}")
-        phases = {"load_s": rec["detect_s"] + rec["load_log_s"], "apply_s": rec["apply_s"],
-                  "restored_pos": rec["restored_pos"], "applied_at": time.time(),
-                  "log_in": log}
+        if rec is None:   # killed before its first commit was durable: nothing to keep
+            phases = {"load_s": 0.0, "apply_s": 0.0, "restored_pos": None,
+                      "applied_at": time.time(), "log_in": None}
+        else:
+            phases = {"load_s": rec["detect_s"] + rec["load_log_s"], "apply_s": rec["apply_s"],
+                      "restored_pos": rec["restored_pos"], "applied_at": time.time(),
+                      "log_in": log}
         self._set(phases=dict(phases))   # the coordinator closes the recovery at first token
-        return self._decode(log_out, rec["restored_pos"], step_delay, phases)
+        return self._decode(log_out, phases["restored_pos"], step_delay, phases)
 
     def _decode(self, log: str, start_pos, step_delay: float, phases: dict) -> dict:
         """Decode on, logging into `log`: a path the coordinator cleared (coordinator.fresh)."""
