@@ -50,7 +50,9 @@ def test_random_kills_and_a_standby_killed_mid_takeover(ray_up, tmp_path, seed):
     assert len(report["recoveries"]) == 2
     assert sum(len(r["failed_standbys"]) for r in report["recoveries"]) == 1
     for r in report["recoveries"]:
-        assert r["detect_s"] < 1.0               # a dead actor is seen at once, not by timeout
+        # a dead actor is seen at once, not by the heartbeat deadline (2 s; under 0.05 s on
+        # an idle box, up to 1.1 s on a loaded 2-core one)
+        assert r["detect_s"] < 2.0
         assert r["requests"] == SPEC["batch"]
         assert SPEC["prompt"] < r["restored_pos"] < SPEC["prompt"] + SPEC["tokens"]
         for phase in ("load_s", "apply_s", "resume_s", "total_s"):
