@@ -210,7 +210,7 @@ def test_a_survivor_is_waited_for_while_it_is_on_its_way_out(ray_up, tmp_path, s
                                                              left):
     from concordia.cluster.tensor_parallel import TPCoordinator
     coord = TPCoordinator(plan(tmp_path, deadline_s=0.2), say=quiet)
-    coord.join_timeout_s = 0.3    # joining may last 3 x 0.3 + 0.2 s unchanged
+    coord.join_timeout_s = 0.3    # joining may last 4 x 0.3 + 0.2 s unchanged
     rank = ray.remote(_LeavingRank).options(max_concurrency=2).remote(state, hold_s)
     coord.ranks = [None, rank]
     t = time.time()
@@ -222,6 +222,6 @@ def test_a_survivor_is_waited_for_while_it_is_on_its_way_out(ray_up, tmp_path, s
             with pytest.raises(ConcordiaError, match="did not leave the broken group: joining "
                                                      "with no change for") as e:
                 coord._await_leave(1, rank.decode.remote())
-            assert 1.1 < float(str(e.value).split()[-2]) < 10
+            assert 1.4 < float(str(e.value).split()[-2]) < 10
     finally:
         ray.kill(rank)
