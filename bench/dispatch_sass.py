@@ -26,11 +26,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import environment, write_result  # noqa: E402
 from bench.dispatch import bump, page_copy, scale  # noqa: E402
 from concordia import Runtime  # noqa: E402
 from concordia.handlers.dispatcher import build_dispatcher, make_handler  # noqa: E402
 from lowering import render_source  # noqa: E402
-from lowering.compile import compile_cuda  # noqa: E402
+from lowering.compile import compile_cuda, nvrtc_version  # noqa: E402
 
 OPS = {"scale": (scale, np.float32, 2), "page_copy": (page_copy, np.uint32, 2),
        "bump": (bump, np.int32, 1)}
@@ -79,6 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--cuobjdump", default=shutil.which("cuobjdump"))
     p.add_argument("--restrict", action="store_true",
                    help="also with __restrict__ on the handler's buffers")
+    p.add_argument("--json", default=None, help="result file (default "
+                   "bench/results/dispatch-sass-<op>.json)")
     a = p.parse_args(argv)
     if not a.cuobjdump or not os.access(a.cuobjdump, os.X_OK):
         print("error: no cuobjdump: pass --cuobjdump PATH (pip download nvidia-cuda-cuobjdump)",
@@ -86,13 +89,19 @@ def main(argv=None) -> int:
         return 1
     source = dispatcher_source(a.op)
     variants = [("as built", source)] + [("__restrict__", with_restrict(source))] * a.restrict
+    rows = []
     for name, src in variants:
         order = memory_order(src, a.cuobjdump)
+        rows.append({"variant": name, "order": " ".join(order),
+                     "loads_in_flight": longest_load_run(order)})
         print(f"{a.op}, {name}: {len(order)} plain loads (L) and stores (S), the handler's and "
               f"the completion mark's; at most "
               f"{longest_load_run(order)} load(s) in flight before a store")
         print("  " + " ".join("L" + "c" * ("CONSTANT" in i) if i.startswith("LDG") else "S"
                               for i in order))
+    write_result(f"dispatch-sass-{a.op}", {"env": environment("none (NVRTC sm_90, cuobjdump)"),
+                                           "nvrtc": nvrtc_version(), "op": a.op, "rows": rows},
+                 a.json)
     return 0
 
 

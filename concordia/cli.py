@@ -333,6 +333,7 @@ BENCHES = {
     "checkpoint": "Figure 1: one dirty page, scan vs copy, log",
     "migration": "safepoint overhead, pause latency, migration time",
     "dispatch": "persistent ring vs cuLaunchKernel vs CUDA graph: latency heatmap, small tasks",
+    "dispatch_sass": "the dispatcher's handler loop from its SASS: loads in flight (no GPU)",
     "llm": "Qwen3 decode with per-step checkpoints: tokens/s, checkpoint ms, recovery",
     "llm_long": "10,000 steps with compaction: the log's size over time, recovery",
     "hf_guard": "GenerationGuard on transformers' generate: tok/s, steady rate, first calls",
