@@ -76,7 +76,7 @@ def main() -> int:
         p.error(f"--tokens takes 2 or more and --repeats 1 or more, got {a.tokens} and {a.repeats}")
     from transformers import StaticCache
     import hf_generate as H
-    from concordia.hf import GenerationGuard
+    from concordia.hf import GenerationGuard, cache_kwargs
     timers = PartTimers()
     model = H.build(a.size, a.device)
     ids = torch.randint(0, model.config.vocab_size, (1, 16),
@@ -97,7 +97,7 @@ def main() -> int:
             calls.append((time.perf_counter() - t) * 1e3)
             return out
         sync()
-        model.generate(ids, past_key_values=cache, max_new_tokens=a.tokens, do_sample=False,
+        model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=a.tokens, do_sample=False,
                        stopping_criteria=[criterion], pad_token_id=0)
         sync()
         guard.close()

@@ -95,7 +95,7 @@ def main() -> int:
     import torch
     from transformers import StaticCache
     import hf_generate as H
-    from concordia.hf import GenerationGuard
+    from concordia.hf import GenerationGuard, cache_kwargs
     a, kinds = parse_args(torch.cuda.is_available())
     model = H.build(a.size, a.device)
     ids = torch.randint(0, model.config.vocab_size, (a.batch, 16),
@@ -121,7 +121,7 @@ def main() -> int:
         if a.device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        model.generate(ids, past_key_values=cache, max_new_tokens=a.tokens, do_sample=False,
+        model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=a.tokens, do_sample=False,
                        stopping_criteria=[guard], pad_token_id=0)
         if a.device == "cuda":
             torch.cuda.synchronize()

@@ -73,7 +73,7 @@ def main() -> int:
     import hf_generate as H
     from concordia.handlers.async_checkpoint import CheckpointWriter
     from concordia.handlers.staging_ring import StagingRing
-    from concordia.hf import GenerationGuard
+    from concordia.hf import GenerationGuard, cache_kwargs
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = H.build(a.size, device)
     ids = torch.randint(0, model.config.vocab_size, (1, 16),
@@ -95,7 +95,7 @@ def main() -> int:
             gc.disable()
         t = time.perf_counter()
         try:
-            model.generate(ids, past_key_values=cache, max_new_tokens=a.tokens, do_sample=False,
+            model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=a.tokens, do_sample=False,
                            stopping_criteria=[guard] if guard else [], pad_token_id=0)
             if device == "cuda":
                 torch.cuda.synchronize()

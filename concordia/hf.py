@@ -2,12 +2,15 @@
 
     from concordia.hf import GenerationGuard
     guard = GenerationGuard(cache, "run.clog")            # cache: a transformers StaticCache
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=64,
-                         stopping_criteria=[guard])
+    out = model.generate(ids, cache=cache, max_new_tokens=64, stopping_criteria=[guard])
     # after a crash, in a new process:
     ids, cache = GenerationGuard.resume("run.clog", model)   # the tokens so far, a filled cache
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=64 - (ids.shape[1] - prompt_len),
+    out = model.generate(ids, cache=cache, max_new_tokens=64 - (ids.shape[1] - prompt_len),
                          stopping_criteria=[GenerationGuard(cache, "run.clog")])
+
+Recent transformers (5.24 here) take the cache as `cache=` and warn on `past_key_values=`;
+older releases take only `past_key_values=`. `cache_kwargs(model, cache)` gives whichever the
+installed one names: `model.generate(ids, **cache_kwargs(model, cache), ...)`.
 
 Greedy decoding is what resumes with identical tokens: beam search is refused at its first
 step (its beams' scores live in generate), and a sampled generate resumes, but with its own
@@ -22,6 +25,7 @@ tokens.
 """
 from __future__ import annotations
 
+import inspect
 import threading
 import weakref
 
@@ -44,6 +48,14 @@ _RUNTIMES: dict[str, Runtime] = {}   # by backend spec: one for every guard of t
 # call then wraps the same memory, and takes the ring the last one left (staging_ring.IDLE_RINGS)
 _COMPANIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _RUNTIMES_LOCK = threading.Lock()
+
+
+def cache_kwargs(model, cache) -> dict:
+    """generate()'s keyword argument for a cache, as the installed transformers names it:
+    `cache` where the model's forward takes it (recent releases, which warn on the old name),
+    else `past_key_values` (older ones, which refuse the new)."""
+    takes = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in takes else "past_key_values": cache}
 
 
 def _runtime(spec: str) -> Runtime:
@@ -106,7 +118,7 @@ class GenerationGuard:
         layers = _layers(self.cache)
         if not layers or layers[0][0] is None:
             raise ConcordiaError("the cache has no tensors yet: pass the StaticCache that "
-                                 "generate(past_key_values=...) fills")
+                                 "generate(cache=...) fills")
         keys = layers[0][0]
         if keys.dim() != 4:
             raise ConcordiaError(f"expected StaticCache keys of shape (batch, heads, max_len, "

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from concordia.hf import GenerationGuard  # noqa: E402
+from concordia.hf import GenerationGuard, cache_kwargs  # noqa: E402
 
 SIZES = {"tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16),
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     criteria = [c for c in (guard, CrashAfter(a.crash_after, a.prompt) if a.crash_after else None) if c]
     left = a.prompt + a.tokens - ids.shape[1]
     t = time.perf_counter()
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=left, do_sample=False,
+    out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=left, do_sample=False,
                          stopping_criteria=criteria, pad_token_id=0)
     seconds = time.perf_counter() - t
     if guard is not None:

@@ -12,6 +12,8 @@ from tests.bench_usage import usage_error
 
 pytest.importorskip("transformers", reason="the guard wraps transformers: pip install -e .[hf]")
 
+from concordia.hf import cache_kwargs  # noqa: E402
+
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "examples", "hf_generate.py")
 
 
@@ -71,7 +73,7 @@ def test_the_guard_logs_only_the_new_positions(tmp_path):
     _, model, ids = tiny(2)
     cache = StaticCache(config=model.config, max_cache_len=64)
     guard = GenerationGuard(cache, str(tmp_path / "n.clog"))
-    model.generate(ids, past_key_values=cache, max_new_tokens=10, do_sample=False,
+    model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=10, do_sample=False,
                    stopping_criteria=[guard], pad_token_id=0)
     guard.close()
     stats = [h.result() for h in guard.handles]
@@ -98,7 +100,7 @@ def test_the_guard_through_the_stream_path_logs_the_cache_as_it_is(tmp_path, eve
     cache = StaticCache(config=model.config, max_cache_len=64)
     path = str(tmp_path / "s.clog")
     guard = GenerationGuard(cache, path, runtime=stream_runtime(), every=every)
-    model.generate(ids, past_key_values=cache, max_new_tokens=41, do_sample=False,
+    model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=41, do_sample=False,
                    stopping_criteria=[guard], pad_token_id=0)
     guard.close()
     stats = [h.result() for h in guard.handles]
@@ -128,7 +130,7 @@ def test_the_next_generate_calls_guard_takes_the_last_ones_ring(tmp_path):
         cache.reset()
         path = str(tmp_path / f"c{call}.clog")
         guard = GenerationGuard(cache, path, runtime=rt)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=20, do_sample=False,
+        out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=20, do_sample=False,
                              stopping_criteria=[guard], pad_token_id=0)
         ring = guard.ckpt._writer.staging
         used.append(len(ring.made))   # slots in flight at once (more when the writer lags)
@@ -171,7 +173,7 @@ def test_beam_search_is_refused_naming_the_reason(tmp_path):
     cache = StaticCache(config=model.config, max_cache_len=64)
     guard = GenerationGuard(cache, str(tmp_path / "b.clog"))
     with pytest.raises(ConcordiaError, match=r"GenerationGuard protects greedy decoding \(beam"):
-        model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False,
+        model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=4, do_sample=False,
                        num_beams=2, stopping_criteria=[guard], pad_token_id=0)
     guard.close()
 
@@ -186,7 +188,7 @@ def test_resume_with_another_model_names_both_caches(tmp_path):
     cache = StaticCache(config=model.config, max_cache_len=64)
     path = str(tmp_path / "m.clog")
     guard = GenerationGuard(cache, path)
-    model.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False,
+    model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=3, do_sample=False,
                    stopping_criteria=[guard], pad_token_id=0)
     guard.close()
     for change, theirs in (({"num_hidden_layers": 3}, "3 layers, keys of 8,192 bytes"),
@@ -209,7 +211,7 @@ def test_a_guard_on_a_cache_generate_never_filled_is_one_line(tmp_path):
     guard = GenerationGuard(StaticCache(config=model.config, max_cache_len=16),
                             str(tmp_path / "e.clog"))
     with pytest.raises(ConcordiaError, match=r"^the cache has no tensors yet: pass the StaticCache "
-                                             r"that generate\(past_key_values=\.\.\.\) fills$"):
+                                             r"that generate\(cache=\.\.\.\) fills$"):
         guard(torch.zeros(1, 4, dtype=torch.long), None)
 
 
@@ -226,7 +228,7 @@ def test_a_growing_cache_or_a_log_in_no_directory_is_refused_in_one_line(tmp_pat
     path = tmp_path / "no" / "such" / "g.clog"
     guard = GenerationGuard(cache, str(path))
     with pytest.raises(ConcordiaError, match=f"^{path}: cannot create the log: No such file"):
-        model.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False,
+        model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=3, do_sample=False,
                        stopping_criteria=[guard], pad_token_id=0)
 
 
@@ -277,3 +279,24 @@ def test_the_first_call_benchmark_times_the_base_image_by_part(tmp_path):
         assert run["base_read_calls"] == run["base_write_calls"] == 1
         assert "base_checkpoint_calls" not in run and run["base_appends_calls"] >= 4
         assert 0 < run["base_read"] < run["first_call_ms"]
+
+
+def test_cache_kwargs_names_the_cache_as_the_installed_transformers_does():
+    """generate() refuses `cache=` on older transformers and warns on `past_key_values=` on
+    recent ones: the name follows the model's forward."""
+    import inspect
+    import warnings
+    _, model, ids = tiny()
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    assert list(cache_kwargs(model, "c")) == [name]
+
+    class Older:   # a forward as transformers 4.x declares it
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            pass
+    assert cache_kwargs(Older(), "c") == {"past_key_values": "c"}
+    from transformers import StaticCache
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)   # no deprecation from the name it gives
+        model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=2, do_sample=False,
+                       pad_token_id=0)
