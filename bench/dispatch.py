@@ -203,11 +203,12 @@ def cell_records(pr, key: str, scalars, groups: int):
 
 
 def run(backend: str | None, reps: int, blocks: int, small_tasks: int, block: int = BLOCK,
-        payloads=PAYLOADS) -> dict:
+        payloads=PAYLOADS, defer_stores: int = 1) -> dict:
     rt = Runtime(backend)
     name = rt.backend.name
     cells = []
-    pr = PersistentRuntime(rt, blocks=blocks, block_size=block, ring_slots=4096, watchdog_s=30)
+    pr = PersistentRuntime(rt, blocks=blocks, block_size=block, ring_slots=4096, watchdog_s=30,
+                           defer_stores=defer_stores)
     setups = register_cells(rt, pr, block, payloads)
     pr.start()
     # every cell's task a few times first, before any is timed: in one H100 run the first cell
@@ -271,6 +272,7 @@ def run(backend: str | None, reps: int, blocks: int, small_tasks: int, block: in
         c["target_ratio"] = TARGET_SMALL if c["payload_bytes"] <= 4096 else TARGET_LARGE
         c["target_met"] = c["persistent_vs_launch"] <= c["target_ratio"]
     return {"backend": name, "device": rt.backend.device_info(), "blocks": pr.blocks,
+            "defer_stores": defer_stores,
             "block_size": block, "reps": reps, "cells": cells,
             "median_ratio_persistent_vs_launch": round(float(np.median(ratios)), 3),
             "target": f"ring <= {TARGET_SMALL} x cuLaunchKernel up to 4 KiB, <= {TARGET_LARGE} x "
@@ -283,7 +285,8 @@ def run(backend: str | None, reps: int, blocks: int, small_tasks: int, block: in
             "swap": [vars(s) for s in pr.swaps]}
 
 
-def phases(backend: str | None, reps: int, blocks: int, block: int = BLOCK) -> dict:
+def phases(backend: str | None, reps: int, blocks: int, block: int = BLOCK,
+           defer_stores: int = 1) -> dict:
     """Where a task's time goes, per op and payload: the host's clock around publish() and the
     completion spin, the device's clock (%globaltimer, the dispatcher built with trace=True)
     at record-in-hand (a leader's poll of its record included), handler-done and
@@ -296,7 +299,7 @@ def phases(backend: str | None, reps: int, blocks: int, block: int = BLOCK) -> d
         raise SystemExit(f"error: --phases needs a backend with a device clock (cuda, or the "
                          f"reference interpreter's host clock), not {rt.backend.name}")
     pr = PersistentRuntime(rt, blocks=blocks, block_size=block, ring_slots=4096, watchdog_s=30,
-                           trace=True)
+                           trace=True, defer_stores=defer_stores)
     cells = register_cells(rt, pr, block)
     pr.start()
     out = []
@@ -329,6 +332,7 @@ def phases(backend: str | None, reps: int, blocks: int, block: int = BLOCK) -> d
             "clock_alignment_error_us": round(abs(hi - lo) / 2e3, 2)})
     assert pr.shutdown() == []
     return {"backend": rt.backend.name, "device": rt.backend.device_info(), "blocks": pr.blocks,
+            "defer_stores": defer_stores,
             "reps": reps, "phases": out}
 
 
@@ -375,9 +379,14 @@ def main(argv=None) -> int:
                    help="bytes a task touches, comma-separated (multiples of 256)")
     p.add_argument("--phases", action="store_true",
                    help="instead: where a task's time goes, by host and device clocks (cuda)")
+    p.add_argument("--defer-stores", type=int, default=1, metavar="U",
+                   help="virtual groups a handler runs with their loads before their stores, "
+                        "where it may (1: off; not yet measured on a GPU)")
     a = p.parse_args(argv)
+    if not 1 <= a.defer_stores <= 16:
+        p.error(f"--defer-stores must be 1 to 16, got {a.defer_stores}")
     if a.phases:
-        result = phases(a.backend, a.reps, a.blocks, a.block_size)
+        result = phases(a.backend, a.reps, a.blocks, a.block_size, a.defer_stores)
         result["env"] = environment(str(result["device"].get("device")))
         write_result(f"dispatch-phases-{result['backend']}", result, a.json)
         print(table(result["phases"], ["op", "payload_bytes", "records", "total_us", "publish_us",
@@ -390,7 +399,8 @@ def main(argv=None) -> int:
         payloads = ()
     if not payloads or any(x < 256 or x % 256 for x in payloads):
         p.error(f"--payloads takes byte counts that are multiples of 256, got {a.payloads!r}")
-    result = run(a.backend, a.reps, a.blocks, a.small_tasks, a.block_size, payloads)
+    result = run(a.backend, a.reps, a.blocks, a.small_tasks, a.block_size, payloads,
+                 a.defer_stores)
     result["env"] = environment(str(result["device"].get("device")))
     path = write_result(f"dispatch-{result['backend']}", result, a.json)
     heatmap(result, os.path.splitext(path)[0] + ".png")

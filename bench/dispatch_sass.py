@@ -8,7 +8,8 @@ page_copy or bump, as `concordia bench dispatch` runs them) for CUDA, compiles i
 (no GPU needed) and reads its SASS with cuobjdump (`--cuobjdump PATH`, else on PATH; the
 nvidia-cuda-cuobjdump wheel has one). `--restrict` also shows what `__restrict__` on the
 handler's buffers would give (ptxas then reads through the non-coherent path; see the docs for
-why a persistent kernel may not).
+why a persistent kernel may not), and `--defer U` what deferring U virtual groups' stores gives
+(handlers/deferred_stores.py).
 
     python3 bench/dispatch_sass.py --op scale --cuobjdump /path/to/cuobjdump
 """
@@ -40,11 +41,11 @@ OPS = {"scale": (scale, np.float32, 2), "page_copy": (page_copy, np.uint32, 2),
 MEMORY = re.compile(r"\b(LDG\.E(?:\.CONSTANT)?|STG\.E)\b(?!\.STRONG)")
 
 
-def dispatcher_source(op: str) -> str:
+def dispatcher_source(op: str, defer: int = 1) -> str:
     fn, dtype, buffers = OPS[op]
     rt = Runtime("reference")
     handler = make_handler(op, fn, [rt.zeros(1 << 18, dtype) for _ in range(buffers)])
-    return render_source(build_dispatcher([handler], 1024), "cuda")
+    return render_source(build_dispatcher([handler], 1024, defer=defer), "cuda")
 
 
 def with_restrict(source: str) -> str:
@@ -80,6 +81,9 @@ def main(argv=None) -> int:
     p.add_argument("--cuobjdump", default=shutil.which("cuobjdump"))
     p.add_argument("--restrict", action="store_true",
                    help="also with __restrict__ on the handler's buffers")
+    p.add_argument("--defer", type=int, default=4, metavar="U",
+                   help="also with U virtual groups' stores deferred (handlers/deferred_stores.py; "
+                        "1: not)")
     p.add_argument("--json", default=None, help="result file (default "
                    "bench/results/dispatch-sass-<op>.json)")
     a = p.parse_args(argv)
@@ -88,7 +92,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     source = dispatcher_source(a.op)
-    variants = [("as built", source)] + [("__restrict__", with_restrict(source))] * a.restrict
+    variants = [("as built", source)] + [("__restrict__", with_restrict(source))] * a.restrict \
+        + [(f"stores deferred by {a.defer}", dispatcher_source(a.op, a.defer))] * (a.defer > 1)
     rows = []
     for name, src in variants:
         order = memory_order(src, a.cuobjdump)

@@ -22,6 +22,7 @@ from concordia_ir.ops import Block, Kernel, Op, Value, walk
 from concordia_ir.types import PtrType, boolean, i32, u32, u64
 from concordia_ir.verifier import verify_kernel
 from concordia.backends.runtime import DeviceBuffer, _as_kernel
+from concordia.handlers.deferred_stores import deferrable, inline_deferred
 
 RECORD_WORDS = 16    # a record: op id, first group, group count, total groups, run, arguments
 WIRE_WORDS = 2 * RECORD_WORDS   # in the ring: each 16-bit half of a word beside a 16-bit tag
@@ -78,10 +79,13 @@ def make_handler(name: str, kernel, buffers) -> Handler:
 
 # ---- the dispatcher, in IR -------------------------------------------------------------------
 
-def build_dispatcher(handlers: list[Handler], ring_slots: int, trace: bool = False) -> Kernel:
+def build_dispatcher(handlers: list[Handler], ring_slots: int, trace: bool = False,
+                     defer: int = 1) -> Kernel:
     """The op table's resident loop. With `trace`, work-item 0 stamps each task's phases with
     the device clock (TRACE_POINTS per slot in `trace`: claimed, its turn, record in hand,
-    handler done, completion marked); only targets with a device clock lower it."""
+    handler done, completion marked); only targets with a device clock lower it. With `defer`
+    > 1, a handler whose stores may wait runs that many virtual groups with their loads before
+    their stores (handlers/deferred_stores.py)."""
     ring, done, claim, halt = (Value(n, PtrType(i32)) for n in ("ring", "done", "claim", "halt"))
     params = [ring, done, claim, halt]
     stamps_out = Value("trace", PtrType(u64)) if trace else None
@@ -135,7 +139,7 @@ def build_dispatcher(handlers: list[Handler], ring_slots: int, trace: bool = Fal
     op_id = field_(0)
     first, count, total = field_(1), field_(2), field_(3)
     end = go.op("add", (first, count), i32)
-    _dispatch_chain(go, handlers, 0, op_id, first, end, total, shared)
+    _dispatch_chain(go, handlers, 0, op_id, first, end, total, shared, defer)
     go.op("barrier")
     fin = go.child()
     if trace:
@@ -236,8 +240,9 @@ def _read_record(b: IRBuilder, ring, halt, shared, slots: int, slot, task, lid):
     b.op("barrier")
 
 
-def _dispatch_chain(b: IRBuilder, handlers, k, op_id, first, end, total, record):
-    """if op == k: handler k over its groups; else the rest of the chain."""
+def _dispatch_chain(b: IRBuilder, handlers, k, op_id, first, end, total, record, defer=1):
+    """if op == k: handler k over its groups (`defer` at a time with their stores deferred,
+    where handlers/deferred_stores.py may); else the rest of the chain."""
     if k == len(handlers):
         return
     is_k = b.op("eq", (op_id, b.const(k, i32)), boolean)
@@ -264,22 +269,31 @@ def _dispatch_chain(b: IRBuilder, handlers, k, op_id, first, end, total, record)
             else:
                 then.emit("bitcast", (lo,), (dst,))
             word += 1
-    g = Value(f"h{k}.cc.group", i32)
-    body = then.child()
-    _inline(body, h.kernel, f"h{k}.", g, total)
-    then.emit("for", (first, end, then.const(1, i32)), regions=(body.region((g,)),))
+    if defer > 1 and deferrable(h.kernel, h.buffers):
+        inline_deferred(then, h.kernel, f"h{k}.", first, end, defer,
+                        lambda local, g: _inliner(h.kernel, f"h{k}.", g, total, local))
+    else:
+        g = Value(f"h{k}.cc.group", i32)
+        body = then.child()
+        _inline(body, h.kernel, f"h{k}.", g, total)
+        then.emit("for", (first, end, then.const(1, i32)), regions=(body.region((g,)),))
     rest = b.child()
-    _dispatch_chain(rest, handlers, k + 1, op_id, first, end, total, record)
+    _dispatch_chain(rest, handlers, k + 1, op_id, first, end, total, record, defer)
     b.if_(is_k, then, rest)
 
 
-def _inline(b: IRBuilder, kernel: Kernel, prefix: str, g: Value, total: Value):
-    """Appends the handler's body for virtual group g: values renamed, ids rebuilt from g."""
-    def rv(v: Value) -> Value:
-        return Value(prefix + v.name, v.type)
+def _inliner(kernel: Kernel, prefix: str, g: Value, total: Value, local_prefix: str | None = None):
+    """(rewrite(into, op), rv) for inlining the handler's ops as virtual group g: its
+    parameters named `prefix` + name (the dispatcher's), its other values `local_prefix` +
+    name (default `prefix`: one copy of the body), ids rebuilt from g."""
+    params = {p.name for p in kernel.params}
+    local_prefix = prefix if local_prefix is None else local_prefix
 
-    def block(blk: Block) -> Block:
-        inner = b.child()
+    def rv(v: Value) -> Value:
+        return Value((prefix if v.name in params else local_prefix) + v.name, v.type)
+
+    def block(into: IRBuilder, blk: Block) -> Block:
+        inner = into.child()
         for op in blk.ops:
             rewrite(inner, op)
         return Block(tuple(rv(a) for a in blk.args), tuple(inner.ops))
@@ -288,7 +302,7 @@ def _inline(b: IRBuilder, kernel: Kernel, prefix: str, g: Value, total: Value):
         if op.name not in _IDS:
             into.ops.append(Op(op.name, tuple(rv(v) for v in op.operands),
                             tuple(rv(v) for v in op.results), op.attrs,
-                            tuple(block(r) for r in op.regions), op.loc))
+                            tuple(block(into, r) for r in op.regions), op.loc))
             return
         r, d = rv(op.result), op.attr("dim")
         b = into.child(op.loc)
@@ -310,6 +324,12 @@ def _inline(b: IRBuilder, kernel: Kernel, prefix: str, g: Value, total: Value):
                 b.emit("add", (b.op("mul", (g, size), i32), lid), (r,))
         into.ops.extend(b.ops)
 
+    return rewrite, rv
+
+
+def _inline(b: IRBuilder, kernel: Kernel, prefix: str, g: Value, total: Value):
+    """Appends the handler's body for virtual group g: values renamed, ids rebuilt from g."""
+    rewrite, _ = _inliner(kernel, prefix, g, total)
     ops = kernel.body.ops
     for op in (ops[:-1] if ops and ops[-1].name == "return" else ops):
         rewrite(b, op)

@@ -99,9 +99,14 @@ class PersistentRuntime:
     """
 
     def __init__(self, runtime, blocks: int = 8, block_size: int = 256, ring_slots: int = 1024,
-                 watchdog_s: float = 10.0, trace: bool = False):
+                 watchdog_s: float = 10.0, trace: bool = False, defer_stores: int = 1):
         if ring_slots < 1 or blocks < 1:
             raise ConcordiaError("ring_slots and blocks must be >= 1")
+        if not 1 <= defer_stores <= 16:
+            raise ConcordiaError(f"defer_stores must be 1 to 16 (virtual groups whose loads go "
+                                 f"before their stores), got {defer_stores}")
+        # not yet measured on a GPU: off unless asked for (docs/persistent.md, session 10)
+        self.defer_stores = defer_stores
         if block_size < WIRE_WORDS:
             raise ConcordiaError(f"block_size must be >= {WIRE_WORDS} (a record is read by that "
                                  "many work-items)")
@@ -148,7 +153,8 @@ class PersistentRuntime:
             else:
                 handlers[at] = h
         t0 = time.perf_counter()
-        new = build_dispatcher(handlers, self.slots, trace=self.trace is not None)
+        new = build_dispatcher(handlers, self.slots, trace=self.trace is not None,
+                               defer=self.defer_stores)
         self.rt.backend.prebuild(new)   # compile now; loading waits until the old kernel stops
         stats = SwapStats(time.perf_counter() - t0, tasks_before=self.head)
         if self.running is not None:
