@@ -87,6 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="result file (default "
                    "bench/results/dispatch-sass-<op>.json)")
     a = p.parse_args(argv)
+    if not 1 <= a.defer <= 16:
+        p.error(f"--defer must be 1 to 16, got {a.defer}")
     if not a.cuobjdump or not os.access(a.cuobjdump, os.X_OK):
         print("error: no cuobjdump: pass --cuobjdump PATH (pip download nvidia-cuda-cuobjdump)",
               file=sys.stderr)

@@ -10,6 +10,7 @@ from concordia.handlers.deferred_stores import deferrable
 from concordia.handlers.persistent import PersistentRuntime, build_dispatcher, make_handler
 from concordia.lowering import render_source
 from concordia_ir.errors import ConcordiaError
+from tests.bench_usage import usage_error
 from tests.test_persistent import RING_BACKENDS, axpy, expected_axpy, tick
 
 STATUS = backend_status()
@@ -124,3 +125,9 @@ def test_deferred_stores_give_the_same_results(backend, defer):
 def test_defer_stores_out_of_range_is_one_line():
     with pytest.raises(ConcordiaError, match=r"^defer_stores must be 1 to 16 .*got 0$"):
         PersistentRuntime(Runtime("reference"), defer_stores=0)
+
+
+@pytest.mark.parametrize("script, flag", [("dispatch.py", "--defer-stores"),
+                                          ("dispatch_sass.py", "--defer")])
+def test_the_benchmarks_refuse_a_bad_unroll_in_one_line(script, flag):
+    assert f"{flag} must be 1 to 16, got 0" in usage_error(script, flag, "0", timeout=120)
