@@ -5,13 +5,14 @@ each group's load is issued only after the previous group's store: the compiler 
 the handler's buffers apart, so it keeps program order, and a record costs one memory round
 trip per virtual group (docs/persistent.md, session 10; `concordia bench dispatch_sass`).
 
-Where the buffers are apart by construction (no buffer is both loaded and stored, by parameter
-and by the memory bound to it) and every store runs at most once per group (none in a loop),
-the stores can wait: each of U bodies runs with its stores turned into values that its `if`s
-yield (a flag, an index, a value), then the U bodies' stores run, in their program order. The
-loads of U groups then precede every store in program order, so a compiler issues them back to
-back with nothing left to prove. Deferring changes no result: nothing a body loads is stored by
-any body, and stores keep their order, so a location written twice keeps the last write.
+Where a deferred store can meet no load, the stores can wait: each of U bodies runs with its
+stores turned into values that its `if`s yield (a flag, an index, a value), then the U bodies'
+stores run, in their program order. The loads of U groups then precede every store in program
+order, so a compiler issues them back to back with nothing left to prove. A store can meet no
+load when no buffer is both loaded and stored (by parameter, and by the memory bound to it), or
+when every access of one that is sits at the work-item's own global id with its loads first
+(bump); and every store runs at most once per group (none in a loop). Stores keep their order,
+so a location written twice keeps the last write.
 """
 from __future__ import annotations
 
@@ -38,29 +39,45 @@ def deferrable(kernel, buffers) -> bool:
     """Whether the handler's stores may wait until U virtual groups have run (see above)."""
     ptrs = [p for p in kernel.params if isinstance(p.type, PtrType)]
     roots = {p.name: _root(b) for p, b in zip(ptrs, buffers)}
-    loaded, stored = set(), set()
+    accesses = []   # (ptr name, "load" | "store", index value name), in program order
+    own_index = {op.result.name for op in walk(kernel.body)
+                 if op.name == "global_id" and op.attr("dim") == 0}
 
     def visit(block: Block, in_loop: bool) -> bool:
         for op in block.ops:
             if op.name in _ORDERING or op.name.startswith("atomic"):
                 return False
-            if op.name == "store":
-                if in_loop:
-                    return False
-                stored.add(op.operands[0].name)
-            elif op.name == "load":
-                loaded.add(op.operands[0].name)
+            if op.name == "store" and in_loop:
+                return False
+            if op.name in ("load", "store"):
+                accesses.append((op.operands[0].name, op.name, op.operands[1].name))
             looped = in_loop or op.name in ("for", "while")
             if not all(visit(r, looped) for r in op.regions):
                 return False
         return True
 
-    if not visit(kernel.body, False) or not stored or loaded & stored:
+    if not visit(kernel.body, False):
         return False
-    touched = [roots.get(n) for n in loaded | stored]
-    if any(r is None for r in touched):   # wrapped memory, or a pointer that is not a parameter
+    loaded = {a[0] for a in accesses if a[1] == "load"}
+    stored = {a[0] for a in accesses if a[1] == "store"}
+    if not stored or any(roots.get(n) is None for n in loaded | stored):
+        return False   # wrapped memory, or a pointer that is not a parameter
+    if not all(_own_elements(n, accesses, own_index) for n in loaded & stored):
         return False
-    return not {id(roots[n]) for n in loaded} & {id(roots[n]) for n in stored}
+    # a parameter both loaded and stored is checked above; two parameters on one memory never
+    return not any(id(roots[a]) == id(roots[b]) for a in loaded for b in stored if a != b)
+
+
+def _own_elements(ptr: str, accesses, own_index) -> bool:
+    """A buffer both loaded and stored (bump's c[i] = c[i] + 1) may defer its stores when
+    every access of it is at the work-item's own global id (one SSA value, so no two virtual
+    groups touch one element) and its loads all come before its stores: a group's deferred
+    store then meets no load of that element, its own or another group's."""
+    mine = [(kind, index) for p, kind, index in accesses if p == ptr]
+    if any(index not in own_index for _, index in mine) or len({i for _, i in mine}) != 1:
+        return False
+    kinds = [kind for kind, _ in mine]
+    return "load" not in kinds[kinds.index("store"):]
 
 
 class _Deferral:

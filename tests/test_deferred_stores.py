@@ -48,6 +48,21 @@ def bump(c: Ptr[i32], n: i32):
 
 
 @kernel
+def bump_next(c: Ptr[i32], n: i32):
+    i = global_id(0)
+    if i < n:
+        c[i + 1] = c[i] + 1
+
+
+@kernel
+def store_then_load(c: Ptr[i32], out: Ptr[i32], n: i32):
+    i = global_id(0)
+    if i < n:
+        c[i] = 5
+        out[i] = c[i]
+
+
+@kernel
 def store_in_loop(x: Ptr[f32], out: Ptr[f32], n: i32):
     i = global_id(0)
     for j in range(2):
@@ -68,7 +83,9 @@ def test_which_handlers_may_defer_their_stores():
     assert not may_defer(axpy, (x, x))                 # one buffer loaded and stored
     assert not may_defer(axpy, (x, x.part(8, 16)))     # a part of it: the same memory
     assert not may_defer(axpy, (x.view(np.float32), x))
-    assert not may_defer(bump, (c,))                   # reads what it writes
+    assert may_defer(bump, (c,))                       # reads what it writes, its own element
+    assert not may_defer(bump_next, (c,))              # another group's element
+    assert not may_defer(store_then_load, (c, rt.zeros(64, np.int32)))   # a load after a store
     assert not may_defer(tick, (c,))                   # an atomic
     assert not may_defer(store_in_loop, (x, y))        # a store that runs twice a group
 
