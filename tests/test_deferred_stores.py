@@ -10,7 +10,9 @@ from concordia.handlers.deferred_stores import deferrable
 from concordia.handlers.persistent import PersistentRuntime, build_dispatcher, make_handler
 from concordia.lowering import render_source
 from concordia_ir.errors import ConcordiaError
+from concordia.lowering.compile import compile_cuda, compile_hip
 from tests.bench_usage import usage_error
+from tests.test_lowering import elf_header, needs_clang, needs_nvrtc
 from tests.test_persistent import RING_BACKENDS, axpy, expected_axpy, tick
 
 STATUS = backend_status()
@@ -148,3 +150,24 @@ def test_defer_stores_out_of_range_is_one_line():
                                           ("dispatch_sass.py", "--defer")])
 def test_the_benchmarks_refuse_a_bad_unroll_in_one_line(script, flag):
     assert f"{flag} must be 1 to 16, got 0" in usage_error(script, flag, "0", timeout=120)
+
+
+def _deferring_dispatcher():
+    rt = Runtime("reference")
+    x, y, z = (rt.zeros(64, np.float32) for _ in range(3))
+    c = rt.zeros(64, np.int32)
+    return build_dispatcher([make_handler("branchy", branchy, [x, y, z]),
+                             make_handler("window", window, [x, y]),
+                             make_handler("bump", bump, [c])], 64, defer=4)
+
+
+@needs_nvrtc
+def test_a_deferring_dispatcher_compiles_for_cuda():
+    ptx = compile_cuda(render_source(_deferring_dispatcher(), "cuda"), "compute_90").decode()
+    assert "fence.sc.sys" in ptx or "membar.sys" in ptx
+
+
+@needs_clang
+def test_a_deferring_dispatcher_compiles_for_gfx1201():
+    co = compile_hip(render_source(_deferring_dispatcher(), "hip"), "gfx1201")
+    assert elf_header(co)[:2] == (3, 224)   # ET_DYN, EM_AMDGPU
