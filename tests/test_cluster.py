@@ -201,6 +201,10 @@ class _LeavingRank:
         time.sleep(self.hold_s if self.hold_s is not None else 3600)
         return {"aborted": True}
 
+    def decode_then_die(self) -> dict:
+        time.sleep(self.hold_s)
+        os._exit(1)   # the process dies with the call pending, as a SIGKILL leaves it
+
 
 @pytest.mark.parametrize("state, hold_s, left", [
     ("loading", 2.0, True),     # a slow restore on a loaded host is progress, not a hang
@@ -225,3 +229,12 @@ def test_a_survivor_is_waited_for_while_it_is_on_its_way_out(ray_up, tmp_path, s
             assert 1.4 < float(str(e.value).split()[-2]) < 10
     finally:
         ray.kill(rank)
+
+
+def test_a_survivor_that_dies_on_its_way_out_is_reported_dead(ray_up, tmp_path):
+    """_recover replaces it as well: _await_leave says False instead of raising."""
+    from concordia.cluster.tensor_parallel import TPCoordinator
+    coord = TPCoordinator(plan(tmp_path, deadline_s=0.2), say=quiet)
+    rank = ray.remote(_LeavingRank).options(max_concurrency=2).remote("decoding", 0.3)
+    coord.ranks = [None, rank]
+    assert coord._await_leave(1, rank.decode_then_die.remote()) is False
