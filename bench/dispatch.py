@@ -366,6 +366,18 @@ def heatmap(result: dict, path: str):
     fig.savefig(path, dpi=110)
 
 
+def compare_defers(defers: list[int], results: list[dict]) -> str:
+    """Each cell's ring time (and ratio to its launch) under each --defer-stores value."""
+    rows = []
+    for k, cell in enumerate(results[0]["cells"]):
+        row = {"op": cell["op"], "payload_bytes": cell["payload_bytes"]}
+        for u, r in zip(defers, results):
+            c = r["cells"][k]
+            row[f"U={u} ring us (x launch)"] = f"{c['persistent_us']} ({c['persistent_vs_launch']})"
+        rows.append(row)
+    return table(rows, ["op", "payload_bytes", *[f"U={u} ring us (x launch)" for u in defers]])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="concordia bench dispatch", description=__doc__.split("\n")[0])
     p.add_argument("--json", metavar="FILE", help="result file (default bench/results/dispatch-<backend>.json)")
@@ -379,14 +391,21 @@ def main(argv=None) -> int:
                    help="bytes a task touches, comma-separated (multiples of 256)")
     p.add_argument("--phases", action="store_true",
                    help="instead: where a task's time goes, by host and device clocks (cuda)")
-    p.add_argument("--defer-stores", type=int, default=1, metavar="U",
+    p.add_argument("--defer-stores", default="1", metavar="U[,U...]",
                    help="virtual groups a handler runs with their loads before their stores, "
-                        "where it may (1: off; not yet measured on a GPU)")
+                        "where it may (1: off; not yet measured on a GPU); several (1,8): one "
+                        "run each, in this process, and their ring times side by side")
     a = p.parse_args(argv)
-    if not 1 <= a.defer_stores <= 16:
+    try:
+        defers = [int(u) for u in a.defer_stores.split(",")]
+    except ValueError:
+        defers = [0]
+    if not all(1 <= u <= 16 for u in defers):
         p.error(f"--defer-stores must be 1 to 16, got {a.defer_stores}")
     if a.phases:
-        result = phases(a.backend, a.reps, a.blocks, a.block_size, a.defer_stores)
+        if len(defers) > 1:
+            p.error("--phases takes one --defer-stores value")
+        result = phases(a.backend, a.reps, a.blocks, a.block_size, defers[0])
         result["env"] = environment(str(result["device"].get("device")))
         write_result(f"dispatch-phases-{result['backend']}", result, a.json)
         print(table(result["phases"], ["op", "payload_bytes", "records", "total_us", "publish_us",
@@ -399,18 +418,26 @@ def main(argv=None) -> int:
         payloads = ()
     if not payloads or any(x < 256 or x % 256 for x in payloads):
         p.error(f"--payloads takes byte counts that are multiples of 256, got {a.payloads!r}")
-    result = run(a.backend, a.reps, a.blocks, a.small_tasks, a.block_size, payloads,
-                 a.defer_stores)
-    result["env"] = environment(str(result["device"].get("device")))
-    path = write_result(f"dispatch-{result['backend']}", result, a.json)
-    heatmap(result, os.path.splitext(path)[0] + ".png")
-    print(table(result["cells"], ["op", "payload_bytes", "persistent_us", "launch_us",
-                                  *(["graph_us"] if "graph_us" in result["cells"][0] else []),
-                                  "persistent_vs_launch", "target_ratio", "target_met"]))
-    print(f"median persistent / launch: {result['median_ratio_persistent_vs_launch']}; "
-          f"targets met: {result['targets_met']}; small tasks: ring {result['small_tasks']['ring_tasks_per_s']}/s "
-          f"(submit_many {result['small_tasks']['submit_many_tasks_per_s']}/s), "
-          f"launches {result['small_tasks']['launches_per_s']}/s")
+    results = []
+    for u in defers:
+        result = run(a.backend, a.reps, a.blocks, a.small_tasks, a.block_size, payloads, u)
+        result["env"] = environment(str(result["device"].get("device")))
+        suffix = f"-defer{u}" if len(defers) > 1 else ""
+        json_path = a.json and f"{os.path.splitext(a.json)[0]}{suffix}.json"
+        path = write_result(f"dispatch-{result['backend']}{suffix}", result, json_path)
+        heatmap(result, os.path.splitext(path)[0] + ".png")
+        results.append(result)
+        print(f"--defer-stores {u}:" if len(defers) > 1 else "", end="\n" * (len(defers) > 1))
+        print(table(result["cells"], ["op", "payload_bytes", "persistent_us", "launch_us",
+                                      *(["graph_us"] if "graph_us" in result["cells"][0] else []),
+                                      "persistent_vs_launch", "target_ratio", "target_met"]))
+        print(f"median persistent / launch: {result['median_ratio_persistent_vs_launch']}; "
+              f"targets met: {result['targets_met']}; small tasks: ring "
+              f"{result['small_tasks']['ring_tasks_per_s']}/s (submit_many "
+              f"{result['small_tasks']['submit_many_tasks_per_s']}/s), launches "
+              f"{result['small_tasks']['launches_per_s']}/s")
+    if len(results) > 1:
+        print(compare_defers(defers, results))
     return 0
 
 
