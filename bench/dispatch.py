@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench.common import environment, table, write_result  # noqa: E402
 from concordia import Ptr, Runtime, f32, global_id, i32, kernel, u32  # noqa: E402
 from concordia.handlers import kernels as hk  # noqa: E402
+from concordia.handlers.deferred_stores import MAX_DEFER  # noqa: E402
 from concordia.handlers.persistent import PersistentRuntime  # noqa: E402
 
 # work-items a group, the ring's and the launches' alike. 512 from H100 runs: with 256, a
@@ -400,8 +401,8 @@ def main(argv=None) -> int:
         defers = [int(u) for u in a.defer_stores.split(",")]
     except ValueError:
         defers = [0]
-    if not all(1 <= u <= 16 for u in defers):
-        p.error(f"--defer-stores must be 1 to 16, got {a.defer_stores}")
+    if not all(1 <= u <= MAX_DEFER for u in defers):
+        p.error(f"--defer-stores must be 1 to {MAX_DEFER}, got {a.defer_stores}")
     if a.phases:
         if len(defers) > 1:
             p.error("--phases takes one --defer-stores value")

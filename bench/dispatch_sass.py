@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import environment, write_result  # noqa: E402
 from bench.dispatch import bump, page_copy, scale  # noqa: E402
 from concordia import Runtime  # noqa: E402
+from concordia.handlers.deferred_stores import MAX_DEFER  # noqa: E402
 from concordia.handlers.dispatcher import build_dispatcher, make_handler  # noqa: E402
 from lowering import render_source  # noqa: E402
 from lowering.compile import compile_cuda, nvrtc_version  # noqa: E402
@@ -87,8 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="result file (default "
                    "bench/results/dispatch-sass-<op>.json)")
     a = p.parse_args(argv)
-    if not 1 <= a.defer <= 16:
-        p.error(f"--defer must be 1 to 16, got {a.defer}")
+    if not 1 <= a.defer <= MAX_DEFER:
+        p.error(f"--defer must be 1 to {MAX_DEFER}, got {a.defer}")
     if not a.cuobjdump or not os.access(a.cuobjdump, os.X_OK):
         print("error: no cuobjdump: pass --cuobjdump PATH (pip download nvidia-cuda-cuobjdump)",
               file=sys.stderr)

@@ -215,8 +215,9 @@ class Qwen3Decoder:
     def launch(self) -> torch.Tensor:
         """Enqueue one decode step: the position after the last one's, its tokens and block
         table read from the scheduler's device state (`chain.feed`), its K/V written, its
-        output kept on the device for the next step (`chain.take`). Returns the next tokens as a device tensor, not yet waited for: nothing of the host's
-        is needed, so the host can enqueue the next step before it reads this one's tokens."""
+        output kept on the device for the next step (`chain.take`). Returns the next tokens
+        as a device tensor, not yet waited for: nothing of the host's is needed, so the host
+        can enqueue the next step before it reads this one's tokens."""
         if not self.use_graph:
             return self.step()
         if self.graph is None:

@@ -22,6 +22,7 @@ from concordia_ir.types import PtrType, boolean, i32
 
 # ops after which a deferred store could be seen too late, or that order memory themselves
 _ORDERING = ("barrier", "fence", "safepoint", "local_alloc")
+MAX_DEFER = 16   # virtual groups a dispatcher may run with their stores deferred
 
 
 def _root(buffer):
@@ -97,7 +98,7 @@ class _Deferral:
                 ends = tuple(self.rv(v) for v in op.operands)
             elif op.name == "store":
                 ptr, idx, val = op.operands
-                stores.append((ptr, None, self.rv(idx), self.rv(val)))
+                stores.append((self.rv(ptr), None, self.rv(idx), self.rv(val)))
             elif op.name == "if" and any(o.name == "store" for o in walk(Block((), (op,)))):
                 stores += self.if_(into, op)
             else:
@@ -133,15 +134,14 @@ class _Deferral:
         return out
 
 
-def inline_deferred(then: IRBuilder, kernel, prefix: str, first: Value, end: Value,
+def inline_deferred(then: IRBuilder, body: tuple, prefix: str, first: Value, end: Value,
                     unroll: int, inliner) -> None:
     """for g0 in [first, end) by `unroll`: the bodies of groups g0 .. g0 + unroll - 1 (each
-    guarded by g < end), their stores collected, then those stores in program order.
-    `inliner(prefix, g) -> (rewrite, rv)` is the dispatcher's inliner for group value `g`."""
+    guarded by g < end), their stores collected, then those stores in program order. `body`:
+    the handler's ops; `inliner(prefix, g) -> (rewrite, rv)` is the dispatcher's inliner for
+    group value `g`."""
     g0 = Value(f"{prefix}cc.group0", i32)
     loop = then.child()
-    body = kernel.body.ops
-    body = body[:-1] if body and body[-1].name == "return" else body
     pending = []
     for u in range(unroll):
         g = loop.op("add", (g0, loop.const(u, i32)), i32, hint="group")
@@ -150,6 +150,6 @@ def inline_deferred(then: IRBuilder, kernel, prefix: str, first: Value, end: Val
         pending += _Deferral(*inliner(f"{prefix}u{u}.", g)).if_(loop, guard, cond=inside)
     for ptr, flag, idx, val in pending:
         act = loop.child()
-        act.op("store", (Value(prefix + ptr.name, ptr.type), idx, val))
+        act.op("store", (ptr, idx, val))
         loop.if_(loop.op("ne", (flag, loop.const(0, i32)), boolean), act)
     then.emit("for", (first, end, then.const(unroll, i32)), regions=(loop.region((g0,)),))

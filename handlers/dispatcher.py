@@ -270,7 +270,7 @@ def _dispatch_chain(b: IRBuilder, handlers, k, op_id, first, end, total, record,
                 then.emit("bitcast", (lo,), (dst,))
             word += 1
     if defer > 1 and deferrable(h.kernel, h.buffers):
-        inline_deferred(then, h.kernel, f"h{k}.", first, end, defer,
+        inline_deferred(then, _body_ops(h.kernel), f"h{k}.", first, end, defer,
                         lambda local, g: _inliner(h.kernel, f"h{k}.", g, total, local))
     else:
         g = Value(f"h{k}.cc.group", i32)
@@ -327,9 +327,14 @@ def _inliner(kernel: Kernel, prefix: str, g: Value, total: Value, local_prefix: 
     return rewrite, rv
 
 
+def _body_ops(kernel: Kernel) -> tuple:
+    """A handler's ops without its final return (an op-table handler runs to its end)."""
+    ops = kernel.body.ops
+    return ops[:-1] if ops and ops[-1].name == "return" else ops
+
+
 def _inline(b: IRBuilder, kernel: Kernel, prefix: str, g: Value, total: Value):
     """Appends the handler's body for virtual group g: values renamed, ids rebuilt from g."""
     rewrite, _ = _inliner(kernel, prefix, g, total)
-    ops = kernel.body.ops
-    for op in (ops[:-1] if ops and ops[-1].name == "return" else ops):
+    for op in _body_ops(kernel):
         rewrite(b, op)

@@ -114,8 +114,7 @@ class TPRank:
         except Exception as e:
             self._enter("aborted", start or 0)
             self.abort()
-            return {"aborted": True, "rank": rank, "error": f"{type(e).__name__}: {e}"[:300],
-                    "join_s": time.time() - t_join}
+            return {"aborted": True, "rank": rank, "error": f"{type(e).__name__}: {e}"[:300]}
         phases["join_s"] = time.time() - t_join
         phases["joined_at"] = time.time()
         run.model.shard = Shard(rank, WORLD, _all_reduce)
