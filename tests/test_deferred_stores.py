@@ -176,3 +176,10 @@ def test_a_deferring_dispatcher_compiles_for_cuda():
 def test_a_deferring_dispatcher_compiles_for_gfx1201():
     co = compile_hip(render_source(_deferring_dispatcher(), "hip"), "gfx1201")
     assert elf_header(co)[:2] == (3, 224)   # ET_DYN, EM_AMDGPU
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--defer-stores", "1,x"], "--defer-stores must be 1 to 16, got 1,x"),
+    (["--defer-stores", "1,8", "--phases"], "--phases takes one --defer-stores value")])
+def test_the_dispatch_benchmark_refuses_a_bad_unroll_list_in_one_line(args, message):
+    assert message in usage_error("dispatch.py", *args, timeout=120)
