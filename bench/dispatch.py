@@ -367,16 +367,28 @@ def heatmap(result: dict, path: str):
     fig.savefig(path, dpi=110)
 
 
+def run_labels(defers: list[int]) -> list[str]:
+    """A run's name: U=8, or U=8 #2 for the second run of one value (1,8,1,8 interleaves
+    them, so that a machine's drift over the process shows as drift, not as a difference)."""
+    seen: dict[int, int] = {}
+    out = []
+    for u in defers:
+        seen[u] = seen.get(u, 0) + 1
+        out.append(f"U={u}" + (f" #{seen[u]}" if defers.count(u) > 1 else ""))
+    return out
+
+
 def compare_defers(defers: list[int], results: list[dict]) -> str:
-    """Each cell's ring time (and ratio to its launch) under each --defer-stores value."""
+    """Each cell's ring time (and ratio to its launch) in each run of the --defer-stores list."""
+    labels = run_labels(defers)
     rows = []
     for k, cell in enumerate(results[0]["cells"]):
         row = {"op": cell["op"], "payload_bytes": cell["payload_bytes"]}
-        for u, r in zip(defers, results):
+        for label, r in zip(labels, results):
             c = r["cells"][k]
-            row[f"U={u} ring us (x launch)"] = f"{c['persistent_us']} ({c['persistent_vs_launch']})"
+            row[f"{label} ring us (x launch)"] = f"{c['persistent_us']} ({c['persistent_vs_launch']})"
         rows.append(row)
-    return table(rows, ["op", "payload_bytes", *[f"U={u} ring us (x launch)" for u in defers]])
+    return table(rows, ["op", "payload_bytes", *[f"{label} ring us (x launch)" for label in labels]])
 
 
 def main(argv=None) -> int:
@@ -394,8 +406,8 @@ def main(argv=None) -> int:
                    help="instead: where a task's time goes, by host and device clocks (cuda)")
     p.add_argument("--defer-stores", default="1", metavar="U[,U...]",
                    help="virtual groups a handler runs with their loads before their stores, "
-                        "where it may (1: off; not yet measured on a GPU); several (1,8): one "
-                        "run each, in this process, and their ring times side by side")
+                        "where it may (1: off); several (1,8 or 1,8,1,8): one run each, in "
+                        "this process, in that order, and their ring times side by side")
     a = p.parse_args(argv)
     try:
         defers = [int(u) for u in a.defer_stores.split(",")]
@@ -420,15 +432,15 @@ def main(argv=None) -> int:
     if not payloads or any(x < 256 or x % 256 for x in payloads):
         p.error(f"--payloads takes byte counts that are multiples of 256, got {a.payloads!r}")
     results = []
-    for u in defers:
+    for u, label in zip(defers, run_labels(defers)):
         result = run(a.backend, a.reps, a.blocks, a.small_tasks, a.block_size, payloads, u)
         result["env"] = environment(str(result["device"].get("device")))
-        suffix = f"-defer{u}" if len(defers) > 1 else ""
+        suffix = "-" + label.replace("U=", "defer").replace(" #", "-") if len(defers) > 1 else ""
         json_path = a.json and f"{os.path.splitext(a.json)[0]}{suffix}.json"
         path = write_result(f"dispatch-{result['backend']}{suffix}", result, json_path)
         heatmap(result, os.path.splitext(path)[0] + ".png")
         results.append(result)
-        print(f"--defer-stores {u}:" if len(defers) > 1 else "", end="\n" * (len(defers) > 1))
+        print(f"--defer-stores {label[2:]}:" if len(defers) > 1 else "", end="\n" * (len(defers) > 1))
         print(table(result["cells"], ["op", "payload_bytes", "persistent_us", "launch_us",
                                       *(["graph_us"] if "graph_us" in result["cells"][0] else []),
                                       "persistent_vs_launch", "target_ratio", "target_met"]))

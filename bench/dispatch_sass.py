@@ -57,14 +57,51 @@ def with_restrict(source: str) -> str:
     return f"{head}persistent_dispatch({params}){body}"
 
 
-def memory_order(source: str, cuobjdump: str) -> list[str]:
+def sass_of(source: str, cuobjdump: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "dispatch.cubin")
         with open(cubin, "wb") as fh:
             fh.write(compile_cuda(source, "sm_90"))
-        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True,
+        return subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True,
                               check=True).stdout
+
+
+def memory_order(sass: str) -> list[str]:
     return [m.group(1) for line in sass.splitlines() if (m := MEMORY.search(line))]
+
+
+INSTRUCTION = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+
+
+def _registers(operand: str) -> set[int]:
+    """The registers an operand names (R6.64: R6 and R7)."""
+    out = set()
+    for m in re.finditer(r"\bR(\d+)(\.64)?\b", operand):
+        out |= {int(m.group(1)), int(m.group(1)) + 1} if m.group(2) else {int(m.group(1))}
+    return out
+
+
+def loads_before_use(sass: str) -> int:
+    """The most plain loads issued, in SASS order, before an instruction reads one's result:
+    the loads a warp really has in flight when it stops to wait (a load's consumer between
+    two loads holds the second back as surely as a store does)."""
+    best = count = 0
+    pending: set[int] = set()
+    for line in sass.splitlines():
+        m = INSTRUCTION.search(line)
+        if not m:
+            continue
+        opcode, operands = m.group(1), [o.strip() for o in m.group(2).split(",")]
+        plain_load = MEMORY.search(line) and opcode.startswith("LDG")
+        writes = not opcode.startswith(("ST", "BRA", "EXIT", "BAR", "MEMBAR", "RED"))
+        reads = set().union(*(_registers(o) for o in operands[1 if writes else 0:]))
+        if reads & pending:
+            best, count = max(best, count), 0
+            pending.clear()
+        if plain_load:
+            count += 1
+            pending |= _registers(operands[0])
+    return max(best, count)
 
 
 def longest_load_run(order: list[str]) -> int:
@@ -99,12 +136,14 @@ def main(argv=None) -> int:
         + [(f"stores deferred by {a.defer}", dispatcher_source(a.op, a.defer))] * (a.defer > 1)
     rows = []
     for name, src in variants:
-        order = memory_order(src, a.cuobjdump)
+        sass = sass_of(src, a.cuobjdump)
+        order = memory_order(sass)
         rows.append({"variant": name, "order": " ".join(order),
-                     "loads_in_flight": longest_load_run(order)})
+                     "loads_before_a_store": longest_load_run(order),
+                     "loads_before_a_use": loads_before_use(sass)})
         print(f"{a.op}, {name}: {len(order)} plain loads (L) and stores (S), the handler's and "
-              f"the completion mark's; at most "
-              f"{longest_load_run(order)} load(s) in flight before a store")
+              f"the completion mark's; at most {longest_load_run(order)} load(s) issued before "
+              f"a store, {loads_before_use(sass)} before an instruction waits for one")
         print("  " + " ".join("L" + "c" * ("CONSTANT" in i) if i.startswith("LDG") else "S"
                               for i in order))
     write_result(f"dispatch-sass-{a.op}", {"env": environment("none (NVRTC sm_90, cuobjdump)"),

@@ -16,7 +16,10 @@ so a location written twice keeps the last write.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 from concordia_ir.builder import IRBuilder
+from concordia_ir.opdefs import OPS
 from concordia_ir.ops import Block, Op, Value, walk
 from concordia_ir.types import PtrType, boolean, i32
 
@@ -81,32 +84,113 @@ def _own_elements(ptr: str, accesses, own_index) -> bool:
     return "load" not in kinds[kinds.index("store"):]
 
 
-class _Deferral:
-    """Rewrites one virtual group's body with its stores collected as (ptr, flag, index,
-    value); `plain(into, op)` rewrites any other op, `rv` renames a value (the dispatcher's
-    inliner for that group)."""
+def sinkable(body) -> frozenset:
+    """Ops of a handler's body (by id) that its deferred stores compute instead, after every
+    virtual group's loads: each a constant, or a pure op on a loaded value (through others of
+    its kind), whose one use is a stored value or another such op. Left in the group's body,
+    the first such op waits for its load before the next group's load is issued (ptxas keeps
+    the branches of the inlined groups apart), so U groups would again cost U memory round
+    trips (scale's a * x[i], bump's c[i] + 1; page_copy stores what it loaded and has none)."""
+    ops = list(walk(Block((), tuple(body))))
+    uses: dict[str, list] = {}
+    for op in ops:
+        for k, v in enumerate(op.operands):
+            uses.setdefault(v.name, []).append((op, k))
+    tainted: set[str] = set()
+    for op in ops:
+        # an if's or loop's results may carry loaded values: counted as loaded
+        if op.name == "load" or op.regions or (
+                _pure(op) and any(v.name in tainted for v in op.operands)):
+            tainted.update(r.name for r in op.results)
+    sunk: set[int] = set()
+    for op in reversed(ops):   # a use comes after its definition: decided before it
+        if not (_pure(op) and (op.name == "const" or op.result.name in tainted)):
+            continue
+        mine = uses.get(op.result.name, [])
+        if len(mine) == 1 and ((mine[0][0].name == "store" and mine[0][1] == 2)
+                               or id(mine[0][0]) in sunk):
+            sunk.add(id(op))
+    return frozenset(sunk)
 
-    def __init__(self, plain, rv):
-        self.plain, self.rv = plain, rv
+
+def _pure(op: Op) -> bool:
+    return len(op.results) == 1 and not op.regions and (
+        OPS[op.name].pure or op.name in ("cast", "bitcast", "const"))
+
+
+@dataclass(frozen=True)
+class _Store:
+    """A deferred store: where (ptr, idx), whether (flag; None: always, at this level), and
+    what: the values it needs from its group's body (`leaves`, as that body named them in
+    `names`), and the sunk ops that compute the stored value (`value`) from them."""
+    ptr: Value
+    flag: Value | None
+    idx: Value
+    leaves: tuple
+    names: tuple
+    ops: tuple
+    value: Value
+
+    def emit(self, into: IRBuilder) -> None:
+        """The sunk ops, then the store, reading the leaves from where they are now."""
+        now = {n: v for n, v in zip(self.names, self.leaves)}
+        for op in self.ops:
+            into.ops.append(Op(op.name, tuple(now.get(v.name, v) for v in op.operands),
+                               op.results, op.attrs, (), op.loc))
+        into.op("store", (self.ptr, self.idx, now.get(self.value.name, self.value)))
+
+
+class _Deferral:
+    """Rewrites one virtual group's body with its stores collected as `_Store`s and the ops
+    in `sunk` left for them; `plain(into, op)` rewrites any other op, `rv` renames a value
+    (the dispatcher's inliner for that group), `inner` names the body's own values (those
+    a store must be handed out of the group's ifs; the rest, its parameters, are in scope)."""
+
+    def __init__(self, plain, rv, sunk: frozenset, inner: frozenset):
+        self.plain, self.rv, self.sunk, self.inner = plain, rv, sunk, inner
+        self.recipes: dict[str, Op] = {}   # renamed result -> renamed sunk op
 
     def block(self, into: IRBuilder, ops) -> tuple[list, tuple]:
         """Rewrite `ops` into `into` up to a final yield (not emitted): the stores it made
-        (flag None: always, at this level) and the final yield's renamed values."""
+        and the final yield's renamed values."""
         stores, ends = [], ()
         for op in ops:
             if op.name == "yield":
                 ends = tuple(self.rv(v) for v in op.operands)
+            elif id(op) in self.sunk:
+                self.recipes[self.rv(op.result).name] = Op(
+                    op.name, tuple(self.rv(v) for v in op.operands), (self.rv(op.result),),
+                    op.attrs, (), op.loc)
             elif op.name == "store":
-                ptr, idx, val = op.operands
-                stores.append((self.rv(ptr), None, self.rv(idx), self.rv(val)))
+                stores.append(self.store(*op.operands))
             elif op.name == "if" and any(o.name == "store" for o in walk(Block((), (op,)))):
                 stores += self.if_(into, op)
             else:
                 self.plain(into, op)
         return stores, ends
 
+    def store(self, ptr: Value, idx: Value, val: Value) -> _Store:
+        """A store of this group: its value's sunk ops (defined before their uses) and the
+        body's values they read."""
+        ops, leaves = [], {}
+
+        def visit(v: Value):
+            op = self.recipes.get(v.name)
+            if op is None:
+                if v.name in self.inner:
+                    leaves.setdefault(v.name, v)
+                return
+            for o in op.operands:
+                visit(o)
+            ops.append(op)
+        value = self.rv(val)
+        visit(value)
+        names = tuple(leaves)
+        return _Store(self.rv(ptr), None, self.rv(idx), tuple(leaves.values()), names,
+                      tuple(ops), value)
+
     def if_(self, into: IRBuilder, op: Op, cond: Value | None = None) -> list:
-        """The if, with a flag, an index and a value more among its results per store of
+        """The if, with a flag, an index and the leaves more among its results per store of
         either branch (the other branch yields a cleared flag and zeros); `cond`: its
         condition where that is already the caller's value."""
         branches = []
@@ -118,17 +202,15 @@ class _Deferral:
             extra = []
             for s in every:
                 here = any(s is m for m in mine)
-                flag = (s[1] or b.const(1, i32)) if here else b.const(0, i32)
-                extra += [flag, s[2] if here else b.const(0, s[2].type),
-                          s[3] if here else b.const(0, s[3].type)]
+                extra.append((s.flag or b.const(1, i32)) if here else b.const(0, i32))
+                extra += [v if here else b.const(0, v.type) for v in (s.idx, *s.leaves)]
             b.yield_(*ends, *extra)
         names = into.names
-        out = []
-        for ptr, _, idx, val in every:
-            out.append((ptr, names.value("stored", i32), names.value("at", idx.type),
-                        names.value("value", val.type)))
+        out = [replace(s, flag=names.value("stored", i32), idx=names.value("at", s.idx.type),
+                       leaves=tuple(names.value("value", v.type) for v in s.leaves))
+               for s in every]
         results = tuple(self.rv(v) for v in op.results) + tuple(
-            v for s in out for v in s[1:])
+            v for s in out for v in (s.flag, s.idx, *s.leaves))
         into.emit("if", (cond if cond is not None else self.rv(op.operands[0]),), results, op.attrs,
                   tuple(b.region() for b, _, _ in branches))
         return out
@@ -137,19 +219,24 @@ class _Deferral:
 def inline_deferred(then: IRBuilder, body: tuple, prefix: str, first: Value, end: Value,
                     unroll: int, inliner) -> None:
     """for g0 in [first, end) by `unroll`: the bodies of groups g0 .. g0 + unroll - 1 (each
-    guarded by g < end), their stores collected, then those stores in program order. `body`:
-    the handler's ops; `inliner(prefix, g) -> (rewrite, rv)` is the dispatcher's inliner for
-    group value `g`."""
+    guarded by g < end), their stores collected, then those stores in program order, each
+    with the ops `sinkable` leaves it. `body`: the handler's ops; `inliner(prefix, g) ->
+    (rewrite, rv)` is the dispatcher's inliner for group value `g`."""
     g0 = Value(f"{prefix}cc.group0", i32)
     loop = then.child()
+    sunk = sinkable(body)
+    ops = list(walk(Block((), tuple(body))))
     pending = []
     for u in range(unroll):
         g = loop.op("add", (g0, loop.const(u, i32)), i32, hint="group")
         inside = loop.op("lt", (g, end), boolean, hint="inside")
         guard = Op("if", (inside,), (), (), (Block((), tuple(body)), Block((), (Op("yield"),))))
-        pending += _Deferral(*inliner(f"{prefix}u{u}.", g)).if_(loop, guard, cond=inside)
-    for ptr, flag, idx, val in pending:
+        plain, rv = inliner(f"{prefix}u{u}.", g)
+        inner = frozenset(rv(r).name for op in ops for r in op.results) | frozenset(
+            rv(a).name for op in ops for reg in op.regions for a in reg.args)
+        pending += _Deferral(plain, rv, sunk, inner).if_(loop, guard, cond=inside)
+    for s in pending:
         act = loop.child()
-        act.op("store", (ptr, idx, val))
-        loop.if_(loop.op("ne", (flag, loop.const(0, i32)), boolean), act)
+        s.emit(act)
+        loop.if_(loop.op("ne", (s.flag, loop.const(0, i32)), boolean), act)
     then.emit("for", (first, end, then.const(unroll, i32)), regions=(loop.region((g0,)),))

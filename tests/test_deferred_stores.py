@@ -1,15 +1,19 @@
 """A handler's virtual groups inlined several at a time with their stores deferred
 (handlers/deferred_stores.py): which handlers qualify, and, on every backend here, the same
 results as the reference's arithmetic in numpy, with tails of fewer groups than the unroll."""
+from collections import Counter
+
 import numpy as np
 import pytest
 
 from concordia import Ptr, Runtime, f32, global_id, i32, kernel
 from concordia.backends import backend_status
-from concordia.handlers.deferred_stores import deferrable
+from concordia.handlers.deferred_stores import deferrable, sinkable
+from concordia.handlers.dispatcher import _body_ops
 from concordia.handlers.persistent import PersistentRuntime, build_dispatcher, make_handler
 from concordia.lowering import render_source
 from concordia_ir.errors import ConcordiaError
+from concordia_ir.ops import Block, walk
 from concordia.lowering.compile import compile_cuda, compile_hip
 from tests.bench_usage import usage_error
 from tests.test_lowering import elf_header, needs_clang, needs_nvrtc
@@ -105,9 +109,25 @@ def test_a_deferring_dispatcher_issues_its_loads_first_and_lowers_everywhere():
     body = cuda[cuda.index("h0_cc_group0"):]
     loads = [body.index(f"h0_x[h0_u{u}_i]") for u in range(4)]
     assert max(loads) < body.index("h0_out[")          # the 4 groups' loads before any store
+    # and before the first use of one: a * x[i] + b is computed with its store
+    assert max(loads) < body.index("(h0_a * ")
     assert "h0_cc_group0" in cuda and "h1_cc_group0" not in cuda   # tick does not defer
     for target in ("opencl", "hip"):
         assert "h0_u3_" in render_source(k, target)
+
+
+def test_a_stored_expression_on_a_load_waits_for_its_store():
+    """Only what computes a stored value from a loaded one, each used once, is left for the
+    store: branchy's 0 - v, v * 2 and s + 1 (s an if's result) with their constants; not its
+    compares (an if's condition) nor the 0 - v that the if yields."""
+    rt = Runtime("reference")
+    h = make_handler("branchy", branchy, [rt.zeros(4, np.float32) for _ in range(4)])
+    body = _body_ops(h.kernel)
+    sunk = sinkable(body)
+    assert Counter(op.name for op in walk(Block((), body)) if id(op) in sunk) == Counter(
+        {"const": 3, "sub": 1, "mul": 1, "add": 1})
+    w = make_handler("window", window, [rt.zeros(4, np.float32) for _ in range(2)])
+    assert sinkable(_body_ops(w.kernel)) == frozenset()   # it stores its loop's result
 
 
 @pytest.mark.parametrize("defer", [3, 4])
