@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench.common import environment, table, write_result  # noqa: E402
 from concordia import Ptr, Runtime, f32, global_id, i32, kernel, u32  # noqa: E402
 from concordia.handlers import kernels as hk  # noqa: E402
-from concordia.handlers.deferred_stores import MAX_DEFER  # noqa: E402
+from concordia.handlers.deferred_stores import DEFAULT_DEFER, MAX_DEFER  # noqa: E402
 from concordia.handlers.persistent import PersistentRuntime  # noqa: E402
 
 # work-items a group, the ring's and the launches' alike. 512 from H100 runs: with 256, a
@@ -204,7 +204,7 @@ def cell_records(pr, key: str, scalars, groups: int):
 
 
 def run(backend: str | None, reps: int, blocks: int, small_tasks: int, block: int = BLOCK,
-        payloads=PAYLOADS, defer_stores: int = 1) -> dict:
+        payloads=PAYLOADS, defer_stores: int = DEFAULT_DEFER) -> dict:
     rt = Runtime(backend)
     name = rt.backend.name
     cells = []
@@ -287,7 +287,7 @@ def run(backend: str | None, reps: int, blocks: int, small_tasks: int, block: in
 
 
 def phases(backend: str | None, reps: int, blocks: int, block: int = BLOCK,
-           defer_stores: int = 1) -> dict:
+           defer_stores: int = DEFAULT_DEFER) -> dict:
     """Where a task's time goes, per op and payload: the host's clock around publish() and the
     completion spin, the device's clock (%globaltimer, the dispatcher built with trace=True)
     at record-in-hand (a leader's poll of its record included), handler-done and
@@ -404,9 +404,9 @@ def main(argv=None) -> int:
                    help="bytes a task touches, comma-separated (multiples of 256)")
     p.add_argument("--phases", action="store_true",
                    help="instead: where a task's time goes, by host and device clocks (cuda)")
-    p.add_argument("--defer-stores", default="1", metavar="U[,U...]",
+    p.add_argument("--defer-stores", default=str(DEFAULT_DEFER), metavar="U[,U...]",
                    help="virtual groups a handler runs with their loads before their stores, "
-                        "where it may (1: off); several (1,8 or 1,8,1,8): one run each, in "
+                        "where it may (1: off; default %(default)s); several (1,8 or 1,8,1,8): one run each, in "
                         "this process, in that order, and their ring times side by side")
     a = p.parse_args(argv)
     try:

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import environment, write_result  # noqa: E402
 from bench.dispatch import bump, page_copy, scale  # noqa: E402
 from concordia import Runtime  # noqa: E402
-from concordia.handlers.deferred_stores import MAX_DEFER  # noqa: E402
+from concordia.handlers.deferred_stores import DEFAULT_DEFER, MAX_DEFER  # noqa: E402
 from concordia.handlers.dispatcher import build_dispatcher, make_handler  # noqa: E402
 from lowering import render_source  # noqa: E402
 from lowering.compile import compile_cuda, nvrtc_version  # noqa: E402
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--cuobjdump", default=shutil.which("cuobjdump"))
     p.add_argument("--restrict", action="store_true",
                    help="also with __restrict__ on the handler's buffers")
-    p.add_argument("--defer", type=int, default=4, metavar="U",
+    p.add_argument("--defer", type=int, default=DEFAULT_DEFER, metavar="U",
                    help="also with U virtual groups' stores deferred (handlers/deferred_stores.py; "
                         "1: not)")
     p.add_argument("--json", default=None, help="result file (default "
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     source = dispatcher_source(a.op)
-    variants = [("as built", source)] + [("__restrict__", with_restrict(source))] * a.restrict \
+    variants = [("stores in place (U=1)", source)] + [("__restrict__", with_restrict(source))] * a.restrict \
         + [(f"stores deferred by {a.defer}", dispatcher_source(a.op, a.defer))] * (a.defer > 1)
     rows = []
     for name, src in variants:

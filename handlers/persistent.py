@@ -25,7 +25,7 @@ import numpy as np
 from concordia_ir.errors import ConcordiaError, TaskError
 from concordia_ir.ops import Kernel
 from concordia.backends.runtime import DeviceBuffer
-from concordia.handlers.deferred_stores import MAX_DEFER
+from concordia.handlers.deferred_stores import DEFAULT_DEFER, MAX_DEFER
 from concordia.handlers.dispatcher import (ARG_WORDS, HEADER_WORDS, RECORD_WORDS,  # noqa: F401
                                            RUN_WORD, TAG_MASK, TRACE_POINTS, WIRE_WORDS, Handler,
                                            build_dispatcher, make_handler)
@@ -100,13 +100,13 @@ class PersistentRuntime:
     """
 
     def __init__(self, runtime, blocks: int = 8, block_size: int = 256, ring_slots: int = 1024,
-                 watchdog_s: float = 10.0, trace: bool = False, defer_stores: int = 1):
+                 watchdog_s: float = 10.0, trace: bool = False,
+                 defer_stores: int = DEFAULT_DEFER):
         if ring_slots < 1 or blocks < 1:
             raise ConcordiaError("ring_slots and blocks must be >= 1")
         if not 1 <= defer_stores <= MAX_DEFER:
             raise ConcordiaError(f"defer_stores must be 1 to {MAX_DEFER} (virtual groups whose "
                                  f"loads go before their stores), got {defer_stores}")
-        # not yet measured on a GPU: off unless asked for (docs/persistent.md, session 10)
         self.defer_stores = defer_stores
         if block_size < WIRE_WORDS:
             raise ConcordiaError(f"block_size must be >= {WIRE_WORDS} (a record is read by that "
