@@ -26,9 +26,10 @@ from concordia_ir.types import PtrType, boolean, i32
 # ops after which a deferred store could be seen too late, or that order memory themselves
 _ORDERING = ("barrier", "fence", "safepoint", "local_alloc")
 MAX_DEFER = 16   # virtual groups a dispatcher may run with their stores deferred
-# the default: on an H100, 4 and 8 took a 1 MiB task's device time from 5.1-5.4 to 3.9-4.4 us
-# and its ring time from 0.86-0.96x a launch to 0.78-0.88x (interleaved runs, one process);
-# 4 keeps the op table at 32 registers a work-item where 8 takes 44 (docs/persistent.md)
+# the default: on H100s, 4 took a 1 MiB task's device time from 5.1-5.5 to 3.9-4.6 us and
+# its ring time from 0.55-1.02x a launch to 0.76-0.88x, over six runs each (8: 3.9 us and
+# 0.68-1.01x over four; 16: 4.5 us). The benchmark's op table takes 40 registers a
+# work-item at 1, 4 and 8, 64 at 16 (docs/persistent.md, session 11)
 DEFAULT_DEFER = 4
 
 
