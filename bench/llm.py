@@ -85,10 +85,13 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     a1.set_xscale("log", base=2)
     a1.legend()
     a1.set_title("decode throughput")
-    if "enqueue_us_median" in rows[0]:
-        a2.plot(b, [r["enqueue_us_median"] / 1e3 for r in rows], "s-",
-                label="checkpoint_async: decode thread")
-        a2.plot(b, [r["lag_ms_median"] for r in rows], "s:", label="async: enqueue to durable")
+    for kind, mark in (("async", "s"), ("fork", "x"), ("ring", "d")):
+        sfx = "" if kind == "async" else "_" + kind   # async_stats' keys
+        if f"enqueue_us_median{sfx}" in rows[0]:
+            a2.plot(b, [r[f"enqueue_us_median{sfx}"] / 1e3 for r in rows], mark + "-",
+                    label=f"{kind}: decode thread")
+            a2.plot(b, [r[f"lag_ms_median{sfx}"] for r in rows], mark + ":",
+                    label=f"{kind}: enqueue to durable")
     if "ckpt_ms_median" in rows[0]:
         a2.plot(b, [r["ckpt_ms_median"] for r in rows], "^--", label="checkpoint(): decode thread")
     a2.set_xlabel("batch size")
