@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from concordia import Ptr, Runtime, f32, global_id, i32, kernel
+from concordia import Ptr, Runtime, f32, global_id, i32, kernel, select
 from concordia.backends import backend_status
 from concordia.handlers.deferred_stores import deferrable, sinkable
 from concordia.handlers.dispatcher import _body_ops
@@ -48,6 +48,15 @@ def window(x: Ptr[f32], out: Ptr[f32], w: i32, n: i32):
         for j in range(w):
             s = s + x[i + j]
         out[i] = s
+
+
+@kernel
+def clip(x: Ptr[f32], out: Ptr[f32], k: i32, n: i32):
+    """A sunk select whose condition does not sink: the store is handed a bool."""
+    i = global_id(0)
+    if i < n:
+        c = i < k
+        out[i] = select(c, x[i] * 2.0, 0.0)
 
 
 @kernel
@@ -139,12 +148,14 @@ def test_deferred_stores_give_the_same_results(backend, defer):
     xs = rng.uniform(-4, 4, n_max + 8).astype(np.float32)
     x = rt.to_device(xs)
     # outputs start at 7: a store made where the handler makes none shows
-    pos, neg, win, out, absv = (rt.to_device(np.full(n_max, 7, np.float32)) for _ in range(5))
+    pos, neg, win, out, absv, clipped = (rt.to_device(np.full(n_max, 7, np.float32))
+                                         for _ in range(6))
     counts = rt.zeros(n_max, np.int32)
     pr = PersistentRuntime(rt, blocks=2, block_size=BLOCK, ring_slots=32, watchdog_s=60,
                            defer_stores=defer)
     pr.register_many([("branchy", branchy, [x, pos, neg, absv]), ("window", window, [x, win]),
-                      ("axpy", axpy, [x, out]), ("bump", bump, [counts])])
+                      ("axpy", axpy, [x, out]), ("bump", bump, [counts]),
+                      ("clip", clip, [x, clipped])])
     pr.start()
     sizes = [int(v) for v in rng.integers(1, n_max + 1, 12)] + [n_max]
     for n in sizes:
@@ -153,6 +164,7 @@ def test_deferred_stores_give_the_same_results(backend, defer):
         pr.submit("window", groups, (3, n), split)
         pr.submit("axpy", groups, (1.5, -0.25, 0, n), split)
         pr.submit("bump", groups, (n,), split)
+        pr.submit("clip", groups, (n_max // 2, n), split)
     pr.wait()
     assert pr.shutdown() == []
     v = xs[:n_max]
@@ -164,6 +176,9 @@ def test_deferred_stores_give_the_same_results(backend, defer):
     assert np.array_equal(win.numpy(), want_win)
     assert np.array_equal(out.numpy(), expected_axpy(xs, 1.5, -0.25, n_max))
     assert np.array_equal(counts.numpy(), (np.arange(n_max)[:, None] < np.array(sizes)).sum(1))
+    # every task writes the same values where it writes (tasks of one op may overlap in time)
+    half = np.arange(n_max) < n_max // 2
+    assert np.array_equal(clipped.numpy(), np.where(half, v * np.float32(2), 0).astype(np.float32))
 
 
 def test_defer_stores_out_of_range_is_one_line():
