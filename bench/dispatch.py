@@ -367,20 +367,23 @@ def heatmap(result: dict, path: str):
     fig.savefig(path, dpi=110)
 
 
-def run_labels(defers: list[int]) -> list[str]:
-    """A run's name: U=8, or U=8 #2 for the second run of one value (1,8,1,8 interleaves
-    them, so that a machine's drift over the process shows as drift, not as a difference)."""
+def run_labels(defers: list[int]) -> list[tuple[str, str]]:
+    """Each run's name and its files' suffix: U=8 and -defer8, or U=8 #2 and -defer8-2 for the
+    second run of one value (1,8,1,8 interleaves them, so that a machine's drift over the
+    process shows as drift, not as a difference); one run: no suffix."""
     seen: dict[int, int] = {}
     out = []
     for u in defers:
         seen[u] = seen.get(u, 0) + 1
-        out.append(f"U={u}" + (f" #{seen[u]}" if defers.count(u) > 1 else ""))
+        k = f"{seen[u]}" if defers.count(u) > 1 else ""
+        out.append((f"U={u}" + (f" #{k}" if k else ""),
+                    f"-defer{u}" + (f"-{k}" if k else "") if len(defers) > 1 else ""))
     return out
 
 
 def compare_defers(defers: list[int], results: list[dict]) -> str:
     """Each cell's ring time (and ratio to its launch) in each run of the --defer-stores list."""
-    labels = run_labels(defers)
+    labels = [label for label, _ in run_labels(defers)]
     rows = []
     for k, cell in enumerate(results[0]["cells"]):
         row = {"op": cell["op"], "payload_bytes": cell["payload_bytes"]}
@@ -432,15 +435,15 @@ def main(argv=None) -> int:
     if not payloads or any(x < 256 or x % 256 for x in payloads):
         p.error(f"--payloads takes byte counts that are multiples of 256, got {a.payloads!r}")
     results = []
-    for u, label in zip(defers, run_labels(defers)):
+    for u, (label, suffix) in zip(defers, run_labels(defers)):
         result = run(a.backend, a.reps, a.blocks, a.small_tasks, a.block_size, payloads, u)
         result["env"] = environment(str(result["device"].get("device")))
-        suffix = "-" + label.replace("U=", "defer").replace(" #", "-") if len(defers) > 1 else ""
         json_path = a.json and f"{os.path.splitext(a.json)[0]}{suffix}.json"
         path = write_result(f"dispatch-{result['backend']}{suffix}", result, json_path)
         heatmap(result, os.path.splitext(path)[0] + ".png")
         results.append(result)
-        print(f"--defer-stores {label[2:]}:" if len(defers) > 1 else "", end="\n" * (len(defers) > 1))
+        if len(defers) > 1:
+            print(f"--defer-stores {label[2:]}:")
         print(table(result["cells"], ["op", "payload_bytes", "persistent_us", "launch_us",
                                       *(["graph_us"] if "graph_us" in result["cells"][0] else []),
                                       "persistent_vs_launch", "target_ratio", "target_met"]))

@@ -6,9 +6,12 @@ the handler's buffers apart, so it keeps program order, and a record costs one m
 trip per virtual group (docs/persistent.md, session 10; `concordia bench dispatch_sass`).
 
 Where a deferred store can meet no load, the stores can wait: each of U bodies runs with its
-stores turned into values that its `if`s yield (a flag, an index, a value), then the U bodies'
-stores run, in their program order. The loads of U groups then precede every store in program
-order, so a compiler issues them back to back with nothing left to prove. A store can meet no
+stores turned into values that its `if`s yield (a flag, an index, and what the stored value is
+computed from), then the U bodies' stores run, in their program order, each after the ops that
+compute its value (`sinkable`: left in the body, the first op on a loaded value would stall
+the warp on its load before the next group's load). The loads of U groups then precede every
+store and every use in program order, so a compiler issues them back to back with nothing
+left to prove. A store can meet no
 load when no buffer is both loaded and stored (by parameter, and by the memory bound to it), or
 when every access of one that is sits at the work-item's own global id with its loads first
 (bump); and every store runs at most once per group (none in a loop). Stores keep their order,
@@ -231,14 +234,16 @@ def inline_deferred(then: IRBuilder, body: tuple, prefix: str, first: Value, end
     loop = then.child()
     sunk = sinkable(body)
     ops = list(walk(Block((), tuple(body))))
+    # the body's own values (a store hands them out of its group's ifs; parameters are in scope)
+    defined = [v for op in ops for v in op.results] + [
+        a for op in ops for reg in op.regions for a in reg.args]
     pending = []
     for u in range(unroll):
         g = loop.op("add", (g0, loop.const(u, i32)), i32, hint="group")
         inside = loop.op("lt", (g, end), boolean, hint="inside")
         guard = Op("if", (inside,), (), (), (Block((), tuple(body)), Block((), (Op("yield"),))))
         plain, rv = inliner(f"{prefix}u{u}.", g)
-        inner = frozenset(rv(r).name for op in ops for r in op.results) | frozenset(
-            rv(a).name for op in ops for reg in op.regions for a in reg.args)
+        inner = frozenset(rv(v).name for v in defined)
         pending += _Deferral(plain, rv, sunk, inner).if_(loop, guard, cond=inside)
     for s in pending:
         act = loop.child()
